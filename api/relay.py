@@ -1,0 +1,97 @@
+"""Following one request's reply frames on the API side.
+
+The rules that make delivery at-least-once safe for the client live here:
+- frames belong to an *attempt* (one delivery of the request to a consumer);
+  the relay follows the latest attempt that announced itself with `Started`;
+- if a new attempt starts after output already reached the client, the stream
+  cannot be continued seamlessly: the client gets `WorkerLost`, not a silent cut
+  or a duplicated answer;
+- stale frames (an older attempt, a repeated sequence number) are dropped;
+- until some consumer starts the request it may wait `max_queue_wait_s`
+  (then `NoCapacity`, a 503 with Retry-After); after that, the request deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from broker.errors import DeadlineExceeded, HotqError, NoCapacity, WorkerLost
+from broker.messages import ChunkBatch, ErrorReply, Final, Started
+from producers.request_client import ReplyItem
+
+
+class ReplyRelay:
+    def __init__(
+        self, replies: asyncio.Queue[ReplyItem], deadline: float, max_queue_wait_s: float
+    ) -> None:
+        now = time.monotonic()
+        self._replies = replies
+        self._start_by = now + max_queue_wait_s
+        self._max_queue_wait_s = max_queue_wait_s
+        self._deadline = now + max(0.0, deadline - time.time())
+        self._attempt: str | None = None
+        self._next_seq = 0
+        self.sent_output = False
+        self.finished = False
+
+    async def next_output(self, wait_s: float) -> bytes | Final | None:
+        """The next thing for the client: stream bytes, the `Final` frame, or None if
+        `wait_s` passed without either. Raises `HotqError` when the answer is an error."""
+        give_up = time.monotonic() + wait_s
+        while True:
+            limit = self._start_by if self._attempt is None else self._deadline
+            now = time.monotonic()
+            if now >= limit:
+                self.finished = True
+                if self._attempt is None:
+                    raise NoCapacity(
+                        f"no consumer took the request within {self._max_queue_wait_s:g} s; the model has no free capacity",
+                        retry_after_s=max(1, int(self._max_queue_wait_s)),
+                    )
+                raise DeadlineExceeded("the request's deadline passed before the answer was complete")
+            if now >= give_up:
+                return None
+            try:
+                async with asyncio.timeout(min(limit, give_up) - now):
+                    item = await self._replies.get()
+            except TimeoutError:
+                continue
+            output = self._accept(item)
+            if output is not None:
+                return output
+
+    def _accept(self, item: ReplyItem) -> bytes | Final | None:
+        if isinstance(item, HotqError):
+            self.finished = True
+            raise item
+        if isinstance(item, Started):
+            if item.attempt != self._attempt:
+                if self.sent_output:
+                    self.finished = True
+                    raise WorkerLost("the consumer serving this stream was lost after output was sent; retry the request")
+                self._attempt = item.attempt
+                self._next_seq = 0
+            return None
+        if item.attempt != self._attempt:
+            return None  # from an attempt we are no longer following
+        if isinstance(item, ChunkBatch):
+            if item.seq != self._next_seq:
+                return None
+            self._next_seq += 1
+            self.sent_output = True
+            return item.data
+        self.finished = True
+        if isinstance(item, Final):
+            return item
+        assert isinstance(item, ErrorReply)
+        raise HotqError(
+            item.message, status=item.status, error_type=item.error_type, code=item.code, param=item.param
+        )
+
+    async def final(self) -> Final:
+        """Wait for the complete answer of a non-streaming request."""
+        while True:
+            output = await self.next_output(float("inf"))
+            if isinstance(output, Final):
+                return output

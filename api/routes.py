@@ -1,0 +1,156 @@
+"""The OpenAI-compatible endpoints: validate, enqueue, relay the answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from api.disconnect import ClientDisconnected, unless_disconnected
+from api.errors import error_response
+from api.relay import ReplyRelay
+from api.schemas import validate
+from api.sse import EventStreamResponse
+from broker.config import Config
+from broker.errors import BrokerUnavailable, HotqError, ModelNotFound, PayloadTooLarge
+from broker.messages import Endpoint, Lane, RequestEnvelope
+from producers.request_client import RequestClient
+
+log = structlog.get_logger("hotq.api")
+
+ANONYMOUS = "anonymous"  # the caller until authentication names one
+
+
+class Gateway:
+    """Holds what the endpoints share: the config and the process's broker client."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.client: RequestClient | None = None
+        self.started_at = int(time.time())
+        self._background: set[asyncio.Task[Any]] = set()
+
+    def _client(self) -> RequestClient:
+        if self.client is None:
+            raise BrokerUnavailable("hotq is not connected to RabbitMQ yet", retry_after_s=2)
+        return self.client
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, Endpoint.CHAT)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, Endpoint.COMPLETIONS)
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._serve(request, Endpoint.EMBEDDINGS)
+
+    async def list_models(self, request: Request) -> Response:
+        client = self.client
+        names = list(self.config.models)
+        stats = await asyncio.gather(*(client.queue_stats(name) for name in names)) if client else [None] * len(names)
+        data = []
+        for name, stat in zip(names, stats):
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": self.started_at,
+                    "owned_by": "hotq",
+                    # Extension: what an operator or a patient client wants to know.
+                    "hotq": {
+                        "queue_depth": stat.messages if stat else None,
+                        "consumers": stat.consumers if stat else None,
+                    },
+                }
+            )
+        return JSONResponse({"object": "list", "data": data})
+
+    async def _serve(self, request: Request, endpoint: Endpoint) -> Response:
+        body = await _read_body(request, self.config.max_body_bytes)
+        parsed = validate(endpoint, body)
+        if parsed.model not in self.config.models:
+            raise ModelNotFound(f"The model `{parsed.model}` does not exist", param="model")
+        request_id = uuid.uuid4().hex
+        with structlog.contextvars.bound_contextvars(request_id=request_id, model=parsed.model):
+            return await self._relay(request, endpoint, body, parsed.model, parsed.stream, request_id)
+
+    async def _relay(
+        self, request: Request, endpoint: Endpoint, body: bytes, model: str, stream: bool, request_id: str
+    ) -> Response:
+        config = self.config
+        now = time.time()
+        timeout = min(config.request_timeout_s, _client_timeout(request) or config.request_timeout_s)
+        envelope = RequestEnvelope(
+            request_id=request_id,
+            model=model,
+            endpoint=endpoint,
+            body=body,
+            stream=stream,
+            deadline=now + timeout,
+            start_by=now + config.max_queue_wait_s,
+            caller=ANONYMOUS,
+            lane=Lane.INTERACTIVE,
+            submitted_at=now,
+        )
+        client = self._client()
+        replies = await client.submit(envelope, config.max_queue_wait_s)
+        relay = ReplyRelay(replies, envelope.deadline, config.max_queue_wait_s)
+        headers = {"x-request-id": request_id}
+
+        def finish() -> None:
+            client.release(request_id)
+            if not relay.finished:  # the client left or we gave up: stop the work
+                self._spawn(client.cancel(request_id))
+
+        streaming_response = False
+        try:
+            if not stream:
+                final = await unless_disconnected(request.receive, relay.final())
+                return Response(final.body, status_code=final.status, headers=headers, media_type="application/json")
+            # Wait briefly for the first output so early errors still get a real HTTP status.
+            first = await unless_disconnected(request.receive, relay.next_output(config.keepalive_s))
+            streaming_response = True
+            return EventStreamResponse(relay, first, config.keepalive_s, headers, on_done=finish)  # type: ignore[return-value]
+        except ClientDisconnected:
+            log.info("client_disconnected")
+            return Response(status_code=499)
+        except HotqError as error:
+            response = error_response(error)
+            response.headers.update(headers)
+            return response
+        finally:
+            if not streaming_response:
+                finish()
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)  # keep a reference until it finishes
+        task.add_done_callback(self._background.discard)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _client_timeout(request: Request) -> float | None:
+    """The openai client announces its read timeout; no point computing past it."""
+    value = request.headers.get("x-stainless-read-timeout")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None

@@ -1,0 +1,99 @@
+"""What hotq checks in an OpenAI request body before queueing it.
+
+Only the fields hotq itself relies on are declared; every other field passes
+through to the backend untouched (the body is forwarded as the client's bytes,
+never re-encoded). Validation errors name the offending field as OpenAI's
+`param`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from broker.errors import InvalidRequest
+from broker.messages import Endpoint
+
+Role = Literal["system", "user", "assistant", "tool", "function", "developer"]
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+
+
+class ChatMessage(msgspec.Struct):
+    role: Role
+    content: str | list[Any] | None = None
+
+
+class StreamOptions(msgspec.Struct):
+    include_usage: bool = False
+
+
+class _Common(msgspec.Struct):
+    model: str
+    stream: bool = False
+    n: PositiveInt = 1
+    stream_options: StreamOptions | None = None
+    max_tokens: PositiveInt | None = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=list)
+    max_completion_tokens: PositiveInt | None = None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[Any] | None = None
+
+
+class EmbeddingRequest(msgspec.Struct):
+    model: str
+    input: str | list[Any] | None = None
+
+    @property
+    def stream(self) -> bool:
+        return False
+
+
+_DECODERS: dict[Endpoint, msgspec.json.Decoder[Any]] = {}
+_REQUIRED: dict[Endpoint, str] = {
+    Endpoint.CHAT: "messages",
+    Endpoint.COMPLETIONS: "prompt",
+    Endpoint.EMBEDDINGS: "input",
+}
+_TYPES: dict[Endpoint, type[Any]] = {
+    Endpoint.CHAT: ChatCompletionRequest,
+    Endpoint.COMPLETIONS: CompletionRequest,
+    Endpoint.EMBEDDINGS: EmbeddingRequest,
+}
+_WHERE = re.compile(r" - at `\$\.?(?P<param>[^`]*)`$")
+
+
+def _decoder(endpoint: Endpoint) -> msgspec.json.Decoder[Any]:
+    decoder = _DECODERS.get(endpoint)
+    if decoder is None:
+        decoder = _DECODERS[endpoint] = msgspec.json.Decoder(_TYPES[endpoint])
+    return decoder
+
+
+def validate(endpoint: Endpoint, body: bytes) -> ChatCompletionRequest | CompletionRequest | EmbeddingRequest:
+    """Decode and check a request body, raising `InvalidRequest` with the field at fault."""
+    if not body:
+        raise InvalidRequest("the request body is empty; send a JSON object")
+    try:
+        request = _decoder(endpoint).decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        match = _WHERE.search(message)
+        param = match.group("param") if match else None
+        missing = re.search(r"missing required field `([^`]+)`", message)
+        if missing:
+            param = f"{param}.{missing.group(1)}" if param else missing.group(1)
+        raise InvalidRequest(f"invalid request body: {message}", param=param or None) from None
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    required = _REQUIRED[endpoint]
+    value = getattr(request, required)
+    if value is None or value == [] or value == "" and endpoint is not Endpoint.COMPLETIONS:
+        raise InvalidRequest(f"`{required}` is required and must not be empty", param=required)
+    return request

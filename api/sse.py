@@ -1,0 +1,79 @@
+"""The Server-Sent Events response of a streaming request.
+
+Written as a plain ASGI response rather than Starlette's StreamingResponse so
+that a client disconnect is noticed while the stream is idle too (waiting in
+the queue, or between tokens), and the consumer is told to stop at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from starlette.types import Receive, Scope, Send
+
+from api.disconnect import wait_for_disconnect
+from api.errors import error_event
+from api.relay import ReplyRelay
+from broker.errors import HotqError
+from broker.messages import Final
+
+DONE_EVENT = b"data: [DONE]\n\n"
+KEEPALIVE_EVENT = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+
+
+class EventStreamResponse:
+    def __init__(
+        self,
+        relay: ReplyRelay,
+        first: bytes | Final | None,
+        keepalive_s: float,
+        headers: dict[str, str],
+        on_done: Callable[[], None],
+    ) -> None:
+        self._relay = relay
+        self._first = first
+        self._keepalive_s = keepalive_s
+        self._headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+        self._on_done = on_done
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        pump = asyncio.ensure_future(self._pump(send))
+        watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+        try:
+            await asyncio.wait((pump, watcher), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            pump.cancel()
+            watcher.cancel()
+            self._on_done()
+        if pump.done() and not pump.cancelled() and pump.exception() is not None:
+            exc = pump.exception()
+            if not isinstance(exc, OSError):  # a write to a closed socket is a disconnect too
+                raise exc  # type: ignore[misc]
+
+    async def _pump(self, send: Send) -> None:
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"text/event-stream; charset=utf-8"),
+                    (b"cache-control", b"no-cache"),
+                    (b"x-accel-buffering", b"no"),  # tell reverse proxies not to buffer the stream
+                    *self._headers,
+                ],
+            }
+        )
+        output = self._first
+        try:
+            while True:
+                if output is None:
+                    await send({"type": "http.response.body", "body": KEEPALIVE_EVENT, "more_body": True})
+                elif isinstance(output, Final):
+                    await send({"type": "http.response.body", "body": output.body + DONE_EVENT, "more_body": False})
+                    return
+                else:
+                    await send({"type": "http.response.body", "body": output, "more_body": True})
+                output = await self._relay.next_output(self._keepalive_s)
+        except HotqError as error:
+            await send({"type": "http.response.body", "body": error_event(error), "more_body": False})

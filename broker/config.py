@@ -1,0 +1,96 @@
+"""hotq's configuration: one TOML file, validated once at start-up.
+
+Lookup order for the file: ``--config FILE``, then ``$HOTQ_CONFIG``, then
+``./hotq.toml``. ``$HOTQ_AMQP_URL`` overrides ``amqp_url``. Errors name the key.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+
+from broker.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("hotq.toml")
+DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+
+PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+
+
+class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One ``[models."NAME"]`` table."""
+
+    backend_url: str | None = None  # an OpenAI-compatible server that is already running
+    command: list[str] | None = None  # started by the agent; {port} and {model} placeholders
+    min_hot: NonNegativeInt = 0
+    max_agents: PositiveInt = 1
+    idle_ttl_s: PositiveFloat = 300.0
+    max_inflight: PositiveInt = 32
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    amqp_url: str = DEFAULT_AMQP_URL
+    data_dir: str = "./.hotq"
+    max_body_bytes: PositiveInt = 10 * 1024 * 1024
+    max_queue_wait_s: PositiveFloat = 60.0  # how long a request may wait for a consumer
+    request_timeout_s: PositiveFloat = 600.0  # the longest a client may wait for an answer
+    keepalive_s: PositiveFloat = 5.0  # SSE comment interval while a stream waits
+    stream_flush_ms: NonNegativeInt = 50  # how long a consumer coalesces tokens into one frame
+    models: dict[str, ModelConfig] = {}
+
+    def model(self, name: str) -> ModelConfig:
+        try:
+            return self.models[name]
+        except KeyError:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ConfigError(f"model {name!r} is not configured (configured: {known})") from None
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    raw_models = raw.pop("models", {})
+    if not isinstance(raw_models, dict):
+        raise ConfigError(f"{source}: `models` must be a table of [models.\"NAME\"] tables")
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        # msgspec says e.g. "Expected `int`, got `str` - at `$.max_body_bytes`"
+        raise ConfigError(f"{source}: {exc}") from exc
+    models = {}
+    for name, table in raw_models.items():
+        # Converted one by one so that an error names the model, not `models[...]`.
+        where = f'models."{name}"'
+        try:
+            models[name] = msgspec.convert(table, ModelConfig)
+        except msgspec.ValidationError as exc:
+            raise ConfigError(f"{source}: {where}: {exc}".replace("$.", f"{where}.")) from exc
+        if models[name].command == []:
+            raise ConfigError(f"{source}: {where}.command must not be empty")
+    config = msgspec.structs.replace(config, models=models)
+    if url := os.environ.get("HOTQ_AMQP_URL"):
+        config = msgspec.structs.replace(config, amqp_url=url)
+    return config
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read the config file; a missing default file means an empty config."""
+    explicit = path or os.environ.get("HOTQ_CONFIG")
+    file = Path(explicit) if explicit else DEFAULT_CONFIG_PATH
+    try:
+        text = file.read_text()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {file} does not exist") from None
+        text = ""
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc}") from exc
+    return parse_config(text, str(file))

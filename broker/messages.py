@@ -1,0 +1,193 @@
+"""Every message that crosses RabbitMQ, as typed, versioned msgpack records.
+
+A record is encoded as a msgpack array ``[WIRE_VERSION, tag, field, ...]`` in the
+order its dataclass declares the fields: compact, fast to decode, and a version
+bump is the only way to change a shape. Anything that does not decode to a
+known record of the current version raises `WireError` (never pickle, never
+JSON on the wire).
+
+Request path: the API publishes a `RequestEnvelope` onto the model's queue; the
+consumer answers on the envelope's reply queue with `Started`, zero or more
+`ChunkBatch`, then exactly one `Final` or `ErrorReply`. `Cancel` travels on the
+control exchange to whichever consumer holds the request.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import typing
+from typing import Any, ClassVar
+
+import msgpack
+
+from broker.errors import WireError
+
+WIRE_VERSION = 1
+
+
+class Lane(enum.StrEnum):
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+
+class Endpoint(enum.StrEnum):
+    """The OpenAI endpoint a request targets; the value is its path under /v1."""
+
+    CHAT = "chat/completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+    @property
+    def path(self) -> str:
+        return f"/v1/{self.value}"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestEnvelope:
+    TAG: ClassVar[int] = 1
+    request_id: str
+    model: str
+    endpoint: Endpoint
+    body: bytes  # the client's OpenAI JSON body, passed through untouched
+    stream: bool
+    deadline: float  # unix time after which nobody waits for the answer
+    start_by: float  # unix time after which the request must not be started
+    caller: str
+    lane: Lane
+    submitted_at: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Started:
+    """A consumer took the request; `attempt` names this delivery of it."""
+
+    TAG: ClassVar[int] = 2
+    request_id: str
+    attempt: str
+    worker: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChunkBatch:
+    """Coalesced SSE events (``data: {...}\\n\\n`` each) of a stream, in order."""
+
+    TAG: ClassVar[int] = 3
+    request_id: str
+    attempt: str
+    seq: int
+    data: bytes
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Final:
+    """The end of a successful answer.
+
+    Non-streaming: `body` is the backend's JSON response. Streaming: `body` holds
+    the SSE events not yet sent in a `ChunkBatch` (``[DONE]`` excluded).
+    """
+
+    TAG: ClassVar[int] = 4
+    request_id: str
+    attempt: str
+    seq: int
+    status: int
+    body: bytes
+    usage: dict[str, int] | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """The end of a failed answer, in OpenAI error terms."""
+
+    TAG: ClassVar[int] = 5
+    request_id: str
+    attempt: str
+    status: int
+    error_type: str
+    message: str
+    code: str | None
+    param: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cancel:
+    """The client went away: whoever holds `request_id` should abort it."""
+
+    TAG: ClassVar[int] = 6
+    request_id: str
+
+
+ReplyFrame = Started | ChunkBatch | Final | ErrorReply
+Record = RequestEnvelope | ReplyFrame | Cancel
+
+_RECORDS: tuple[type[Any], ...] = (RequestEnvelope, Started, ChunkBatch, Final, ErrorReply, Cancel)
+_UnionType = type(int | None)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _FieldCheck:
+    name: str
+    accepts: type[Any] | tuple[type[Any], ...]  # isinstance target for the msgpack value
+    convert: type[enum.Enum] | None  # enums travel as their string values
+
+
+def _field_checks(cls: type[Any]) -> tuple[_FieldCheck, ...]:
+    """How to check each field of a record, derived once from its annotations."""
+    hints = typing.get_type_hints(cls)
+    checks = []
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, _UnionType) else (hint,)
+        accepts = tuple(typing.get_origin(m) or m for m in members)
+        if float in accepts:
+            accepts += (int,)  # msgpack keeps 3.0 as a float but a producer may send 3
+        convert = hint if isinstance(hint, type) and issubclass(hint, enum.Enum) else None
+        checks.append(_FieldCheck(field.name, str if convert else accepts, convert))
+    return tuple(checks)
+
+
+_CHECKS: dict[int, tuple[type[Any], tuple[_FieldCheck, ...]]] = {
+    cls.TAG: (cls, _field_checks(cls)) for cls in _RECORDS
+}
+
+
+def encode(record: Record) -> bytes:
+    values = [WIRE_VERSION, record.TAG]
+    values.extend(getattr(record, field.name) for field in dataclasses.fields(record))
+    return msgpack.packb(values, use_bin_type=True)
+
+
+def decode(raw: bytes) -> Record:
+    try:
+        values = msgpack.unpackb(raw, raw=False, use_list=True, strict_map_key=False)
+    except Exception as exc:
+        raise WireError(f"undecodable message: {exc}") from exc
+    if not isinstance(values, list) or len(values) < 2:
+        raise WireError("message is not a hotq record")
+    version, tag, *fields = values
+    if version != WIRE_VERSION:
+        raise WireError(f"unsupported wire version {version!r} (this build speaks {WIRE_VERSION})")
+    try:
+        cls, checks = _CHECKS[tag]
+    except (KeyError, TypeError):
+        raise WireError(f"unknown record tag {tag!r}") from None
+    if len(fields) != len(checks):
+        raise WireError(f"{cls.__name__} has {len(checks)} fields, got {len(fields)}")
+    for index, (value, check) in enumerate(zip(fields, checks)):
+        if not isinstance(value, check.accepts):
+            raise WireError(f"{cls.__name__}.{check.name} has the wrong type {type(value).__name__}")
+        if check.convert is not None:
+            try:
+                fields[index] = check.convert(value)
+            except ValueError:
+                raise WireError(f"{cls.__name__}.{check.name} has the unknown value {value!r}") from None
+    return cls(*fields)
+
+
+def decode_as(raw: bytes, expected: type[Any]) -> Any:
+    """Decode and insist on one record type (a reply queue only takes reply frames)."""
+    record = decode(raw)
+    if not isinstance(record, expected):
+        raise WireError(f"expected {expected}, got {type(record).__name__}")
+    return record

@@ -1,0 +1,89 @@
+"""The RabbitMQ topology hotq declares, and the names in it.
+
+- ``hotq.requests`` (direct): routes each request to its model's queue for one lane.
+  Request queues are durable quorum queues, so a RabbitMQ cluster replicates them;
+  a message redelivered `DELIVERY_LIMIT` times (a poison request that kills every
+  consumer) is dead-lettered instead of looping forever.
+- ``hotq.dead`` (fanout) → ``hotq.dead-letters``: where rejected, expired and
+  poison requests go, kept for a day for operators to inspect.
+- ``hotq.control`` (fanout): cancels, seen by every consumer.
+- Reply queues: one per API process, published to through the default exchange.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+from broker.messages import Lane
+
+REQUEST_EXCHANGE = "hotq.requests"
+DEAD_LETTER_EXCHANGE = "hotq.dead"
+DEAD_LETTER_QUEUE = "hotq.dead-letters"
+CONTROL_EXCHANGE = "hotq.control"
+
+DELIVERY_LIMIT = 5
+DEAD_LETTER_TTL_MS = 24 * 3600 * 1000
+# A reply queue outlives a dropped connection by this much, so frames published
+# while its API process reconnects are not lost.
+REPLY_QUEUE_EXPIRES_MS = 60_000
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def request_queue_name(model: str, lane: Lane) -> str:
+    """A readable queue name that is safe and unique for any model name.
+
+    The readable part is squeezed to safe characters; the hash keeps two models
+    whose names squeeze alike (``a/b`` and ``a_b``) on different queues.
+    """
+    readable = _UNSAFE.sub("_", model).strip("_.")[:120] or "model"
+    digest = hashlib.sha256(model.encode()).hexdigest()[:10]
+    return f"hotq.req.{readable}.{digest}.{lane.value}"
+
+
+def request_queue_arguments() -> dict[str, object]:
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",  # required by at-least-once dead-lettering
+        "x-delivery-limit": DELIVERY_LIMIT,
+    }
+
+
+async def declare_exchanges(channel: AbstractChannel) -> AbstractExchange:
+    """Declare the shared exchanges and the dead-letter queue; return the request exchange."""
+    dead = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+    dead_letters = await channel.declare_queue(
+        DEAD_LETTER_QUEUE,
+        durable=True,
+        arguments={"x-queue-type": "quorum", "x-message-ttl": DEAD_LETTER_TTL_MS},
+    )
+    await dead_letters.bind(dead)
+    await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+    return await channel.declare_exchange(REQUEST_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+
+
+async def declare_request_queue(
+    channel: AbstractChannel, request_exchange: AbstractExchange, model: str, lane: Lane
+) -> AbstractQueue:
+    """Declare (idempotently) and bind one model's queue for one lane."""
+    name = request_queue_name(model, lane)
+    queue = await channel.declare_queue(name, durable=True, arguments=request_queue_arguments())
+    await queue.bind(request_exchange, routing_key=name)
+    return queue
+
+
+async def declare_model_queues(
+    channel: AbstractChannel, models: list[str], lanes: tuple[Lane, ...] = tuple(Lane)
+) -> dict[tuple[str, Lane], AbstractQueue]:
+    request_exchange = await declare_exchanges(channel)
+    queues = {}
+    for model in models:
+        for lane in lanes:
+            queues[(model, lane)] = await declare_request_queue(channel, request_exchange, model, lane)
+    return queues

@@ -1,0 +1,41 @@
+"""Running a worker as a process: `hotq worker --model NAME`."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+
+import structlog
+
+from broker.config import Config
+from broker.connection import connect
+from consumers.backend import BackendClient
+from consumers.handler import RequestHandler
+from consumers.worker import Worker
+
+log = structlog.get_logger("hotq.consumer")
+
+
+async def run_worker(config: Config, model: str, backend_url: str, grace_s: float) -> None:
+    """Serve until SIGTERM or SIGINT, then drain (finish in-flight, requeue the rest)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    model_config = config.model(model)
+    connection = await connect(config.amqp_url, f"worker:{model}")
+    backend = BackendClient(backend_url, max_connections=model_config.max_inflight)
+    worker = Worker(
+        connection,
+        model,
+        RequestHandler(backend, flush_interval_s=config.stream_flush_ms / 1000),
+        max_inflight=model_config.max_inflight,
+    )
+    try:
+        await worker.start()
+        await stop.wait()
+        log.info("worker_stop_requested")
+        await worker.stop(grace_s)
+    finally:
+        await backend.close()
+        await connection.close()

@@ -1,0 +1,1 @@
+"""Agents and model backends that run on HPC nodes."""

@@ -1,0 +1,75 @@
+"""`hotq`: the one command, with a subcommand per role."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+import uvloop
+
+from broker.config import Config, load_config
+from broker.errors import ConfigError
+from broker.logs import configure_logging
+
+
+def _load(config_path: str | None) -> Config:
+    try:
+        return load_config(config_path)
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
+
+
+config_option = click.option(
+    "--config", "config_path", envvar="HOTQ_CONFIG", default=None, help="TOML config file [default: ./hotq.toml]"
+)
+
+
+@click.group()
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+def cli(log_level: str) -> None:
+    """hotq: a queue-based LLM inference broker for HPC centres."""
+    configure_logging(log_level)
+
+
+@cli.command()
+@config_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+def serve(config_path: str | None, host: str, port: int) -> None:
+    """Run the OpenAI-compatible HTTP API."""
+    import uvicorn
+
+    from api.app import create_app
+
+    app = create_app(_load(config_path))
+    uvicorn.run(
+        app, host=host, port=port, loop="uvloop", http="httptools", access_log=False, log_level="warning"
+    )
+
+
+@cli.command()
+@config_option
+@click.option("--model", required=True, help="the configured model whose queue to consume")
+@click.option("--backend-url", default=None, help="override the model's backend_url")
+@click.option("--grace", "grace_s", default=30.0, show_default=True, help="seconds in-flight requests get on SIGTERM")
+def worker(config_path: str | None, model: str, backend_url: str | None, grace_s: float) -> None:
+    """Consume a model's queue and serve it from a running OpenAI-compatible backend."""
+    from consumers.service import run_worker
+
+    config = _load(config_path)
+    try:
+        model_config = config.model(model)
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
+    url = backend_url or model_config.backend_url
+    if url is None:
+        raise click.ClickException(f'models."{model}" has no backend_url; pass --backend-url or set it in the config')
+    uvloop.run(run_worker(config, model, url, grace_s))
+
+
+def main() -> None:
+    cli(prog_name="hotq")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

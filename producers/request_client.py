@@ -1,0 +1,171 @@
+"""The API process's request/reply client over RabbitMQ.
+
+One connection, one publishing channel with publisher confirms, and one reply
+queue per process. Each submitted request gets an `asyncio.Queue` of reply
+frames keyed by its request id (the correlation id); the reply consumer routes
+frames there. Like aio-pika's RPC pattern, publishes are `mandatory`, and every
+pending request fails when the connection drops, because replies published while
+the broker was away may be gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+
+import aio_pika
+import aiormq
+import structlog
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
+
+from broker import messages, topology
+from broker.connection import connect
+from broker.errors import BrokerUnavailable, HotqError, WireError
+from broker.messages import Cancel, Lane, ReplyFrame, RequestEnvelope
+
+log = structlog.get_logger("hotq.producer")
+
+# Anything put on a pending queue: a reply frame, or the error that ends the wait.
+ReplyItem = ReplyFrame | HotqError
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    messages: int
+    consumers: int
+
+
+class RequestClient:
+    """Publishes request envelopes and hands each caller the frames of its reply."""
+
+    def __init__(self, connection: AbstractRobustConnection, models: list[str]) -> None:
+        self._connection = connection
+        self._models = models
+        self._reply_queue_name = f"hotq.reply.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self._pending: dict[str, asyncio.Queue[ReplyItem]] = {}
+        self._channel: AbstractChannel | None = None
+        self._request_exchange: AbstractExchange | None = None
+        self._control_exchange: AbstractExchange | None = None
+        self._queues: dict[tuple[str, Lane], AbstractQueue] = {}
+
+    @classmethod
+    async def open(cls, amqp_url: str, models: list[str]) -> RequestClient:
+        client = cls(await connect(amqp_url, "api"), models)
+        try:
+            await client._start()
+        except BaseException:
+            await client._connection.close()
+            raise
+        return client
+
+    @property
+    def reply_queue_name(self) -> str:
+        return self._reply_queue_name
+
+    async def _start(self) -> None:
+        # on_return_raises: a mandatory publish nobody can route fails the await.
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        self._channel = channel
+        self._queues = await topology.declare_model_queues(channel, self._models)
+        self._request_exchange = await channel.get_exchange(topology.REQUEST_EXCHANGE)
+        self._control_exchange = await channel.get_exchange(topology.CONTROL_EXCHANGE)
+        reply_queue = await channel.declare_queue(
+            self._reply_queue_name, arguments={"x-expires": topology.REPLY_QUEUE_EXPIRES_MS}
+        )
+        # Replies are not acked one by one: a lost reply fails its request anyway.
+        await reply_queue.consume(self._on_reply, no_ack=True)
+        self._connection.close_callbacks.add(self._on_connection_lost)
+
+    def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        try:
+            frame = messages.decode_as(message.body, ReplyFrame)
+        except WireError as exc:
+            log.warning("reply_undecodable", error=exc.message, correlation_id=message.correlation_id)
+            return
+        pending = self._pending.get(frame.request_id)
+        if pending is not None:  # otherwise the caller already finished or gave up
+            pending.put_nowait(frame)
+
+    def _on_connection_lost(self, _sender: object, exc: BaseException | None) -> None:
+        if not self._pending:
+            return
+        log.warning("broker_connection_lost", pending=len(self._pending), error=str(exc))
+        for pending in self._pending.values():
+            pending.put_nowait(BrokerUnavailable("lost the connection to RabbitMQ while waiting for the answer"))
+
+    async def submit(self, envelope: RequestEnvelope, max_queue_wait_s: float) -> asyncio.Queue[ReplyItem]:
+        """Publish a request (confirmed, mandatory); return the queue its reply frames arrive on.
+
+        The caller must call `release` when done with the request.
+        """
+        if self._request_exchange is None:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        replies: asyncio.Queue[ReplyItem] = asyncio.Queue()
+        self._pending[envelope.request_id] = replies
+        message = aio_pika.Message(
+            body=messages.encode(envelope),
+            content_type="application/x-msgpack",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            correlation_id=envelope.request_id,
+            message_id=envelope.request_id,
+            reply_to=self._reply_queue_name,
+            # RabbitMQ drops a request nobody started in time, even with no consumer.
+            expiration=max_queue_wait_s,
+        )
+        routing_key = topology.request_queue_name(envelope.model, envelope.lane)
+        try:
+            await self._request_exchange.publish(message, routing_key, mandatory=True)
+        except aiormq.exceptions.DeliveryError as exc:
+            self.release(envelope.request_id)
+            returned = isinstance(exc.frame, aiormq.spec.Basic.Return)
+            reason = "no queue for this model" if returned else "RabbitMQ refused the request (queue full?)"
+            raise BrokerUnavailable(f"could not enqueue the request: {reason}") from exc
+        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            self.release(envelope.request_id)
+            raise BrokerUnavailable(f"could not reach RabbitMQ: {exc!r}") from exc
+        return replies
+
+    def release(self, request_id: str) -> None:
+        self._pending.pop(request_id, None)
+
+    async def cancel(self, request_id: str) -> None:
+        """Tell whichever consumer holds the request to abort it (best effort)."""
+        if self._control_exchange is None:
+            return
+        try:
+            await self._control_exchange.publish(
+                aio_pika.Message(messages.encode(Cancel(request_id))), routing_key="", mandatory=False
+            )
+        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            log.warning("cancel_not_sent", request_id=request_id, error=repr(exc))
+
+    async def queue_stats(self, model: str, lane: Lane = Lane.INTERACTIVE) -> QueueStats | None:
+        """Depth and consumer count of a model's queue, or None if RabbitMQ is unreachable."""
+        if self._channel is None:
+            return None
+        try:
+            result = await self._channel.declare_queue(
+                topology.request_queue_name(model, lane),
+                durable=True,
+                arguments=topology.request_queue_arguments(),
+                robust=False,  # a status probe, not something to re-declare on reconnect
+            )
+        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+            return None
+        declared = result.declaration_result
+        return QueueStats(messages=declared.message_count or 0, consumers=declared.consumer_count or 0)
+
+    async def close(self) -> None:
+        for pending in self._pending.values():
+            pending.put_nowait(BrokerUnavailable("the API is shutting down"))
+        self._pending.clear()
+        await self._connection.close()

@@ -1,0 +1,161 @@
+"""Checks the fake backend against the official openai client (it stands in for vLLM)."""
+
+from __future__ import annotations
+
+import base64
+import struct
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.fake_backend import (
+    expected_chat_tokens,
+    expected_completion_tokens,
+    expected_embedding,
+    running_fake_backend,
+)
+
+MODEL = "fake-model"
+
+
+@pytest.fixture(scope="module")
+def backend_url() -> Iterator[str]:
+    with running_fake_backend([MODEL, "other-model"]) as url:
+        yield url
+
+
+@pytest.fixture()
+def client(backend_url: str) -> Iterator[openai.OpenAI]:
+    # max_retries=0: error-injection tests must see the first failure, not retry it.
+    with openai.OpenAI(base_url=backend_url + "/v1", api_key="x", max_retries=0) as c:
+        yield c
+
+
+def test_expected_tokens_rule() -> None:
+    assert expected_chat_tokens("hello world", None) == (["echo:", " olleh", " dlrow"], "stop")
+    assert expected_chat_tokens("hello world", 2) == (["echo:", " olleh"], "length")
+    assert expected_chat_tokens("hello world", 3) == (["echo:", " olleh", " dlrow"], "stop")
+    assert expected_completion_tokens("", None) == (["echo:"], "stop")
+
+
+def test_health_and_models(backend_url: str, client: openai.OpenAI) -> None:
+    assert httpx.get(backend_url + "/health").status_code == 200
+    assert [m.id for m in client.models.list()] == [MODEL, "other-model"]
+
+
+def test_chat_non_stream(client: openai.OpenAI) -> None:
+    messages: list[dict[str, str]] = [
+        {"role": "system", "content": "be nice"},
+        {"role": "user", "content": "hello big world"},
+    ]
+    resp = client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    tokens, finish = expected_chat_tokens("hello big world", None)
+    assert resp.id.startswith("chatcmpl-") and resp.object == "chat.completion" and resp.model == MODEL
+    assert resp.choices[0].message.content == "".join(tokens) == "echo: olleh gib dlrow"
+    assert resp.choices[0].finish_reason == finish == "stop"
+    assert resp.usage is not None
+    assert (resp.usage.prompt_tokens, resp.usage.completion_tokens, resp.usage.total_tokens) == (5, 4, 9)
+
+    short = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2, n=2)  # type: ignore[arg-type]
+    assert [c.index for c in short.choices] == [0, 1]
+    assert all(c.message.content == "echo: olleh" and c.finish_reason == "length" for c in short.choices)
+
+
+def test_chat_stream(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "a bc def"}], stream=True
+    )
+    chunks = list(stream)
+    tokens, finish = expected_chat_tokens("a bc def", None)
+    assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].choices[0].delta.content == ""
+    content_chunks = chunks[1:]
+    assert [c.choices[0].delta.content for c in content_chunks] == tokens
+    assert [c.choices[0].finish_reason for c in content_chunks] == [None] * (len(tokens) - 1) + [finish]
+    assert all(c.usage is None for c in chunks)
+
+
+def test_chat_stream_include_usage(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "one two three"}],
+        stream=True,
+        max_tokens=3,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    assert all(c.usage is None for c in chunks[:-1])
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (3, 3, 6)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == "echo: eno owt"
+    assert chunks[-2].choices[0].finish_reason == "length"
+
+
+def test_completions(client: openai.OpenAI) -> None:
+    resp = client.completions.create(model=MODEL, prompt="abc de", max_tokens=2)
+    tokens, finish = expected_completion_tokens("abc de", 2)
+    assert resp.object == "text_completion" and resp.choices[0].text == "".join(tokens) == "echo: cba"
+    assert resp.choices[0].finish_reason == finish == "length"
+
+    chunks = list(
+        client.completions.create(model=MODEL, prompt="abc de", stream=True, stream_options={"include_usage": True})
+    )
+    tokens, finish = expected_completion_tokens("abc de", None)
+    assert [c.choices[0].text for c in chunks[:-1]] == tokens
+    assert chunks[-2].choices[0].finish_reason == finish and chunks[0].choices[0].finish_reason is None
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 5
+
+
+def test_embeddings(backend_url: str, client: openai.OpenAI) -> None:
+    texts = ["hello world", "other"]
+    resp = client.embeddings.create(model=MODEL, input=texts)  # client requests base64 by default
+    for item, text in zip(resp.data, texts, strict=True):
+        assert item.embedding == pytest.approx(expected_embedding(text), abs=1e-6)
+    assert resp.usage.prompt_tokens == 3
+
+    raw = httpx.post(backend_url + "/v1/embeddings", json={"model": MODEL, "input": "x", "encoding_format": "base64"})
+    decoded = struct.unpack("<8f", base64.b64decode(raw.json()["data"][0]["embedding"]))
+    assert list(decoded) == pytest.approx(expected_embedding("x"), abs=1e-6)
+    floats = client.embeddings.create(model=MODEL, input="x", encoding_format="float")
+    assert floats.data[0].embedding == expected_embedding("x")
+
+
+def test_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.RateLimitError) as rate:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "FAIL 429 please"}])
+    assert rate.value.status_code == 429 and rate.value.code == "fake_429"
+    with pytest.raises(openai.InternalServerError):
+        client.completions.create(model=MODEL, prompt="FAIL 503")
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    assert missing.value.code == "model_not_found"
+
+
+def test_cancel_is_counted(backend_url: str, client: openai.OpenAI) -> None:
+    httpx.post(backend_url + "/_reset").raise_for_status()
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": " ".join(["w"] * 50)}],
+        stream=True,
+        extra_body={"fake_delay_ms": 50, "fake_tag": "t-cancel"},
+    )
+    seen = 0
+    for _ in stream:
+        seen += 1
+        if seen == 2:
+            break
+    stream.close()
+    closed_at = time.time()
+
+    deadline = time.monotonic() + 1.0
+    stats = httpx.get(backend_url + "/_stats").json()
+    while stats["cancelled"] < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+        stats = httpx.get(backend_url + "/_stats").json()
+    assert stats["cancelled"] == 1 and stats["started"] == 1 and stats["completed"] == 0
+    assert stats["active"] == 0
+    assert closed_at - 1.0 < stats["cancelled_tags"]["t-cancel"] < closed_at + 1.0
