@@ -43,7 +43,7 @@ log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 if ! "$PY" -m pip install "$vllm_spec" "${CONVERT_SPECS[@]}" 2>&1 | tee "$log"; then
     if [[ "$device" == cpu ]] && grep -qiE "no matching distribution found for torch" "$log"; then
-        torch_pin="$(grep -oiE "found for torch[^ ]*" "$log" | head -n1 | sed 's/^found for //I')"
+        torch_pin="$(grep -oE "found for torch==[^; ]+" "$log" | head -n1 | sed 's/^found for //')"
         cat >&2 <<EOF
 
 install_vllm: $vllm_spec requires ${torch_pin:-a +cpu build of torch}, which PyPI does not serve.

@@ -34,6 +34,10 @@ from broker.messages import Cancel, Lane, ReplyFrame, RequestEnvelope
 
 log = structlog.get_logger("hotq.producer")
 
+RECONNECT_WAIT_S = 5.0  # how long a request waits for a dropped broker connection to come back
+
+_CONNECTION_ERRORS = (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError, ConnectionError)
+
 # Anything put on a pending queue: a reply frame, or the error that ends the wait.
 ReplyItem = ReplyFrame | HotqError
 
@@ -123,16 +127,31 @@ class RequestClient:
         )
         routing_key = topology.request_queue_name(envelope.model, envelope.lane)
         try:
-            await self._request_exchange.publish(message, routing_key, mandatory=True)
+            try:
+                await self._request_exchange.publish(message, routing_key, mandatory=True)
+            except _CONNECTION_ERRORS:
+                # The connection dropped under us (a broker restart, a forced close): nothing
+                # was enqueued, so wait for the robust connection to come back and try once more.
+                await self._wait_usable()
+                await self._request_exchange.publish(message, routing_key, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
             self.release(envelope.request_id)
             returned = isinstance(exc.frame, aiormq.spec.Basic.Return)
             reason = "no queue for this model" if returned else "RabbitMQ refused the request (queue full?)"
             raise BrokerUnavailable(f"could not enqueue the request: {reason}") from exc
-        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except (*_CONNECTION_ERRORS, BrokerUnavailable) as exc:
             self.release(envelope.request_id)
             raise BrokerUnavailable(f"could not reach RabbitMQ: {exc!r}") from exc
         return replies
+
+    async def _wait_usable(self) -> None:
+        assert self._channel is not None
+        try:
+            async with asyncio.timeout(RECONNECT_WAIT_S):
+                while self._channel.is_closed or not self._connection.connected.is_set():
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise BrokerUnavailable("RabbitMQ is unreachable; retry shortly") from None
 
     def release(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
@@ -145,7 +164,7 @@ class RequestClient:
             await self._control_exchange.publish(
                 aio_pika.Message(messages.encode(Cancel(request_id))), routing_key="", mandatory=False
             )
-        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+        except _CONNECTION_ERRORS as exc:
             log.warning("cancel_not_sent", request_id=request_id, error=repr(exc))
 
     async def queue_stats(self, model: str, lane: Lane = Lane.INTERACTIVE) -> QueueStats | None:
@@ -159,7 +178,7 @@ class RequestClient:
                 arguments=topology.request_queue_arguments(),
                 robust=False,  # a status probe, not something to re-declare on reconnect
             )
-        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError):
+        except _CONNECTION_ERRORS:
             return None
         declared = result.declaration_result
         return QueueStats(messages=declared.message_count or 0, consumers=declared.consumer_count or 0)

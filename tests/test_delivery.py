@@ -1,0 +1,126 @@
+"""Acceptance 4, 5 and 7: at-least-once delivery, reconnects and cancellation, with real processes."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.fake_backend import expected_chat_tokens
+from tests.stack import Stack, write_config
+
+
+@pytest.fixture
+def stack(
+    tmp_path: Path, amqp_url: str, fake_model: str, fake_backend_url: str, delete_test_queues: list[str]
+) -> Iterator[Stack]:
+    """An API with no worker yet: each test places its workers itself."""
+    delete_test_queues.append(fake_model)
+    config = write_config(
+        tmp_path / "hotq.toml", amqp_url,
+        {fake_model: {"backend_url": fake_backend_url, "max_inflight": 4}},
+        stream_flush_ms=0,
+    )
+    stack = Stack(config, tmp_path)
+    stack.start_api()
+    yield stack
+    stack.close()
+
+
+def _stats(backend_url: str) -> dict[str, object]:
+    return httpx.get(backend_url + "/_stats").json()
+
+
+def _wait_until(condition: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.02)
+
+
+def _client(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+
+
+def test_killed_worker_non_streaming_request_is_answered_once_by_another(
+    stack: Stack, fake_model: str, fake_backend_url: str
+) -> None:
+    first = stack.start_worker(fake_model)
+    httpx.post(fake_backend_url + "/_reset")
+    answers: list[object] = []
+    call = threading.Thread(
+        target=lambda: answers.append(
+            _client(stack).chat.completions.create(
+                model=fake_model, messages=[{"role": "user", "content": "survive this"}],
+                extra_body={"fake_delay_ms": 1500},
+            )
+        )
+    )
+    call.start()
+    _wait_until(lambda: _stats(fake_backend_url)["active"] == 1)  # the first worker holds it
+    stack.start_worker(fake_model)
+    first.send_signal(signal.SIGKILL)
+    call.join(timeout=30)
+    assert not call.is_alive()
+    assert len(answers) == 1
+    tokens, _ = expected_chat_tokens("survive this", None)
+    assert answers[0].choices[0].message.content == "".join(tokens)  # type: ignore[attr-defined]
+    assert _stats(fake_backend_url)["started"] == 2  # computed twice, answered once
+
+
+def test_killed_worker_mid_stream_gives_error_event(stack: Stack, fake_model: str) -> None:
+    first = stack.start_worker(fake_model)
+    stack.start_worker(fake_model)
+    received: list[str] = []
+    # Both workers can hold it; find which one does by killing only after output flowed.
+    stream = _client(stack).chat.completions.create(
+        model=fake_model, messages=[{"role": "user", "content": " ".join(["tok"] * 50)}],
+        stream=True, extra_body={"fake_delay_ms": 100},
+    )
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                received.append(chunk.choices[0].delta.content)
+            if len(received) == 3:
+                for worker in stack.workers:  # kill whichever holds it: both
+                    worker.send_signal(signal.SIGKILL)
+                stack.start_worker(fake_model)  # someone to take the redelivery
+    assert "worker_lost" in str(caught.value.body) or "lost" in caught.value.message
+    assert len(received) >= 3
+    del first
+
+
+def test_request_succeeds_after_broker_connections_are_closed(stack: Stack, fake_model: str) -> None:
+    stack.start_worker(fake_model)
+    client = _client(stack)
+    assert client.chat.completions.create(model=fake_model, messages=[{"role": "user", "content": "before"}])
+    subprocess.run(["rabbitmqctl", "close_all_connections", "hotq test: forced close"], check=True, capture_output=True)
+    answer = client.chat.completions.create(model=fake_model, messages=[{"role": "user", "content": "after it"}])
+    assert answer.choices[0].message.content == "echo: retfa ti"
+
+
+def test_client_disconnect_cancels_backend_call_within_a_second(
+    stack: Stack, fake_model: str, fake_backend_url: str
+) -> None:
+    stack.start_worker(fake_model)
+    httpx.post(fake_backend_url + "/_reset")
+    stream = _client(stack).chat.completions.create(
+        model=fake_model, messages=[{"role": "user", "content": " ".join(["slow"] * 200)}],
+        stream=True, extra_body={"fake_delay_ms": 50, "fake_tag": "walk-away"},
+    )
+    for index, _chunk in enumerate(stream):
+        if index == 3:
+            break
+    stream.close()
+    closed_at = time.time()
+    _wait_until(lambda: "walk-away" in _stats(fake_backend_url)["cancelled_tags"], timeout=5)  # type: ignore[operator]
+    cancelled_at = _stats(fake_backend_url)["cancelled_tags"]["walk-away"]  # type: ignore[index]
+    assert cancelled_at - closed_at < 1.0
