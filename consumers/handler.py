@@ -9,6 +9,7 @@ cleanly. A fast stream thus costs a few messages a second, not one per token.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from typing import Any
 
@@ -38,8 +39,14 @@ class _ErrorBody(msgspec.Struct):
     detail: Any = None
 
 
+class _Progress:
+    """Whether any output of this attempt already went out to the client."""
+
+    sent_output = False
+
+
 class BackendUnreachable(Exception):
-    """The backend could not be reached before it produced any output (safe to retry elsewhere)."""
+    """The backend failed before any output went out (so the request is safe to serve again)."""
 
 
 def usage_of(json_body: bytes) -> dict[str, int] | None:
@@ -58,6 +65,52 @@ def usage_of_stream_tail(tail: bytes) -> dict[str, int] | None:
     if start < 0:
         return None
     return usage_of(tail[start + len(b"data: ") :].strip())
+
+
+def split_events(data: bytes) -> list[bytes]:
+    """Complete SSE events (each ending in a blank line), with a trailing finish-only
+    chunk folded into the content chunk before it (see `fold_finish_chunk`)."""
+    events: list[bytes] = []
+    for event in data.split(EVENT_END):
+        if not event:
+            continue
+        event += EVENT_END
+        if events and (b'"finish_reason":"' in event or b'"finish_reason": "' in event):
+            folded = fold_finish_chunk(events[-1], event)
+            if folded is not None:
+                events[-1] = folded
+                continue
+        events.append(event)
+    return events
+
+
+def fold_finish_chunk(previous: bytes, finishing: bytes) -> bytes | None:
+    """OpenAI sets finish_reason on the last content chunk; vLLM sends it in an extra
+    chunk with empty content. Fold such a chunk into the one before it; None if it is
+    not that case. Only the last two events of a stream are ever decoded here."""
+    try:
+        before = json.loads(previous.removeprefix(b"data: "))
+        after = json.loads(finishing.removeprefix(b"data: "))
+    except ValueError:
+        return None
+    if not isinstance(before, dict) or not isinstance(after, dict) or after.get("usage"):
+        return None
+    if len(before.get("choices") or ()) != 1 or len(after.get("choices") or ()) != 1:
+        return None
+    target, source = before["choices"][0], after["choices"][0]
+    if target.get("index") != source.get("index") or target.get("finish_reason") is not None:
+        return None
+    if _has_output(source) or not _has_output(target):
+        return None
+    for key in ("finish_reason", "stop_reason"):
+        if key in source:
+            target[key] = source[key]
+    return b"data: " + json.dumps(before, separators=(",", ":"), ensure_ascii=False).encode() + EVENT_END
+
+
+def _has_output(choice: dict[str, Any]) -> bool:
+    delta = choice.get("delta") or {}
+    return bool(choice.get("text") or any(value not in ("", None) for key, value in delta.items() if key != "role"))
 
 
 def backend_error(status: int, body: bytes) -> BackendError:
@@ -95,6 +148,9 @@ class RequestHandler:
     def __init__(self, backend: BackendClient, flush_interval_s: float) -> None:
         self._backend = backend
         self._flush_interval_s = flush_interval_s
+        # Generated tokens the backend reported in usage (streams report them only
+        # with stream_options.include_usage); read by the agent's heartbeat.
+        self.completion_tokens = 0
 
     async def serve(self, envelope: RequestEnvelope, attempt: str, replies: ReplySender) -> None:
         """Send exactly one final frame (`Final` or `ErrorReply`); raise `BackendUnreachable`
@@ -110,23 +166,34 @@ class RequestHandler:
             await replies.send(error_frame(envelope, attempt, error))
 
     async def _call_backend(self, envelope: RequestEnvelope, attempt: str, replies: ReplySender) -> None:
+        progress = _Progress()
         try:
             async with self._backend.post(envelope.endpoint, envelope.body) as response:
                 if response.status >= 400:
                     raise backend_error(response.status, await response.read())
                 if envelope.stream:
-                    await self._relay_stream(envelope, attempt, response, replies)
+                    await self._relay_stream(envelope, attempt, response, replies, progress)
                 else:
                     body = await response.read()
-                    await replies.send(Final(envelope.request_id, attempt, 0, response.status, body, usage_of(body)))
-        except aiohttp.ClientConnectorError as exc:
-            raise BackendUnreachable(str(exc)) from exc
+                    usage = usage_of(body)
+                    await replies.send(Final(envelope.request_id, attempt, 0, response.status, body, usage))
+                    self._count(usage)
         except (aiohttp.ClientError, ConnectionError) as exc:
-            # Output may already have reached the client: report, do not retry.
+            if not progress.sent_output:
+                # Nothing reached the client: the request can be served again, here or elsewhere.
+                raise BackendUnreachable(repr(exc)) from exc
             raise BackendError(f"the backend failed mid-answer: {exc!r}", status=502) from exc
 
+    def _count(self, usage: dict[str, int] | None) -> None:
+        self.completion_tokens += (usage or {}).get("completion_tokens", 0)
+
     async def _relay_stream(
-        self, envelope: RequestEnvelope, attempt: str, response: aiohttp.ClientResponse, replies: ReplySender
+        self,
+        envelope: RequestEnvelope,
+        attempt: str,
+        response: aiohttp.ClientResponse,
+        replies: ReplySender,
+        progress: _Progress,
     ) -> None:
         pending = bytearray()
         tail = b""
@@ -137,19 +204,23 @@ class RequestHandler:
             now = time.monotonic()
             if now - last_flush < self._flush_interval_s:
                 continue
-            # [DONE] stays behind: the API writes it itself after the final frame.
-            end = len(pending) - len(DONE_EVENT) if pending.endswith(DONE_EVENT) else len(pending)
-            cut = pending.rfind(EVENT_END, 0, end)
-            if cut < 0:
+            complete_end = pending.rfind(EVENT_END) + len(EVENT_END)
+            if complete_end < len(EVENT_END):
                 continue
-            batch = bytes(pending[: cut + len(EVENT_END)])
-            del pending[: cut + len(EVENT_END)]
+            events = split_events(bytes(pending[:complete_end]))
+            if len(events) < 2:
+                continue
+            # The newest event stays behind: it may be the last content chunk, which
+            # must still take the finish_reason of a trailing chunk (and [DONE] is
+            # written by the API itself).
+            batch = b"".join(events[:-1])
+            del pending[: complete_end - len(events[-1])]
             await replies.send(ChunkBatch(envelope.request_id, attempt, seq, batch))
+            progress.sent_output = True
             tail = (tail + batch)[-_USAGE_TAIL_BYTES:]
             seq += 1
             last_flush = now
-        rest = bytes(pending)
-        if rest.endswith(DONE_EVENT):
-            rest = rest[: -len(DONE_EVENT)]
+        rest = b"".join(event for event in split_events(bytes(pending)) if event != DONE_EVENT)
         usage = usage_of_stream_tail((tail + rest)[-_USAGE_TAIL_BYTES:])
         await replies.send(Final(envelope.request_id, attempt, seq, response.status, rest, usage))
+        self._count(usage)
