@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 
@@ -27,11 +27,21 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """One ``[models."NAME"]`` table."""
 
     backend_url: str | None = None  # an OpenAI-compatible server that is already running
-    command: list[str] | None = None  # started by the agent; {port} and {model} placeholders
+    # The server the agent starts, with {port}, {model}, {model_path} and {python}
+    # placeholders; without it the agent starts vLLM's OpenAI server.
+    command: list[str] | None = None
+    model_path: str | None = None  # weights folder for vLLM; defaults to the model name
+    env: dict[str, str] = {}  # extra environment for the backend process
     min_hot: NonNegativeInt = 0
     max_agents: PositiveInt = 1
     idle_ttl_s: PositiveFloat = 300.0
     max_inflight: PositiveInt = 32
+    reserved_interactive: NonNegativeInt = 4  # backend slots batch work may not take
+    start_timeout_s: PositiveFloat = 900.0  # backend start until ready
+    max_restarts: NonNegativeInt = 3  # backend restarts before the agent gives up
+    walltime_s: PositiveFloat | None = None  # the node allocation's length, if bounded
+    drain_before_s: PositiveFloat = 120.0  # start draining this long before walltime ends
+    drain_grace_s: PositiveFloat = 60.0  # in-flight requests get this long when draining
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -42,6 +52,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     request_timeout_s: PositiveFloat = 600.0  # the longest a client may wait for an answer
     keepalive_s: PositiveFloat = 5.0  # SSE comment interval while a stream waits
     stream_flush_ms: NonNegativeInt = 50  # how long a consumer coalesces tokens into one frame
+    heartbeat_s: PositiveFloat = 5.0  # agent status interval on the events exchange
     models: dict[str, ModelConfig] = {}
 
     def model(self, name: str) -> ModelConfig:
@@ -57,9 +68,15 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from exc
+    return config_from_mapping(raw, source)
+
+
+def config_from_mapping(raw: dict[str, Any], source: str = "<config>") -> Config:
+    """Validate an already parsed config (as a Globus Compute task receives it)."""
+    raw = dict(raw)
     raw_models = raw.pop("models", {})
     if not isinstance(raw_models, dict):
-        raise ConfigError(f"{source}: `models` must be a table of [models.\"NAME\"] tables")
+        raise ConfigError(f'{source}: `models` must be a table of [models."NAME"] tables')
     try:
         config = msgspec.convert(raw, Config)
     except msgspec.ValidationError as exc:

@@ -118,10 +118,37 @@ class Cancel:
     request_id: str
 
 
-ReplyFrame = Started | ChunkBatch | Final | ErrorReply
-Record = RequestEnvelope | ReplyFrame | Cancel
+class AgentState(enum.StrEnum):
+    STARTING = "starting"
+    LOADING = "loading"
+    HOT = "hot"
+    DRAINING = "draining"
+    STOPPED = "stopped"
 
-_RECORDS: tuple[type[Any], ...] = (RequestEnvelope, Started, ChunkBatch, Final, ErrorReply, Cancel)
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentStatus:
+    """An agent's announcement on the events exchange: a state change or a heartbeat."""
+
+    TAG: ClassVar[int] = 7
+    agent_id: str
+    model: str
+    state: AgentState
+    heartbeat: bool  # False for a state change
+    node: str
+    cluster: str
+    backend: str  # the backend's base URL on its node
+    inflight: int
+    served: int
+    tokens_per_s: float
+    uptime_s: float
+    sent_at: float
+
+
+ReplyFrame = Started | ChunkBatch | Final | ErrorReply
+Record = RequestEnvelope | ReplyFrame | Cancel | AgentStatus
+
+_RECORDS: tuple[type[Any], ...] = (RequestEnvelope, Started, ChunkBatch, Final, ErrorReply, Cancel, AgentStatus)
 _UnionType = type(int | None)
 
 

@@ -7,6 +7,7 @@
 - ``hotq.dead`` (fanout) → ``hotq.dead-letters``: where rejected, expired and
   poison requests go, kept for a day for operators to inspect.
 - ``hotq.control`` (fanout): cancels, seen by every consumer.
+- ``hotq.events`` (topic): agents' state changes and heartbeats, for the scaler and ops.
 - Reply queues: one per API process, published to through the default exchange.
 """
 
@@ -24,6 +25,7 @@ REQUEST_EXCHANGE = "hotq.requests"
 DEAD_LETTER_EXCHANGE = "hotq.dead"
 DEAD_LETTER_QUEUE = "hotq.dead-letters"
 CONTROL_EXCHANGE = "hotq.control"
+EVENTS_EXCHANGE = "hotq.events"  # topic: agent.<state|heartbeat>
 
 DELIVERY_LIMIT = 5
 DEAD_LETTER_TTL_MS = 24 * 3600 * 1000
@@ -65,6 +67,7 @@ async def declare_exchanges(channel: AbstractChannel) -> AbstractExchange:
     )
     await dead_letters.bind(dead)
     await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
+    await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
     return await channel.declare_exchange(REQUEST_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
 
 

@@ -12,6 +12,7 @@ from broker.connection import connect
 from consumers.backend import BackendClient
 from consumers.handler import RequestHandler
 from consumers.worker import Worker
+from broker.messages import Lane
 
 log = structlog.get_logger("hotq.consumer")
 
@@ -30,6 +31,8 @@ async def run_worker(config: Config, model: str, backend_url: str, grace_s: floa
         model,
         RequestHandler(backend, flush_interval_s=config.stream_flush_ms / 1000),
         max_inflight=model_config.max_inflight,
+        reserved_interactive=model_config.reserved_interactive,
+        lanes=tuple(Lane),
     )
     try:
         await worker.start()

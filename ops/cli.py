@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 import click
+import msgspec
 import uvloop
 
 from broker.config import Config, load_config
@@ -65,6 +66,40 @@ def worker(config_path: str | None, model: str, backend_url: str | None, grace_s
     if url is None:
         raise click.ClickException(f'models."{model}" has no backend_url; pass --backend-url or set it in the config')
     uvloop.run(run_worker(config, model, url, grace_s))
+
+
+@cli.command()
+@config_option
+@click.option("--model", required=True, help="the configured model to serve on this node")
+@click.option("--cluster", default="local", show_default=True, help="the cluster name reported to the registry")
+def agent(config_path: str | None, model: str, cluster: str) -> None:
+    """Start the model's backend here and serve its queues while work keeps coming."""
+    from hpc_agents.agent import run_agent
+
+    config = _load(config_path)
+    try:
+        config.model(model)
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
+    summary = run_agent({"config": msgspec.to_builtins(config), "model": model, "cluster": cluster})
+    sys.exit(1 if summary["exit_reason"] == "backend_failed" else 0)
+
+
+@cli.command()
+@config_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--data-dir", default=".hotq", show_default=True, help="where a generated config and logs go")
+def up(config_path: str | None, host: str, port: int, data_dir: str) -> None:
+    """Run the whole stack here: the API and an agent per model (the embedded model by default)."""
+    from pathlib import Path
+
+    from ops.up import run_up
+
+    try:
+        sys.exit(run_up(config_path, host, port, Path(data_dir)))
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
 
 
 def main() -> None:

@@ -1,0 +1,1021 @@
+"""What hotq's core path costs: throughput and latency it adds on top of the backend.
+
+Run from the repository root::
+
+    .venv/bin/python -m bench.core_path [--requests N] [--quick] [--profile] [--skip-litellm]
+
+Everything runs on this machine (RabbitMQ at ``--amqp-url``, all HTTP on 127.0.0.1).
+One run measures non-streaming chat completions (a small fixed prompt, ``max_tokens``
+16) at concurrency 1 and 50 against:
+
+(a) ``direct``: the deterministic fake backend (``tests.fake_backend``) over HTTP;
+(b) ``hotq``: the same backend behind ``hotq serve`` + one ``hotq worker`` (subprocesses,
+    a temporary config, a model name unique to the run; its queues are deleted at the end);
+(c) ``litellm``: the same backend behind LiteLLM's proxy (``litellm[proxy]`` lives in its own
+    venv, ``bench/.venv-litellm`` by default, created on first use), one uvicorn worker;
+(d) ``amqp-rpc``: a bare aio-pika request/reply round trip to a separate echo process
+    (``bench.amqp_echo``), no HTTP at all: the RabbitMQ floor. Two variants: ``minimal``
+    (transient, no confirms, no acks) and ``hotq-like`` (quorum queue, persistent, confirms,
+    acks, two replies per request like hotq's Started + Final).
+
+For each case: requests/s and latency p50/p99 (ms) over N requests after discarded
+warm-up requests, and the latency a proxy adds: its p50/p99 minus direct's at the same
+concurrency. One load generator for all cases: this process, under uvloop, with one
+aiohttp ClientSession (keep-alive, connection limit = concurrency) per case; every
+answer is checked (HTTP 200 and the exact expected content).
+
+Streaming: one fast stream (a 2500-word prompt, ``max_tokens`` 2000, no delay), repeated
+a few times, direct vs through hotq (and LiteLLM): time to first token, total time and
+tokens/s (median over the repeats).
+
+``--profile`` additionally samples the hotq API and worker processes with py-spy while a
+separate c=50 load runs (after the measured cases, so the profiler does not disturb
+them), writes speedscope files and prints the hottest functions of each process.
+
+The machine has 2 cores shared by the load generator, RabbitMQ, the backend and the
+proxy under test: absolute numbers are for comparing cases within one run, not capacity.
+
+Results: a table on stdout and JSON in ``bench/results/core_path-<timestamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+import aio_pika
+import aiohttp
+import uvloop
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
+
+from bench import amqp_echo
+from broker import topology
+from broker.messages import Lane
+from tests.fake_backend import expected_chat_tokens
+from tests.stack import free_port, write_config
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+RESULTS_DIR: Final = ROOT / "bench" / "results"
+DEFAULT_LITELLM_VENV: Final = ROOT / "bench" / ".venv-litellm"
+DEFAULT_AMQP_URL: Final = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+CONCURRENCIES: Final = (1, 50)
+PROMPT: Final = "Say hello to the benchmark"
+MAX_TOKENS: Final = 16
+STREAM_PROMPT_WORDS: Final = 2500
+STREAM_MAX_TOKENS: Final = 2000
+HOTQ_MAX_INFLIGHT: Final = 64  # >= the highest concurrency, so the worker's prefetch never throttles
+LITELLM_MASTER_KEY: Final = "sk-bench-" + "0" * 32  # LiteLLM refuses to start without one
+
+REQUEST_TIMEOUT_S: Final = 30.0
+CASE_TIME_LIMIT_S: Final = 120.0  # a case stops early (and says so) past this
+STARTUP_TIMEOUT_S: Final = 60.0
+LITELLM_STARTUP_TIMEOUT_S: Final = 180.0
+STOP_TIMEOUT_S: Final = 15.0
+
+Call = Callable[[], Awaitable[None]]  # one request; raises if the answer is not the expected one
+
+
+# ---------------------------------------------------------------------------
+# Settings
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    requests: dict[int, int]  # concurrency -> measured requests
+    warmup: dict[int, int]  # concurrency -> discarded requests
+    stream_repeats: int
+    profile_s: float | None
+    amqp_url: str
+    litellm_venv: Path | None  # None: skip LiteLLM
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        if args.quick:
+            requests = {1: 100, 50: 400}
+            warmup = {1: 10, 50: 100}
+            repeats = 2
+            profile_s = 5.0
+        else:
+            requests = {1: 500, 50: 2000}
+            warmup = {1: 50, 50: 200}
+            repeats = 5
+            profile_s = 20.0
+        if args.requests is not None:
+            requests = {1: max(20, args.requests // 4), 50: args.requests}
+        return cls(
+            requests=requests,
+            warmup=warmup,
+            stream_repeats=repeats,
+            profile_s=(args.profile_seconds or profile_s) if args.profile else None,
+            amqp_url=args.amqp_url,
+            litellm_venv=None if args.skip_litellm else Path(args.litellm_venv),
+        )
+
+
+# ---------------------------------------------------------------------------
+# Subprocesses: each in its own process group, all killed on the way out
+# ---------------------------------------------------------------------------
+
+
+class Processes:
+    """Starts subprocesses in their own sessions (process groups), logs to files, stops them all."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self._running: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+        with open(self.log_path(name), "wb") as log:
+            process = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: no stray children survive us
+            )
+        self._running[name] = process
+        return process
+
+    async def wait(self, name: str, timeout: float) -> None:
+        """Wait for a process that ends by itself, then make sure its group is gone."""
+        process = self._running.get(name)
+        deadline = time.monotonic() + timeout
+        while process is not None and process.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        self.stop(name)
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def log_tail(self, name: str, lines: int = 25) -> str:
+        try:
+            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    def stop(self, name: str, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM the process group, SIGKILL it if it outlives `timeout`; return the exit code."""
+        process = self._running.pop(name, None)
+        if process is None:
+            return None
+        _signal_group(process, signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+        _signal_group(process, signal.SIGKILL)  # anything it started and left behind
+        return process.returncode
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self._running)):
+            self.stop(name)
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    try:
+        os.killpg(process.pid, signum)  # pgid == pid thanks to start_new_session
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout: float, headers: dict[str, str] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{process.args!r} exited with {process.returncode} before {url} answered")
+            try:
+                async with session.get(url, headers=headers) as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
+
+
+async def wait_for_line(path: Path, needle: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if needle in path.read_text(errors="replace"):
+            return
+        if process.poll() is not None:
+            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before logging {needle!r}")
+        await asyncio.sleep(0.05)
+    raise TimeoutError(f"{needle!r} not logged in {path} within {timeout:.0f} s")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    env.update(extra)
+    return env
+
+
+# ---------------------------------------------------------------------------
+# The load generator
+# ---------------------------------------------------------------------------
+
+
+class BadAnswer(Exception):
+    """An answer that is not the expected one (wrong status or content)."""
+
+
+@dataclass
+class LoadRun:
+    latencies_s: list[float]
+    errors: Counter[str]
+    wall_s: float
+    stopped_early: bool
+
+
+async def run_load(call: Call, total: int, concurrency: int, time_limit_s: float = CASE_TIME_LIMIT_S) -> LoadRun:
+    """`total` calls, `concurrency` at a time, each timed; failures counted by kind."""
+    remaining = total
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    stop_at = time.monotonic() + time_limit_s
+
+    async def user() -> None:
+        nonlocal remaining
+        while remaining > 0 and time.monotonic() < stop_at:
+            remaining -= 1
+            started = time.perf_counter()
+            try:
+                await call()
+            except Exception as exc:  # noqa: BLE001 - every failure is a data point
+                errors[str(exc) if isinstance(exc, BadAnswer) else type(exc).__name__] += 1
+            else:
+                latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(user() for _ in range(concurrency)))
+    return LoadRun(latencies, errors, time.perf_counter() - started, stopped_early=remaining > 0)
+
+
+def chat_body(model: str, text: str, max_tokens: int, stream: bool = False) -> bytes:
+    body: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+def expected_content(text: str, max_tokens: int) -> str:
+    return "".join(expected_chat_tokens(text, max_tokens)[0])
+
+
+def http_chat_call(session: aiohttp.ClientSession, url: str, body: bytes, expected: str, headers: dict[str, str]) -> Call:
+    async def call() -> None:
+        async with session.post(url, data=body, headers=headers) as response:
+            raw = await response.read()
+            if response.status != 200:
+                raise BadAnswer(f"HTTP {response.status}")
+        try:
+            content = json.loads(raw)["choices"][0]["message"]["content"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise BadAnswer("malformed body") from None
+        if content != expected:
+            raise BadAnswer("wrong content")
+
+    return call
+
+
+class AmqpRpcClient:
+    """The client half of the bare aio-pika request/reply round trip (see `bench.amqp_echo`)."""
+
+    def __init__(self, channel: AbstractChannel, request_queue: str, reply_queue: AbstractQueue, mode: str) -> None:
+        self._channel = channel
+        self._request_queue = request_queue
+        self._reply_queue = reply_queue
+        self._durable = amqp_echo.is_durable(mode)
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+
+    @classmethod
+    async def open(cls, connection: aio_pika.abc.AbstractConnection, request_queue: str, mode: str) -> AmqpRpcClient:
+        durable = amqp_echo.is_durable(mode)
+        channel = await connection.channel(publisher_confirms=durable, on_return_raises=durable)
+        await amqp_echo.declare_request_queue(channel, request_queue, mode)
+        reply_queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        client = cls(channel, request_queue, reply_queue, mode)
+        await reply_queue.consume(client._on_reply, no_ack=True)
+        return client
+
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
+        if message.type != amqp_echo.ANSWER_TYPE or message.correlation_id is None:
+            return  # the "started" frame of hotq-like mode: nothing to wait for
+        waiter = self._waiting.pop(message.correlation_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(message.body)
+
+    def call_with(self, body: bytes) -> Call:
+        exchange = self._channel.default_exchange
+        delivery_mode = aio_pika.DeliveryMode.PERSISTENT if self._durable else aio_pika.DeliveryMode.NOT_PERSISTENT
+        loop = asyncio.get_running_loop()
+
+        async def call() -> None:
+            correlation_id = uuid.uuid4().hex
+            waiter: asyncio.Future[bytes] = loop.create_future()
+            self._waiting[correlation_id] = waiter
+            try:
+                message = aio_pika.Message(
+                    body, correlation_id=correlation_id, reply_to=self._reply_queue.name, delivery_mode=delivery_mode
+                )
+                await exchange.publish(message, routing_key=self._request_queue, mandatory=self._durable)
+                async with asyncio.timeout(REQUEST_TIMEOUT_S):
+                    answer = await waiter
+            finally:
+                self._waiting.pop(correlation_id, None)
+            if answer != amqp_echo.ANSWER_BODY:
+                raise BadAnswer("wrong content")
+
+        return call
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+def percentile_ms(sorted_s: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile, in milliseconds."""
+    if not sorted_s:
+        return None
+    return sorted_s[max(0, math.ceil(q / 100 * len(sorted_s)) - 1)] * 1000
+
+
+@dataclass
+class CaseResult:
+    target: str
+    concurrency: int
+    requests: int
+    ok: int
+    errors: dict[str, int]
+    warmup_errors: dict[str, int]
+    stopped_early: bool
+    wall_s: float
+    rps: float
+    p50_ms: float | None
+    p90_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    max_ms: float | None
+    added_p50_ms: float | None = None  # vs. direct at the same concurrency
+    added_p99_ms: float | None = None
+
+    @classmethod
+    def from_run(cls, target: str, concurrency: int, requests: int, run: LoadRun, warmup: LoadRun) -> CaseResult:
+        ordered = sorted(run.latencies_s)
+        return cls(
+            target=target,
+            concurrency=concurrency,
+            requests=requests,
+            ok=len(ordered),
+            errors=dict(run.errors),
+            warmup_errors=dict(warmup.errors),
+            stopped_early=run.stopped_early,
+            wall_s=round(run.wall_s, 3),
+            rps=round(len(ordered) / run.wall_s, 1) if run.wall_s > 0 else 0.0,
+            p50_ms=percentile_ms(ordered, 50),
+            p90_ms=percentile_ms(ordered, 90),
+            p99_ms=percentile_ms(ordered, 99),
+            mean_ms=statistics.fmean(ordered) * 1000 if ordered else None,
+            max_ms=ordered[-1] * 1000 if ordered else None,
+        )
+
+
+@dataclass
+class StreamResult:
+    target: str
+    repeats: int
+    tokens: int
+    ok: int
+    errors: dict[str, int]
+    ttft_ms: float | None  # medians over the repeats
+    total_ms: float | None
+    tokens_per_s: float | None
+    events: int | None  # SSE data events carrying content (last repeat)
+
+
+@dataclass
+class ProfileResult:
+    process: str
+    speedscope_file: str
+    seconds: float
+    rate_hz: int
+    samples: int  # samples with the process on CPU (py-spy drops idle ones)
+    busy_fraction: float  # samples / (seconds * rate): roughly the process's CPU share
+    top_self: list[tuple[str, float]]  # (function, % of samples) where the sample was taken
+    top_total: list[tuple[str, float]]  # (function, % of samples) anywhere on the stack
+    by_component: list[tuple[str, float]]  # self time grouped by library / hotq package
+    load: CaseResult | None = None
+
+
+@dataclass
+class Report:
+    started_at: str
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+    cases: list[CaseResult] = field(default_factory=list)
+    streams: list[StreamResult] = field(default_factory=list)
+    profiles: list[ProfileResult] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------
+# Measuring one target
+# ---------------------------------------------------------------------------
+
+
+async def bench_call(target: str, concurrency: int, settings: Settings, call: Call) -> CaseResult:
+    requests = settings.requests[concurrency]
+    warmup = await run_load(call, settings.warmup[concurrency], concurrency)
+    run = await run_load(call, requests, concurrency)
+    result = CaseResult.from_run(target, concurrency, requests, run, warmup)
+    print(f"  {target:<22} c={concurrency:<3} {result.rps:>8.1f} req/s  p50 {_fmt(result.p50_ms)} ms  "
+          f"p99 {_fmt(result.p99_ms)} ms  errors {sum(result.errors.values())}", flush=True)
+    return result
+
+
+def http_session(concurrency: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
+
+
+async def bench_http(target: str, base_url: str, model: str, settings: Settings, headers: dict[str, str] | None = None) -> list[CaseResult]:
+    """Non-streaming chat completions against `base_url` (which ends in /v1) at each concurrency."""
+    body = chat_body(model, PROMPT, MAX_TOKENS)
+    expected = expected_content(PROMPT, MAX_TOKENS)
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    results = []
+    for concurrency in CONCURRENCIES:
+        async with http_session(concurrency) as session:
+            call = http_chat_call(session, base_url + "/chat/completions", body, expected, all_headers)
+            results.append(await bench_call(target, concurrency, settings, call))
+    return results
+
+
+async def bench_stream(target: str, base_url: str, model: str, repeats: int, headers: dict[str, str] | None = None) -> StreamResult:
+    """One long, fast stream at a time: time to first token, total time, tokens/s."""
+    text = " ".join(f"w{i}" for i in range(STREAM_PROMPT_WORDS))
+    tokens, _ = expected_chat_tokens(text, STREAM_MAX_TOKENS)
+    expected = "".join(tokens)
+    body = chat_body(model, text, STREAM_MAX_TOKENS, stream=True)
+    all_headers = {"Content-Type": "application/json", **(headers or {})}
+    ttfts, totals = [], []
+    errors: Counter[str] = Counter()
+    events = None
+    async with http_session(1) as session:
+        for attempt in range(repeats + 1):  # the first one warms up
+            try:
+                ttft, total, content, events = await _one_stream(session, base_url + "/chat/completions", body, all_headers)
+                if content != expected:
+                    raise BadAnswer("wrong content")
+            except Exception as exc:  # noqa: BLE001
+                errors[str(exc) if isinstance(exc, BadAnswer) else type(exc).__name__] += 1
+                continue
+            if attempt > 0:
+                ttfts.append(ttft)
+                totals.append(total)
+    total_ms = statistics.median(totals) * 1000 if totals else None
+    result = StreamResult(
+        target=target,
+        repeats=repeats,
+        tokens=len(tokens),
+        ok=len(totals),
+        errors=dict(errors),
+        ttft_ms=statistics.median(ttfts) * 1000 if ttfts else None,
+        total_ms=total_ms,
+        tokens_per_s=round(len(tokens) / (total_ms / 1000), 1) if total_ms else None,
+        events=events,
+    )
+    print(f"  stream {target:<15} ttft {_fmt(result.ttft_ms)} ms  total {_fmt(result.total_ms)} ms  "
+          f"{result.tokens_per_s} tok/s  errors {sum(errors.values())}", flush=True)
+    return result
+
+
+async def _one_stream(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> tuple[float, float, str, int]:
+    started = time.perf_counter()
+    first: float | None = None
+    parts: list[str] = []
+    buffer = bytearray()
+    events = 0
+    async with session.post(url, data=body, headers=headers) as response:
+        if response.status != 200:
+            raise BadAnswer(f"HTTP {response.status}")
+        async for piece in response.content.iter_any():
+            buffer += piece
+            while (end := buffer.find(b"\n\n")) >= 0:
+                event = bytes(buffer[:end])
+                del buffer[: end + 2]
+                if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                    continue  # keep-alive comments, the end marker
+                choices = json.loads(event[6:]).get("choices") or [{}]
+                content = (choices[0].get("delta") or {}).get("content")
+                if content:
+                    if first is None:
+                        first = time.perf_counter()
+                    parts.append(content)
+                    events += 1
+    finished = time.perf_counter()
+    if first is None:
+        raise BadAnswer("no content")
+    return first - started, finished - started, "".join(parts), events
+
+
+async def bench_amqp(mode: str, settings: Settings, processes: Processes, queues: list[str]) -> list[CaseResult]:
+    """The bare aio-pika request/reply round trip to a separate echo process."""
+    queue = f"bench.core-path.rpc.{mode}.{uuid.uuid4().hex[:8]}"
+    queues.append(queue)
+    name = f"amqp-echo-{mode}"
+    process = processes.start(
+        name,
+        [sys.executable, "-m", "bench.amqp_echo", "--url", settings.amqp_url, "--queue", queue, "--mode", mode],
+        env=child_env(),
+    )
+    try:
+        await wait_for_line(processes.log_path(name), amqp_echo.READY_LINE, process, STARTUP_TIMEOUT_S)
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            client = await AmqpRpcClient.open(connection, queue, mode)
+            call = client.call_with(chat_body("bench-model", PROMPT, MAX_TOKENS))
+            return [await bench_call(f"amqp-rpc ({mode})", c, settings, call) for c in CONCURRENCIES]
+    finally:
+        processes.stop(name)
+
+
+# ---------------------------------------------------------------------------
+# hotq and LiteLLM as subprocesses
+# ---------------------------------------------------------------------------
+
+
+async def start_hotq(processes: Processes, workdir: Path, amqp_url: str, model: str, backend_url: str) -> tuple[str, subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    config = write_config(
+        workdir / "hotq.toml", amqp_url, {model: {"backend_url": backend_url, "max_inflight": HOTQ_MAX_INFLIGHT}}
+    )
+    port = free_port()
+    cli = [sys.executable, "-m", "ops.cli"]
+    api = processes.start("hotq-api", [*cli, "serve", "--config", str(config), "--port", str(port)], env=child_env())
+    url = f"http://127.0.0.1:{port}"
+    await wait_http_ok(url + "/v1/models", api, STARTUP_TIMEOUT_S)
+    worker = processes.start("hotq-worker", [*cli, "worker", "--config", str(config), "--model", model], env=child_env())
+    await wait_for_line(processes.log_path("hotq-worker"), "worker_started", worker, STARTUP_TIMEOUT_S)
+    return url + "/v1", api, worker
+
+
+def ensure_litellm_venv(venv: Path) -> Path:
+    """The `litellm` executable of `venv`, creating the venv and installing litellm[proxy] if needed."""
+    executable = venv / "bin" / "litellm"
+    if executable.exists():
+        return executable
+    print(f"  creating {venv} and installing litellm[proxy] (once; takes a minute or two)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([str(venv / "bin" / "pip"), "install", "--quiet", "litellm[proxy]"], check=True)
+    return executable
+
+
+def litellm_version(venv: Path) -> str | None:
+    try:
+        found = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
+            capture_output=True, text=True, timeout=30, check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.stdout.strip() or None
+
+
+async def start_litellm(processes: Processes, workdir: Path, venv: Path, model: str, backend_url: str) -> str:
+    executable = ensure_litellm_venv(venv)
+    config = {
+        "model_list": [
+            {
+                "model_name": model,
+                "litellm_params": {"model": f"openai/{model}", "api_base": backend_url + "/v1", "api_key": "dummy"},
+            }
+        ],
+        "general_settings": {"master_key": LITELLM_MASTER_KEY},
+    }
+    config_path = workdir / "litellm.yaml"
+    config_path.write_text(json.dumps(config, indent=2))  # JSON is valid YAML
+    port = free_port()
+    env = child_env(
+        LITELLM_LOCAL_MODEL_COST_MAP="True",  # no download of the model cost map at start-up
+        LITELLM_LOG="WARNING",  # also turns off uvicorn's per-request access log, like hotq's
+    )
+    env.pop("DATABASE_URL", None)
+    process = processes.start(
+        "litellm",
+        [str(executable), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+        env=env,
+        cwd=workdir,  # keeps it from reading a .env in the repository
+    )
+    url = f"http://127.0.0.1:{port}"
+    await wait_http_ok(url + "/health/liveliness", process, LITELLM_STARTUP_TIMEOUT_S)
+    return url + "/v1"
+
+
+async def delete_queues(amqp_url: str, names: Sequence[str]) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        for name in names:
+            channel = await connection.channel()  # a failed delete closes its channel
+            try:
+                await channel.queue_delete(name)
+            except aio_pika.exceptions.AMQPError:
+                pass
+
+
+# ---------------------------------------------------------------------------
+# Profiling with py-spy
+# ---------------------------------------------------------------------------
+
+PROFILE_RATE_HZ: Final = 100
+HOTQ_PACKAGES: Final = ("api", "broker", "consumers", "producers", "ops")
+COMPONENTS: Final = (
+    # (component, path fragment); the first match wins
+    ("aio_pika", "/aio_pika/"),
+    ("aiormq", "/aiormq/"),
+    ("pamqp", "/pamqp/"),
+    ("starlette", "/starlette/"),
+    ("uvicorn", "/uvicorn/"),
+    ("aiohttp", "/aiohttp/"),
+    ("yarl/multidict", "/yarl/"),
+    ("yarl/multidict", "/multidict/"),
+    ("structlog", "/structlog/"),
+    ("msgspec", "/msgspec/"),
+    ("msgpack", "/msgpack/"),
+    ("asyncio", "/asyncio/"),
+)
+
+
+def _component(file: str) -> str:
+    for package in HOTQ_PACKAGES:
+        if file.startswith(str(ROOT / package) + os.sep) or file.startswith(package + "/"):
+            return f"hotq {package}/"
+    for component, fragment in COMPONENTS:
+        if fragment in file:
+            return component
+    if "site-packages" in file:
+        return "other libraries"
+    return "stdlib/other"
+
+
+def _frame_label(frame: dict[str, Any]) -> str:
+    file = str(frame.get("file") or "?")
+    short = file
+    for marker in ("site-packages/", str(ROOT) + "/", "/lib/python3."):
+        if marker in file:
+            short = file.split(marker, 1)[1]
+            if marker == "/lib/python3.":
+                short = short.split("/", 1)[-1]
+            break
+    return f"{frame.get('name', '?')} ({short}:{frame.get('line', '?')})"
+
+
+def summarise_speedscope(path: Path, top: int = 15) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]], list[tuple[str, float]]]:
+    """(samples, top self, top inclusive, self by component) from a py-spy speedscope file."""
+    data = json.loads(path.read_text())
+    frames = data["shared"]["frames"]
+    self_counts: Counter[int] = Counter()
+    total_counts: Counter[str] = Counter()
+    components: Counter[str] = Counter()
+    samples = 0
+    for profile in data["profiles"]:
+        for stack, weight in zip(profile["samples"], profile["weights"]):
+            if not stack:
+                continue
+            samples += weight
+            leaf = frames[stack[-1]]
+            self_counts[stack[-1]] += weight
+            components[_component(str(leaf.get("file") or ""))] += weight
+            for label in {_frame_label(frames[index]) for index in stack}:
+                total_counts[label] += weight
+    if samples == 0:
+        return 0, [], [], []
+
+    def pct(count: int) -> float:
+        return round(100 * count / samples, 1)
+
+    self_by_label: Counter[str] = Counter()
+    for index, count in self_counts.items():
+        self_by_label[_frame_label(frames[index])] += count
+    return (
+        samples,
+        [(label, pct(count)) for label, count in self_by_label.most_common(top)],
+        [(label, pct(count)) for label, count in total_counts.most_common(top)],
+        [(label, pct(count)) for label, count in components.most_common()],
+    )
+
+
+def py_spy_executable() -> Path | None:
+    candidate = Path(sys.executable).parent / "py-spy"
+    return candidate if candidate.exists() else None
+
+
+async def profile_hotq(
+    processes: Processes, settings: Settings, base_url: str, model: str, targets: dict[str, int], out_dir: Path
+) -> list[ProfileResult]:
+    """Sample the given processes with py-spy while a c=50 load runs against hotq."""
+    py_spy = py_spy_executable()
+    assert settings.profile_s is not None
+    if py_spy is None:
+        print("  py-spy not found next to this Python: skipping the profile (pip install py-spy)", flush=True)
+        return []
+    seconds = settings.profile_s
+    concurrency = max(CONCURRENCIES)
+    body = chat_body(model, PROMPT, MAX_TOKENS)
+    expected = expected_content(PROMPT, MAX_TOKENS)
+    async with http_session(concurrency) as session:
+        call = http_chat_call(session, base_url + "/chat/completions", body, expected, {"Content-Type": "application/json"})
+        warmup = await run_load(call, settings.warmup[concurrency], concurrency)
+        # Bounded by time: the load outlasts the sampling a little on both ends.
+        load = asyncio.create_task(run_load(call, 1_000_000, concurrency, time_limit_s=seconds + 2.0))
+        await asyncio.sleep(0.5)
+        outputs = {}
+        for name, pid in targets.items():
+            outputs[name] = out_dir / f"{name}.speedscope.json"
+            processes.start(
+                f"py-spy-{name}",
+                [str(py_spy), "record", "--pid", str(pid), "--rate", str(PROFILE_RATE_HZ), "--duration", str(int(seconds)),
+                 "--format", "speedscope", "--output", str(outputs[name])],
+            )
+        run = await load
+        for name in targets:
+            await processes.wait(f"py-spy-{name}", timeout=seconds + 30)
+    attempted = len(run.latencies_s) + sum(run.errors.values())
+    case = CaseResult.from_run("hotq (under py-spy)", concurrency, attempted, run, warmup)
+    results = []
+    for name, path in outputs.items():
+        if not path.exists():
+            print(f"  py-spy wrote no profile for {name}:\n{processes.log_tail(f'py-spy-{name}')}", flush=True)
+            continue
+        samples, top_self, top_total, by_component = summarise_speedscope(path)
+        results.append(
+            ProfileResult(
+                process=name,
+                speedscope_file=str(path),
+                seconds=seconds,
+                rate_hz=PROFILE_RATE_HZ,
+                samples=samples,
+                busy_fraction=round(samples / (seconds * PROFILE_RATE_HZ), 3),
+                top_self=top_self,
+                top_total=top_total,
+                by_component=by_component,
+                load=case,
+            )
+        )
+    return results
+
+
+# ---------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for package in ("aio-pika", "aiormq", "aiohttp", "starlette", "uvicorn", "uvloop", "httptools", "msgpack", "msgspec", "structlog"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = "", False
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "git_commit": commit + ("-dirty" if dirty else ""),
+        "versions": versions,
+    }
+
+
+async def run(settings: Settings, processes: Processes, workdir: Path, report: Report) -> None:
+    model = f"bench-core-{uuid.uuid4().hex[:8]}"  # unique: this run's queues are its own
+    hotq_queues = [topology.request_queue_name(model, lane) for lane in Lane]
+    rpc_queues: list[str] = []
+    report.settings["model"] = model
+    try:
+        print("fake backend", flush=True)
+        port = free_port()
+        backend = processes.start(
+            "fake-backend",
+            [sys.executable, "-m", "tests.fake_backend", "--port", str(port), "--model", model],
+            env=child_env(),
+        )
+        backend_url = f"http://127.0.0.1:{port}"
+        await wait_http_ok(backend_url + "/health", backend, STARTUP_TIMEOUT_S)
+
+        print("(a) direct", flush=True)
+        report.cases += await bench_http("direct", backend_url + "/v1", model, settings)
+        report.streams.append(await bench_stream("direct", backend_url + "/v1", model, settings.stream_repeats))
+
+        print("(d) bare aio-pika request/reply", flush=True)
+        for mode in amqp_echo.MODES:
+            report.cases += await bench_amqp(mode, settings, processes, rpc_queues)
+
+        print("(b) hotq", flush=True)
+        hotq_url, api, worker = await start_hotq(processes, workdir, settings.amqp_url, model, backend_url)
+        report.cases += await bench_http("hotq", hotq_url, model, settings)
+        report.streams.append(await bench_stream("hotq", hotq_url, model, settings.stream_repeats))
+        if settings.profile_s is not None:
+            print(f"profiling the hotq API and worker for {settings.profile_s:g} s at c={max(CONCURRENCIES)}", flush=True)
+            out_dir = RESULTS_DIR / f"profile-{report.started_at}"
+            out_dir.mkdir(parents=True, exist_ok=True)
+            report.profiles += await profile_hotq(
+                processes, settings, hotq_url, model, {"hotq-api": api.pid, "hotq-worker": worker.pid}, out_dir
+            )
+        _check_logs(processes, ("hotq-api", "hotq-worker"), report)
+        processes.stop("hotq-worker")
+        processes.stop("hotq-api")
+
+        if settings.litellm_venv is not None:
+            print("(c) LiteLLM proxy", flush=True)
+            report.environment["litellm"] = None
+            litellm_url = await start_litellm(processes, workdir, settings.litellm_venv, model, backend_url)
+            report.environment["litellm"] = litellm_version(settings.litellm_venv)
+            auth = {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"}
+            report.cases += await bench_http("litellm", litellm_url, model, settings, auth)
+            report.streams.append(await bench_stream("litellm", litellm_url, model, settings.stream_repeats, auth))
+            _check_logs(processes, ("litellm",), report)
+            processes.stop("litellm")
+        _check_logs(processes, ("fake-backend",), report)
+    finally:
+        try:
+            await delete_queues(settings.amqp_url, [*hotq_queues, *rpc_queues])
+        except (OSError, aio_pika.exceptions.AMQPError) as exc:
+            print(f"could not delete the queues {[*hotq_queues, *rpc_queues]}: {exc!r}", file=sys.stderr)
+
+
+def _check_logs(processes: Processes, names: Sequence[str], report: Report) -> None:
+    """Note error lines the processes under test logged (they should log none)."""
+    for name in names:
+        try:
+            lines = processes.log_path(name).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        bad = [line for line in lines if any(word in line for word in ("Traceback", '"level": "error"', "ERROR", '"level": "warning"'))]
+        if bad:
+            report.notes.append(f"{name} logged {len(bad)} error/warning line(s), first: {bad[0][:300]}")
+
+
+def note_failures(report: Report) -> None:
+    for c in report.cases:
+        if c.errors or c.warmup_errors or c.stopped_early:
+            report.notes.append(
+                f"{c.target} c={c.concurrency}: errors {c.errors}, warm-up errors {c.warmup_errors}"
+                + (", stopped at the time limit" if c.stopped_early else "")
+            )
+    for s in report.streams:
+        if s.errors:
+            report.notes.append(f"stream {s.target}: errors {s.errors}")
+
+
+def add_overheads(cases: list[CaseResult]) -> None:
+    direct = {case.concurrency: case for case in cases if case.target == "direct"}
+    for case in cases:
+        base = direct.get(case.concurrency)
+        if case.target == "direct" or base is None:
+            continue
+        if case.p50_ms is not None and base.p50_ms is not None:
+            case.added_p50_ms = case.p50_ms - base.p50_ms
+        if case.p99_ms is not None and base.p99_ms is not None:
+            case.added_p99_ms = case.p99_ms - base.p99_ms
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_report(report: Report, json_path: Path) -> None:
+    order = {"direct": 0, "hotq": 1, "litellm": 2}
+    cases = sorted(report.cases, key=lambda c: (c.concurrency, order.get(c.target, 3), c.target))
+    print()
+    print("Non-streaming chat completions (latency in ms; 'added' = minus direct at the same concurrency)")
+    header = f"{'target':<24}{'conc':>5}{'ok/n':>11}{'err':>5}{'req/s':>9}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'added p50':>11}{'added p99':>11}"
+    print(header)
+    print("-" * len(header))
+    for c in cases:
+        print(
+            f"{c.target:<24}{c.concurrency:>5}{f'{c.ok}/{c.requests}':>11}{sum(c.errors.values()):>5}{c.rps:>9.1f}"
+            f"{_fmt(c.p50_ms):>8}{_fmt(c.p90_ms):>8}{_fmt(c.p99_ms):>8}{_fmt(c.max_ms):>8}"
+            f"{_fmt(c.added_p50_ms):>11}{_fmt(c.added_p99_ms):>11}"
+        )
+    if report.streams:
+        print()
+        print(f"One stream ({STREAM_MAX_TOKENS} tokens, no delay; median of {report.streams[0].repeats})")
+        header = f"{'target':<24}{'ok':>4}{'ttft ms':>10}{'total ms':>10}{'tokens/s':>11}{'events':>8}"
+        print(header)
+        print("-" * len(header))
+        for s in report.streams:
+            print(f"{s.target:<24}{s.ok:>4}{_fmt(s.ttft_ms):>10}{_fmt(s.total_ms):>10}{_fmt(s.tokens_per_s, 0):>11}{s.events or '-':>8}")
+    for p in report.profiles:
+        print()
+        load = f"{p.load.rps:.0f} req/s, p50 {_fmt(p.load.p50_ms)} ms" if p.load else "?"
+        print(f"py-spy {p.process}: {p.samples} on-CPU samples in {p.seconds:g} s at {p.rate_hz} Hz "
+              f"(busy ~{p.busy_fraction:.0%}) under c={max(CONCURRENCIES)} load ({load}); {p.speedscope_file}")
+        print("  self time by component: " + ", ".join(f"{name} {pct}%" for name, pct in p.by_component[:10]))
+        print("  top self:")
+        for label, pct in p.top_self[:12]:
+            print(f"    {pct:5.1f}%  {label}")
+        print("  top inclusive:")
+        for label, pct in p.top_total[:15]:
+            print(f"    {pct:5.1f}%  {label}")
+    if report.notes:
+        print()
+        for note in report.notes:
+            print(f"note: {note}")
+    print()
+    print(f"JSON: {json_path}")
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.core_path", description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=None, help="measured requests at c=50 (c=1 gets a quarter) [2000]")
+    parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (a smoke run)")
+    parser.add_argument("--profile", action="store_true", help="also profile the hotq API and worker with py-spy")
+    parser.add_argument("--profile-seconds", type=float, default=None, help="how long to sample [20, 5 with --quick]")
+    parser.add_argument("--skip-litellm", action="store_true", help="leave out the LiteLLM proxy")
+    parser.add_argument("--litellm-venv", default=str(DEFAULT_LITELLM_VENV), help="venv with litellm[proxy] (created if missing)")
+    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    return parser.parse_args(argv)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every finally runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = Settings.from_args(parse_args(argv))
+    started_at = time.strftime("%Y%m%d-%H%M%S")
+    report = Report(started_at=started_at, settings=_settings_json(settings), environment=environment())
+    json_path = RESULTS_DIR / f"core_path-{started_at}.json"
+    signal.signal(signal.SIGTERM, _terminate)
+    with tempfile.TemporaryDirectory(prefix="hotq-bench-") as tmp:
+        workdir = Path(tmp)
+        processes = Processes(workdir)
+        try:
+            uvloop.run(run(settings, processes, workdir, report))
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping everything", file=sys.stderr)
+            return 130
+        except Exception:
+            print("\nfailed; the last lines of each log:", file=sys.stderr)
+            for log in sorted(workdir.glob("*.log")):
+                print(f"--- {log.name}\n{processes.log_tail(log.stem)}", file=sys.stderr)
+            raise
+        finally:
+            processes.stop_all()
+    add_overheads(report.cases)
+    note_failures(report)
+    report.environment["loadavg_at_end"] = os.getloadavg()
+    write_json(report, json_path)
+    print_report(report, json_path)
+    return 0
+
+
+def _settings_json(settings: Settings) -> dict[str, Any]:
+    values = asdict(settings)
+    values["litellm_venv"] = str(settings.litellm_venv) if settings.litellm_venv else None
+    values.update(
+        concurrencies=list(CONCURRENCIES), prompt=PROMPT, max_tokens=MAX_TOKENS, stream_prompt_words=STREAM_PROMPT_WORDS,
+        stream_max_tokens=STREAM_MAX_TOKENS, hotq_max_inflight=HOTQ_MAX_INFLIGHT, request_timeout_s=REQUEST_TIMEOUT_S,
+    )
+    return values
+
+
+if __name__ == "__main__":
+    sys.exit(main())

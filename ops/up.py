@@ -1,0 +1,215 @@
+"""`hotq up`: the whole stack on one machine, the embedded model by default.
+
+Without a config file it converts the embedded SmolLM2 model once (cached),
+writes a config for it under the data directory, then starts the API and one
+agent per configured model as child processes, shows their progress, and prints
+how to call the API once a model is being served. An agent that leaves (idle or
+failed) is started again, so the model stays available (`hotq scale` will start
+agents on demand instead). Ctrl-C or SIGTERM stops everything, draining first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from broker.config import DEFAULT_CONFIG_PATH, Config, load_config
+
+READY_POLL_S = 0.5
+# Agent log events worth showing while the stack starts, as a person would say them.
+_PROGRESS = {
+    "backend_started": "starting the model server (vLLM loads in about 30 s on a CPU)",
+    "backend_ready": "model server ready",
+    "backend_died": "model server died; restarting it",
+    "agent_exit": "agent left",
+}
+
+
+def default_config_text(model_name: str, model_path: Path, data_dir: Path) -> str:
+    return f"""# Written by `hotq up`: the embedded default model, served on this machine.
+data_dir = "{data_dir}"
+
+[models."{model_name}"]
+model_path = "{model_path}"
+max_inflight = 32
+# `hotq up` keeps one agent per model; stay hot for a day rather than reload.
+idle_ttl_s = 86400
+"""
+
+
+def _say(message: str) -> None:
+    print(f"[hotq up] {message}", flush=True)
+
+
+def resolve_config(config_path: str | None, data_dir: Path) -> Path:
+    explicit = config_path or os.environ.get("HOTQ_CONFIG")
+    if explicit:
+        return Path(explicit)
+    if DEFAULT_CONFIG_PATH.exists():
+        return DEFAULT_CONFIG_PATH
+    from hpc_agents.embedded_model import DEFAULT_MODEL_NAME, ensure_embedded_model
+
+    _say("no hotq.toml here: using the embedded model SmolLM2-135M-Instruct")
+    model_path = ensure_embedded_model(log=_say)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "hotq.toml"
+    path.write_text(default_config_text(DEFAULT_MODEL_NAME, model_path, data_dir.resolve()))
+    _say(f"wrote {path}")
+    return path
+
+
+class Stack:
+    def __init__(self, config_path: Path, config: Config, host: str, port: int) -> None:
+        self.config_path = config_path
+        self.config = config
+        self.host = host
+        self.port = port
+        self.url = f"http://{host}:{port}"
+        self.logs = Path(config.data_dir) / "logs"
+        self.api: subprocess.Popen[bytes] | None = None
+        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self._log_offsets: dict[Path, int] = {}
+
+    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log_path = self.logs / log_name
+        with open(log_path, "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "ops.cli", *args, "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+
+    def start(self) -> None:
+        _say(f"starting the API on {self.url} (log: {self.logs / 'api.log'})")
+        self.api = self._spawn(["serve", "--host", self.host, "--port", str(self.port)], "api.log")
+        for model in self.config.models:
+            self.start_agent(model)
+
+    def start_agent(self, model: str) -> None:
+        log_name = f"agent-{len(self.agents)}.log" if model not in self.agents else self._agent_log(model).name
+        _say(f"starting an agent for {model} (log: {self.logs / log_name})")
+        self.agents[model] = self._spawn(["agent", "--model", model], log_name)
+
+    def _agent_log(self, model: str) -> Path:
+        index = list(self.config.models).index(model)
+        return self.logs / f"agent-{index}.log"
+
+    def show_progress(self) -> None:
+        """Print the agents' notable log events since the last call."""
+        for model in self.agents:
+            path = self._agent_log(model)
+            if not path.exists():
+                continue
+            with open(path, "rb") as log:
+                log.seek(self._log_offsets.get(path, 0))
+                lines = log.readlines()
+                self._log_offsets[path] = log.tell()
+            for line in lines:
+                try:
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                name = event.get("event")
+                if name == "agent_state":
+                    _say(f"{model}: {event['state']}")
+                elif name in _PROGRESS:
+                    _say(f"{model}: {_PROGRESS[name]}")
+
+    def serving(self) -> bool:
+        """True once every model's queue has a consumer."""
+        try:
+            models = httpx.get(self.url + "/v1/models", timeout=2).json()["data"]
+        except (httpx.HTTPError, ValueError, KeyError):
+            return False
+        return bool(models) and all((m.get("hotq") or {}).get("consumers") for m in models)
+
+    def watch(self) -> int:
+        """Keep agents running until asked to stop or the API dies."""
+        assert self.api is not None
+        while True:
+            self.show_progress()
+            if self.api.poll() is not None:
+                _say(f"the API exited with {self.api.returncode}; see {self.logs / 'api.log'}")
+                return 1
+            for model, agent in list(self.agents.items()):
+                if agent.poll() is not None:
+                    _say(f"{model}: agent exited with {agent.returncode}; starting another")
+                    time.sleep(1.0)
+                    self.start_agent(model)
+            time.sleep(READY_POLL_S)
+
+    def stop(self) -> None:
+        _say("stopping: draining agents, then the API")
+        processes = [*self.agents.values(), self.api]
+        for process in processes:
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            if process is not None:
+                try:
+                    process.wait(timeout=90)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+        self.show_progress()
+
+
+def print_usage(url: str, model: str) -> None:
+    print(
+        f"""
+hotq is serving {model} at {url}/v1
+
+  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
+
+  python -c 'import openai; c = openai.OpenAI(base_url="{url}/v1", api_key="none"); \\
+print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
+
+Ctrl-C stops the stack.
+""",
+        flush=True,
+    )
+
+
+def run_up(config_path: str | None, host: str, port: int, data_dir: Path) -> int:
+    path = resolve_config(config_path, data_dir)
+    config = load_config(path)
+    if not config.models:
+        _say(f"{path} configures no models")
+        return 1
+    stack = Stack(path, config, host, port)
+    stopping = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    started = time.monotonic()
+    stack.start()
+    try:
+        announced = False
+        while not announced:
+            stack.show_progress()
+            if stack.api is not None and stack.api.poll() is not None:
+                _say(f"the API exited with {stack.api.returncode}; see {stack.logs / 'api.log'}")
+                return 1
+            if stack.serving():
+                _say(f"ready after {time.monotonic() - started:.0f} s")
+                print_usage(stack.url, next(iter(config.models)))
+                announced = True
+            time.sleep(READY_POLL_S)
+        return stack.watch()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        stack.stop()
