@@ -22,9 +22,7 @@ from producers.request_client import ReplyItem
 
 
 class ReplyRelay:
-    def __init__(
-        self, replies: asyncio.Queue[ReplyItem], deadline: float, max_queue_wait_s: float
-    ) -> None:
+    def __init__(self, replies: asyncio.Queue[ReplyItem], deadline: float, max_queue_wait_s: float) -> None:
         now = time.monotonic()
         self._replies = replies
         self._start_by = now + max_queue_wait_s
@@ -46,7 +44,8 @@ class ReplyRelay:
                 self.finished = True
                 if self._attempt is None:
                     raise NoCapacity(
-                        f"no consumer took the request within {self._max_queue_wait_s:g} s; the model has no free capacity",
+                        f"no consumer took the request within {self._max_queue_wait_s:g} s; "
+                        "the model has no free capacity",
                         retry_after_s=max(1, int(self._max_queue_wait_s)),
                     )
                 raise DeadlineExceeded("the request's deadline passed before the answer was complete")
@@ -69,7 +68,9 @@ class ReplyRelay:
             if item.attempt != self._attempt:
                 if self.sent_output:
                     self.finished = True
-                    raise WorkerLost("the consumer serving this stream was lost after output was sent; retry the request")
+                    raise WorkerLost(
+                        "the consumer serving this stream was lost after output was sent; retry the request"
+                    )
                 self._attempt = item.attempt
                 self._next_seq = 0
             return None
@@ -85,9 +86,7 @@ class ReplyRelay:
         if isinstance(item, Final):
             return item
         assert isinstance(item, ErrorReply)
-        raise HotqError(
-            item.message, status=item.status, error_type=item.error_type, code=item.code, param=item.param
-        )
+        raise HotqError(item.message, status=item.status, error_type=item.error_type, code=item.code, param=item.param)
 
     async def final(self) -> Final:
         """Wait for the complete answer of a non-streaming request."""

@@ -10,9 +10,13 @@ One run measures non-streaming chat completions (a small fixed prompt, ``max_tok
 
 (a) ``direct``: the deterministic fake backend (``tests.fake_backend``) over HTTP;
 (b) ``hotq``: the same backend behind ``hotq serve`` + one ``hotq worker`` (subprocesses,
-    a temporary config, a model name unique to the run; its queues are deleted at the end);
+    a temporary config with ``max_inflight`` 64 and the default ``stream_flush_ms``, a model
+    name unique to the run; its queues are deleted at the end);
 (c) ``litellm``: the same backend behind LiteLLM's proxy (``litellm[proxy]`` lives in its own
-    venv, ``bench/.venv-litellm`` by default, created on first use), one uvicorn worker;
+    venv, ``bench/.venv-litellm`` by default, created on first use), one uvicorn worker,
+    started as ``litellm --config C --host 127.0.0.1 --port P --num_workers 1`` with a
+    master key (it refuses to start without one), ``LITELLM_LOCAL_MODEL_COST_MAP=True`` (no
+    cost-map download) and ``LITELLM_LOG=WARNING`` (no per-request access log, like hotq);
 (d) ``amqp-rpc``: a bare aio-pika request/reply round trip to a separate echo process
     (``bench.amqp_echo``), no HTTP at all: the RabbitMQ floor. Two variants: ``minimal``
     (transient, no confirms, no acks) and ``hotq-like`` (quorum queue, persistent, confirms,
@@ -22,7 +26,9 @@ For each case: requests/s and latency p50/p99 (ms) over N requests after discard
 warm-up requests, and the latency a proxy adds: its p50/p99 minus direct's at the same
 concurrency. One load generator for all cases: this process, under uvloop, with one
 aiohttp ClientSession (keep-alive, connection limit = concurrency) per case; every
-answer is checked (HTTP 200 and the exact expected content).
+answer is checked (HTTP 200 and the exact expected content). Each case also reports the
+CPU time per request of every process involved (load generator, backend, proxy, RabbitMQ)
+read from /proc, and how busy unrelated processes kept the machine meanwhile (noise).
 
 Streaming: one fast stream (a 2500-word prompt, ``max_tokens`` 2000, no delay), repeated
 a few times, direct vs through hotq (and LiteLLM): time to first token, total time and
@@ -201,14 +207,14 @@ def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
         pass
 
 
-async def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout: float, headers: dict[str, str] | None = None) -> None:
+async def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"{process.args!r} exited with {process.returncode} before {url} answered")
             try:
-                async with session.get(url, headers=headers) as response:
+                async with session.get(url) as response:
                     if response.status == 200:
                         return
             except (aiohttp.ClientError, TimeoutError):
@@ -234,6 +240,88 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
+
+
+# ---------------------------------------------------------------------------
+# CPU accounting: what each process spends per request
+# ---------------------------------------------------------------------------
+
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+CPU_COLUMNS: Final = ("load-gen", "backend", "hotq-api", "hotq-worker", "amqp-echo", "litellm", "rabbitmq")
+OTHER: Final = "other"  # every process not measured: noise from whatever else runs on the machine
+
+
+@dataclass(frozen=True)
+class CpuMeter:
+    """CPU seconds (user + system) used so far by named processes (by pid) or process groups (by pgid)."""
+
+    pids: dict[str, int]
+    groups: dict[str, int]
+
+    @classmethod
+    def base(cls, backend_pgid: int) -> CpuMeter:
+        pids = {"load-gen": os.getpid()}
+        if (broker := _find_process("beam.smp")) is not None:
+            pids["rabbitmq"] = broker  # a local RabbitMQ: its CPU counts too (all its traffic)
+        return cls(pids, {"backend": backend_pgid})
+
+    def plus(self, groups: dict[str, int]) -> CpuMeter:
+        return CpuMeter(self.pids, {**self.groups, **groups})
+
+    def read(self) -> CpuReading:
+        totals = dict.fromkeys([*self.pids, *self.groups], 0.0)
+        others: dict[int, float] = {}
+        names_by_pid = {pid: name for name, pid in self.pids.items()}
+        names_by_group = {pgid: name for name, pgid in self.groups.items()}
+        for pid, pgrp, cpu_s in _all_processes():
+            name = names_by_pid.get(pid) or names_by_group.get(pgrp)
+            if name is not None:
+                totals[name] += cpu_s
+            else:
+                others[pid] = cpu_s
+        return CpuReading(totals, others)
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    by_name: dict[str, float]  # CPU seconds so far of the measured processes
+    others: dict[int, float]  # ... and of every other process, by pid
+
+    def since(self, before: CpuReading) -> dict[str, float]:
+        """CPU seconds used since `before`, by name and (under `OTHER`) by all other processes.
+
+        Other processes are compared pid by pid, so one that exits meanwhile does not make
+        the sum negative (its last CPU time is lost, so `OTHER` is a lower bound).
+        """
+        used = {name: seconds - before.by_name.get(name, 0.0) for name, seconds in self.by_name.items()}
+        used[OTHER] = sum(seconds - before.others.get(pid, 0.0) for pid, seconds in self.others.items())
+        return used
+
+
+def _all_processes() -> list[tuple[int, int, float]]:
+    """(pid, process group, CPU seconds) of every process, from /proc."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ... utime stime
+        found.append((int(entry.name), int(fields[2]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS))
+    return found
+
+
+def _find_process(command: str) -> int | None:
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                if Path(entry.path, "comm").read_text().strip() == command:
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
 
 
 # ---------------------------------------------------------------------------
@@ -383,12 +471,19 @@ class CaseResult:
     p99_ms: float | None
     mean_ms: float | None
     max_ms: float | None
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)  # by process
+    other_cpu_cores: float | None = None  # cores busy with unrelated processes meanwhile (noise)
     added_p50_ms: float | None = None  # vs. direct at the same concurrency
     added_p99_ms: float | None = None
 
     @classmethod
-    def from_run(cls, target: str, concurrency: int, requests: int, run: LoadRun, warmup: LoadRun) -> CaseResult:
+    def from_run(
+        cls, target: str, concurrency: int, requests: int, run: LoadRun, warmup: LoadRun, cpu_s: dict[str, float] | None = None
+    ) -> CaseResult:
         ordered = sorted(run.latencies_s)
+        cpu_s = dict(cpu_s or {})
+        other_s = cpu_s.pop(OTHER, None)
+        per_request = {name: round(1000 * seconds / len(ordered), 3) for name, seconds in cpu_s.items()} if ordered else {}
         return cls(
             target=target,
             concurrency=concurrency,
@@ -404,6 +499,8 @@ class CaseResult:
             p99_ms=percentile_ms(ordered, 99),
             mean_ms=statistics.fmean(ordered) * 1000 if ordered else None,
             max_ms=ordered[-1] * 1000 if ordered else None,
+            cpu_ms_per_request=per_request,
+            other_cpu_cores=round(other_s / run.wall_s, 2) if other_s is not None and run.wall_s > 0 else None,
         )
 
 
@@ -427,9 +524,10 @@ class ProfileResult:
     seconds: float
     rate_hz: int
     samples: int  # samples with the process on CPU (py-spy drops idle ones)
-    busy_fraction: float  # samples / (seconds * rate): roughly the process's CPU share
+    busy_fraction: float  # on-CPU time / wall time: the process's share of one core
     top_self: list[tuple[str, float]]  # (function, % of samples) where the sample was taken
     top_total: list[tuple[str, float]]  # (function, % of samples) anywhere on the stack
+    top_hotq: list[tuple[str, float]]  # the same, for hotq's own functions only
     by_component: list[tuple[str, float]]  # self time grouped by library / hotq package
     load: CaseResult | None = None
 
@@ -450,11 +548,13 @@ class Report:
 # ---------------------------------------------------------------------------
 
 
-async def bench_call(target: str, concurrency: int, settings: Settings, call: Call) -> CaseResult:
+async def bench_call(target: str, concurrency: int, settings: Settings, call: Call, cpu: CpuMeter) -> CaseResult:
     requests = settings.requests[concurrency]
     warmup = await run_load(call, settings.warmup[concurrency], concurrency)
+    before = cpu.read()
     run = await run_load(call, requests, concurrency)
-    result = CaseResult.from_run(target, concurrency, requests, run, warmup)
+    used = cpu.read().since(before)
+    result = CaseResult.from_run(target, concurrency, requests, run, warmup, used)
     print(f"  {target:<22} c={concurrency:<3} {result.rps:>8.1f} req/s  p50 {_fmt(result.p50_ms)} ms  "
           f"p99 {_fmt(result.p99_ms)} ms  errors {sum(result.errors.values())}", flush=True)
     return result
@@ -465,7 +565,9 @@ def http_session(concurrency: int) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
 
 
-async def bench_http(target: str, base_url: str, model: str, settings: Settings, headers: dict[str, str] | None = None) -> list[CaseResult]:
+async def bench_http(
+    target: str, base_url: str, model: str, settings: Settings, cpu: CpuMeter, headers: dict[str, str] | None = None
+) -> list[CaseResult]:
     """Non-streaming chat completions against `base_url` (which ends in /v1) at each concurrency."""
     body = chat_body(model, PROMPT, MAX_TOKENS)
     expected = expected_content(PROMPT, MAX_TOKENS)
@@ -474,7 +576,7 @@ async def bench_http(target: str, base_url: str, model: str, settings: Settings,
     for concurrency in CONCURRENCIES:
         async with http_session(concurrency) as session:
             call = http_chat_call(session, base_url + "/chat/completions", body, expected, all_headers)
-            results.append(await bench_call(target, concurrency, settings, call))
+            results.append(await bench_call(target, concurrency, settings, call, cpu))
     return results
 
 
@@ -546,7 +648,7 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, body: bytes, hea
     return first - started, finished - started, "".join(parts), events
 
 
-async def bench_amqp(mode: str, settings: Settings, processes: Processes, queues: list[str]) -> list[CaseResult]:
+async def bench_amqp(mode: str, settings: Settings, processes: Processes, cpu: CpuMeter, queues: list[str]) -> list[CaseResult]:
     """The bare aio-pika request/reply round trip to a separate echo process."""
     queue = f"bench.core-path.rpc.{mode}.{uuid.uuid4().hex[:8]}"
     queues.append(queue)
@@ -562,7 +664,8 @@ async def bench_amqp(mode: str, settings: Settings, processes: Processes, queues
         async with connection:
             client = await AmqpRpcClient.open(connection, queue, mode)
             call = client.call_with(chat_body("bench-model", PROMPT, MAX_TOKENS))
-            return [await bench_call(f"amqp-rpc ({mode})", c, settings, call) for c in CONCURRENCIES]
+            cpu = cpu.plus({"amqp-echo": process.pid})
+            return [await bench_call(f"amqp-rpc ({mode})", c, settings, call, cpu) for c in CONCURRENCIES]
     finally:
         processes.stop(name)
 
@@ -608,7 +711,9 @@ def litellm_version(venv: Path) -> str | None:
     return found.stdout.strip() or None
 
 
-async def start_litellm(processes: Processes, workdir: Path, venv: Path, model: str, backend_url: str) -> str:
+async def start_litellm(
+    processes: Processes, workdir: Path, venv: Path, model: str, backend_url: str
+) -> tuple[str, subprocess.Popen[bytes]]:
     executable = ensure_litellm_venv(venv)
     config = {
         "model_list": [
@@ -635,7 +740,7 @@ async def start_litellm(processes: Processes, workdir: Path, venv: Path, model: 
     )
     url = f"http://127.0.0.1:{port}"
     await wait_http_ok(url + "/health/liveliness", process, LITELLM_STARTUP_TIMEOUT_S)
-    return url + "/v1"
+    return url + "/v1", process
 
 
 async def delete_queues(amqp_url: str, names: Sequence[str]) -> None:
@@ -685,49 +790,80 @@ def _component(file: str) -> str:
 
 
 def _frame_label(frame: dict[str, Any]) -> str:
+    """``function (path)``, the path cut down to what follows site-packages, the repo or the stdlib."""
     file = str(frame.get("file") or "?")
-    short = file
-    for marker in ("site-packages/", str(ROOT) + "/", "/lib/python3."):
+    for marker in ("site-packages/", str(ROOT) + "/"):
         if marker in file:
-            short = file.split(marker, 1)[1]
-            if marker == "/lib/python3.":
-                short = short.split("/", 1)[-1]
-            break
-    return f"{frame.get('name', '?')} ({short}:{frame.get('line', '?')})"
+            return f"{frame.get('name', '?')} ({file.split(marker, 1)[1]})"
+    if "/lib/python3." in file:
+        return f"{frame.get('name', '?')} ({file.split('/lib/python3.', 1)[1].split('/', 1)[-1]})"
+    return f"{frame.get('name', '?')} ({file})"
 
 
-def summarise_speedscope(path: Path, top: int = 15) -> tuple[int, list[tuple[str, float]], list[tuple[str, float]], list[tuple[str, float]]]:
-    """(samples, top self, top inclusive, self by component) from a py-spy speedscope file."""
+def _labelled(frame: dict[str, Any]) -> tuple[str, bool]:
+    """The frame's label and whether it is hotq's own code."""
+    return _frame_label(frame), _component(str(frame.get("file") or "")).startswith("hotq ")
+
+
+def _self_component(frame: dict[str, Any]) -> str:
+    if frame.get("name") == "Runner.run" and str(frame.get("file", "")).endswith("asyncio/runners.py"):
+        # The bottom Python frame under uvloop: its self time is C code (the uvloop loop,
+        # socket I/O, httptools parsing) running between Python callbacks.
+        return "event loop C code (uvloop, sockets, httptools)"
+    return _component(str(frame.get("file") or ""))
+
+
+@dataclass
+class ProfileSummary:
+    samples: int
+    on_cpu_s: float
+    top_self: list[tuple[str, float]]
+    top_total: list[tuple[str, float]]
+    top_hotq: list[tuple[str, float]]
+    by_component: list[tuple[str, float]]
+
+
+def summarise_speedscope(path: Path, top: int = 20) -> ProfileSummary:
+    """Where a py-spy speedscope profile's samples fall: by function (self and inclusive) and by component.
+
+    Percentages are of the on-CPU samples (py-spy leaves out idle ones). Inclusive lists
+    skip the frames on (nearly) every stack: the process's entry point.
+    """
     data = json.loads(path.read_text())
     frames = data["shared"]["frames"]
-    self_counts: Counter[int] = Counter()
+    self_counts: Counter[str] = Counter()
     total_counts: Counter[str] = Counter()
+    hotq_counts: Counter[str] = Counter()
     components: Counter[str] = Counter()
     samples = 0
+    weight_sum = 0.0
     for profile in data["profiles"]:
         for stack, weight in zip(profile["samples"], profile["weights"]):
             if not stack:
                 continue
-            samples += weight
+            samples += 1
+            weight_sum += weight
             leaf = frames[stack[-1]]
-            self_counts[stack[-1]] += weight
-            components[_component(str(leaf.get("file") or ""))] += weight
-            for label in {_frame_label(frames[index]) for index in stack}:
-                total_counts[label] += weight
+            self_counts[_frame_label(leaf)] += 1
+            components[_self_component(leaf)] += 1
+            for label, is_hotq in {_labelled(frames[index]) for index in stack}:
+                total_counts[label] += 1
+                if is_hotq:
+                    hotq_counts[label] += 1
     if samples == 0:
-        return 0, [], [], []
+        return ProfileSummary(0, 0.0, [], [], [], [])
 
     def pct(count: int) -> float:
         return round(100 * count / samples, 1)
 
-    self_by_label: Counter[str] = Counter()
-    for index, count in self_counts.items():
-        self_by_label[_frame_label(frames[index])] += count
-    return (
-        samples,
-        [(label, pct(count)) for label, count in self_by_label.most_common(top)],
-        [(label, pct(count)) for label, count in total_counts.most_common(top)],
-        [(label, pct(count)) for label, count in components.most_common()],
+    inclusive = [(label, pct(count)) for label, count in total_counts.most_common() if count < 0.99 * samples]
+    return ProfileSummary(
+        samples=samples,
+        on_cpu_s=round(weight_sum, 2),
+        top_self=[(label, pct(count)) for label, count in self_counts.most_common(top)],
+        top_total=inclusive[:top],
+        top_hotq=[(label, pct(count)) for label, count in hotq_counts.most_common() if count < 0.99 * samples][:top],
+        by_component=[(label, pct(count)) for label, count in components.most_common()],
     )
 
 
@@ -773,18 +909,19 @@ async def profile_hotq(
         if not path.exists():
             print(f"  py-spy wrote no profile for {name}:\n{processes.log_tail(f'py-spy-{name}')}", flush=True)
             continue
-        samples, top_self, top_total, by_component = summarise_speedscope(path)
+        summary = summarise_speedscope(path)
         results.append(
             ProfileResult(
                 process=name,
-                speedscope_file=str(path),
+                speedscope_file=str(path.relative_to(ROOT)),
                 seconds=seconds,
                 rate_hz=PROFILE_RATE_HZ,
-                samples=samples,
-                busy_fraction=round(samples / (seconds * PROFILE_RATE_HZ), 3),
-                top_self=top_self,
-                top_total=top_total,
-                by_component=by_component,
+                samples=summary.samples,
+                busy_fraction=round(summary.on_cpu_s / seconds, 3),
+                top_self=summary.top_self,
+                top_total=summary.top_total,
+                top_hotq=summary.top_hotq,
+                by_component=summary.by_component,
                 load=case,
             )
         )
@@ -805,15 +942,17 @@ def environment() -> dict[str, Any]:
             versions[package] = None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip())
+        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
     except OSError:
-        commit, dirty = "", False
+        commit, status = "", ""
+    changed = [line[3:] for line in status.splitlines() if not line[3:].startswith("bench/")]
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "loadavg_at_start": os.getloadavg(),
-        "git_commit": commit + ("-dirty" if dirty else ""),
+        "git_commit": commit,
+        "uncommitted_changes": changed,  # the code measured is the work tree, not the commit
         "versions": versions,
     }
 
@@ -833,18 +972,20 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
         )
         backend_url = f"http://127.0.0.1:{port}"
         await wait_http_ok(backend_url + "/health", backend, STARTUP_TIMEOUT_S)
+        cpu = CpuMeter.base(backend.pid)
 
         print("(a) direct", flush=True)
-        report.cases += await bench_http("direct", backend_url + "/v1", model, settings)
+        report.cases += await bench_http("direct", backend_url + "/v1", model, settings, cpu)
         report.streams.append(await bench_stream("direct", backend_url + "/v1", model, settings.stream_repeats))
 
         print("(d) bare aio-pika request/reply", flush=True)
         for mode in amqp_echo.MODES:
-            report.cases += await bench_amqp(mode, settings, processes, rpc_queues)
+            report.cases += await bench_amqp(mode, settings, processes, cpu, rpc_queues)
 
         print("(b) hotq", flush=True)
         hotq_url, api, worker = await start_hotq(processes, workdir, settings.amqp_url, model, backend_url)
-        report.cases += await bench_http("hotq", hotq_url, model, settings)
+        hotq_cpu = cpu.plus({"hotq-api": api.pid, "hotq-worker": worker.pid})
+        report.cases += await bench_http("hotq", hotq_url, model, settings, hotq_cpu)
         report.streams.append(await bench_stream("hotq", hotq_url, model, settings.stream_repeats))
         if settings.profile_s is not None:
             print(f"profiling the hotq API and worker for {settings.profile_s:g} s at c={max(CONCURRENCIES)}", flush=True)
@@ -860,10 +1001,10 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
         if settings.litellm_venv is not None:
             print("(c) LiteLLM proxy", flush=True)
             report.environment["litellm"] = None
-            litellm_url = await start_litellm(processes, workdir, settings.litellm_venv, model, backend_url)
+            litellm_url, litellm = await start_litellm(processes, workdir, settings.litellm_venv, model, backend_url)
             report.environment["litellm"] = litellm_version(settings.litellm_venv)
             auth = {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"}
-            report.cases += await bench_http("litellm", litellm_url, model, settings, auth)
+            report.cases += await bench_http("litellm", litellm_url, model, settings, cpu.plus({"litellm": litellm.pid}), auth)
             report.streams.append(await bench_stream("litellm", litellm_url, model, settings.stream_repeats, auth))
             _check_logs(processes, ("litellm",), report)
             processes.stop("litellm")
@@ -929,6 +1070,15 @@ def print_report(report: Report, json_path: Path) -> None:
             f"{_fmt(c.p50_ms):>8}{_fmt(c.p90_ms):>8}{_fmt(c.p99_ms):>8}{_fmt(c.max_ms):>8}"
             f"{_fmt(c.added_p50_ms):>11}{_fmt(c.added_p99_ms):>11}"
         )
+    print()
+    print("CPU time per request (ms; user + system) by process")
+    header = f"{'target':<24}{'conc':>5}" + "".join(f"{name:>12}" for name in CPU_COLUMNS) + f"{'total':>9}{'other cores':>13}"
+    print(header)
+    print("-" * len(header))
+    for c in cases:
+        used = c.cpu_ms_per_request
+        print(f"{c.target:<24}{c.concurrency:>5}" + "".join(f"{_fmt(used.get(name)):>12}" for name in CPU_COLUMNS)
+              + f"{_fmt(sum(used.values()) if used else None):>9}{_fmt(c.other_cpu_cores):>13}")
     if report.streams:
         print()
         print(f"One stream ({STREAM_MAX_TOKENS} tokens, no delay; median of {report.streams[0].repeats})")
@@ -948,6 +1098,9 @@ def print_report(report: Report, json_path: Path) -> None:
             print(f"    {pct:5.1f}%  {label}")
         print("  top inclusive:")
         for label, pct in p.top_total[:15]:
+            print(f"    {pct:5.1f}%  {label}")
+        print("  hotq's own functions, inclusive:")
+        for label, pct in p.top_hotq[:12]:
             print(f"    {pct:5.1f}%  {label}")
     if report.notes:
         print()
@@ -984,6 +1137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = Report(started_at=started_at, settings=_settings_json(settings), environment=environment())
     json_path = RESULTS_DIR / f"core_path-{started_at}.json"
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
     with tempfile.TemporaryDirectory(prefix="hotq-bench-") as tmp:
         workdir = Path(tmp)
         processes = Processes(workdir)

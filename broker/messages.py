@@ -174,9 +174,7 @@ def _field_checks(cls: type[Any]) -> tuple[_FieldCheck, ...]:
     return tuple(checks)
 
 
-_CHECKS: dict[int, tuple[type[Any], tuple[_FieldCheck, ...]]] = {
-    cls.TAG: (cls, _field_checks(cls)) for cls in _RECORDS
-}
+_CHECKS: dict[int, tuple[type[Any], tuple[_FieldCheck, ...]]] = {cls.TAG: (cls, _field_checks(cls)) for cls in _RECORDS}
 
 
 def encode(record: Record) -> bytes:

@@ -9,10 +9,10 @@ import structlog
 
 from broker.config import Config
 from broker.connection import connect
+from broker.messages import Lane
 from consumers.backend import BackendClient
 from consumers.handler import RequestHandler
 from consumers.worker import Worker
-from broker.messages import Lane
 
 log = structlog.get_logger("hotq.consumer")
 

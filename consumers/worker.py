@@ -155,6 +155,24 @@ class Worker:
             await self._serve_envelope(message, envelope, message.reply_to)
 
     async def _serve_envelope(self, message: AbstractIncomingMessage, envelope: RequestEnvelope, reply_to: str) -> None:
+        """Serve one delivery, then settle it: ack when answered (or unanswerable), requeue otherwise."""
+        try:
+            requeue = await self._attempt(message, envelope, reply_to)
+        except asyncio.CancelledError:
+            if envelope.request_id in self._cancelled_by_client:
+                self._cancelled_by_client.discard(envelope.request_id)
+                await message.ack()
+                return
+            await message.nack(requeue=True)  # stopping, or the backend went away: someone serves it later
+            raise
+        if requeue:
+            await message.nack(requeue=True)
+            return
+        self.served += 1
+        await message.ack()
+
+    async def _attempt(self, message: AbstractIncomingMessage, envelope: RequestEnvelope, reply_to: str) -> bool:
+        """Serve the request once; True if it should go back to the queue."""
         replies = ReplySender(self._channels[0].default_exchange, reply_to, envelope.request_id)
         attempt = uuid.uuid4().hex[:12]
         try:
@@ -162,8 +180,7 @@ class Worker:
                 now = time.time()
                 if now > envelope.start_by or now > envelope.deadline:
                     log.info("request_expired", waited_s=round(now - envelope.submitted_at, 3))
-                    await message.ack()
-                    return
+                    return False
                 await replies.send(Started(envelope.request_id, attempt, self.name))
                 await self._handler.serve(envelope, attempt, replies)
         except CallerGone:
@@ -171,20 +188,12 @@ class Worker:
         except BackendUnreachable as exc:
             if not _is_last_delivery(message):
                 log.warning("backend_unreachable_requeue", error=str(exc))
+                # A pause, so that a dead backend does not spin requests through the queue.
                 await asyncio.sleep(BACKEND_RETRY_PAUSE_S)
-                await message.nack(requeue=True)
-                return
+                return True
             error = BackendError(f"backend unreachable: {exc}", status=502)
             await replies.send(error_frame(envelope, attempt, error))
-        except asyncio.CancelledError:
-            if envelope.request_id in self._cancelled_by_client:
-                self._cancelled_by_client.discard(envelope.request_id)
-                await message.ack()
-                return
-            await message.nack(requeue=True)  # we are stopping: someone else serves it
-            raise
-        self.served += 1
-        await message.ack()
+        return False
 
 
 def _is_last_delivery(message: AbstractIncomingMessage) -> bool:

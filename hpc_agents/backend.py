@@ -98,7 +98,9 @@ class BackendProcess:
             for path in ("/health", "/v1/models"):
                 while True:
                     if self.exited():
-                        raise BackendFailed(f"the backend exited with {self.process.returncode} while loading; see {self.log_path}")  # type: ignore[union-attr]
+                        raise BackendFailed(
+                            f"the backend exited with {self.process.returncode} while loading; see {self.log_path}"
+                        )  # type: ignore[union-attr]
                     if time.monotonic() > deadline:
                         raise BackendFailed(f"the backend was not ready within {timeout_s:g} s; see {self.log_path}")
                     try:

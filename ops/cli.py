@@ -26,7 +26,9 @@ config_option = click.option(
 
 
 @click.group()
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"])
+)
 def cli(log_level: str) -> None:
     """hotq: a queue-based LLM inference broker for HPC centres."""
     configure_logging(log_level)
@@ -43,9 +45,7 @@ def serve(config_path: str | None, host: str, port: int) -> None:
     from api.app import create_app
 
     app = create_app(_load(config_path))
-    uvicorn.run(
-        app, host=host, port=port, loop="uvloop", http="httptools", access_log=False, log_level="warning"
-    )
+    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", access_log=False, log_level="warning")
 
 
 @cli.command()

@@ -171,7 +171,8 @@ hotq is serving {model} at {url}/v1
     -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "What is the capital of France?"}}]}}'
 
   python -c 'import openai; c = openai.OpenAI(base_url="{url}/v1", api_key="none"); \\
-print(c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)'
+r = c.chat.completions.create(model="{model}", messages=[{{"role": "user", "content": "Hello!"}}]); \\
+print(r.choices[0].message.content)'
 
 Ctrl-C stops the stack.
 """,

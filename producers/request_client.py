@@ -36,7 +36,11 @@ log = structlog.get_logger("hotq.producer")
 
 RECONNECT_WAIT_S = 5.0  # how long a request waits for a dropped broker connection to come back
 
-_CONNECTION_ERRORS = (aio_pika.exceptions.AMQPConnectionError, aio_pika.exceptions.ChannelInvalidStateError, ConnectionError)
+_CONNECTION_ERRORS = (
+    aio_pika.exceptions.AMQPConnectionError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+)
 
 # Anything put on a pending queue: a reply frame, or the error that ends the wait.
 ReplyItem = ReplyFrame | HotqError

@@ -127,9 +127,7 @@ def content_text(content: Any) -> str:
         return content
     if isinstance(content, list):
         return " ".join(
-            str(part.get("text", ""))
-            for part in content
-            if isinstance(part, dict) and part.get("type") == "text"
+            str(part.get("text", "")) for part in content if isinstance(part, dict) and part.get("type") == "text"
         )
     return ""
 
@@ -302,7 +300,9 @@ def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]
     if not isinstance(model, str) or not model:
         raise _bad_request("'model' is required", "model")
     if model not in models:
-        raise _ApiError(404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found", "model")
+        raise _ApiError(
+            404, f"The model `{model}` does not exist.", "invalid_request_error", "model_not_found", "model"
+        )
     max_tokens: int | None = None
     for key in max_tokens_keys:
         max_tokens = _opt_int(body, key, 1)
@@ -453,7 +453,12 @@ def create_app(models: list[str] | None = None) -> Starlette:
                 return early
             text = "".join(tokens)
             choices = [
-                {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": None}
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish,
+                    "logprobs": None,
+                }
                 for i in range(common.n)
             ]
             return JSONResponse(
@@ -480,11 +485,18 @@ def create_app(models: list[str] | None = None) -> Starlette:
             return obj
 
         def per_token(index: int, token: str, is_last: bool) -> JsonObj:
-            choice = {"index": index, "delta": {"content": token}, "logprobs": None, "finish_reason": finish if is_last else None}
+            choice = {
+                "index": index,
+                "delta": {"content": token},
+                "logprobs": None,
+                "finish_reason": finish if is_last else None,
+            }
             return chunk([choice])
 
         head = [
-            chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}])
+            chunk(
+                [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}]
+            )
             for i in range(common.n)
         ]
         final = chunk([]) | {"usage": usage}
@@ -522,7 +534,9 @@ def create_app(models: list[str] | None = None) -> Starlette:
             return JSONResponse(chunk(choices) | {"usage": usage})
 
         def per_token(index: int, token: str, is_last: bool) -> JsonObj:
-            obj = chunk([{"index": index, "text": token, "finish_reason": finish if is_last else None, "logprobs": None}])
+            obj = chunk(
+                [{"index": index, "text": token, "finish_reason": finish if is_last else None, "logprobs": None}]
+            )
             if common.include_usage:
                 obj["usage"] = None
             return obj

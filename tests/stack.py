@@ -12,7 +12,6 @@ from pathlib import Path
 import httpx
 
 
-
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -73,9 +72,7 @@ class Stack:
         return process, log
 
     def start_api(self, wait: bool = True) -> subprocess.Popen[bytes]:
-        self.api, log = self._spawn(
-            ["serve", "--config", str(self.config), "--port", str(self.port)], "api.log"
-        )
+        self.api, log = self._spawn(["serve", "--config", str(self.config), "--port", str(self.port)], "api.log")
         if wait:
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -84,7 +81,7 @@ class Stack:
                     break
                 except httpx.TransportError:
                     if self.api.poll() is not None:
-                        raise RuntimeError(open(log).read())
+                        raise RuntimeError(open(log).read()) from None
                     time.sleep(0.1)
             else:
                 raise TimeoutError(open(log).read())

@@ -24,7 +24,8 @@ def stack(
     """An API with no worker yet: each test places its workers itself."""
     delete_test_queues.append(fake_model)
     config = write_config(
-        tmp_path / "hotq.toml", amqp_url,
+        tmp_path / "hotq.toml",
+        amqp_url,
         {fake_model: {"backend_url": fake_backend_url, "max_inflight": 4}},
         stream_flush_ms=0,
     )
@@ -59,7 +60,8 @@ def test_killed_worker_non_streaming_request_is_answered_once_by_another(
     call = threading.Thread(
         target=lambda: answers.append(
             _client(stack).chat.completions.create(
-                model=fake_model, messages=[{"role": "user", "content": "survive this"}],
+                model=fake_model,
+                messages=[{"role": "user", "content": "survive this"}],
                 extra_body={"fake_delay_ms": 1500},
             )
         )
@@ -82,8 +84,10 @@ def test_killed_worker_mid_stream_gives_error_event(stack: Stack, fake_model: st
     received: list[str] = []
     # Both workers can hold it; find which one does by killing only after output flowed.
     stream = _client(stack).chat.completions.create(
-        model=fake_model, messages=[{"role": "user", "content": " ".join(["tok"] * 50)}],
-        stream=True, extra_body={"fake_delay_ms": 100},
+        model=fake_model,
+        messages=[{"role": "user", "content": " ".join(["tok"] * 50)}],
+        stream=True,
+        extra_body={"fake_delay_ms": 100},
     )
     with pytest.raises(openai.APIError) as caught:
         for chunk in stream:
@@ -113,8 +117,10 @@ def test_client_disconnect_cancels_backend_call_within_a_second(
     stack.start_worker(fake_model)
     httpx.post(fake_backend_url + "/_reset")
     stream = _client(stack).chat.completions.create(
-        model=fake_model, messages=[{"role": "user", "content": " ".join(["slow"] * 200)}],
-        stream=True, extra_body={"fake_delay_ms": 50, "fake_tag": "walk-away"},
+        model=fake_model,
+        messages=[{"role": "user", "content": " ".join(["slow"] * 200)}],
+        stream=True,
+        extra_body={"fake_delay_ms": 50, "fake_tag": "walk-away"},
     )
     for index, _chunk in enumerate(stream):
         if index == 3:

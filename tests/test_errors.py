@@ -104,13 +104,18 @@ def test_errors_lose_nothing(fake_stack: Stack, client: openai.OpenAI, fake_mode
 
 
 @pytest.fixture
-def lonely_stack(tmp_path: Path, amqp_url: str, session_tag: str, delete_test_queues: list[str]) -> Iterator[tuple[Stack, str]]:
+def lonely_stack(
+    tmp_path: Path, amqp_url: str, session_tag: str, delete_test_queues: list[str]
+) -> Iterator[tuple[Stack, str]]:
     """A model with no consumer at all, and a short maximum queue wait."""
     model = f"lonely-{session_tag}"
     delete_test_queues.append(model)
     config = write_config(
-        tmp_path / "hotq.toml", amqp_url, {model: {"backend_url": "http://127.0.0.1:9"}},
-        max_queue_wait_s=1.5, keepalive_s=0.4,
+        tmp_path / "hotq.toml",
+        amqp_url,
+        {model: {"backend_url": "http://127.0.0.1:9"}},
+        max_queue_wait_s=1.5,
+        keepalive_s=0.4,
     )
     stack = Stack(config, tmp_path)
     stack.start_api()
@@ -129,7 +134,9 @@ def test_no_consumer_gives_503_with_retry_after(lonely_stack: tuple[Stack, str])
 
 def test_waiting_stream_sends_keepalives_then_error_event(lonely_stack: tuple[Stack, str]) -> None:
     stack, model = lonely_stack
-    with httpx.stream("POST", stack.url + "/v1/chat/completions", json=_chat(model, stream=True), timeout=10) as response:
+    with httpx.stream(
+        "POST", stack.url + "/v1/chat/completions", json=_chat(model, stream=True), timeout=10
+    ) as response:
         assert response.status_code == 200
         text = response.read().decode()
     assert text.startswith(": keep-alive\n\n")
@@ -146,7 +153,8 @@ def test_waiting_stream_sends_keepalives_then_error_event(lonely_stack: tuple[St
 def test_rabbitmq_unreachable_is_503(tmp_path: Path, session_tag: str) -> None:
     dead_port = free_port()
     config = write_config(
-        tmp_path / "hotq.toml", f"amqp://guest:guest@127.0.0.1:{dead_port}/",
+        tmp_path / "hotq.toml",
+        f"amqp://guest:guest@127.0.0.1:{dead_port}/",
         {f"m-{session_tag}": {"backend_url": "http://127.0.0.1:9"}},
     )
     stack = Stack(config, tmp_path)

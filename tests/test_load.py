@@ -27,7 +27,9 @@ async def _one_stream(client: openai.AsyncOpenAI, model: str, index: int) -> tup
     return tokens, finish, text
 
 
-async def test_500_concurrent_streams_complete_in_order(fake_stack: Stack, fake_model: str, fake_backend_url: str) -> None:
+async def test_500_concurrent_streams_complete_in_order(
+    fake_stack: Stack, fake_model: str, fake_backend_url: str
+) -> None:
     if len(fake_stack.workers) < 2:
         fake_stack.start_worker(fake_model)
     httpx.post(fake_backend_url + "/_reset")

@@ -80,7 +80,9 @@ def test_embeddings(client: openai.OpenAI, fake_model: str) -> None:
     raw = client.embeddings.create(model=fake_model, input="first text", encoding_format="base64")
     encoded = raw.data[0].embedding
     assert isinstance(encoded, str)
-    assert list(struct.unpack("<8f", base64.b64decode(encoded))) == pytest.approx(expected_embedding("first text"), abs=1e-6)
+    assert list(struct.unpack("<8f", base64.b64decode(encoded))) == pytest.approx(
+        expected_embedding("first text"), abs=1e-6
+    )
 
 
 def test_models_list_shows_queue_depth_and_consumers(client: openai.OpenAI, fake_model: str) -> None:
