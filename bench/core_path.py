@@ -934,7 +934,7 @@ async def profile_hotq(
 
 
 def environment() -> dict[str, Any]:
-    versions = {}
+    versions: dict[str, str | None] = {}
     for package in ("aio-pika", "aiormq", "aiohttp", "starlette", "uvicorn", "uvloop", "httptools", "msgpack", "msgspec", "structlog"):
         try:
             versions[package] = importlib.metadata.version(package)

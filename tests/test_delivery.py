@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.fake_backend import expected_chat_tokens
+from tests.fake_backend import expected_chat_tokens, running_fake_backend
 from tests.stack import Stack, write_config
 
 
@@ -130,3 +130,56 @@ def test_client_disconnect_cancels_backend_call_within_a_second(
     _wait_until(lambda: "walk-away" in _stats(fake_backend_url)["cancelled_tags"], timeout=5)  # type: ignore[operator]
     cancelled_at = _stats(fake_backend_url)["cancelled_tags"]["walk-away"]  # type: ignore[index]
     assert cancelled_at - closed_at < 1.0
+
+
+def test_worker_sigterm_finishes_in_flight_then_exits_zero(stack: Stack, fake_model: str) -> None:
+    worker = stack.start_worker(fake_model)
+    answers: list[str] = []
+    call = threading.Thread(
+        target=lambda: answers.append(
+            _client(stack)
+            .chat.completions.create(
+                model=fake_model,
+                messages=[{"role": "user", "content": "finish me"}],
+                extra_body={"fake_delay_ms": 1000},
+            )
+            .choices[0]
+            .message.content
+            or ""
+        )
+    )
+    call.start()
+    time.sleep(0.5)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=30) == 0
+    call.join(timeout=30)
+    assert answers == ["echo: hsinif em"]
+
+
+def test_request_expired_in_queue_is_never_computed(
+    tmp_path: Path, amqp_url: str, session_tag: str, delete_test_queues: list[str]
+) -> None:
+    model = f"expiring-{session_tag}"
+    delete_test_queues.append(model)
+    with running_fake_backend([model]) as fake_backend_url:
+        config = write_config(
+            tmp_path / "hotq.toml", amqp_url, {model: {"backend_url": fake_backend_url}}, max_queue_wait_s=1
+        )
+        _expired_request_is_not_computed(Stack(config, tmp_path), model, fake_backend_url)
+
+
+def _expired_request_is_not_computed(stack: Stack, model: str, fake_backend_url: str) -> None:
+    try:
+        stack.start_api()
+        client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0)
+        with pytest.raises(openai.InternalServerError) as caught:
+            client.chat.completions.create(model=model, messages=[{"role": "user", "content": "too late"}])
+        assert caught.value.status_code == 503
+        httpx.post(fake_backend_url + "/_reset")
+        stack.start_worker(model)
+        time.sleep(1.0)
+        assert _stats(fake_backend_url)["started"] == 0
+        answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "in time"}])
+        assert answer.choices[0].message.content == "echo: ni emit"
+    finally:
+        stack.close()
