@@ -26,17 +26,29 @@ async def wait_for_disconnect(receive: Receive) -> None:
 
 
 async def unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
-    """Await `work`, or raise `ClientDisconnected` (cancelling it) if the client leaves first."""
-    work_task = asyncio.ensure_future(work)
+    """Await `work`, or raise `ClientDisconnected` (cancelling it) if the client leaves first.
+
+    The work runs in the caller's task; only the watcher is a task of its own.
+    """
+    current = asyncio.current_task()
+    assert current is not None
     watcher = asyncio.ensure_future(wait_for_disconnect(receive))
+    disconnected = False
+
+    def on_disconnect(finished: asyncio.Future[None]) -> None:
+        nonlocal disconnected
+        if not finished.cancelled():
+            disconnected = True
+            current.cancel()
+
+    watcher.add_done_callback(on_disconnect)
     try:
-        await asyncio.wait((work_task, watcher), return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        if disconnected:
+            current.uncancel()
+            raise ClientDisconnected() from None
+        raise
     finally:
-        # Cancelled here too if our own caller is cancelled.
-        if not work_task.done():
-            work_task.cancel()
+        watcher.remove_done_callback(on_disconnect)
         watcher.cancel()
-    if work_task.cancelled() or not work_task.done():
-        await asyncio.gather(work_task, return_exceptions=True)
-        raise ClientDisconnected()
-    return work_task.result()

@@ -2,7 +2,8 @@
 
 The rules that make delivery at-least-once safe for the client live here:
 - frames belong to an *attempt* (one delivery of the request to a consumer);
-  the relay follows the latest attempt that announced itself with `Started`;
+  the relay follows the latest attempt that announced itself (with `Started`,
+  or with its first output when it answered fast);
 - if a new attempt starts after output already reached the client, the stream
   cannot be continued seamlessly: the client gets `WorkerLost`, not a silent cut
   or a duplicated answer;
@@ -17,15 +18,22 @@ import asyncio
 import time
 
 from broker.errors import DeadlineExceeded, HotqError, NoCapacity, WorkerLost
-from broker.messages import ChunkBatch, ErrorReply, Final, Started
+from broker.messages import ANNOUNCE_AFTER_S, ChunkBatch, Final, ReplyFrame, Started
 from producers.request_client import ReplyItem
+
+
+def _opens_attempt(frame: ReplyFrame) -> bool:
+    """Whether a frame can be the first one an attempt sends (`Started` is sent only
+    when an answer takes a while, so a fast answer starts with its first output)."""
+    return not isinstance(frame, ChunkBatch) or frame.seq == 0
 
 
 class ReplyRelay:
     def __init__(self, replies: asyncio.Queue[ReplyItem], deadline: float, max_queue_wait_s: float) -> None:
         now = time.monotonic()
         self._replies = replies
-        self._start_by = now + max_queue_wait_s
+        # A consumer announces itself only after ANNOUNCE_AFTER_S; allow for that.
+        self._start_by = now + max_queue_wait_s + ANNOUNCE_AFTER_S + 1.0
         self._max_queue_wait_s = max_queue_wait_s
         self._deadline = now + max(0.0, deadline - time.time())
         self._attempt: str | None = None
@@ -64,18 +72,16 @@ class ReplyRelay:
         if isinstance(item, HotqError):
             self.finished = True
             raise item
-        if isinstance(item, Started):
-            if item.attempt != self._attempt:
-                if self.sent_output:
-                    self.finished = True
-                    raise WorkerLost(
-                        "the consumer serving this stream was lost after output was sent; retry the request"
-                    )
-                self._attempt = item.attempt
-                self._next_seq = 0
-            return None
         if item.attempt != self._attempt:
-            return None  # from an attempt we are no longer following
+            if not _opens_attempt(item):
+                return None  # from an attempt we are no longer following
+            if self.sent_output:
+                self.finished = True
+                raise WorkerLost("the consumer serving this stream was lost after output was sent; retry the request")
+            self._attempt = item.attempt
+            self._next_seq = 0
+        if isinstance(item, Started):
+            return None
         if isinstance(item, ChunkBatch):
             if item.seq != self._next_seq:
                 return None
@@ -85,7 +91,6 @@ class ReplyRelay:
         self.finished = True
         if isinstance(item, Final):
             return item
-        assert isinstance(item, ErrorReply)
         raise HotqError(item.message, status=item.status, error_type=item.error_type, code=item.code, param=item.param)
 
     async def final(self) -> Final:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -75,7 +75,7 @@ class Gateway:
         parsed = validate(endpoint, body)
         if parsed.model not in self.config.models:
             raise ModelNotFound(f"The model `{parsed.model}` does not exist", param="model")
-        request_id = uuid.uuid4().hex
+        request_id = os.urandom(16).hex()  # as unique as a uuid4, at a fraction of the cost
         with structlog.contextvars.bound_contextvars(request_id=request_id, model=parsed.model):
             return await self._relay(request, endpoint, body, parsed.model, parsed.stream, request_id)
 
@@ -101,25 +101,38 @@ class Gateway:
         replies = await client.submit(envelope, config.max_queue_wait_s)
         relay = ReplyRelay(replies, envelope.deadline, config.max_queue_wait_s)
         headers = {"x-request-id": request_id}
+        started = time.monotonic()
+        outcome: dict[str, object] = {"status": 200}  # what the client got, for the request log
 
         def finish() -> None:
             client.release(request_id)
             if not relay.finished:  # the client left or we gave up: stop the work
                 self._spawn(client.cancel(request_id))
+            log.info(
+                "request_done",
+                request_id=request_id,  # bound explicitly: a stream ends outside the request's context
+                model=model,
+                endpoint=endpoint.value,
+                stream=stream,
+                ms=round((time.monotonic() - started) * 1000, 2),
+                **outcome,
+            )
 
         streaming_response = False
         try:
             if not stream:
                 final = await unless_disconnected(request.receive, relay.final())
+                outcome["status"] = final.status
                 return Response(final.body, status_code=final.status, headers=headers, media_type="application/json")
             # Wait briefly for the first output so early errors still get a real HTTP status.
             first = await unless_disconnected(request.receive, relay.next_output(config.keepalive_s))
             streaming_response = True
             return EventStreamResponse(relay, first, config.keepalive_s, headers, on_done=finish)  # type: ignore[return-value]
         except ClientDisconnected:
-            log.info("client_disconnected")
+            outcome.update(status=499, error="client_disconnected")
             return Response(status_code=499)
         except HotqError as error:
+            outcome.update(status=error.status, error=error.code or error.error_type)
             response = error_response(error)
             response.headers.update(headers)
             return response

@@ -7,8 +7,9 @@ known record of the current version raises `WireError` (never pickle, never
 JSON on the wire).
 
 Request path: the API publishes a `RequestEnvelope` onto the model's queue; the
-consumer answers on the envelope's reply queue with `Started`, zero or more
-`ChunkBatch`, then exactly one `Final` or `ErrorReply`. `Cancel` travels on the
+consumer answers on the envelope's reply queue with `Started` (only when the
+answer takes a while), zero or more `ChunkBatch`, then exactly one `Final` or
+`ErrorReply`. `Cancel` travels on the
 control exchange to whichever consumer holds the request.
 """
 
@@ -24,6 +25,10 @@ import msgpack
 from broker.errors import WireError
 
 WIRE_VERSION = 1
+
+# A consumer sends `Started` only if its answer takes longer than this: a fast
+# answer's first frame says as much, and costs one reply message instead of two.
+ANNOUNCE_AFTER_S = 0.2
 
 
 class Lane(enum.StrEnum):

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 
@@ -36,6 +37,7 @@ REPLY_QUEUE_EXPIRES_MS = 60_000
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
+@functools.lru_cache(maxsize=4096)  # on every request's path; a hash is not free
 def request_queue_name(model: str, lane: Lane) -> str:
     """A readable queue name that is safe and unique for any model name.
 

@@ -119,7 +119,7 @@ class Worker:
 
     async def _on_request(self, message: AbstractIncomingMessage) -> None:
         task = asyncio.create_task(self._serve(message))
-        key = message.correlation_id or uuid.uuid4().hex
+        key = message.correlation_id or os.urandom(16).hex()
         self._inflight[key] = task
         self.last_active = time.monotonic()
 
@@ -156,32 +156,36 @@ class Worker:
 
     async def _serve_envelope(self, message: AbstractIncomingMessage, envelope: RequestEnvelope, reply_to: str) -> None:
         """Serve one delivery, then settle it: ack when answered (or unanswerable), requeue otherwise."""
+        replies = ReplySender(self._channels[0].default_exchange, reply_to, envelope.request_id)
         try:
-            requeue = await self._attempt(message, envelope, reply_to)
+            requeue = await self._attempt(message, envelope, replies)
         except asyncio.CancelledError:
-            if envelope.request_id in self._cancelled_by_client:
+            if replies.caller_gone or envelope.request_id in self._cancelled_by_client:
                 self._cancelled_by_client.discard(envelope.request_id)
-                await message.ack()
+                await message.ack()  # nobody waits for this answer any more
                 return
             await message.nack(requeue=True)  # stopping, or the backend went away: someone serves it later
             raise
+        finally:
+            replies.close()
         if requeue:
             await message.nack(requeue=True)
             return
         self.served += 1
         await message.ack()
 
-    async def _attempt(self, message: AbstractIncomingMessage, envelope: RequestEnvelope, reply_to: str) -> bool:
+    async def _attempt(self, message: AbstractIncomingMessage, envelope: RequestEnvelope, replies: ReplySender) -> bool:
         """Serve the request once; True if it should go back to the queue."""
-        replies = ReplySender(self._channels[0].default_exchange, reply_to, envelope.request_id)
-        attempt = uuid.uuid4().hex[:12]
+        attempt = os.urandom(6).hex()
         try:
             async with self._slots.hold(envelope.lane):
                 now = time.time()
                 if now > envelope.start_by or now > envelope.deadline:
                     log.info("request_expired", waited_s=round(now - envelope.submitted_at, 3))
                     return False
-                await replies.send(Started(envelope.request_id, attempt, self.name))
+                serving = asyncio.current_task()
+                assert serving is not None
+                replies.announce_later(Started(envelope.request_id, attempt, self.name), serving.cancel)
                 await self._handler.serve(envelope, attempt, replies)
         except CallerGone:
             log.info("caller_gone")  # nobody waits for this answer any more

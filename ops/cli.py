@@ -45,7 +45,18 @@ def serve(config_path: str | None, host: str, port: int) -> None:
     from api.app import create_app
 
     app = create_app(_load(config_path))
-    uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", access_log=False, log_level="warning")
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,  # hotq logs each request itself, with its request id
+        log_level="warning",
+        proxy_headers=False,
+        server_header=False,
+        date_header=False,
+    )
 
 
 @cli.command()
