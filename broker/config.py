@@ -6,10 +6,11 @@ Lookup order for the file: ``--config FILE``, then ``$HOTQ_CONFIG``, then
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -42,6 +43,17 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     walltime_s: PositiveFloat | None = None  # the node allocation's length, if bounded
     drain_before_s: PositiveFloat = 120.0  # start draining this long before walltime ends
     drain_grace_s: PositiveFloat = 60.0  # in-flight requests get this long when draining
+    clusters: list[str] = []  # where the scaler may start agents, in order of preference
+    target_drain_s: PositiveFloat = 60.0  # the scaler sizes agents so the backlog drains within this
+
+
+class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """One ``[clusters."NAME"]`` table: where and how agents are started."""
+
+    launcher: Literal["local", "globus-compute"] = "local"
+    max_nodes: PositiveInt = 1
+    endpoint_id: str | None = None  # Globus Compute endpoint
+    user_endpoint_config: dict[str, Any] = {}  # e.g. account, queue, walltime for the endpoint's template
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -54,6 +66,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     stream_flush_ms: NonNegativeInt = 50  # how long a consumer coalesces tokens into one frame
     heartbeat_s: PositiveFloat = 5.0  # agent status interval on the events exchange
     models: dict[str, ModelConfig] = {}
+    clusters: dict[str, ClusterConfig] = {}
 
     def model(self, name: str) -> ModelConfig:
         try:
@@ -92,6 +105,12 @@ def config_from_mapping(raw: dict[str, Any], source: str = "<config>") -> Config
             raise ConfigError(f"{source}: {where}: {exc}".replace("$.", f"{where}.")) from exc
         if models[name].command == []:
             raise ConfigError(f"{source}: {where}.command must not be empty")
+        for cluster in models[name].clusters:
+            if cluster not in config.clusters:
+                raise ConfigError(f'{source}: {where}.clusters names "{cluster}", which has no [clusters."{cluster}"]')
+    for name, cluster_config in config.clusters.items():
+        if cluster_config.launcher == "globus-compute" and not cluster_config.endpoint_id:
+            raise ConfigError(f'{source}: clusters."{name}".endpoint_id is required by the globus-compute launcher')
     config = msgspec.structs.replace(config, models=models)
     if url := os.environ.get("HOTQ_AMQP_URL"):
         config = msgspec.structs.replace(config, amqp_url=url)
@@ -110,4 +129,9 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         text = ""
     except OSError as exc:
         raise ConfigError(f"cannot read config file {file}: {exc}") from exc
+    if file.suffix == ".json":  # what launchers hand their agents: the validated config, as data
+        try:
+            return config_from_mapping(json.loads(text), str(file))
+        except ValueError as exc:
+            raise ConfigError(f"{file}: not valid JSON: {exc}") from exc
     return parse_config(text, str(file))

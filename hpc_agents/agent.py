@@ -48,13 +48,18 @@ SUPERVISE_INTERVAL_S = 0.25
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0)
 
 
+def new_agent_id(model: str) -> str:
+    return f"{model.rsplit('/', 1)[-1][:24]}-{uuid.uuid4().hex[:8]}"
+
+
 class Agent:
-    def __init__(self, config: Config, model: str, cluster: str = "local") -> None:
+    def __init__(self, config: Config, model: str, cluster: str = "local", agent_id: str | None = None) -> None:
         self.config = config
         self.model = model
         self.model_config = config.model(model)
         self.cluster = cluster
-        self.agent_id = f"{model.rsplit('/', 1)[-1][:24]}-{uuid.uuid4().hex[:8]}"
+        # A launcher names its agent, so it can tell its launch apart in the registry.
+        self.agent_id = agent_id or new_agent_id(model)
         self._stop = asyncio.Event()
         self._started = time.monotonic()
         self.backend_restarts = 0
@@ -244,11 +249,12 @@ def run_agent(params: dict[str, Any]) -> dict[str, Any]:
     """Run an agent until it exits; return its summary.
 
     `params`: ``model`` (required); the config as ``config`` (a parsed TOML
-    mapping), ``config_toml`` (its text) or ``config_path``; optional ``cluster``.
+    mapping), ``config_toml`` (its text) or ``config_path``; optional ``cluster``
+    and ``agent_id``.
     Plain data in and out, so a Globus Compute task can call it on a remote node.
     """
     config = _config_from_params(params)
-    agent = Agent(config, params["model"], params.get("cluster", "local"))
+    agent = Agent(config, params["model"], params.get("cluster", "local"), params.get("agent_id"))
 
     async def main() -> dict[str, Any]:
         if threading.current_thread() is threading.main_thread():

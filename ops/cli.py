@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 
 import click
@@ -83,7 +84,9 @@ def worker(config_path: str | None, model: str, backend_url: str | None, grace_s
 @config_option
 @click.option("--model", required=True, help="the configured model to serve on this node")
 @click.option("--cluster", default="local", show_default=True, help="the cluster name reported to the registry")
-def agent(config_path: str | None, model: str, cluster: str) -> None:
+@click.option("--agent-id", default=None, help="the id to announce (a launcher sets it)")
+@click.option("--summary-file", default=None, help="write the exit summary here as JSON")
+def agent(config_path: str | None, model: str, cluster: str, agent_id: str | None, summary_file: str | None) -> None:
     """Start the model's backend here and serve its queues while work keeps coming."""
     from hpc_agents.agent import run_agent
 
@@ -92,7 +95,11 @@ def agent(config_path: str | None, model: str, cluster: str) -> None:
         config.model(model)
     except ConfigError as exc:
         raise click.ClickException(exc.message) from None
-    summary = run_agent({"config": msgspec.to_builtins(config), "model": model, "cluster": cluster})
+    params = {"config": msgspec.to_builtins(config), "model": model, "cluster": cluster, "agent_id": agent_id}
+    summary = run_agent(params)
+    if summary_file:
+        with open(summary_file, "w") as out:
+            json.dump(summary, out)
     sys.exit(1 if summary["exit_reason"] == "backend_failed" else 0)
 
 

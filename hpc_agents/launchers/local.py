@@ -1,0 +1,74 @@
+"""The local launcher: agents as child processes on this machine (`hotq up`, tests)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from broker.config import Config
+from hpc_agents.launchers import Launcher
+
+STOP_TIMEOUT_S = 120.0
+
+
+class LocalLauncher(Launcher):
+    def __init__(self, cluster: str, config: Config, log_dir: Path | None = None) -> None:
+        super().__init__(cluster, config)
+        self._log_dir = log_dir or Path(config.data_dir) / "logs"
+        self._workdir = Path(tempfile.mkdtemp(prefix="hotq-local-launcher-"))
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._lock = threading.Lock()
+
+    def submit(self, params: dict[str, Any]) -> concurrent.futures.Future[dict[str, Any]]:
+        agent_id = params["agent_id"]
+        config_path = self._workdir / f"{agent_id}.json"
+        config_path.write_bytes(msgspec.json.encode(params["config"]))
+        summary_path = self._workdir / f"{agent_id}.summary.json"
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        with open(self._log_dir / f"agent-{agent_id}.log", "ab") as log:
+            process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "ops.cli", "agent",
+                    "--config", str(config_path), "--model", params["model"],
+                    "--cluster", params["cluster"], "--agent-id", agent_id,
+                    "--summary-file", str(summary_path),
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            )  # fmt: skip
+        with self._lock:
+            self._processes[agent_id] = process
+        future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
+
+        def wait() -> None:
+            returncode = process.wait()
+            with self._lock:
+                self._processes.pop(agent_id, None)
+            try:
+                summary = json.loads(summary_path.read_text())
+            except (OSError, ValueError):
+                summary = {"agent_id": agent_id, "exit_reason": "crashed"}
+            summary["returncode"] = returncode
+            future.set_result(summary)
+
+        threading.Thread(target=wait, name=f"wait-{agent_id}", daemon=True).start()
+        return future
+
+    def shutdown(self) -> None:
+        with self._lock:
+            processes = list(self._processes.values())
+        for process in processes:
+            process.send_signal(signal.SIGTERM)  # agents drain: nothing is lost
+        for process in processes:
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
