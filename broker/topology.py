@@ -83,6 +83,18 @@ async def declare_request_queue(
     return queue
 
 
+async def queue_depth(channel: AbstractChannel, model: str, lane: Lane) -> tuple[int, int]:
+    """(ready messages, consumers) of a model's queue, by an idempotent declare.
+
+    Not a passive declare: that closes the channel when the queue does not exist yet.
+    """
+    queue = await channel.declare_queue(
+        request_queue_name(model, lane), durable=True, arguments=request_queue_arguments(), robust=False
+    )
+    declared = queue.declaration_result
+    return declared.message_count or 0, declared.consumer_count or 0
+
+
 async def declare_model_queues(
     channel: AbstractChannel, models: list[str], lanes: tuple[Lane, ...] = tuple(Lane)
 ) -> dict[tuple[str, Lane], AbstractQueue]:

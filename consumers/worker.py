@@ -129,7 +129,7 @@ class Worker:
 
         task.add_done_callback(done)
 
-    def _on_cancel(self, message: AbstractIncomingMessage) -> None:
+    async def _on_cancel(self, message: AbstractIncomingMessage) -> None:
         try:
             cancel = messages.decode_as(message.body, Cancel)
         except WireError:

@@ -33,7 +33,7 @@ class AgentDirectory:
         await queue.bind(events, routing_key="agent.#")
         await queue.consume(self._on_status, no_ack=True)
 
-    def _on_status(self, message: AbstractIncomingMessage) -> None:
+    async def _on_status(self, message: AbstractIncomingMessage) -> None:
         try:
             status = messages.decode_as(message.body, AgentStatus)
         except WireError as exc:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import signal
 import sys
 
 import click
@@ -101,6 +103,24 @@ def agent(config_path: str | None, model: str, cluster: str, agent_id: str | Non
         with open(summary_file, "w") as out:
             json.dump(summary, out)
     sys.exit(1 if summary["exit_reason"] == "backend_failed" else 0)
+
+
+@cli.command()
+@config_option
+def scale(config_path: str | None) -> None:
+    """Keep each model's agent count matched to its queue, launching agents on its clusters."""
+    from hpc_agents.scaler import build_launchers, run_scaler
+
+    config = _load(config_path)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await run_scaler(config, build_launchers(config), stop)
+
+    uvloop.run(main())
 
 
 @cli.command()

@@ -1,11 +1,12 @@
 """`hotq up`: the whole stack on one machine, the embedded model by default.
 
 Without a config file it converts the embedded SmolLM2 model once (cached),
-writes a config for it under the data directory, then starts the API and one
-agent per configured model as child processes, shows their progress, and prints
-how to call the API once a model is being served. An agent that leaves (idle or
-failed) is started again, so the model stays available (`hotq scale` will start
-agents on demand instead). Ctrl-C or SIGTERM stops everything, draining first.
+writes a config for it under the data directory, then starts the API and the
+scaler (`hotq scale`, with the local launcher unless the config names clusters)
+as child processes, shows the agents' progress, and prints how to call the API
+once every model is being served. Models with `min_hot = 0` are served on
+demand: their first request waits in the queue while an agent starts. Ctrl-C
+or SIGTERM stops everything, the agents draining first.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _PROGRESS = {
     "backend_ready": "model server ready",
     "backend_died": "model server died; restarting it",
     "agent_exit": "agent left",
+    "agent_finished": "agent finished",
 }
 
 
@@ -39,7 +41,9 @@ data_dir = "{data_dir}"
 [models."{model_name}"]
 model_path = "{model_path}"
 max_inflight = 32
-# `hotq up` keeps one agent per model; stay hot for a day rather than reload.
+# One agent stays hot (the scaler replaces it if it dies); more start under load.
+min_hot = 1
+max_agents = 1
 idle_ttl_s = 86400
 """
 
@@ -74,13 +78,12 @@ class Stack:
         self.url = f"http://{host}:{port}"
         self.logs = Path(config.data_dir) / "logs"
         self.api: subprocess.Popen[bytes] | None = None
-        self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self.scaler: subprocess.Popen[bytes] | None = None
         self._log_offsets: dict[Path, int] = {}
 
     def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
         self.logs.mkdir(parents=True, exist_ok=True)
-        log_path = self.logs / log_name
-        with open(log_path, "ab") as log:
+        with open(self.logs / log_name, "ab") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "ops.cli", *args, "--config", str(self.config_path)],
                 stdin=subprocess.DEVNULL,
@@ -91,23 +94,15 @@ class Stack:
     def start(self) -> None:
         _say(f"starting the API on {self.url} (log: {self.logs / 'api.log'})")
         self.api = self._spawn(["serve", "--host", self.host, "--port", str(self.port)], "api.log")
-        for model in self.config.models:
-            self.start_agent(model)
-
-    def start_agent(self, model: str) -> None:
-        log_name = f"agent-{len(self.agents)}.log" if model not in self.agents else self._agent_log(model).name
-        _say(f"starting an agent for {model} (log: {self.logs / log_name})")
-        self.agents[model] = self._spawn(["agent", "--model", model], log_name)
-
-    def _agent_log(self, model: str) -> Path:
-        index = list(self.config.models).index(model)
-        return self.logs / f"agent-{index}.log"
+        _say(f"starting the scaler (log: {self.logs / 'scaler.log'}; agents log to {self.logs}/agent-*.log)")
+        self.scaler = self._spawn(["scale"], "scaler.log")
+        for path in self.logs.glob("*.log"):  # only what this run writes is news
+            self._log_offsets[path] = path.stat().st_size
 
     def show_progress(self) -> None:
-        """Print the agents' notable log events since the last call."""
-        for model in self.agents:
-            path = self._agent_log(model)
-            if not path.exists():
+        """Print the notable events the scaler and agents logged since the last call."""
+        for path in sorted(self.logs.glob("*.log")):
+            if path.name == "api.log" or path.name.startswith("backend-"):
                 continue
             with open(path, "rb") as log:
                 log.seek(self._log_offsets.get(path, 0))
@@ -118,45 +113,37 @@ class Stack:
                     event = json.loads(line)
                 except ValueError:
                     continue
+                model = event.get("model", "")
                 name = event.get("event")
-                if name == "agent_state":
-                    _say(f"{model}: {event['state']}")
+                if name == "scaler_decision" and event.get("launched"):
+                    _say(f"{model}: launching {event['launched']} agent(s): {event['reason']}")
+                elif name == "agent_state":
+                    _say(f"{model}: agent {event.get('agent_id', '')} {event['state']}")
                 elif name in _PROGRESS:
                     _say(f"{model}: {_PROGRESS[name]}")
 
     def serving(self) -> bool:
-        """True once every model's queue has a consumer."""
+        """True once every model that keeps agents hot has a consumer."""
         try:
             models = httpx.get(self.url + "/v1/models", timeout=2).json()["data"]
         except (httpx.HTTPError, ValueError, KeyError):
             return False
-        return bool(models) and all((m.get("hotq") or {}).get("consumers") for m in models)
+        kept_hot = {name for name, model in self.config.models.items() if model.min_hot > 0}
+        return bool(models) and all((m.get("hotq") or {}).get("consumers") for m in models if m["id"] in kept_hot)
 
-    def watch(self) -> int:
-        """Keep agents running until asked to stop or the API dies."""
-        assert self.api is not None
-        while True:
-            self.show_progress()
-            if self.api.poll() is not None:
-                _say(f"the API exited with {self.api.returncode}; see {self.logs / 'api.log'}")
-                return 1
-            for model, agent in list(self.agents.items()):
-                if agent.poll() is not None:
-                    _say(f"{model}: agent exited with {agent.returncode}; starting another")
-                    time.sleep(1.0)
-                    self.start_agent(model)
-            time.sleep(READY_POLL_S)
+    def exited(self) -> str | None:
+        for name, process in (("API", self.api), ("scaler", self.scaler)):
+            if process is not None and process.poll() is not None:
+                return f"the {name} exited with {process.returncode}; see {self.logs}"
+        return None
 
     def stop(self) -> None:
-        _say("stopping: draining agents, then the API")
-        processes = [*self.agents.values(), self.api]
-        for process in processes:
+        _say("stopping: the scaler drains its agents, then the API stops")
+        for process in (self.scaler, self.api):  # the scaler first: agents still reach the API's replies
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for process in processes:
-            if process is not None:
                 try:
-                    process.wait(timeout=90)
+                    process.wait(timeout=150)
                 except subprocess.TimeoutExpired:
                     process.kill()
         self.show_progress()
@@ -199,17 +186,16 @@ def run_up(config_path: str | None, host: str, port: int, data_dir: Path) -> int
     stack.start()
     try:
         announced = False
-        while not announced:
+        while True:
             stack.show_progress()
-            if stack.api is not None and stack.api.poll() is not None:
-                _say(f"the API exited with {stack.api.returncode}; see {stack.logs / 'api.log'}")
+            if problem := stack.exited():
+                _say(problem)
                 return 1
-            if stack.serving():
+            if not announced and stack.serving():
                 _say(f"ready after {time.monotonic() - started:.0f} s")
                 print_usage(stack.url, next(iter(config.models)))
                 announced = True
             time.sleep(READY_POLL_S)
-        return stack.watch()
     except KeyboardInterrupt:
         return 0
     finally:

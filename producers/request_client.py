@@ -93,7 +93,7 @@ class RequestClient:
         await reply_queue.consume(self._on_reply, no_ack=True)
         self._connection.close_callbacks.add(self._on_connection_lost)
 
-    def _on_reply(self, message: AbstractIncomingMessage) -> None:
+    async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         try:
             frame = messages.decode_as(message.body, ReplyFrame)
         except WireError as exc:
@@ -176,16 +176,10 @@ class RequestClient:
         if self._channel is None:
             return None
         try:
-            result = await self._channel.declare_queue(
-                topology.request_queue_name(model, lane),
-                durable=True,
-                arguments=topology.request_queue_arguments(),
-                robust=False,  # a status probe, not something to re-declare on reconnect
-            )
+            messages_ready, consumers = await topology.queue_depth(self._channel, model, lane)
         except _CONNECTION_ERRORS:
             return None
-        declared = result.declaration_result
-        return QueueStats(messages=declared.message_count or 0, consumers=declared.consumer_count or 0)
+        return QueueStats(messages=messages_ready, consumers=consumers)
 
     async def close(self) -> None:
         for pending in self._pending.values():

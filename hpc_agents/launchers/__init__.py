@@ -30,10 +30,10 @@ class Launch:
 
 
 class Launcher(abc.ABC):
-    def __init__(self, cluster: str, config: Config) -> None:
+    def __init__(self, cluster: str, config: Config, max_nodes: int | None = None) -> None:
         self.cluster = cluster
         self.config = config
-        self.max_nodes = config.clusters[cluster].max_nodes if cluster in config.clusters else 1
+        self.max_nodes = max_nodes or (config.clusters[cluster].max_nodes if cluster in config.clusters else 1)
 
     def launch(self, model: str) -> Launch:
         agent_id = new_agent_id(model)

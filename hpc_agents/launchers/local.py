@@ -21,8 +21,8 @@ STOP_TIMEOUT_S = 120.0
 
 
 class LocalLauncher(Launcher):
-    def __init__(self, cluster: str, config: Config, log_dir: Path | None = None) -> None:
-        super().__init__(cluster, config)
+    def __init__(self, cluster: str, config: Config, max_nodes: int | None = None, log_dir: Path | None = None) -> None:
+        super().__init__(cluster, config, max_nodes)
         self._log_dir = log_dir or Path(config.data_dir) / "logs"
         self._workdir = Path(tempfile.mkdtemp(prefix="hotq-local-launcher-"))
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
