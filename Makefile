@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-dev rabbitmq model bench clean
+.PHONY: run test install install-dev rabbitmq chromium model bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -24,10 +24,22 @@ $(VENV)/.hotq-dev-installed: pyproject.toml $(VENV)/.hotq-installed
 install: $(VENV)/.hotq-installed
 	@bash ops/install_vllm.sh $(VENV)
 
-install-dev: install $(VENV)/.hotq-dev-installed
+# The Globus Compute endpoint package pins an older click than vLLM's dependencies accept,
+# so the endpoint-config test loads our templates with it from a venv of its own.
+SITES_VENV ?= .venv-sites
+$(SITES_VENV)/.installed:
+	@echo "== installing the Globus Compute endpoint package into $(SITES_VENV) (template test)"
+	python3 -m venv $(SITES_VENV)
+	$(SITES_VENV)/bin/python -m pip install -q globus-compute-endpoint pyyaml
+	@touch $@
+
+install-dev: install $(VENV)/.hotq-dev-installed $(SITES_VENV)/.installed
 
 rabbitmq:
 	@bash ops/ensure_rabbitmq.sh
+
+chromium:
+	@bash ops/ensure_chromium.sh
 
 model: install
 	@$(PY) -m hpc_agents.embedded_model
@@ -35,11 +47,11 @@ model: install
 run: install rabbitmq
 	$(VENV)/bin/hotq up --port $(PORT)
 
-test: install-dev rabbitmq
+test: install-dev rabbitmq chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install-dev rabbitmq
 	$(PY) -m bench.core_path
 
 clean:
-	rm -rf $(VENV) .hotq .pytest_cache
+	rm -rf $(VENV) $(SITES_VENV) .hotq .pytest_cache

@@ -7,14 +7,17 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import structlog
+from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
 from api.errors import on_hotq_error, on_http_exception, on_unexpected
+from api.ops_page import OpsMonitor
 from api.routes import Gateway
 from broker.config import Config
 from broker.errors import BrokerUnavailable, HotqError
+from ops.metrics import ApiMetrics
 from producers.request_client import RequestClient
 
 log = structlog.get_logger("hotq.api")
@@ -23,12 +26,15 @@ BROKER_RETRY_S = 2.0
 
 
 def create_app(config: Config) -> Starlette:
-    gateway = Gateway(config)
+    metrics = ApiMetrics(CollectorRegistry())
+    gateway = Gateway(config, metrics)
+    ops = OpsMonitor(config, metrics)
 
     async def connect_until_up() -> None:
         while True:
             try:
-                gateway.client = await RequestClient.open(config.amqp_url, list(config.models))
+                pinned = {name: model.clusters or list(config.clusters) for name, model in config.models.items()}
+                gateway.client = await RequestClient.open(config.amqp_url, list(config.models), pinned)
                 log.info("broker_connected", models=len(config.models))
                 return
             except BrokerUnavailable as exc:
@@ -39,12 +45,16 @@ def create_app(config: Config) -> Starlette:
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         # Serve (with 503s) even while RabbitMQ is down; connect as soon as it is up.
         connecting = asyncio.create_task(connect_until_up())
+        sampling = asyncio.create_task(ops.run())
         try:
             await asyncio.wait_for(asyncio.shield(connecting), timeout=5)
         except TimeoutError:
             pass
         yield
         connecting.cancel()
+        sampling.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sampling  # closes the sampler's connection
         if gateway.client is not None:
             await gateway.client.close()
 
@@ -53,6 +63,9 @@ def create_app(config: Config) -> Starlette:
         Route("/v1/completions", gateway.completions, methods=["POST"]),
         Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/metrics", ops.prometheus, methods=["GET"]),
+        Route("/ops", ops.page, methods=["GET"]),
+        Route("/ops/data", ops.data, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from starlette.requests import Request
@@ -17,20 +17,23 @@ from api.relay import ReplyRelay
 from api.schemas import validate
 from api.sse import EventStreamResponse
 from broker.config import Config
-from broker.errors import BrokerUnavailable, HotqError, ModelNotFound, PayloadTooLarge
-from broker.messages import Endpoint, Lane, RequestEnvelope
+from broker.errors import BrokerUnavailable, HotqError, InvalidRequest, ModelNotFound, PayloadTooLarge
+from broker.messages import Endpoint, Final, Lane, RequestEnvelope
+from ops.metrics import ApiMetrics
 from producers.request_client import RequestClient
 
 log = structlog.get_logger("hotq.api")
 
 ANONYMOUS = "anonymous"  # the caller until authentication names one
+CLUSTER_HEADER = "X-Hotq-Cluster"  # pins a request to one cluster's agents
 
 
 class Gateway:
-    """Holds what the endpoints share: the config and the process's broker client."""
+    """Holds what the endpoints share: the config, the process's broker client and its metrics."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, metrics: ApiMetrics) -> None:
         self.config = config
+        self.metrics = metrics
         self.client: RequestClient | None = None
         self.started_at = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
@@ -75,12 +78,33 @@ class Gateway:
         parsed = validate(endpoint, body)
         if parsed.model not in self.config.models:
             raise ModelNotFound(f"The model `{parsed.model}` does not exist", param="model")
+        cluster = self._pinned_cluster(request, parsed.model)
         request_id = os.urandom(16).hex()  # as unique as a uuid4, at a fraction of the cost
         with structlog.contextvars.bound_contextvars(request_id=request_id, model=parsed.model):
-            return await self._relay(request, endpoint, body, parsed.model, parsed.stream, request_id)
+            return await self._relay(request, endpoint, body, parsed.model, parsed.stream, request_id, cluster)
+
+    def _pinned_cluster(self, request: Request, model: str) -> str | None:
+        """The cluster named by X-Hotq-Cluster, which must be one that serves the model."""
+        cluster = request.headers.get(CLUSTER_HEADER)
+        if cluster is None:
+            return None
+        allowed = self.config.models[model].clusters or list(self.config.clusters)
+        if cluster not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise InvalidRequest(
+                f"cluster {cluster!r} does not serve model {model!r} (clusters: {known})", param=CLUSTER_HEADER
+            )
+        return cluster
 
     async def _relay(
-        self, request: Request, endpoint: Endpoint, body: bytes, model: str, stream: bool, request_id: str
+        self,
+        request: Request,
+        endpoint: Endpoint,
+        body: bytes,
+        model: str,
+        stream: bool,
+        request_id: str,
+        cluster: str | None,
     ) -> Response:
         config = self.config
         now = time.time()
@@ -98,16 +122,20 @@ class Gateway:
             submitted_at=now,
         )
         client = self._client()
-        replies = await client.submit(envelope, config.max_queue_wait_s)
+        replies = await client.submit(envelope, config.max_queue_wait_s, cluster)
         relay = ReplyRelay(replies, envelope.deadline, config.max_queue_wait_s)
         headers = {"x-request-id": request_id}
         started = time.monotonic()
         outcome: dict[str, object] = {"status": 200}  # what the client got, for the request log
 
-        def finish() -> None:
+        def finish(first_output_at: float | None = None, usage: dict[str, int] | None = None) -> None:
             client.release(request_id)
             if not relay.finished:  # the client left or we gave up: stop the work
                 self._spawn(client.cancel(request_id))
+            ttft_s = None if first_output_at is None else first_output_at - started
+            self.metrics.observe_request(
+                model, endpoint.value, stream, cast(int, outcome["status"]), time.monotonic() - started, ttft_s, usage
+            )
             log.info(
                 "request_done",
                 request_id=request_id,  # bound explicitly: a stream ends outside the request's context
@@ -119,6 +147,7 @@ class Gateway:
             )
 
         streaming_response = False
+        final: Final | None = None
         try:
             if not stream:
                 final = await unless_disconnected(request.receive, relay.final())
@@ -137,7 +166,9 @@ class Gateway:
             response.headers.update(headers)
             return response
         finally:
-            if not streaming_response:
+            if final is not None:
+                finish(time.monotonic(), final.usage)  # the whole answer is its first output
+            elif not streaming_response:
                 finish()
 
     def _spawn(self, work: Any) -> None:

@@ -8,6 +8,7 @@ the queue, or between tokens), and the consumer is told to stop at once.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from starlette.types import Receive, Scope, Send
@@ -29,13 +30,17 @@ class EventStreamResponse:
         first: bytes | Final | None,
         keepalive_s: float,
         headers: dict[str, str],
-        on_done: Callable[[], None],
+        on_done: Callable[[float | None, dict[str, int] | None], None],
     ) -> None:
+        """`on_done` gets when the first output bytes went out (monotonic; None if none did)
+        and the usage the answer's `Final` frame carried."""
         self._relay = relay
         self._first = first
         self._keepalive_s = keepalive_s
         self._headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         self._on_done = on_done
+        self._first_output_at: float | None = None
+        self._usage: dict[str, int] | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         pump = asyncio.ensure_future(self._pump(send))
@@ -45,7 +50,7 @@ class EventStreamResponse:
         finally:
             pump.cancel()
             watcher.cancel()
-            self._on_done()
+            self._on_done(self._first_output_at, self._usage)
         if pump.done() and not pump.cancelled() and pump.exception() is not None:
             exc = pump.exception()
             if not isinstance(exc, OSError):  # a write to a closed socket is a disconnect too
@@ -70,10 +75,15 @@ class EventStreamResponse:
                 if output is None:
                     await send({"type": "http.response.body", "body": KEEPALIVE_EVENT, "more_body": True})
                 elif isinstance(output, Final):
+                    self._usage = output.usage
                     await send({"type": "http.response.body", "body": output.body + DONE_EVENT, "more_body": False})
+                    if self._first_output_at is None:
+                        self._first_output_at = time.monotonic()
                     return
                 else:
                     await send({"type": "http.response.body", "body": output, "more_body": True})
+                    if self._first_output_at is None:
+                        self._first_output_at = time.monotonic()
                 output = await self._relay.next_output(self._keepalive_s)
         except HotqError as error:
             await send({"type": "http.response.body", "body": error_event(error), "more_body": False})

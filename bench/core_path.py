@@ -150,7 +150,9 @@ class Processes:
         self.log_dir = log_dir
         self._running: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+    def start(
+        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path = ROOT
+    ) -> subprocess.Popen[bytes]:
         with open(self.log_path(name), "wb") as log:
             process = subprocess.Popen(
                 list(argv),
@@ -376,7 +378,9 @@ def expected_content(text: str, max_tokens: int) -> str:
     return "".join(expected_chat_tokens(text, max_tokens)[0])
 
 
-def http_chat_call(session: aiohttp.ClientSession, url: str, body: bytes, expected: str, headers: dict[str, str]) -> Call:
+def http_chat_call(
+    session: aiohttp.ClientSession, url: str, body: bytes, expected: str, headers: dict[str, str]
+) -> Call:
     async def call() -> None:
         async with session.post(url, data=body, headers=headers) as response:
             raw = await response.read()
@@ -478,12 +482,20 @@ class CaseResult:
 
     @classmethod
     def from_run(
-        cls, target: str, concurrency: int, requests: int, run: LoadRun, warmup: LoadRun, cpu_s: dict[str, float] | None = None
+        cls,
+        target: str,
+        concurrency: int,
+        requests: int,
+        run: LoadRun,
+        warmup: LoadRun,
+        cpu_s: dict[str, float] | None = None,
     ) -> CaseResult:
         ordered = sorted(run.latencies_s)
         cpu_s = dict(cpu_s or {})
         other_s = cpu_s.pop(OTHER, None)
-        per_request = {name: round(1000 * seconds / len(ordered), 3) for name, seconds in cpu_s.items()} if ordered else {}
+        per_request = (
+            {name: round(1000 * seconds / len(ordered), 3) for name, seconds in cpu_s.items()} if ordered else {}
+        )
         return cls(
             target=target,
             concurrency=concurrency,
@@ -555,8 +567,11 @@ async def bench_call(target: str, concurrency: int, settings: Settings, call: Ca
     run = await run_load(call, requests, concurrency)
     used = cpu.read().since(before)
     result = CaseResult.from_run(target, concurrency, requests, run, warmup, used)
-    print(f"  {target:<22} c={concurrency:<3} {result.rps:>8.1f} req/s  p50 {_fmt(result.p50_ms)} ms  "
-          f"p99 {_fmt(result.p99_ms)} ms  errors {sum(result.errors.values())}", flush=True)
+    print(
+        f"  {target:<22} c={concurrency:<3} {result.rps:>8.1f} req/s  p50 {_fmt(result.p50_ms)} ms  "
+        f"p99 {_fmt(result.p99_ms)} ms  errors {sum(result.errors.values())}",
+        flush=True,
+    )
     return result
 
 
@@ -580,7 +595,9 @@ async def bench_http(
     return results
 
 
-async def bench_stream(target: str, base_url: str, model: str, repeats: int, headers: dict[str, str] | None = None) -> StreamResult:
+async def bench_stream(
+    target: str, base_url: str, model: str, repeats: int, headers: dict[str, str] | None = None
+) -> StreamResult:
     """One long, fast stream at a time: time to first token, total time, tokens/s."""
     text = " ".join(f"w{i}" for i in range(STREAM_PROMPT_WORDS))
     tokens, _ = expected_chat_tokens(text, STREAM_MAX_TOKENS)
@@ -593,7 +610,9 @@ async def bench_stream(target: str, base_url: str, model: str, repeats: int, hea
     async with http_session(1) as session:
         for attempt in range(repeats + 1):  # the first one warms up
             try:
-                ttft, total, content, events = await _one_stream(session, base_url + "/chat/completions", body, all_headers)
+                ttft, total, content, events = await _one_stream(
+                    session, base_url + "/chat/completions", body, all_headers
+                )
                 if content != expected:
                     raise BadAnswer("wrong content")
             except Exception as exc:  # noqa: BLE001
@@ -614,12 +633,17 @@ async def bench_stream(target: str, base_url: str, model: str, repeats: int, hea
         tokens_per_s=round(len(tokens) / (total_ms / 1000), 1) if total_ms else None,
         events=events,
     )
-    print(f"  stream {target:<15} ttft {_fmt(result.ttft_ms)} ms  total {_fmt(result.total_ms)} ms  "
-          f"{result.tokens_per_s} tok/s  errors {sum(errors.values())}", flush=True)
+    print(
+        f"  stream {target:<15} ttft {_fmt(result.ttft_ms)} ms  total {_fmt(result.total_ms)} ms  "
+        f"{result.tokens_per_s} tok/s  errors {sum(errors.values())}",
+        flush=True,
+    )
     return result
 
 
-async def _one_stream(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> tuple[float, float, str, int]:
+async def _one_stream(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> tuple[float, float, str, int]:
     started = time.perf_counter()
     first: float | None = None
     parts: list[str] = []
@@ -648,7 +672,9 @@ async def _one_stream(session: aiohttp.ClientSession, url: str, body: bytes, hea
     return first - started, finished - started, "".join(parts), events
 
 
-async def bench_amqp(mode: str, settings: Settings, processes: Processes, cpu: CpuMeter, queues: list[str]) -> list[CaseResult]:
+async def bench_amqp(
+    mode: str, settings: Settings, processes: Processes, cpu: CpuMeter, queues: list[str]
+) -> list[CaseResult]:
     """The bare aio-pika request/reply round trip to a separate echo process."""
     queue = f"bench.core-path.rpc.{mode}.{uuid.uuid4().hex[:8]}"
     queues.append(queue)
@@ -675,7 +701,9 @@ async def bench_amqp(mode: str, settings: Settings, processes: Processes, cpu: C
 # ---------------------------------------------------------------------------
 
 
-async def start_hotq(processes: Processes, workdir: Path, amqp_url: str, model: str, backend_url: str) -> tuple[str, subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+async def start_hotq(
+    processes: Processes, workdir: Path, amqp_url: str, model: str, backend_url: str
+) -> tuple[str, subprocess.Popen[bytes], subprocess.Popen[bytes]]:
     config = write_config(
         workdir / "hotq.toml", amqp_url, {model: {"backend_url": backend_url, "max_inflight": HOTQ_MAX_INFLIGHT}}
     )
@@ -684,7 +712,9 @@ async def start_hotq(processes: Processes, workdir: Path, amqp_url: str, model: 
     api = processes.start("hotq-api", [*cli, "serve", "--config", str(config), "--port", str(port)], env=child_env())
     url = f"http://127.0.0.1:{port}"
     await wait_http_ok(url + "/v1/models", api, STARTUP_TIMEOUT_S)
-    worker = processes.start("hotq-worker", [*cli, "worker", "--config", str(config), "--model", model], env=child_env())
+    worker = processes.start(
+        "hotq-worker", [*cli, "worker", "--config", str(config), "--model", model], env=child_env()
+    )
     await wait_for_line(processes.log_path("hotq-worker"), "worker_started", worker, STARTUP_TIMEOUT_S)
     return url + "/v1", api, worker
 
@@ -704,7 +734,10 @@ def litellm_version(venv: Path) -> str | None:
     try:
         found = subprocess.run(
             [str(venv / "bin" / "python"), "-c", "import importlib.metadata as m; print(m.version('litellm'))"],
-            capture_output=True, text=True, timeout=30, check=True,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -734,7 +767,17 @@ async def start_litellm(
     env.pop("DATABASE_URL", None)
     process = processes.start(
         "litellm",
-        [str(executable), "--config", str(config_path), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+        [
+            str(executable),
+            "--config",
+            str(config_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--num_workers",
+            "1",
+        ],
         env=env,
         cwd=workdir,  # keeps it from reading a .env in the repository
     )
@@ -886,7 +929,9 @@ async def profile_hotq(
     body = chat_body(model, PROMPT, MAX_TOKENS)
     expected = expected_content(PROMPT, MAX_TOKENS)
     async with http_session(concurrency) as session:
-        call = http_chat_call(session, base_url + "/chat/completions", body, expected, {"Content-Type": "application/json"})
+        call = http_chat_call(
+            session, base_url + "/chat/completions", body, expected, {"Content-Type": "application/json"}
+        )
         warmup = await run_load(call, settings.warmup[concurrency], concurrency)
         # Bounded by time: the load outlasts the sampling a little on both ends.
         load = asyncio.create_task(run_load(call, 1_000_000, concurrency, time_limit_s=seconds + 2.0))
@@ -896,8 +941,20 @@ async def profile_hotq(
             outputs[name] = out_dir / f"{name}.speedscope.json"
             processes.start(
                 f"py-spy-{name}",
-                [str(py_spy), "record", "--pid", str(pid), "--rate", str(PROFILE_RATE_HZ), "--duration", str(int(seconds)),
-                 "--format", "speedscope", "--output", str(outputs[name])],
+                [
+                    str(py_spy),
+                    "record",
+                    "--pid",
+                    str(pid),
+                    "--rate",
+                    str(PROFILE_RATE_HZ),
+                    "--duration",
+                    str(int(seconds)),
+                    "--format",
+                    "speedscope",
+                    "--output",
+                    str(outputs[name]),
+                ],
             )
         run = await load
         for name in targets:
@@ -935,13 +992,26 @@ async def profile_hotq(
 
 def environment() -> dict[str, Any]:
     versions: dict[str, str | None] = {}
-    for package in ("aio-pika", "aiormq", "aiohttp", "starlette", "uvicorn", "uvloop", "httptools", "msgpack", "msgspec", "structlog"):
+    for package in (
+        "aio-pika",
+        "aiormq",
+        "aiohttp",
+        "starlette",
+        "uvicorn",
+        "uvloop",
+        "httptools",
+        "msgpack",
+        "msgspec",
+        "structlog",
+    ):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
         status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
     except OSError:
         commit, status = "", ""
@@ -988,7 +1058,9 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
         report.cases += await bench_http("hotq", hotq_url, model, settings, hotq_cpu)
         report.streams.append(await bench_stream("hotq", hotq_url, model, settings.stream_repeats))
         if settings.profile_s is not None:
-            print(f"profiling the hotq API and worker for {settings.profile_s:g} s at c={max(CONCURRENCIES)}", flush=True)
+            print(
+                f"profiling the hotq API and worker for {settings.profile_s:g} s at c={max(CONCURRENCIES)}", flush=True
+            )
             out_dir = RESULTS_DIR / f"profile-{report.started_at}"
             out_dir.mkdir(parents=True, exist_ok=True)
             report.profiles += await profile_hotq(
@@ -1004,7 +1076,9 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
             litellm_url, litellm = await start_litellm(processes, workdir, settings.litellm_venv, model, backend_url)
             report.environment["litellm"] = litellm_version(settings.litellm_venv)
             auth = {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"}
-            report.cases += await bench_http("litellm", litellm_url, model, settings, cpu.plus({"litellm": litellm.pid}), auth)
+            report.cases += await bench_http(
+                "litellm", litellm_url, model, settings, cpu.plus({"litellm": litellm.pid}), auth
+            )
             report.streams.append(await bench_stream("litellm", litellm_url, model, settings.stream_repeats, auth))
             _check_logs(processes, ("litellm",), report)
             processes.stop("litellm")
@@ -1023,7 +1097,11 @@ def _check_logs(processes: Processes, names: Sequence[str], report: Report) -> N
             lines = processes.log_path(name).read_text(errors="replace").splitlines()
         except OSError:
             continue
-        bad = [line for line in lines if any(word in line for word in ("Traceback", '"level": "error"', "ERROR", '"level": "warning"'))]
+        bad = [
+            line
+            for line in lines
+            if any(word in line for word in ("Traceback", '"level": "error"', "ERROR", '"level": "warning"'))
+        ]
         if bad:
             report.notes.append(f"{name} logged {len(bad)} error/warning line(s), first: {bad[0][:300]}")
 
@@ -1061,7 +1139,10 @@ def print_report(report: Report, json_path: Path) -> None:
     cases = sorted(report.cases, key=lambda c: (c.concurrency, order.get(c.target, 3), c.target))
     print()
     print("Non-streaming chat completions (latency in ms; 'added' = minus direct at the same concurrency)")
-    header = f"{'target':<24}{'conc':>5}{'ok/n':>11}{'err':>5}{'req/s':>9}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'added p50':>11}{'added p99':>11}"
+    header = (
+        f"{'target':<24}{'conc':>5}{'ok/n':>11}{'err':>5}{'req/s':>9}"
+        f"{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'added p50':>11}{'added p99':>11}"
+    )
     print(header)
     print("-" * len(header))
     for c in cases:
@@ -1072,13 +1153,20 @@ def print_report(report: Report, json_path: Path) -> None:
         )
     print()
     print("CPU time per request (ms; user + system) by process")
-    header = f"{'target':<24}{'conc':>5}" + "".join(f"{name:>12}" for name in CPU_COLUMNS) + f"{'total':>9}{'other cores':>13}"
+    header = (
+        f"{'target':<24}{'conc':>5}"
+        + "".join(f"{name:>12}" for name in CPU_COLUMNS)
+        + f"{'total':>9}{'other cores':>13}"
+    )
     print(header)
     print("-" * len(header))
     for c in cases:
         used = c.cpu_ms_per_request
-        print(f"{c.target:<24}{c.concurrency:>5}" + "".join(f"{_fmt(used.get(name)):>12}" for name in CPU_COLUMNS)
-              + f"{_fmt(sum(used.values()) if used else None):>9}{_fmt(c.other_cpu_cores):>13}")
+        print(
+            f"{c.target:<24}{c.concurrency:>5}"
+            + "".join(f"{_fmt(used.get(name)):>12}" for name in CPU_COLUMNS)
+            + f"{_fmt(sum(used.values()) if used else None):>9}{_fmt(c.other_cpu_cores):>13}"
+        )
     if report.streams:
         print()
         print(f"One stream ({STREAM_MAX_TOKENS} tokens, no delay; median of {report.streams[0].repeats})")
@@ -1086,12 +1174,17 @@ def print_report(report: Report, json_path: Path) -> None:
         print(header)
         print("-" * len(header))
         for s in report.streams:
-            print(f"{s.target:<24}{s.ok:>4}{_fmt(s.ttft_ms):>10}{_fmt(s.total_ms):>10}{_fmt(s.tokens_per_s, 0):>11}{s.events or '-':>8}")
+            print(
+                f"{s.target:<24}{s.ok:>4}{_fmt(s.ttft_ms):>10}{_fmt(s.total_ms):>10}"
+                f"{_fmt(s.tokens_per_s, 0):>11}{s.events or '-':>8}"
+            )
     for p in report.profiles:
         print()
         load = f"{p.load.rps:.0f} req/s, p50 {_fmt(p.load.p50_ms)} ms" if p.load else "?"
-        print(f"py-spy {p.process}: {p.samples} on-CPU samples in {p.seconds:g} s at {p.rate_hz} Hz "
-              f"(busy ~{p.busy_fraction:.0%}) under c={max(CONCURRENCIES)} load ({load}); {p.speedscope_file}")
+        print(
+            f"py-spy {p.process}: {p.samples} on-CPU samples in {p.seconds:g} s at {p.rate_hz} Hz "
+            f"(busy ~{p.busy_fraction:.0%}) under c={max(CONCURRENCIES)} load ({load}); {p.speedscope_file}"
+        )
         print("  self time by component: " + ", ".join(f"{name} {pct}%" for name, pct in p.by_component[:10]))
         print("  top self:")
         for label, pct in p.top_self[:12]:
@@ -1117,12 +1210,16 @@ def write_json(report: Report, path: Path) -> None:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.core_path", description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=None, help="measured requests at c=50 (c=1 gets a quarter) [2000]")
+    parser.add_argument(
+        "--requests", type=int, default=None, help="measured requests at c=50 (c=1 gets a quarter) [2000]"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer requests and repeats (a smoke run)")
     parser.add_argument("--profile", action="store_true", help="also profile the hotq API and worker with py-spy")
     parser.add_argument("--profile-seconds", type=float, default=None, help="how long to sample [20, 5 with --quick]")
     parser.add_argument("--skip-litellm", action="store_true", help="leave out the LiteLLM proxy")
-    parser.add_argument("--litellm-venv", default=str(DEFAULT_LITELLM_VENV), help="venv with litellm[proxy] (created if missing)")
+    parser.add_argument(
+        "--litellm-venv", default=str(DEFAULT_LITELLM_VENV), help="venv with litellm[proxy] (created if missing)"
+    )
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     return parser.parse_args(argv)
 
@@ -1165,8 +1262,13 @@ def _settings_json(settings: Settings) -> dict[str, Any]:
     values = asdict(settings)
     values["litellm_venv"] = str(settings.litellm_venv) if settings.litellm_venv else None
     values.update(
-        concurrencies=list(CONCURRENCIES), prompt=PROMPT, max_tokens=MAX_TOKENS, stream_prompt_words=STREAM_PROMPT_WORDS,
-        stream_max_tokens=STREAM_MAX_TOKENS, hotq_max_inflight=HOTQ_MAX_INFLIGHT, request_timeout_s=REQUEST_TIMEOUT_S,
+        concurrencies=list(CONCURRENCIES),
+        prompt=PROMPT,
+        max_tokens=MAX_TOKENS,
+        stream_prompt_words=STREAM_PROMPT_WORDS,
+        stream_max_tokens=STREAM_MAX_TOKENS,
+        hotq_max_inflight=HOTQ_MAX_INFLIGHT,
+        request_timeout_s=REQUEST_TIMEOUT_S,
     )
     return values
 

@@ -65,6 +65,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     keepalive_s: PositiveFloat = 5.0  # SSE comment interval while a stream waits
     stream_flush_ms: NonNegativeInt = 50  # how long a consumer coalesces tokens into one frame
     heartbeat_s: PositiveFloat = 5.0  # agent status interval on the events exchange
+    ops_sample_s: PositiveFloat = 5.0  # how often the API samples queues and agents for /ops and /metrics
     models: dict[str, ModelConfig] = {}
     clusters: dict[str, ClusterConfig] = {}
 

@@ -8,6 +8,8 @@
   poison requests go, kept for a day for operators to inspect.
 - ``hotq.control`` (fanout): cancels, seen by every consumer.
 - ``hotq.events`` (topic): agents' state changes and heartbeats, for the scaler and ops.
+- Pinned queues: a model's interactive requests pinned to one cluster
+  (``X-Hotq-Cluster``), consumed only by that cluster's agents.
 - Reply queues: one per API process, published to through the default exchange.
 """
 
@@ -38,15 +40,21 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
 @functools.lru_cache(maxsize=4096)  # on every request's path; a hash is not free
-def request_queue_name(model: str, lane: Lane) -> str:
+def request_queue_name(model: str, lane: Lane, cluster: str | None = None) -> str:
     """A readable queue name that is safe and unique for any model name.
 
     The readable part is squeezed to safe characters; the hash keeps two models
-    whose names squeeze alike (``a/b`` and ``a_b``) on different queues.
+    whose names squeeze alike (``a/b`` and ``a_b``) on different queues. With a
+    `cluster`, the queue of requests pinned to that cluster: only its agents
+    consume it.
     """
     readable = _UNSAFE.sub("_", model).strip("_.")[:120] or "model"
     digest = hashlib.sha256(model.encode()).hexdigest()[:10]
-    return f"hotq.req.{readable}.{digest}.{lane.value}"
+    name = f"hotq.req.{readable}.{digest}.{lane.value}"
+    if cluster is not None:
+        cluster_digest = hashlib.sha256(cluster.encode()).hexdigest()[:6]
+        name += f".at.{_UNSAFE.sub('_', cluster)[:60]}.{cluster_digest}"
+    return name
 
 
 def request_queue_arguments() -> dict[str, object]:
@@ -74,33 +82,50 @@ async def declare_exchanges(channel: AbstractChannel) -> AbstractExchange:
 
 
 async def declare_request_queue(
-    channel: AbstractChannel, request_exchange: AbstractExchange, model: str, lane: Lane
+    channel: AbstractChannel,
+    request_exchange: AbstractExchange,
+    model: str,
+    lane: Lane,
+    cluster: str | None = None,
 ) -> AbstractQueue:
-    """Declare (idempotently) and bind one model's queue for one lane."""
-    name = request_queue_name(model, lane)
+    """Declare (idempotently) and bind one model's queue for one lane (pinned to a cluster or not)."""
+    name = request_queue_name(model, lane, cluster)
     queue = await channel.declare_queue(name, durable=True, arguments=request_queue_arguments())
     await queue.bind(request_exchange, routing_key=name)
     return queue
 
 
-async def queue_depth(channel: AbstractChannel, model: str, lane: Lane) -> tuple[int, int]:
-    """(ready messages, consumers) of a model's queue, by an idempotent declare.
+async def queue_depth(channel: AbstractChannel, model: str, lane: Lane, cluster: str | None = None) -> tuple[int, int]:
+    """(ready messages, consumers) of a model's queue, by an idempotent declare on a robust channel.
 
     Not a passive declare: that closes the channel when the queue does not exist yet.
     """
     queue = await channel.declare_queue(
-        request_queue_name(model, lane), durable=True, arguments=request_queue_arguments(), robust=False
+        request_queue_name(model, lane, cluster),
+        durable=True,
+        arguments=request_queue_arguments(),
+        robust=False,  # a probe, nothing to re-declare after a reconnect
     )
     declared = queue.declaration_result
     return declared.message_count or 0, declared.consumer_count or 0
 
 
 async def declare_model_queues(
-    channel: AbstractChannel, models: list[str], lanes: tuple[Lane, ...] = tuple(Lane)
-) -> dict[tuple[str, Lane], AbstractQueue]:
+    channel: AbstractChannel,
+    models: list[str],
+    lanes: tuple[Lane, ...] = tuple(Lane),
+    pinned: dict[str, list[str]] | None = None,
+) -> dict[tuple[str, Lane, str | None], AbstractQueue]:
+    """Declare the models' queues per lane, and the interactive queues pinned to clusters
+    (`pinned`: model -> cluster names)."""
     request_exchange = await declare_exchanges(channel)
     queues = {}
     for model in models:
         for lane in lanes:
-            queues[(model, lane)] = await declare_request_queue(channel, request_exchange, model, lane)
+            queues[(model, lane, None)] = await declare_request_queue(channel, request_exchange, model, lane)
+        if Lane.INTERACTIVE in lanes:
+            for cluster in (pinned or {}).get(model, []):
+                queues[(model, Lane.INTERACTIVE, cluster)] = await declare_request_queue(
+                    channel, request_exchange, model, Lane.INTERACTIVE, cluster
+                )
     return queues

@@ -49,13 +49,16 @@ class Worker:
         max_inflight: int,
         reserved_interactive: int = 0,
         lanes: tuple[Lane, ...] = (Lane.INTERACTIVE,),
+        cluster: str | None = None,
     ) -> None:
+        """`cluster`: also take the interactive requests pinned to this cluster."""
         self.name = worker_name()
         self.model = model
         self._connection = connection
         self._handler = handler
         self._slots = BackendSlots(max_inflight, reserved_interactive)
         self._lanes = lanes
+        self._cluster = cluster
         self._channels: list[AbstractChannel] = []
         self._queues: list[AbstractQueue] = []
         self._consumer_tags: list[tuple[AbstractQueue, str]] = []
@@ -73,9 +76,10 @@ class Worker:
             channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             limit = self._slots.total if lane is Lane.INTERACTIVE else self._slots.batch_limit
             await channel.set_qos(prefetch_count=limit)
-            queues = await topology.declare_model_queues(channel, [self.model], (lane,))
+            pinned = {self.model: [self._cluster]} if self._cluster else None
+            queues = await topology.declare_model_queues(channel, [self.model], (lane,), pinned)
             self._channels.append(channel)
-            self._queues.append(queues[(self.model, lane)])
+            self._queues.extend(queues.values())
         control = await self._channels[0].get_exchange(topology.CONTROL_EXCHANGE)
         cancels = await self._channels[0].declare_queue(f"hotq.cancel.{self.name}", exclusive=True, auto_delete=True)
         await cancels.bind(control)

@@ -150,6 +150,7 @@ class Agent:
             max_inflight=self.model_config.max_inflight,
             reserved_interactive=self.model_config.reserved_interactive,
             lanes=tuple(Lane),
+            cluster=self.cluster if self.cluster in self.config.clusters else None,
         )
         await self.worker.start()
         await registry.set_state(AgentState.HOT)

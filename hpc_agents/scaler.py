@@ -30,6 +30,7 @@ from broker.messages import AgentState, AgentStatus, Lane
 from hpc_agents.decisions import Decision, DecisionLog, decision_log_path
 from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers import Launch, Launcher
+from ops.metrics import ScalerMetrics
 
 log = structlog.get_logger("hotq.scaler")
 
@@ -54,18 +55,21 @@ class Scaler:
         directory: AgentDirectory,
         decisions: DecisionLog | None = None,
         tick_s: float = 1.0,
+        metrics: ScalerMetrics | None = None,
     ) -> None:
         self.config = config
         self.launchers = launchers
         self.directory = directory
         self.decisions = decisions
         self.tick_s = tick_s
+        self.metrics = metrics
         self.launches: dict[str, Launch] = {}  # agent_id -> launch, until its agent exits
         self.summaries: list[dict[str, object]] = []  # what exited agents reported
         self.cold_start_s: dict[str, float] = {}  # cluster -> measured launch-to-hot time
         self._rates: dict[str, _Rate] = {}  # agent_id -> served-requests rate
         self._hot_seen: set[str] = set()
         self._last_desired: dict[str, int] = {}
+        self._online: dict[str, bool] = {}  # cluster -> could take launches at this tick
 
     async def run(self, channel: AbstractChannel, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -78,13 +82,18 @@ class Scaler:
     async def tick(self, channel: AbstractChannel) -> list[Decision]:
         self._collect_finished()
         self._measure()
+        # Launchers may ask a remote service (Globus Compute): never on the event loop.
+        self._online = {name: await asyncio.to_thread(launcher.online) for name, launcher in self.launchers.items()}
         made = []
         for model, model_config in self.config.models.items():
             backlog = 0
             for lane in Lane:
                 ready, _ = await topology.queue_depth(channel, model, lane)
                 backlog += ready
-            decision = self._decide(model, model_config, backlog)
+            pinned_backlog = {}
+            for cluster in self._clusters_of(model_config):
+                pinned_backlog[cluster], _ = await topology.queue_depth(channel, model, Lane.INTERACTIVE, cluster)
+            decision = await self._decide(model, model_config, backlog, pinned_backlog)
             if decision is not None:
                 made.append(decision)
         return made
@@ -129,13 +138,24 @@ class Scaler:
         measured = [rps for rps in measured if rps > 0]
         return sum(measured) / len(measured) if measured else UNMEASURED_AGENT_RPS
 
-    def _decide(self, model: str, model_config: ModelConfig, backlog: int) -> Decision | None:
+    def _clusters_of(self, model_config: ModelConfig) -> list[str]:
+        """The model's clusters in order of preference (all, when it names none)."""
+        return model_config.clusters or list(self.launchers)
+
+    async def _launch(self, cluster: str, model: str) -> None:
+        launch = await asyncio.to_thread(self.launchers[cluster].launch, model)
+        self.launches[launch.agent_id] = launch
+
+    async def _decide(
+        self, model: str, model_config: ModelConfig, backlog: int, pinned_backlog: dict[str, int]
+    ) -> Decision | None:
         agents = self.directory.agents(model)
         announced = {a.agent_id for a in agents}
         hot = [a for a in agents if a.state is AgentState.HOT]
         starting = [a for a in agents if a.state in (AgentState.STARTING, AgentState.LOADING)]
         pending = [x for x in self.launches.values() if x.model == model and x.agent_id not in announced]
         capacity = len(hot) + len(starting) + len(pending)  # draining agents are leaving: not capacity
+        backlog += sum(pinned_backlog.values())
         rps = self._agent_rps(hot)
         wanted = math.ceil(backlog / (rps * model_config.target_drain_s)) if backlog else 0
         desired = min(max(wanted, model_config.min_hot), model_config.max_agents)
@@ -145,9 +165,15 @@ class Scaler:
             cluster = self._place(model_config)
             if cluster is None:
                 break
-            launch = self.launchers[cluster].launch(model)
-            self.launches[launch.agent_id] = launch
+            await self._launch(cluster, model)
             placed.append(cluster)
+        # Requests pinned to a cluster can only run there: it needs an agent of its own.
+        for cluster, waiting in pinned_backlog.items():
+            serving = {a.agent_id for a in hot + starting if a.cluster == cluster}
+            serving |= {x.agent_id for x in self.launches.values() if x.model == model and x.cluster == cluster}
+            if waiting and not serving and self._has_room(cluster):
+                await self._launch(cluster, model)
+                placed.append(cluster)
         if not placed and desired == self._last_desired.get(model):
             return None  # nothing new to say
         self._last_desired[model] = desired
@@ -174,17 +200,26 @@ class Scaler:
         log.info("scaler_decision", **{k: v for k, v in dataclasses.asdict(decision).items() if k != "at"})
         if self.decisions is not None:
             self.decisions.record(decision)
+        if self.metrics is not None:
+            self.metrics.record(decision)
         return decision
 
     def _place(self, model_config: ModelConfig) -> str | None:
-        preference = model_config.clusters or list(self.launchers)
-        candidates = []
-        for index, cluster in enumerate(preference):
-            launcher = self.launchers.get(cluster)
-            if launcher is None or launcher.max_nodes <= self._nodes_in_use(cluster) or not launcher.online():
-                continue
-            candidates.append((self.cold_start_s.get(cluster, 0.0), index, cluster))
+        candidates = [
+            (self.cold_start_s.get(cluster, 0.0), index, cluster)
+            for index, cluster in enumerate(self._clusters_of(model_config))
+            if self._has_room(cluster)
+        ]
         return min(candidates)[2] if candidates else None
+
+    def _has_room(self, cluster: str) -> bool:
+        """The cluster's launcher exists, is online and below its max_nodes."""
+        launcher = self.launchers.get(cluster)
+        return (
+            launcher is not None
+            and self._online.get(cluster, False)
+            and self._nodes_in_use(cluster) < launcher.max_nodes
+        )
 
     def _nodes_in_use(self, cluster: str) -> int:
         announced = {a.agent_id for a in self.directory.agents() if a.cluster == cluster}
@@ -213,7 +248,9 @@ def build_launchers(config: Config) -> dict[str, Launcher]:
     return launchers
 
 
-async def run_scaler(config: Config, launchers: dict[str, Launcher], stop: asyncio.Event) -> Scaler:
+async def run_scaler(
+    config: Config, launchers: dict[str, Launcher], stop: asyncio.Event, metrics: ScalerMetrics | None = None
+) -> Scaler:
     """Scale until `stop` is set, then shut the launchers down (their agents drain)."""
     connection = await connect(config.amqp_url, "scaler")
     try:
@@ -221,7 +258,8 @@ async def run_scaler(config: Config, launchers: dict[str, Launcher], stop: async
         await directory.subscribe(connection)
         channel = await connection.channel()
         await topology.declare_model_queues(channel, list(config.models))
-        scaler = Scaler(config, launchers, directory, DecisionLog(decision_log_path(config.data_dir)))
+        decisions = DecisionLog(decision_log_path(config.data_dir))
+        scaler = Scaler(config, launchers, directory, decisions, metrics=metrics)
         # Agents already running announce themselves within a heartbeat: hear them first.
         try:
             await asyncio.wait_for(stop.wait(), config.heartbeat_s + 0.5)

@@ -107,18 +107,25 @@ def agent(config_path: str | None, model: str, cluster: str, agent_id: str | Non
 
 @cli.command()
 @config_option
-def scale(config_path: str | None) -> None:
+@click.option("--metrics-port", default=None, type=int, help="serve Prometheus /metrics on this port")
+def scale(config_path: str | None, metrics_port: int | None) -> None:
     """Keep each model's agent count matched to its queue, launching agents on its clusters."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
     from hpc_agents.scaler import build_launchers, run_scaler
+    from ops.metrics import ScalerMetrics
 
     config = _load(config_path)
+    metrics = ScalerMetrics(CollectorRegistry())
+    if metrics_port is not None:
+        start_http_server(metrics_port, registry=metrics.registry)
 
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
-        await run_scaler(config, build_launchers(config), stop)
+        await run_scaler(config, build_launchers(config), stop, metrics)
 
     uvloop.run(main())
 
@@ -138,6 +145,24 @@ def up(config_path: str | None, host: str, port: int, data_dir: str) -> None:
         sys.exit(run_up(config_path, host, port, Path(data_dir)))
     except ConfigError as exc:
         raise click.ClickException(exc.message) from None
+
+
+@cli.command()
+@config_option
+@click.option("--interval", "interval_s", default=1.0, show_default=True, type=float, help="seconds between frames")
+@click.option("--once", is_flag=True, help="print one frame and exit (for scripts)")
+def watch(config_path: str | None, interval_s: float, once: bool) -> None:
+    """Show queues, agents and the scaler's decisions, live."""
+    from broker.errors import BrokerUnavailable
+    from ops.watch import run_watch
+
+    config = _load(config_path)
+    try:
+        uvloop.run(run_watch(config, interval_s, once))
+    except BrokerUnavailable as exc:
+        raise click.ClickException(exc.message) from None
+    except KeyboardInterrupt:
+        pass  # Ctrl-C is how a live view ends
 
 
 def main() -> None:

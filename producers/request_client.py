@@ -23,7 +23,6 @@ from aio_pika.abc import (
     AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
     AbstractRobustConnection,
 )
 
@@ -55,19 +54,21 @@ class QueueStats:
 class RequestClient:
     """Publishes request envelopes and hands each caller the frames of its reply."""
 
-    def __init__(self, connection: AbstractRobustConnection, models: list[str]) -> None:
+    def __init__(
+        self, connection: AbstractRobustConnection, models: list[str], pinned: dict[str, list[str]] | None = None
+    ) -> None:
         self._connection = connection
         self._models = models
+        self._pinned = pinned or {}  # model -> clusters its requests may be pinned to
         self._reply_queue_name = f"hotq.reply.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         self._pending: dict[str, asyncio.Queue[ReplyItem]] = {}
         self._channel: AbstractChannel | None = None
         self._request_exchange: AbstractExchange | None = None
         self._control_exchange: AbstractExchange | None = None
-        self._queues: dict[tuple[str, Lane], AbstractQueue] = {}
 
     @classmethod
-    async def open(cls, amqp_url: str, models: list[str]) -> RequestClient:
-        client = cls(await connect(amqp_url, "api"), models)
+    async def open(cls, amqp_url: str, models: list[str], pinned: dict[str, list[str]] | None = None) -> RequestClient:
+        client = cls(await connect(amqp_url, "api"), models, pinned)
         try:
             await client._start()
         except BaseException:
@@ -83,7 +84,7 @@ class RequestClient:
         # on_return_raises: a mandatory publish nobody can route fails the await.
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
-        self._queues = await topology.declare_model_queues(channel, self._models)
+        await topology.declare_model_queues(channel, self._models, pinned=self._pinned)
         self._request_exchange = await channel.get_exchange(topology.REQUEST_EXCHANGE)
         self._control_exchange = await channel.get_exchange(topology.CONTROL_EXCHANGE)
         reply_queue = await channel.declare_queue(
@@ -110,8 +111,11 @@ class RequestClient:
         for pending in self._pending.values():
             pending.put_nowait(BrokerUnavailable("lost the connection to RabbitMQ while waiting for the answer"))
 
-    async def submit(self, envelope: RequestEnvelope, max_queue_wait_s: float) -> asyncio.Queue[ReplyItem]:
-        """Publish a request (confirmed, mandatory); return the queue its reply frames arrive on.
+    async def submit(
+        self, envelope: RequestEnvelope, max_queue_wait_s: float, cluster: str | None = None
+    ) -> asyncio.Queue[ReplyItem]:
+        """Publish a request (confirmed, mandatory), pinned to `cluster` if given; return
+        the queue its reply frames arrive on.
 
         The caller must call `release` when done with the request.
         """
@@ -129,7 +133,7 @@ class RequestClient:
             # RabbitMQ drops a request nobody started in time, even with no consumer.
             expiration=max_queue_wait_s,
         )
-        routing_key = topology.request_queue_name(envelope.model, envelope.lane)
+        routing_key = topology.request_queue_name(envelope.model, envelope.lane, cluster)
         try:
             try:
                 await self._request_exchange.publish(message, routing_key, mandatory=True)

@@ -29,12 +29,19 @@ def wait_for_log(process: subprocess.Popen[bytes], path: str, needle: str, timeo
     raise TimeoutError(f"{needle!r} not logged within {timeout} s:\n{open(path).read()}")
 
 
-def write_config(path: Path, amqp_url: str, models: dict[str, dict[str, object]], **top: object) -> Path:
+def write_config(
+    path: Path,
+    amqp_url: str,
+    models: dict[str, dict[str, object]],
+    clusters: dict[str, dict[str, object]] | None = None,
+    **top: object,
+) -> Path:
     lines = [f'amqp_url = "{amqp_url}"', f'data_dir = "{path.parent / "data"}"']
     lines += [f"{key} = {_toml(value)}" for key, value in top.items()]
-    for name, table in models.items():
-        lines.append(f'[models."{name}"]')
-        lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
+    for kind, tables in (("clusters", clusters or {}), ("models", models)):
+        for name, table in tables.items():
+            lines.append(f'[{kind}."{name}"]')
+            lines += [f"{key} = {_toml(value)}" for key, value in table.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

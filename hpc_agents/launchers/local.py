@@ -21,8 +21,18 @@ STOP_TIMEOUT_S = 120.0
 
 
 class LocalLauncher(Launcher):
-    def __init__(self, cluster: str, config: Config, max_nodes: int | None = None, log_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        cluster: str,
+        config: Config,
+        max_nodes: int | None = None,
+        log_dir: Path | None = None,
+        start_delay_s: float = 0.0,
+    ) -> None:
+        """`start_delay_s` stands in for a batch scheduler's queue wait (to rehearse placement)."""
         super().__init__(cluster, config, max_nodes)
+        self._start_delay_s = start_delay_s
+        self._closed = threading.Event()
         self._log_dir = log_dir or Path(config.data_dir) / "logs"
         self._workdir = Path(tempfile.mkdtemp(prefix="hotq-local-launcher-"))
         self._processes: dict[str, subprocess.Popen[bytes]] = {}
@@ -34,21 +44,24 @@ class LocalLauncher(Launcher):
         config_path.write_bytes(msgspec.json.encode(params["config"]))
         summary_path = self._workdir / f"{agent_id}.summary.json"
         self._log_dir.mkdir(parents=True, exist_ok=True)
-        with open(self._log_dir / f"agent-{agent_id}.log", "ab") as log:
-            process = subprocess.Popen(
-                [
-                    sys.executable, "-m", "ops.cli", "agent",
-                    "--config", str(config_path), "--model", params["model"],
-                    "--cluster", params["cluster"], "--agent-id", agent_id,
-                    "--summary-file", str(summary_path),
-                ],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            )  # fmt: skip
-        with self._lock:
-            self._processes[agent_id] = process
+        command = [
+            sys.executable, "-m", "ops.cli", "agent",
+            "--config", str(config_path), "--model", params["model"],
+            "--cluster", params["cluster"], "--agent-id", agent_id,
+            "--summary-file", str(summary_path),
+        ]  # fmt: skip
         future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
 
-        def wait() -> None:
+        def run() -> None:
+            if self._closed.wait(self._start_delay_s):
+                future.set_result({"agent_id": agent_id, "exit_reason": "not_started"})
+                return
+            with open(self._log_dir / f"agent-{agent_id}.log", "ab") as log:
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            with self._lock:
+                self._processes[agent_id] = process
+            if self._closed.is_set():  # shut down while it was starting: it drains at once
+                process.send_signal(signal.SIGTERM)
             returncode = process.wait()
             with self._lock:
                 self._processes.pop(agent_id, None)
@@ -59,10 +72,11 @@ class LocalLauncher(Launcher):
             summary["returncode"] = returncode
             future.set_result(summary)
 
-        threading.Thread(target=wait, name=f"wait-{agent_id}", daemon=True).start()
+        threading.Thread(target=run, name=f"agent-{agent_id}", daemon=True).start()
         return future
 
     def shutdown(self) -> None:
+        self._closed.set()
         with self._lock:
             processes = list(self._processes.values())
         for process in processes:

@@ -1,0 +1,1072 @@
+"""What `hotq agent` costs with a real vLLM: its start-up split and its throughput.
+
+Run from the repository root::
+
+    .venv/bin/python -m bench.agent_vllm [--concurrency 64] [--max-tokens 64] [--rounds 3]
+
+One run, everything on this machine (RabbitMQ at ``--amqp-url``, all HTTP on 127.0.0.1),
+the embedded SmolLM2-135M-Instruct model (``ensure_embedded_model()``, converted once and
+cached in ``~/.cache/hotq``), served under a model name unique to the run
+(``smollm-bench-<hex>``) whose queues are deleted at the end:
+
+1. Start-up. ``hotq serve`` starts first (and is ready); then, at t0, ``hotq agent`` starts
+   (a temporary config: ``model_path`` = the converted folder, ``max_inflight`` 32, a large
+   ``idle_ttl_s``, ``data_dir`` in a temporary directory) and at the same moment one chat
+   request is sent through the API, where it waits in the model's queue. The agent's JSON
+   log lines (``backend_started``, ``backend_ready``, ``worker_started``, ``agent_state``
+   ``hot``) give the split; the request's answer gives "first answer". The request's own
+   generation time is estimated from identical requests sent afterwards, straight to vLLM
+   (and, for comparison, through hotq), median of a few. Reported:
+
+   - backend start: agent process start -> backend process started -> backend ready;
+   - broker overhead: ready -> hot, and hot (resp. ready) -> first answer minus the
+     generation time; note that the first answer also carries vLLM's own first-request
+     warm-up, which this subtraction cannot separate from the broker's cost;
+   - total: t0 -> first answer.
+
+2. Throughput. ``--concurrency`` chat requests at once (fixed distinct prompts,
+   ``max_tokens`` ``--max-tokens``, temperature 0, ``ignore_eos`` so every request generates
+   exactly ``max_tokens`` tokens; each answer's ``usage.completion_tokens`` is checked),
+   non-streaming, (a) ``direct`` to the vLLM server the agent started (the ``url`` of its
+   ``backend_ready`` event) and (b) ``hotq`` through hotq's API. One warm-up round each,
+   then ``--rounds`` rounds each, alternating a/b (ABBA order, so a slow drift of the
+   machine hits both alike). tokens/s = completion tokens of the round / its wall time.
+   Then ``--stream-rounds`` streaming rounds each (default 1; ``stream_options.include_usage``,
+   tokens from usage; also time to first token). Each round also records the CPU seconds
+   of vLLM, the hotq API, the agent, RabbitMQ and this load generator, and how many cores
+   the whole machine kept busy (/proc/stat), so noise from other processes shows.
+
+The machine has 2 cores shared by vLLM, RabbitMQ, hotq and the load generator: the
+numbers compare direct vs hotq within one run, they are not capacity. The run waits
+(bounded, ``--max-wait-busy``) while another vLLM server or pytest runs, since either
+would skew it; a round during which one appears is marked disturbed, left out of the
+means and repeated (at most twice). Check the notes too: a test suite that force-closes
+RabbitMQ connections (some of hotq's tests do) makes the API and agent reconnect.
+
+Results: a table on stdout and JSON in ``bench/results/agent_vllm-<timestamp>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final
+
+import aiohttp
+import uvloop
+
+from bench.core_path import (
+    OTHER,
+    CpuMeter,
+    Processes,
+    _find_process,
+    child_env,
+    delete_queues,
+    environment,
+    wait_http_ok,
+)
+from broker import topology
+from broker.messages import Lane
+from hpc_agents.embedded_model import ensure_embedded_model
+from tests.stack import free_port, write_config
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+RESULTS_DIR: Final = ROOT / "bench" / "results"
+DEFAULT_AMQP_URL: Final = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+
+DEFAULT_CONCURRENCY: Final = 64
+DEFAULT_MAX_TOKENS: Final = 64
+DEFAULT_ROUNDS: Final = 3
+MAX_INFLIGHT: Final = 32  # the agent's prefetch; vLLM runs 32 sequences at once (hpc_agents.vllm_backend)
+TARGET_RATIO: Final = 0.97  # hotq tokens/s over direct tokens/s
+
+FIRST_PROMPT: Final = "List three primary colours."
+FIRST_MAX_TOKENS: Final = 16  # short: its generation time is subtracted, the shorter the less error
+GENERATION_SAMPLES: Final = 5  # identical requests per target to estimate that generation time
+
+API_START_TIMEOUT_S: Final = 60.0
+AGENT_READY_TIMEOUT_S: Final = 900.0  # the config's start_timeout_s is 600; leave the agent time to say so
+REQUEST_TIMEOUT_S: Final = 900.0  # the first request waits in the queue while vLLM loads
+QUEUE_WAIT_S: Final = 600.0  # hotq's max_queue_wait_s: the first request must outlive the start-up
+AGENT_STOP_TIMEOUT_S: Final = 150.0  # drain (in-flight is 0 by then) + vLLM's stop (20 s, then SIGKILL)
+BUSY_POLL_S: Final = 10.0
+DISTURBANCE_POLL_S: Final = 1.0
+DISTURBED_RETRIES: Final = 2  # a round disturbed by a foreign vLLM/pytest is repeated up to this often
+CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
+LOG_POLL_S: Final = 0.02
+
+TOPICS: Final = (
+    "the ocean",
+    "mountains",
+    "a busy city",
+    "the night sky",
+    "an old library",
+    "a rainy day",
+    "a garden",
+    "a train journey",
+    "the desert",
+    "a winter morning",
+    "a lighthouse",
+    "a market",
+    "a river",
+    "a forest",
+    "a small village",
+    "the moon",
+)
+FORMS: Final = ("Write a short story about", "Describe", "Write a poem about", "Explain why people love")
+
+
+def prompts(n: int) -> list[str]:
+    """`n` fixed, distinct prompts (the same in every run)."""
+    return [f"Request {i}: {FORMS[i % len(FORMS)]} {TOPICS[(i // len(FORMS)) % len(TOPICS)]}." for i in range(n)]
+
+
+def chat_body(model: str, prompt: str, max_tokens: int, stream: bool = False) -> bytes:
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,  # vLLM's extra parameter: exactly max_tokens tokens every time
+    }
+    if stream:
+        body["stream"] = True
+        body["stream_options"] = {"include_usage": True}
+    return json.dumps(body).encode()
+
+
+# ---------------------------------------------------------------------------
+# Other heavy work on the machine: wait for it to finish before measuring
+# ---------------------------------------------------------------------------
+
+
+def _is_heavy(argv: Sequence[str]) -> bool:
+    """A vLLM server, or a pytest run (not merely a command that mentions pytest, like pip installing it)."""
+    if any("vllm.entrypoints" in arg for arg in argv):
+        return True
+    names = [Path(arg).name for arg in argv[:2]]  # `pytest ...` or `python /venv/bin/pytest ...`
+    if any(name in ("pytest", "py.test") for name in names):
+        return True
+    return any(argv[i] == "-m" and argv[i + 1] == "pytest" for i in range(len(argv) - 1))
+
+
+def foreign_heavy_processes(own_groups: set[int]) -> list[str]:
+    """Command lines of vLLM servers and pytest runs that are not ours (ours: by process group)."""
+    found = []
+    me = os.getpid()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            argv = Path(entry.path, "cmdline").read_bytes().decode(errors="replace").split("\0")
+            pgrp = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2])
+        except (OSError, ValueError, IndexError):
+            continue
+        if pgrp in own_groups or not _is_heavy([arg for arg in argv if arg]):
+            continue
+        found.append(f"{entry.name} {' '.join(argv)[:160]}")
+    return found
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores spent busy since boot (/proc/stat), short-lived processes included."""
+    with open("/proc/stat") as stat:
+        fields = stat.readline().split()  # "cpu user nice system idle iowait irq softirq steal ..."
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+class DisturbanceWatch:
+    """Polls for foreign vLLM servers and pytest runs while a round runs."""
+
+    def __init__(self, own_groups: set[int]) -> None:
+        self.own_groups = own_groups
+        self.seen: dict[str, None] = {}  # ordered set of command lines
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> DisturbanceWatch:
+        self._task = asyncio.create_task(self._watch())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._scan()  # one last look: a run that started and ended in between is missed anyway
+
+    async def _watch(self) -> None:
+        while True:
+            self._scan()
+            await asyncio.sleep(DISTURBANCE_POLL_S)
+
+    def _scan(self) -> None:
+        for found in foreign_heavy_processes(self.own_groups):
+            self.seen[found] = None
+
+
+async def wait_until_quiet(own_groups: set[int], max_wait_s: float, notes: list[str]) -> None:
+    deadline = time.monotonic() + max_wait_s
+    waited = False
+    while found := foreign_heavy_processes(own_groups):
+        if time.monotonic() > deadline:
+            notes.append(f"measured while other heavy processes ran (waited {max_wait_s:g} s): {found}")
+            print(f"  still busy after {max_wait_s:g} s; measuring anyway: {found}", flush=True)
+            return
+        if not waited:
+            print(f"  waiting for other heavy processes to finish: {found}", flush=True)
+            waited = True
+        await asyncio.sleep(BUSY_POLL_S)
+    if waited:
+        print("  machine quiet again", flush=True)
+
+
+# ---------------------------------------------------------------------------
+# The agent's JSON log lines, as they appear
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    fields: dict[str, Any]
+    logged_at: float | None  # wall clock, from the line's own timestamp
+    seen_at: float  # time.monotonic() when this process read it
+
+
+class EventTail:
+    """Follows a JSON-lines log file (a process's stderr) in the background."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.events: list[LogEvent] = []
+        self._offset = 0
+        self._partial = b""
+        self._changed = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._follow())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self.poll()
+
+    async def _follow(self) -> None:
+        while True:
+            if self.poll():
+                self._changed.set()
+            await asyncio.sleep(LOG_POLL_S)
+
+    def poll(self) -> bool:
+        try:
+            with open(self.path, "rb") as log:
+                log.seek(self._offset)
+                data = log.read()
+        except FileNotFoundError:
+            return False
+        if not data:
+            return False
+        seen = time.monotonic()
+        self._offset += len(data)
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            try:
+                fields = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(fields, dict) and "event" in fields:
+                self.events.append(LogEvent(fields, _parse_timestamp(fields.get("timestamp")), seen))
+        return True
+
+    def find(self, match: Callable[[dict[str, Any]], bool]) -> LogEvent | None:
+        return next((e for e in self.events if match(e.fields)), None)
+
+    async def wait_for(
+        self, match: Callable[[dict[str, Any]], bool], process: subprocess.Popen[bytes], timeout: float, what: str
+    ) -> LogEvent:
+        deadline = time.monotonic() + timeout
+        while (found := self.find(match)) is None:
+            if process.poll() is not None:
+                self.poll()
+                if (found := self.find(match)) is not None:
+                    return found
+                raise RuntimeError(f"the agent exited with {process.returncode} before logging {what}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the agent did not log {what} within {timeout:g} s")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=0.5)
+            except TimeoutError:
+                pass
+        return found
+
+
+def _parse_timestamp(value: object) -> float | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def is_event(name: str, **expected: object) -> Callable[[dict[str, Any]], bool]:
+    return lambda fields: fields.get("event") == name and all(fields.get(k) == v for k, v in expected.items())
+
+
+# ---------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------
+
+
+class BadAnswer(Exception):
+    """An answer that is not a well-formed completion."""
+
+
+@dataclass(frozen=True)
+class Answer:
+    latency_s: float
+    completion_tokens: int
+    ttft_s: float | None = None  # streams only: until the first content
+
+
+def http_session(connections: int, timeout_s: float = REQUEST_TIMEOUT_S) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=60)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s))
+
+
+async def chat(session: aiohttp.ClientSession, url: str, body: bytes) -> Answer:
+    """One non-streaming chat completion; its latency and usage.completion_tokens."""
+    started = time.perf_counter()
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+        raw = await response.read()
+        if response.status != 200:
+            raise BadAnswer(f"HTTP {response.status}: {raw[:200]!r}")
+    latency = time.perf_counter() - started
+    try:
+        answer = json.loads(raw)
+        tokens = int(answer["usage"]["completion_tokens"])
+        answer["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        raise BadAnswer(f"malformed body: {raw[:200]!r}") from None
+    return Answer(latency, tokens)
+
+
+async def chat_stream(session: aiohttp.ClientSession, url: str, body: bytes) -> Answer:
+    """One streamed chat completion; tokens from the usage event (stream_options.include_usage)."""
+    started = time.perf_counter()
+    first: float | None = None
+    usage: dict[str, Any] | None = None
+    buffer = bytearray()
+    async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
+        if response.status != 200:
+            raise BadAnswer(f"HTTP {response.status}: {(await response.read())[:200]!r}")
+        async for piece in response.content.iter_any():
+            buffer += piece
+            while (end := buffer.find(b"\n\n")) >= 0:
+                event = bytes(buffer[:end])
+                del buffer[: end + 2]
+                if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                    continue  # keep-alive comments, the end marker
+                data = json.loads(event[6:])
+                if "error" in data:
+                    raise BadAnswer(f"stream error: {str(data['error'])[:200]}")
+                choices = data.get("choices") or []
+                if first is None and choices and (choices[0].get("delta") or {}).get("content"):
+                    first = time.perf_counter()
+                if data.get("usage"):
+                    usage = data["usage"]
+    finished = time.perf_counter()
+    if usage is None:
+        raise BadAnswer("no usage event")
+    return Answer(finished - started, int(usage["completion_tokens"]), None if first is None else first - started)
+
+
+# ---------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class StartupResult:
+    # seconds after t0 (the agent process start), from the agent's own log timestamps
+    backend_started_s: float
+    backend_ready_s: float
+    backend_ready_reported_s: float  # the event's own "seconds": backend Popen -> /health and /v1/models OK
+    worker_started_s: float
+    hot_s: float
+    first_answer_s: float  # when this process got the first request's answer (monotonic clock)
+    first_answer_tokens: int
+    # the first request's generation time, estimated from identical requests afterwards
+    generation_direct_s: list[float]
+    generation_hotq_s: list[float]
+    generation_s: float  # the median straight to vLLM
+    hotq_warm_added_s: float  # median through hotq minus median direct, with everything warm
+    # the split
+    agent_boot_s: float  # t0 -> backend process started (imports, AMQP connect, registry)
+    backend_start_s: float  # backend process started -> ready
+    ready_to_worker_s: float
+    ready_to_hot_s: float
+    hot_to_first_answer_s: float
+    hot_to_first_answer_minus_generation_s: float
+    ready_to_first_answer_minus_generation_s: float
+    total_s: float  # t0 -> first answer
+
+
+@dataclass
+class RoundResult:
+    target: str  # "direct" | "hotq"
+    kind: str  # "warm-up" | "measured" | "stream"
+    index: int
+    requests: int
+    ok: int
+    errors: dict[str, int]
+    completion_tokens: int
+    exact_tokens: int  # answers with exactly max_tokens completion tokens
+    wall_s: float
+    tokens_per_s: float
+    latency_p50_s: float | None
+    latency_max_s: float | None
+    ttft_p50_s: float | None  # streams only
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds during the round, by process
+    other_cpu_cores: float | None = None  # cores busy with unrelated processes (noise)
+    machine_busy_cores: float | None = None  # all cores, from /proc/stat (short-lived processes included)
+    unaccounted_cores: float | None = None  # machine busy minus the measured processes: noise, upper bound
+    disturbed_by: list[str] = field(default_factory=list)  # foreign vLLM/pytest seen during the round
+
+
+@dataclass
+class ThroughputSummary:
+    direct_mean_tps: float | None
+    hotq_mean_tps: float | None
+    ratio: float | None  # hotq mean / direct mean
+    pair_ratios: list[float]  # round by round
+    target_ratio: float
+    meets_target: bool | None
+    stream_direct_mean_tps: float | None
+    stream_hotq_mean_tps: float | None
+    stream_ratio: float | None  # hotq mean / direct mean, streaming rounds
+
+
+@dataclass
+class Report:
+    started_at: str
+    settings: dict[str, Any]
+    environment: dict[str, Any]
+    startup: StartupResult | None = None
+    rounds: list[RoundResult] = field(default_factory=list)
+    summary: ThroughputSummary | None = None
+    shutdown: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+# ---------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """What the run started, for measuring and for stopping."""
+
+    model: str
+    api_url: str  # ends in /v1
+    direct_url: str  # ends in /v1
+    api: subprocess.Popen[bytes]
+    agent: subprocess.Popen[bytes]
+    backend_pid: int
+    backend_log: Path
+    events: EventTail
+
+    def cpu_meter(self) -> CpuMeter:
+        pids = {"load-gen": os.getpid()}
+        if (broker := _find_process("beam.smp")) is not None:
+            pids["rabbitmq"] = broker
+        # each started with its own session: process group == pid
+        return CpuMeter(pids, {"vllm": self.backend_pid, "hotq-api": self.api.pid, "hotq-agent": self.agent.pid})
+
+    @property
+    def own_groups(self) -> set[int]:
+        return {self.api.pid, self.agent.pid, self.backend_pid}
+
+
+async def measure_startup(
+    processes: Processes, config: Path, model: str, api_url: str, api: subprocess.Popen[bytes], workdir: Path
+) -> tuple[Stack, StartupResult]:
+    cli = [sys.executable, "-m", "ops.cli"]
+    first_body = chat_body(model, FIRST_PROMPT, FIRST_MAX_TOKENS)
+    async with http_session(4) as session:
+        t0_wall = time.time()
+        t0 = time.monotonic()
+        agent = processes.start(
+            "hotq-agent", [*cli, "agent", "--config", str(config), "--model", model], env=child_env()
+        )
+        first = asyncio.create_task(chat(session, api_url + "/chat/completions", first_body))  # waits in the queue
+        events = EventTail(processes.log_path("hotq-agent"))
+        events.start()
+        try:
+            started = await events.wait_for(
+                is_event("backend_started"), agent, AGENT_READY_TIMEOUT_S, "backend_started"
+            )
+            print(f"  backend started (pid {started.fields['pid']}), loading vLLM", flush=True)
+            ready = await events.wait_for(is_event("backend_ready"), agent, AGENT_READY_TIMEOUT_S, "backend_ready")
+            print(f"  backend ready after {ready.fields['seconds']} s at {ready.fields['url']}", flush=True)
+            worker = await events.wait_for(is_event("worker_started"), agent, 60, "worker_started")
+            hot = await events.wait_for(is_event("agent_state", state="hot"), agent, 60, "agent_state hot")
+            answer = await first
+        except BaseException:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+            raise
+        answered_at = time.monotonic() - t0
+        print(f"  first answer {answered_at:.2f} s after the agent started", flush=True)
+        direct_url = str(ready.fields["url"]).rstrip("/") + "/v1"
+
+        # The first request's own generation time: identical requests, now that all is warm.
+        generation_direct: list[float] = []
+        generation_hotq: list[float] = []
+        for _ in range(GENERATION_SAMPLES):
+            generation_direct.append((await chat(session, direct_url + "/chat/completions", first_body)).latency_s)
+            generation_hotq.append((await chat(session, api_url + "/chat/completions", first_body)).latency_s)
+
+    def at(event: LogEvent) -> float:
+        # The agent's log timestamps (wall clock) are exact to the microsecond; when one
+        # is missing, when this process read the line (~LOG_POLL_S later) stands in.
+        return event.logged_at - t0_wall if event.logged_at is not None else event.seen_at - t0
+
+    generation = statistics.median(generation_direct)
+    result = StartupResult(
+        backend_started_s=round(at(started), 3),
+        backend_ready_s=round(at(ready), 3),
+        backend_ready_reported_s=float(ready.fields["seconds"]),
+        worker_started_s=round(at(worker), 3),
+        hot_s=round(at(hot), 3),
+        first_answer_s=round(answered_at, 3),
+        first_answer_tokens=answer.completion_tokens,
+        generation_direct_s=[round(s, 4) for s in generation_direct],
+        generation_hotq_s=[round(s, 4) for s in generation_hotq],
+        generation_s=round(generation, 4),
+        hotq_warm_added_s=round(statistics.median(generation_hotq) - generation, 4),
+        agent_boot_s=round(at(started), 3),
+        backend_start_s=round(at(ready) - at(started), 3),
+        ready_to_worker_s=round(at(worker) - at(ready), 3),
+        ready_to_hot_s=round(at(hot) - at(ready), 3),
+        hot_to_first_answer_s=round(answered_at - at(hot), 3),
+        hot_to_first_answer_minus_generation_s=round(answered_at - at(hot) - generation, 3),
+        ready_to_first_answer_minus_generation_s=round(answered_at - at(ready) - generation, 3),
+        total_s=round(answered_at, 3),
+    )
+    stack = Stack(
+        model=model,
+        api_url=api_url,
+        direct_url=direct_url,
+        api=api,
+        agent=agent,
+        backend_pid=int(started.fields["pid"]),
+        backend_log=Path(str(started.fields.get("log", workdir / "backend.log"))),
+        events=events,
+    )
+    return stack, result
+
+
+async def load_round(
+    session: aiohttp.ClientSession,
+    target: str,
+    base_url: str,
+    bodies: Sequence[bytes],
+    max_tokens: int,
+    stream: bool,
+    kind: str,
+    index: int,
+    cpu: CpuMeter,
+    own_groups: set[int],
+) -> RoundResult:
+    """All `bodies` at once; the round's wall time is from the first send to the last answer."""
+    url = base_url + "/chat/completions"
+    call = chat_stream if stream else chat
+    async with DisturbanceWatch(own_groups) as watch:
+        before = cpu.read()
+        busy_before = machine_busy_s()
+        started = time.perf_counter()
+        outcomes = await asyncio.gather(*(call(session, url, body) for body in bodies), return_exceptions=True)
+        wall = time.perf_counter() - started
+        busy = machine_busy_s() - busy_before
+        used = cpu.read().since(before)
+    answers = [o for o in outcomes if isinstance(o, Answer)]
+    errors: Counter[str] = Counter()
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            errors[str(outcome)[:120] if isinstance(outcome, BadAnswer) else type(outcome).__name__] += 1
+    tokens = sum(a.completion_tokens for a in answers)
+    other = used.pop(OTHER, None)
+    measured = sum(used.values())
+    result = RoundResult(
+        target=target,
+        kind=kind,
+        index=index,
+        requests=len(bodies),
+        ok=len(answers),
+        errors=dict(errors),
+        completion_tokens=tokens,
+        exact_tokens=sum(1 for a in answers if a.completion_tokens == max_tokens),
+        wall_s=round(wall, 3),
+        tokens_per_s=round(tokens / wall, 1) if wall > 0 else 0.0,
+        latency_p50_s=_round(_median([a.latency_s for a in answers])),
+        latency_max_s=_round(max((a.latency_s for a in answers), default=None)),
+        ttft_p50_s=_round(_median([a.ttft_s for a in answers if a.ttft_s is not None])) if stream else None,
+        cpu_s={name: round(seconds, 2) for name, seconds in used.items()},
+        other_cpu_cores=round(other / wall, 2) if other is not None and wall > 0 else None,
+        machine_busy_cores=round(busy / wall, 2) if wall > 0 else None,
+        unaccounted_cores=round(max(0.0, busy - measured) / wall, 2) if wall > 0 else None,
+        disturbed_by=list(watch.seen),
+    )
+    print(
+        f"  {kind:<9}{index:>2} {target:<7} {result.tokens_per_s:>8.1f} tok/s  {result.completion_tokens} tokens "
+        f"in {result.wall_s:.2f} s  exact {result.exact_tokens}/{result.requests}  errors {sum(errors.values())}"
+        f"  machine busy {_fmt(result.machine_busy_cores)} cores"
+        + (f"  DISTURBED by {len(result.disturbed_by)} foreign process(es): repeating" if result.disturbed_by else ""),
+        flush=True,
+    )
+    return result
+
+
+def _round(value: float | None, digits: int = 3) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+async def measure_throughput(stack: Stack, settings: argparse.Namespace, report: Report) -> None:
+    texts = prompts(settings.concurrency)
+    bodies = {
+        stream: [chat_body(stack.model, t, settings.max_tokens, stream) for t in texts] for stream in (False, True)
+    }
+    urls = {"direct": stack.direct_url, "hotq": stack.api_url}
+    cpu = stack.cpu_meter()
+    async with http_session(settings.concurrency + 8) as session:
+
+        async def one(target: str, kind: str, index: int, stream: bool = False) -> None:
+            """One round; repeated (bounded) when a foreign vLLM or pytest ran meanwhile."""
+            for _ in range(1 + DISTURBED_RETRIES):
+                await wait_until_quiet(stack.own_groups, settings.max_wait_busy, report.notes)
+                result = await load_round(
+                    session,
+                    target,
+                    urls[target],
+                    bodies[stream],
+                    settings.max_tokens,
+                    stream,
+                    kind,
+                    index,
+                    cpu,
+                    stack.own_groups,
+                )
+                report.rounds.append(result)
+                if not result.disturbed_by:
+                    return
+            report.notes.append(f"{kind} {index} {target}: disturbed {1 + DISTURBED_RETRIES} times; no clean round")
+
+        await one("direct", "warm-up", 0)
+        await one("hotq", "warm-up", 0)
+        for index in range(1, settings.rounds + 1):
+            for target in abba(index):
+                await one(target, "measured", index)
+        for index in range(1, settings.stream_rounds + 1):
+            for target in abba(index):
+                await one(target, "stream", index, stream=True)
+
+
+def abba(index: int) -> tuple[str, str]:
+    """Round 1 direct first, round 2 hotq first, ...: a slow drift of the machine hits both alike."""
+    return ("direct", "hotq") if index % 2 else ("hotq", "direct")
+
+
+def summarise(report: Report) -> ThroughputSummary:
+    def rounds(target: str, kind: str) -> list[RoundResult]:
+        return [r for r in report.rounds if r.target == target and r.kind == kind and not r.disturbed_by]
+
+    direct, hotq = rounds("direct", "measured"), rounds("hotq", "measured")
+    direct_mean = statistics.fmean(r.tokens_per_s for r in direct) if direct else None
+    hotq_mean = statistics.fmean(r.tokens_per_s for r in hotq) if hotq else None
+    ratio = hotq_mean / direct_mean if direct_mean and hotq_mean is not None else None
+    direct_by_index = {r.index: r.tokens_per_s for r in direct}
+    pairs = [round(h.tokens_per_s / direct_by_index[h.index], 4) for h in hotq if direct_by_index.get(h.index)]
+    stream_direct, stream_hotq = rounds("direct", "stream"), rounds("hotq", "stream")
+    stream_direct_mean = statistics.fmean(r.tokens_per_s for r in stream_direct) if stream_direct else None
+    stream_hotq_mean = statistics.fmean(r.tokens_per_s for r in stream_hotq) if stream_hotq else None
+    stream_ratio = (
+        stream_hotq_mean / stream_direct_mean if stream_direct_mean and stream_hotq_mean is not None else None
+    )
+    return ThroughputSummary(
+        direct_mean_tps=_round(direct_mean, 1),
+        hotq_mean_tps=_round(hotq_mean, 1),
+        ratio=_round(ratio, 4),
+        pair_ratios=pairs,
+        target_ratio=TARGET_RATIO,
+        meets_target=None if ratio is None else ratio >= TARGET_RATIO,
+        stream_direct_mean_tps=_round(stream_direct_mean, 1),
+        stream_hotq_mean_tps=_round(stream_hotq_mean, 1),
+        stream_ratio=_round(stream_ratio, 4),
+    )
+
+
+def note_problems(report: Report, max_tokens: int) -> None:
+    for r in report.rounds:
+        if r.errors or r.ok < r.requests:
+            report.notes.append(f"{r.kind} {r.index} {r.target}: {r.ok}/{r.requests} ok, errors {r.errors}")
+        if r.exact_tokens < r.ok:
+            report.notes.append(
+                f"{r.kind} {r.index} {r.target}: only {r.exact_tokens}/{r.ok} answers had exactly {max_tokens} tokens"
+            )
+    if report.startup is not None and report.startup.first_answer_tokens != FIRST_MAX_TOKENS:
+        report.notes.append(f"the first answer had {report.startup.first_answer_tokens} tokens, not {FIRST_MAX_TOKENS}")
+
+
+def check_logs(paths: dict[str, Path], report: Report) -> None:
+    """Note error lines the processes logged (they should log none)."""
+    for name, path in paths.items():
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        bad = [
+            line
+            for line in lines
+            if any(word in line for word in ("Traceback", '"level": "error"', "ERROR", '"level": "warning"'))
+        ]
+        if bad:
+            report.notes.append(f"{name} logged {len(bad)} error/warning line(s), first: {bad[0][:300]}")
+        lost = [line for line in lines if "Unexpected connection close" in line or "CONNECTION_FORCED" in line]
+        if lost:
+            report.notes.append(
+                f"{name} lost its RabbitMQ connection {len(lost)} time(s) (someone closed it; it reconnected): "
+                f"{lost[0][:200]}"
+            )
+
+
+async def stop_stack(processes: Processes, stack: Stack, report: Report) -> None:
+    """SIGTERM the agent (it drains and stops vLLM), then the API; check that vLLM is gone."""
+    print("stopping: SIGTERM to the agent (drains, stops vLLM), then the API", flush=True)
+    started = time.monotonic()
+    returncode = await asyncio.to_thread(processes.stop, "hotq-agent", AGENT_STOP_TIMEOUT_S)
+    agent_stop_s = time.monotonic() - started
+    await stack.events.stop()
+    exit_event = stack.events.find(is_event("agent_exit"))
+    stopped_event = stack.events.find(is_event("backend_stopped"))
+    backend_alive = _alive(stack.backend_pid)
+    if backend_alive:
+        report.notes.append(f"vLLM (pid {stack.backend_pid}) outlived its agent: killed its process group")
+        _kill_group(stack.backend_pid)
+    api_returncode = processes.stop("hotq-api")
+    leftover = subprocess.run(["pgrep", "-af", "vllm.entrypoints"], capture_output=True, text=True).stdout.strip()
+    report.shutdown = {
+        "agent_returncode": returncode,
+        "agent_stop_s": round(agent_stop_s, 2),
+        "agent_exit": exit_event.fields if exit_event else None,
+        "backend_stopped": stopped_event.fields if stopped_event else None,
+        "backend_outlived_agent": backend_alive,
+        "api_returncode": api_returncode,
+        "pgrep_vllm_entrypoints": leftover.splitlines(),
+    }
+    if leftover:
+        report.notes.append(f"vLLM processes still running after the stop: {leftover}")
+    if returncode not in (0, None):
+        report.notes.append(f"the agent exited with {returncode}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is gone for our purposes (its parent, the agent, has exited or will reap it)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _logged_backend_pid(agent_log: Path) -> int | None:
+    tail = EventTail(agent_log)
+    tail.poll()
+    started = tail.find(is_event("backend_started"))
+    return int(started.fields["pid"]) if started is not None else None
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def run(settings: argparse.Namespace, processes: Processes, workdir: Path, report: Report) -> None:
+    model = f"smollm-bench-{uuid.uuid4().hex[:8]}"  # unique: this run's queues are its own
+    report.settings["model"] = model
+    queues = [topology.request_queue_name(model, lane) for lane in Lane]
+    stack: Stack | None = None
+    try:
+        print("embedded model", flush=True)
+        model_path = await asyncio.to_thread(ensure_embedded_model)
+        report.settings["model_path"] = str(model_path)
+        config = write_config(
+            workdir / "hotq.toml",
+            settings.amqp_url,
+            {
+                model: {
+                    "model_path": str(model_path),
+                    "max_inflight": MAX_INFLIGHT,
+                    "idle_ttl_s": 86400,
+                    "start_timeout_s": 600,
+                    "max_restarts": 0,  # a backend that fails to start fails the run, visibly
+                }
+            },
+            max_queue_wait_s=QUEUE_WAIT_S,  # the first request waits while vLLM loads
+            request_timeout_s=REQUEST_TIMEOUT_S,
+        )
+        print("hotq serve", flush=True)
+        port = free_port()
+        api = processes.start(
+            "hotq-api",
+            [sys.executable, "-m", "ops.cli", "serve", "--config", str(config), "--port", str(port)],
+            env=child_env(),
+        )
+        api_url = f"http://127.0.0.1:{port}/v1"
+        await wait_http_ok(api_url + "/models", api, API_START_TIMEOUT_S)
+        await wait_until_quiet({api.pid}, settings.max_wait_busy, report.notes)
+        report.environment["loadavg_before_agent"] = os.getloadavg()
+
+        print("start-up: hotq agent + one request waiting in the queue", flush=True)
+        stack, report.startup = await measure_startup(processes, config, model, api_url, api, workdir)
+
+        print(f"throughput: {settings.concurrency} concurrent, {settings.max_tokens} tokens each", flush=True)
+        await measure_throughput(stack, settings, report)
+        check_logs(
+            {
+                "hotq-api": processes.log_path("hotq-api"),
+                "hotq-agent": processes.log_path("hotq-agent"),
+                "vllm": stack.backend_log,
+            },
+            report,
+        )
+        if settings.keep_logs:
+            kept = RESULTS_DIR / f"agent_vllm-{report.started_at}-logs"
+            kept.mkdir(parents=True, exist_ok=True)
+            for path in (processes.log_path("hotq-api"), processes.log_path("hotq-agent"), stack.backend_log):
+                if path.exists():
+                    shutil.copy(path, kept / path.name)
+            report.settings["logs"] = str(kept.relative_to(ROOT))
+        await stop_stack(processes, stack, report)
+    finally:
+        # An interrupted or failed run: stop the agent (it stops vLLM), then make sure vLLM is gone.
+        backend_pid = stack.backend_pid if stack is not None else _logged_backend_pid(processes.log_path("hotq-agent"))
+        await asyncio.to_thread(processes.stop, "hotq-agent", AGENT_STOP_TIMEOUT_S)
+        if backend_pid is not None and _alive(backend_pid):
+            _kill_group(backend_pid)
+        try:
+            await delete_queues(settings.amqp_url, queues)
+        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real error
+            print(f"could not delete the queues {queues}: {exc!r}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------
+
+
+def _fmt(value: float | None, digits: int = 2) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def print_report(report: Report, json_path: Path) -> None:
+    s = report.startup
+    if s is not None:
+        print()
+        print("Start-up (t0 = `hotq agent` process start; one request already waiting in the queue)")
+        rows = [
+            ("t0 -> backend process started (agent boot)", s.agent_boot_s),
+            ("backend process started -> ready (vLLM)", s.backend_start_s),
+            ("  (the agent's own backend_ready 'seconds')", s.backend_ready_reported_s),
+            ("t0 -> backend ready", s.backend_ready_s),
+            ("ready -> worker consuming", s.ready_to_worker_s),
+            ("ready -> hot", s.ready_to_hot_s),
+            ("hot -> first answer", s.hot_to_first_answer_s),
+            (f"first request's generation ({FIRST_MAX_TOKENS} tokens, direct, warm, median)", s.generation_s),
+            ("hot -> first answer - generation", s.hot_to_first_answer_minus_generation_s),
+            (
+                "ready -> first answer - generation (broker + vLLM first-request warm-up)",
+                s.ready_to_first_answer_minus_generation_s,
+            ),
+            ("hotq's added latency on the same request, warm (median)", s.hotq_warm_added_s),
+            ("total: t0 -> first answer", s.total_s),
+        ]
+        width = max(len(label) for label, _ in rows) + 2
+        for label, value in rows:
+            print(f"  {label:<{width}}{value:>8.3f} s")
+    if report.rounds:
+        print()
+        print(
+            f"Throughput: {report.settings['concurrency']} concurrent chat requests, "
+            f"{report.settings['max_tokens']} tokens each"
+        )
+        header = (
+            f"{'round':<12}{'target':<8}{'ok/n':>7}{'exact':>7}{'tokens':>8}{'wall s':>8}{'tok/s':>9}"
+            f"{'p50 s':>8}{'max s':>8}"
+            f"{'ttft s':>8}{'cpu vllm':>9}{'api':>6}{'agent':>6}{'rmq':>6}{'gen':>6}{'busy':>6}{'noise':>6}"
+        )
+        print(header)
+        print("-" * len(header))
+        for r in report.rounds:
+            cpu = r.cpu_s
+            print(
+                f"{f'{r.kind} {r.index}':<12}{r.target:<8}{f'{r.ok}/{r.requests}':>7}{r.exact_tokens:>7}"
+                f"{r.completion_tokens:>8}"
+                f"{r.wall_s:>8.2f}{r.tokens_per_s:>9.1f}{_fmt(r.latency_p50_s):>8}{_fmt(r.latency_max_s):>8}{_fmt(r.ttft_p50_s):>8}"
+                f"{_fmt(cpu.get('vllm'), 1):>9}{_fmt(cpu.get('hotq-api'), 1):>6}{_fmt(cpu.get('hotq-agent'), 1):>6}"
+                f"{_fmt(cpu.get('rabbitmq'), 1):>6}{_fmt(cpu.get('load-gen'), 1):>6}"
+                f"{_fmt(r.machine_busy_cores):>6}{_fmt(r.unaccounted_cores):>6}"
+                + ("  disturbed" if r.disturbed_by else "")
+            )
+        print(
+            "  (cpu vllm..gen: CPU seconds during the round; busy: cores the whole machine kept busy;"
+            " noise: busy cores not used by the measured processes)"
+        )
+    if report.summary is not None:
+        m = report.summary
+        print()
+        ratio = "-" if m.ratio is None else f"{m.ratio:.1%}"
+        verdict = (
+            ""
+            if m.meets_target is None
+            else ("meets" if m.meets_target else "BELOW") + f" the {m.target_ratio:.0%} target"
+        )
+        print(
+            f"mean tokens/s: direct {_fmt(m.direct_mean_tps, 1)}, hotq {_fmt(m.hotq_mean_tps, 1)}; "
+            f"hotq/direct {ratio} ({verdict})"
+        )
+        print("round by round hotq/direct: " + ", ".join(f"{p:.1%}" for p in m.pair_ratios))
+        if m.stream_ratio is not None:
+            print(
+                f"streaming mean tokens/s: direct {_fmt(m.stream_direct_mean_tps, 1)}, "
+                f"hotq {_fmt(m.stream_hotq_mean_tps, 1)}; hotq/direct {m.stream_ratio:.1%}"
+            )
+        print("(means over undisturbed rounds only)")
+    if report.shutdown:
+        sd = report.shutdown
+        print()
+        print(
+            f"shutdown: agent exit code {sd.get('agent_returncode')} after {sd.get('agent_stop_s')} s, "
+            f"vLLM stopped: {sd.get('backend_stopped') is not None}, "
+            f"pgrep vllm.entrypoints: {sd.get('pgrep_vllm_entrypoints') or 'nothing'}"
+        )
+    for note in report.notes:
+        print(f"note: {note}")
+    print()
+    print(f"JSON: {json_path}")
+
+
+def write_json(report: Report, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.agent_vllm", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--concurrency", type=int, default=DEFAULT_CONCURRENCY, help="requests per round, all at once [64]"
+    )
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens each request generates [64]")
+    parser.add_argument(
+        "--rounds", type=int, default=DEFAULT_ROUNDS, help="measured rounds per target, after a warm-up [3]"
+    )
+    parser.add_argument(
+        "--stream-rounds", type=int, default=1, help="streaming rounds per target after the others (0: none) [1]"
+    )
+    parser.add_argument(
+        "--max-wait-busy",
+        type=float,
+        default=1800.0,
+        help="how long to wait for another vLLM or pytest to finish before measuring anyway [1800 s]",
+    )
+    parser.add_argument("--keep-logs", action="store_true", help="copy the API, agent and vLLM logs next to the JSON")
+    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    args = parser.parse_args(argv)
+    if args.concurrency < 1 or args.max_tokens < 1 or args.rounds < 1 or args.stream_rounds < 0:
+        parser.error("--concurrency, --max-tokens and --rounds must be at least 1, --stream-rounds at least 0")
+    return args
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every finally runs
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = parse_args(argv)
+    started_at = time.strftime("%Y%m%d-%H%M%S")
+    report = Report(
+        started_at=started_at,
+        settings={
+            "concurrency": settings.concurrency,
+            "max_tokens": settings.max_tokens,
+            "rounds": settings.rounds,
+            "stream_rounds": settings.stream_rounds,
+            "max_inflight": MAX_INFLIGHT,
+            "first_prompt": FIRST_PROMPT,
+            "first_max_tokens": FIRST_MAX_TOKENS,
+            "amqp_url": settings.amqp_url,
+            "temperature": 0,
+            "ignore_eos": True,
+        },
+        environment=environment(),
+    )
+    json_path = RESULTS_DIR / f"agent_vllm-{started_at}.json"
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
+    with tempfile.TemporaryDirectory(prefix="hotq-bench-agent-") as tmp:
+        workdir = Path(tmp)
+        processes = Processes(workdir)
+        try:
+            uvloop.run(run(settings, processes, workdir, report))
+        except KeyboardInterrupt:
+            print("\ninterrupted: stopping everything", file=sys.stderr)
+            return 130
+        except Exception:
+            print("\nfailed; the last lines of each log:", file=sys.stderr)
+            for log in sorted(workdir.rglob("*.log")):
+                lines = log.read_text(errors="replace").splitlines()[-25:]
+                print(f"--- {log.name}\n" + "\n".join(lines), file=sys.stderr)
+            raise
+        finally:
+            processes.stop_all()
+    report.summary = summarise(report)
+    note_problems(report, settings.max_tokens)
+    report.environment["loadavg_at_end"] = os.getloadavg()
+    write_json(report, json_path)
+    print_report(report, json_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

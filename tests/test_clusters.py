@@ -1,0 +1,148 @@
+"""Issue 4 scenario 3: two clusters serve one model; pinned requests stay on their cluster;
+an offline cluster is skipped. Local launchers stand in for the clusters (one starts slower)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from broker.config import load_config
+from broker.connection import connect
+from broker.messages import AgentState, AgentStatus
+from hpc_agents.directory import AgentDirectory
+from hpc_agents.launchers.local import LocalLauncher
+from hpc_agents.scaler import Scaler
+from tests.stack import Stack, write_config
+
+FAKE_COMMAND = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
+
+
+class OfflineLauncher(LocalLauncher):
+    """A cluster whose endpoint reports offline (the Globus launcher's status, simulated)."""
+
+    def online(self) -> bool:
+        return False
+
+
+def _cluster_tables(path: Path, amqp_url: str, model: str) -> Path:
+    table = {
+        "command": FAKE_COMMAND,
+        "clusters": ["gamma", "alpha", "beta"],
+        "max_agents": 2,
+        "target_drain_s": 1,
+        "max_inflight": 2,
+        "idle_ttl_s": 600,
+    }
+    clusters: dict[str, dict[str, object]] = {
+        "gamma": {"launcher": "local", "max_nodes": 2},
+        "alpha": {"launcher": "local", "max_nodes": 1},
+        "beta": {"launcher": "local", "max_nodes": 1},
+    }
+    return write_config(path, amqp_url, {model: table}, clusters, heartbeat_s=0.3)
+
+
+@pytest.fixture
+async def federation(
+    tmp_path: Path, amqp_url: str, session_tag: str, delete_test_queues: list[str]
+) -> AsyncIterator[tuple[Scaler, Stack, str]]:
+    model = f"federated-{session_tag}"
+    delete_test_queues.append(model)
+    path = _cluster_tables(tmp_path / "hotq.toml", amqp_url, model)
+    config = load_config(path)
+    stack = Stack(path, tmp_path)
+    stack.start_api()
+    logs = tmp_path / "logs"
+    launchers = {
+        "gamma": OfflineLauncher("gamma", config, log_dir=logs),
+        "alpha": LocalLauncher("alpha", config, log_dir=logs),
+        "beta": LocalLauncher("beta", config, log_dir=logs, start_delay_s=1.5),
+    }
+    connection = await connect(amqp_url, "test-scaler")
+    directory = AgentDirectory(config.heartbeat_s)
+    await directory.subscribe(connection)
+    channel = await connection.channel()
+    scaler = Scaler(config, launchers, directory, tick_s=0.25)
+    stop = asyncio.Event()
+    ticking = asyncio.create_task(scaler.run(channel, stop))
+    try:
+        yield scaler, stack, model
+    finally:
+        stop.set()
+        await ticking
+        for launcher in launchers.values():
+            await asyncio.to_thread(launcher.shutdown)
+        await connection.close()
+        stack.close()
+
+
+async def _ask_many(stack: Stack, model: str, count: int, headers: dict[str, str] | None = None) -> None:
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=count + 5), timeout=120)
+    client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, http_client=http)
+    try:
+        answers = await asyncio.gather(
+            *(
+                client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": f"shared work {i}"}],
+                    extra_body={"fake_delay_ms": 100},
+                    extra_headers=headers or {},
+                )
+                for i in range(count)
+            )
+        )
+    finally:
+        await http.aclose()
+    assert all(a.choices[0].message.content for a in answers)
+
+
+def _served_by_cluster(scaler: Scaler, model: str) -> dict[str, int]:
+    latest: dict[str, AgentStatus] = {a.agent_id: a for a in scaler.directory.agents(model) if a.heartbeat}
+    served: dict[str, int] = {}
+    for status in latest.values():
+        served[status.cluster] = served.get(status.cluster, 0) + status.served
+    return served
+
+
+async def _settle(scaler: Scaler, model: str, expected_total: int) -> dict[str, int]:
+    deadline = time.monotonic() + 10
+    while sum(_served_by_cluster(scaler, model).values()) < expected_total:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.2)
+    return _served_by_cluster(scaler, model)
+
+
+async def test_two_clusters_share_work_pinned_requests_stay_and_offline_is_skipped(
+    federation: tuple[Scaler, Stack, str],
+) -> None:
+    scaler, stack, model = federation
+    await _ask_many(stack, model, 60)
+    launched_to = sorted(launch.cluster for launch in scaler.launches.values())
+    assert launched_to == ["alpha", "beta"]  # gamma offline; each of the others at its max_nodes
+    served = await _settle(scaler, model, 60)
+    assert served.get("alpha", 0) > 0 and served.get("beta", 0) > 0 and sum(served.values()) == 60
+    assert scaler.cold_start_s["beta"] > scaler.cold_start_s["alpha"]  # the slower start was measured
+
+    await _ask_many(stack, model, 10, headers={"X-Hotq-Cluster": "alpha"})
+    after = await _settle(scaler, model, 70)
+    assert after["alpha"] == served["alpha"] + 10 and after["beta"] == served["beta"]
+    hot = {a.cluster for a in scaler.directory.agents(model) if a.state is AgentState.HOT}
+    assert hot == {"alpha", "beta"}
+
+
+async def test_pinning_to_a_cluster_that_does_not_serve_the_model_is_400(
+    federation: tuple[Scaler, Stack, str],
+) -> None:
+    _, stack, model = federation
+    client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as caught:
+        await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], extra_headers={"X-Hotq-Cluster": "nowhere"}
+        )
+    assert caught.value.param == "X-Hotq-Cluster"
