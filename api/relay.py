@@ -39,7 +39,7 @@ class ReplyRelay:
         self._attempt: str | None = None
         self._next_seq = 0
         self.sent_output = False
-        self.finished = False
+        self.finished = False  # a consumer sent the final frame: nothing is left to cancel
 
     async def next_output(self, wait_s: float) -> bytes | Final | None:
         """The next thing for the client: stream bytes, the `Final` frame, or None if
@@ -49,7 +49,6 @@ class ReplyRelay:
             limit = self._start_by if self._attempt is None else self._deadline
             now = time.monotonic()
             if now >= limit:
-                self.finished = True
                 if self._attempt is None:
                     raise NoCapacity(
                         f"no consumer took the request within {self._max_queue_wait_s:g} s; "
@@ -70,13 +69,11 @@ class ReplyRelay:
 
     def _accept(self, item: ReplyItem) -> bytes | Final | None:
         if isinstance(item, HotqError):
-            self.finished = True
             raise item
         if item.attempt != self._attempt:
             if not _opens_attempt(item):
                 return None  # from an attempt we are no longer following
             if self.sent_output:
-                self.finished = True
                 raise WorkerLost("the consumer serving this stream was lost after output was sent; retry the request")
             self._attempt = item.attempt
             self._next_seq = 0

@@ -8,7 +8,7 @@ import time
 from typing import Any, cast
 
 import structlog
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from api.disconnect import ClientDisconnected, unless_disconnected
@@ -74,7 +74,11 @@ class Gateway:
         return JSONResponse({"object": "list", "data": data})
 
     async def _serve(self, request: Request, endpoint: Endpoint) -> Response:
-        body = await _read_body(request, self.config.max_body_bytes)
+        try:
+            body = await _read_body(request, self.config.max_body_bytes)
+        except ClientDisconnect:  # left mid-upload: nothing was queued, nobody to answer
+            log.info("client_disconnected_during_upload", path=request.url.path)
+            return Response(status_code=499)
         parsed = validate(endpoint, body)
         if parsed.model not in self.config.models:
             raise ModelNotFound(f"The model `{parsed.model}` does not exist", param="model")
@@ -121,17 +125,17 @@ class Gateway:
             lane=Lane.INTERACTIVE,
             submitted_at=now,
         )
-        client = self._client()
-        replies = await client.submit(envelope, config.max_queue_wait_s, cluster)
-        relay = ReplyRelay(replies, envelope.deadline, config.max_queue_wait_s)
         headers = {"x-request-id": request_id}
         started = time.monotonic()
         outcome: dict[str, object] = {"status": 200}  # what the client got, for the request log
+        client: RequestClient | None = None
+        relay: ReplyRelay | None = None
 
         def finish(first_output_at: float | None = None, usage: dict[str, int] | None = None) -> None:
-            client.release(request_id)
-            if not relay.finished:  # the client left or we gave up: stop the work
-                self._spawn(client.cancel(request_id))
+            if client is not None:
+                client.release(request_id)
+                if relay is not None and not relay.finished:  # the client left or we gave up: stop the work
+                    self._spawn(client.cancel(request_id))
             ttft_s = None if first_output_at is None else first_output_at - started
             self.metrics.observe_request(
                 model, endpoint.value, stream, cast(int, outcome["status"]), time.monotonic() - started, ttft_s, usage
@@ -149,6 +153,8 @@ class Gateway:
         streaming_response = False
         final: Final | None = None
         try:
+            client = self._client()
+            relay = ReplyRelay(await client.submit(envelope, cluster), envelope.deadline, config.max_queue_wait_s)
             if not stream:
                 final = await unless_disconnected(request.receive, relay.final())
                 outcome["status"] = final.status

@@ -11,6 +11,8 @@
 - Pinned queues: a model's interactive requests pinned to one cluster
   (``X-Hotq-Cluster``), consumed only by that cluster's agents.
 - Reply queues: one per API process, published to through the default exchange.
+- Results queues (``hotq.results.<batch_id>``): one durable quorum queue per batch,
+  where consumers send the batch's answers for its collector.
 """
 
 from __future__ import annotations
@@ -129,3 +131,20 @@ async def declare_model_queues(
                     channel, request_exchange, model, Lane.INTERACTIVE, cluster
                 )
     return queues
+
+
+RESULTS_QUEUE_PREFIX = "hotq.results."
+
+
+def results_queue_name(batch_id: str) -> str:
+    """The durable queue a batch's answers wait in until its collector records them.
+
+    A `Cancel` naming a results queue (instead of a request id) cancels the whole batch:
+    consumers drop its requests that are still queued.
+    """
+    return RESULTS_QUEUE_PREFIX + _UNSAFE.sub("_", batch_id)
+
+
+async def declare_results_queue(channel: AbstractChannel, batch_id: str) -> AbstractQueue:
+    """Durable and quorum: answers survive a collector (or the whole API) that dies mid-batch."""
+    return await channel.declare_queue(results_queue_name(batch_id), durable=True, arguments={"x-queue-type": "quorum"})

@@ -24,7 +24,8 @@ class BackendClient:
 
     def _open_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=60)
+            # Below vLLM's 5 s keep-alive, so we never reuse a connection the server is closing.
+            connector = aiohttp.TCPConnector(limit=self._max_connections, keepalive_timeout=4)
             # No overall timeout: the request's own deadline bounds each call.
             self._session = aiohttp.ClientSession(
                 connector=connector,

@@ -26,6 +26,7 @@ log = structlog.get_logger("hotq.consumer")
 
 DONE_EVENT = b"data: [DONE]\n\n"
 EVENT_END = b"\n\n"
+_FINISH_MARKS = (b'"finish_reason":"', b'"finish_reason": "')  # a finish_reason that is set
 _USAGE_TAIL_BYTES = 8192  # the usage event is the last one; it is far smaller than this
 
 
@@ -75,7 +76,7 @@ def split_events(data: bytes) -> list[bytes]:
         if not event:
             continue
         event += EVENT_END
-        if events and (b'"finish_reason":"' in event or b'"finish_reason": "' in event):
+        if events and (_FINISH_MARKS[0] in event or _FINISH_MARKS[1] in event):
             folded = fold_finish_chunk(events[-1], event)
             if folded is not None:
                 events[-1] = folded
@@ -120,11 +121,12 @@ def backend_error(status: int, body: bytes) -> BackendError:
     except msgspec.DecodeError:
         parsed = _ErrorBody()
     error = parsed.error or {}
-    message = error.get("message") or parsed.message or (str(parsed.detail) if parsed.detail else None)
+    message = error.get("message") or parsed.message or parsed.detail
+    error_type = error.get("type")
     return BackendError(
-        message or f"the backend answered HTTP {status}: {body[:200].decode(errors='replace')}",
+        str(message) if message else f"the backend answered HTTP {status}: {body[:200].decode(errors='replace')}",
         status=status,
-        error_type=error.get("type") or ("invalid_request_error" if status < 500 else "server_error"),
+        error_type=str(error_type) if error_type else ("invalid_request_error" if status < 500 else "server_error"),
         code=error.get("code") if isinstance(error.get("code"), str) else None,
         param=error.get("param") if isinstance(error.get("param"), str) else None,
     )
@@ -207,14 +209,16 @@ class RequestHandler:
             complete_end = pending.rfind(EVENT_END) + len(EVENT_END)
             if complete_end < len(EVENT_END):
                 continue
-            events = split_events(bytes(pending[:complete_end]))
-            if len(events) < 2:
+            raw = bytes(pending[:complete_end]).split(EVENT_END)[:-1]
+            # The newest event stays behind: it may be the last content chunk, which must
+            # still take the finish_reason of a trailing chunk ([DONE] too: the API writes
+            # it itself). When the newest carries a finish_reason, the one before stays too.
+            hold = 2 if _FINISH_MARKS[0] in raw[-1] or _FINISH_MARKS[1] in raw[-1] else 1
+            if len(raw) <= hold:
                 continue
-            # The newest event stays behind: it may be the last content chunk, which
-            # must still take the finish_reason of a trailing chunk (and [DONE] is
-            # written by the API itself).
-            batch = b"".join(events[:-1])
-            del pending[: complete_end - len(events[-1])]
+            flushed = raw[:-hold]
+            batch = b"".join(split_events(EVENT_END.join(flushed) + EVENT_END))
+            del pending[: sum(len(event) + len(EVENT_END) for event in flushed)]
             await replies.send(ChunkBatch(envelope.request_id, attempt, seq, batch))
             progress.sent_output = True
             tail = (tail + batch)[-_USAGE_TAIL_BYTES:]

@@ -11,11 +11,15 @@ final frame is confirmed, so a consumer that dies mid-request has it redelivered
 from __future__ import annotations
 
 import asyncio
+import collections
+import contextlib
+import enum
 import os
 import socket
 import time
 import uuid
 
+import aio_pika
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -25,7 +29,7 @@ from aio_pika.abc import (
 )
 
 from broker import messages, topology
-from broker.errors import BackendError, WireError
+from broker.errors import BackendError, DeadlineExceeded, HotqError, WireError
 from broker.messages import Cancel, Lane, RequestEnvelope, Started
 from consumers.handler import BackendUnreachable, RequestHandler, error_frame
 from consumers.replies import CallerGone, ReplySender
@@ -34,6 +38,7 @@ from consumers.slots import BackendSlots
 log = structlog.get_logger("hotq.consumer")
 
 BACKEND_RETRY_PAUSE_S = 1.0  # before handing a request back when the backend is unreachable
+CANCELS_REMEMBERED = 10_000  # cancels for requests not held here, in case one is still queued
 
 
 def worker_name() -> str:
@@ -64,6 +69,10 @@ class Worker:
         self._consumer_tags: list[tuple[AbstractQueue, str]] = []
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._cancelled_by_client: set[str] = set()
+        self._cancelled_unseen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._stopping = False
+        # Results queues of cancelled batches: their requests still queued are dropped, not served.
+        self._cancelled_batches: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.served = 0
         self.last_active = time.monotonic()
 
@@ -102,6 +111,7 @@ class Worker:
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Stop taking work, let in-flight requests finish for `grace_s`, requeue the rest."""
+        self._stopping = True  # held requests still waiting for a slot go back at once
         await self.pause()
         tasks = list(self._inflight.values())
         if tasks:
@@ -127,8 +137,9 @@ class Worker:
         self._inflight[key] = task
         self.last_active = time.monotonic()
 
-        def done(_: asyncio.Task[None]) -> None:
-            self._inflight.pop(key, None)
+        def done(finished: asyncio.Task[None]) -> None:
+            if self._inflight.get(key) is finished:  # a redelivery of the same id may have replaced it
+                del self._inflight[key]
             self.last_active = time.monotonic()
 
         task.add_done_callback(done)
@@ -138,11 +149,21 @@ class Worker:
             cancel = messages.decode_as(message.body, Cancel)
         except WireError:
             return
+        if cancel.request_id.startswith(topology.RESULTS_QUEUE_PREFIX):  # a whole batch was cancelled
+            self._cancelled_batches[cancel.request_id] = None
+            while len(self._cancelled_batches) > 1000:
+                self._cancelled_batches.popitem(last=False)
+            return
         task = self._inflight.get(cancel.request_id)
         if task is not None:
             log.info("request_cancelled_by_client", request_id=cancel.request_id)
             self._cancelled_by_client.add(cancel.request_id)
             task.cancel()
+            return
+        # Not here (yet): if it is still queued, whoever takes it should drop it.
+        self._cancelled_unseen[cancel.request_id] = None
+        while len(self._cancelled_unseen) > CANCELS_REMEMBERED:
+            self._cancelled_unseen.popitem(last=False)
 
     async def _serve(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -159,49 +180,91 @@ class Worker:
             await self._serve_envelope(message, envelope, message.reply_to)
 
     async def _serve_envelope(self, message: AbstractIncomingMessage, envelope: RequestEnvelope, reply_to: str) -> None:
-        """Serve one delivery, then settle it: ack when answered (or unanswerable), requeue otherwise."""
+        """Serve one delivery, then settle it: ack when done with it, requeue otherwise."""
         replies = ReplySender(self._channels[0].default_exchange, reply_to, envelope.request_id)
         try:
-            requeue = await self._attempt(message, envelope, replies)
+            outcome = await self._attempt(message, envelope, replies)
         except asyncio.CancelledError:
             if replies.caller_gone or envelope.request_id in self._cancelled_by_client:
                 self._cancelled_by_client.discard(envelope.request_id)
-                await message.ack()  # nobody waits for this answer any more
+                await _settle(message, requeue=False)  # nobody waits for this answer any more
                 return
-            await message.nack(requeue=True)  # stopping, or the backend went away: someone serves it later
+            await _settle(message, requeue=True)  # stopping, or the backend went away: someone serves it later
             raise
+        except Exception as exc:  # a bug or a broker outage: answer if we can, never leave it held
+            log.exception("request_failed")
+            with contextlib.suppress(Exception):
+                await replies.send(error_frame(envelope, "failed", HotqError(f"the consumer failed: {exc!r}")))
+            outcome = _Outcome.DROPPED
         finally:
             replies.close()
-        if requeue:
-            await message.nack(requeue=True)
-            return
-        self.served += 1
-        await message.ack()
+        if outcome is _Outcome.ANSWERED:
+            self.served += 1
+        await _settle(message, requeue=outcome is _Outcome.REQUEUE)
 
-    async def _attempt(self, message: AbstractIncomingMessage, envelope: RequestEnvelope, replies: ReplySender) -> bool:
-        """Serve the request once; True if it should go back to the queue."""
+    async def _attempt(
+        self, message: AbstractIncomingMessage, envelope: RequestEnvelope, replies: ReplySender
+    ) -> _Outcome:
+        """Serve the request once."""
         attempt = os.urandom(6).hex()
         try:
             async with self._slots.hold(envelope.lane):
-                now = time.time()
-                if now > envelope.start_by or now > envelope.deadline:
-                    log.info("request_expired", waited_s=round(now - envelope.submitted_at, 3))
-                    return False
+                if self._stopping:
+                    return _Outcome.REQUEUE  # draining: take no new work, even what we hold
+                if dropped := self._why_drop(message, envelope):
+                    log.info("request_dropped", reason=dropped, waited_s=round(time.time() - envelope.submitted_at, 3))
+                    if dropped == "deadline passed":
+                        with contextlib.suppress(CallerGone):
+                            await replies.send(error_frame(envelope, attempt, DeadlineExceeded(dropped)))
+                    return _Outcome.DROPPED
                 serving = asyncio.current_task()
                 assert serving is not None
                 replies.announce_later(Started(envelope.request_id, attempt, self.name), serving.cancel)
                 await self._handler.serve(envelope, attempt, replies)
         except CallerGone:
             log.info("caller_gone")  # nobody waits for this answer any more
+            return _Outcome.DROPPED
         except BackendUnreachable as exc:
             if not _is_last_delivery(message):
                 log.warning("backend_unreachable_requeue", error=str(exc))
                 # A pause, so that a dead backend does not spin requests through the queue.
                 await asyncio.sleep(BACKEND_RETRY_PAUSE_S)
-                return True
+                return _Outcome.REQUEUE
             error = BackendError(f"backend unreachable: {exc}", status=502)
             await replies.send(error_frame(envelope, attempt, error))
-        return False
+        return _Outcome.ANSWERED
+
+    def _why_drop(self, message: AbstractIncomingMessage, envelope: RequestEnvelope) -> str | None:
+        """Why this delivery should not be served, if it should not."""
+        now = time.time()
+        if now > envelope.deadline:
+            return "deadline passed"
+        # Only a first delivery can be too late to start: the API gave up on it with a 503.
+        # A redelivered one was started before (and handed back), and its caller still waits.
+        if not message.redelivered and now > envelope.start_by:
+            return "not started within max_queue_wait_s"
+        if envelope.request_id in self._cancelled_unseen:
+            return "cancelled by the client while queued"
+        if envelope.lane is Lane.BATCH and message.reply_to in self._cancelled_batches:
+            return "its batch was cancelled"
+        return None
+
+
+class _Outcome(enum.Enum):
+    ANSWERED = "answered"  # a final frame went to the caller
+    DROPPED = "dropped"  # settled without an answer (expired, cancelled, caller gone)
+    REQUEUE = "requeue"  # someone should serve it (again)
+
+
+async def _settle(message: AbstractIncomingMessage, requeue: bool) -> None:
+    """Ack or requeue; after a reconnect the delivery is gone and RabbitMQ has requeued it already."""
+    try:
+        if requeue:
+            await message.nack(requeue=True)
+        else:
+            await message.ack()
+    except aio_pika.exceptions.ChannelInvalidStateError:
+        log.info("delivery_already_returned", requeue=requeue)
 
 
 def _is_last_delivery(message: AbstractIncomingMessage) -> bool:

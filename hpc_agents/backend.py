@@ -132,7 +132,8 @@ class BackendProcess:
         while process.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         _signal_group(process.pid, signal.SIGKILL)  # also takes children the server left behind
-        process.wait()
+        while process.poll() is None:  # reaped at once after SIGKILL; never block the loop on it
+            await asyncio.sleep(0.05)
         log.info("backend_stopped", pid=process.pid, returncode=process.returncode)
 
 

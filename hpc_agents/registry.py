@@ -82,5 +82,7 @@ class Registry:
         routing_key = "agent.heartbeat" if heartbeat else f"agent.{self.state.value}"
         try:
             await self._exchange.publish(aio_pika.Message(messages.encode(status)), routing_key=routing_key)
-        except (aio_pika.exceptions.AMQPError, ConnectionError) as exc:
-            log.warning("status_not_published", error=repr(exc))  # announcements are best effort
+        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            # Best effort: a broker outage (ChannelInvalidStateError is a RuntimeError) must not
+            # kill the heartbeats or stop a draining agent from stopping its backend.
+            log.warning("status_not_published", error=repr(exc))

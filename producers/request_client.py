@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -33,6 +34,7 @@ from broker.messages import Cancel, Lane, ReplyFrame, RequestEnvelope
 
 log = structlog.get_logger("hotq.producer")
 
+STATS_TIMEOUT_S = 1.0
 RECONNECT_WAIT_S = 5.0  # how long a request waits for a dropped broker connection to come back
 
 _CONNECTION_ERRORS = (
@@ -111,9 +113,7 @@ class RequestClient:
         for pending in self._pending.values():
             pending.put_nowait(BrokerUnavailable("lost the connection to RabbitMQ while waiting for the answer"))
 
-    async def submit(
-        self, envelope: RequestEnvelope, max_queue_wait_s: float, cluster: str | None = None
-    ) -> asyncio.Queue[ReplyItem]:
+    async def submit(self, envelope: RequestEnvelope, cluster: str | None = None) -> asyncio.Queue[ReplyItem]:
         """Publish a request (confirmed, mandatory), pinned to `cluster` if given; return
         the queue its reply frames arrive on.
 
@@ -130,17 +130,21 @@ class RequestClient:
             correlation_id=envelope.request_id,
             message_id=envelope.request_id,
             reply_to=self._reply_queue_name,
-            # RabbitMQ drops a request nobody started in time, even with no consumer.
-            expiration=max_queue_wait_s,
+            # Past its deadline nobody waits for the answer: RabbitMQ may drop it even unconsumed.
+            # (Not the shorter queue-wait limit: a request handed back after a drain must survive.)
+            expiration=max(1.0, envelope.deadline - time.time()),
         )
         routing_key = topology.request_queue_name(envelope.model, envelope.lane, cluster)
         try:
             try:
                 await self._request_exchange.publish(message, routing_key, mandatory=True)
             except _CONNECTION_ERRORS:
-                # The connection dropped under us (a broker restart, a forced close): nothing
-                # was enqueued, so wait for the robust connection to come back and try once more.
+                # The connection dropped under us (a broker restart, a forced close): wait for the
+                # robust connection and publish once more. The first copy may have landed too; the
+                # relay follows one attempt, and the connection-lost error queued for the first
+                # try is left behind in the old reply queue.
                 await self._wait_usable()
+                replies = self._pending[envelope.request_id] = asyncio.Queue()
                 await self._request_exchange.publish(message, routing_key, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
             self.release(envelope.request_id)
@@ -180,8 +184,9 @@ class RequestClient:
         if self._channel is None:
             return None
         try:
-            messages_ready, consumers = await topology.queue_depth(self._channel, model, lane)
-        except _CONNECTION_ERRORS:
+            async with asyncio.timeout(STATS_TIMEOUT_S):  # while reconnecting, say unknown at once
+                messages_ready, consumers = await topology.queue_depth(self._channel, model, lane)
+        except (*_CONNECTION_ERRORS, TimeoutError):
             return None
         return QueueStats(messages=messages_ready, consumers=consumers)
 

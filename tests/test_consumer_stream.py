@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import AsyncIterator
 
-from consumers.handler import split_events, usage_of_stream_tail
+import pytest
+
+from broker.messages import ChunkBatch, Endpoint, Final, Lane, RequestEnvelope
+from consumers.backend import BackendClient
+from consumers.handler import RequestHandler, _Progress, split_events, usage_of_stream_tail
+
+DONE = b"data: [DONE]\n\n"
 
 
 def _event(payload: dict[str, object]) -> bytes:
@@ -39,3 +48,54 @@ def test_usage_comes_from_the_last_event() -> None:
     tail = _chunk("x") + _event({"id": "c", "choices": [], "usage": usage})
     assert usage_of_stream_tail(tail) == usage
     assert usage_of_stream_tail(_chunk("x")) is None
+
+
+class _Content:
+    def __init__(self, pieces: list[bytes], gaps_s: list[float]) -> None:
+        self._timed = list(zip(pieces, gaps_s))
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        for piece, gap_s in self._timed:
+            await asyncio.sleep(gap_s)
+            yield piece
+
+
+class _Response:
+    status = 200
+
+    def __init__(self, pieces: list[bytes], gaps_s: list[float]) -> None:
+        self.content = _Content(pieces, gaps_s)
+
+
+class _Replies:
+    def __init__(self) -> None:
+        self.frames: list[object] = []
+
+    async def send(self, frame: object) -> None:
+        self.frames.append(frame)
+
+
+@pytest.mark.parametrize(
+    "gaps_s",
+    [
+        [0.0] * 6,
+        [0.03] * 6,
+        [0.06] * 6,
+        # Three events arrive within one flush interval, then the finish chunk after it.
+        [0.0, 0.06, 0.01, 0.01, 0.06, 0.01],
+    ],
+)
+async def test_relayed_stream_keeps_every_byte_whatever_the_flush_timing(gaps_s: list[float]) -> None:
+    """vLLM's finish-only chunk arriving just after a flush must not cut or garble the stream."""
+    pieces = [_chunk(word) for word in ("Hello", " brave", " new", " world")] + [_chunk("", "stop"), DONE]
+    handler = RequestHandler(BackendClient("http://unused", 1), flush_interval_s=0.05)
+    envelope = RequestEnvelope(
+        "r", "m", Endpoint.CHAT, b"{}", True, time.time() + 60, time.time() + 60, "a", Lane.INTERACTIVE, 0.0
+    )
+    replies = _Replies()
+    await handler._relay_stream(envelope, "att", _Response(pieces, gaps_s), replies, _Progress())  # type: ignore[arg-type]
+    data = b"".join(f.data if isinstance(f, ChunkBatch) else f.body for f in replies.frames)  # type: ignore[attr-defined]
+    events = [json.loads(e.removeprefix(b"data: ")) for e in data.split(b"\n\n") if e]
+    assert "".join(e["choices"][0]["delta"]["content"] for e in events) == "Hello brave new world"
+    assert [e["choices"][0]["finish_reason"] for e in events] == [None, None, None, "stop"]
+    assert isinstance(replies.frames[-1], Final) and b"[DONE]" not in data

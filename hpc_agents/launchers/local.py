@@ -53,9 +53,14 @@ class LocalLauncher(Launcher):
         future: concurrent.futures.Future[dict[str, Any]] = concurrent.futures.Future()
 
         def run() -> None:
+            try:
+                future.set_result(start_and_wait())
+            except Exception as exc:  # the scaler must learn that this launch is over
+                future.set_exception(exc)
+
+        def start_and_wait() -> dict[str, Any]:
             if self._closed.wait(self._start_delay_s):
-                future.set_result({"agent_id": agent_id, "exit_reason": "not_started"})
-                return
+                return {"agent_id": agent_id, "exit_reason": "not_started"}
             with open(self._log_dir / f"agent-{agent_id}.log", "ab") as log:
                 process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
             with self._lock:
@@ -66,11 +71,11 @@ class LocalLauncher(Launcher):
             with self._lock:
                 self._processes.pop(agent_id, None)
             try:
-                summary = json.loads(summary_path.read_text())
+                summary: dict[str, Any] = json.loads(summary_path.read_text())
             except (OSError, ValueError):
                 summary = {"agent_id": agent_id, "exit_reason": "crashed"}
             summary["returncode"] = returncode
-            future.set_result(summary)
+            return summary
 
         threading.Thread(target=run, name=f"agent-{agent_id}", daemon=True).start()
         return future
