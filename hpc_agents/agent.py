@@ -116,6 +116,18 @@ class Agent:
             port,
             log_path,
         )
+        if await self._bring_up_backend(restart_first=False):
+            return self.backend.url
+        return None
+
+    async def _bring_up_backend(self, restart_first: bool) -> bool:
+        """Start the backend until it is ready, restarting with back-off up to `max_restarts`.
+
+        False if it never became ready, or if the agent was asked to stop meanwhile.
+        """
+        assert self.backend is not None
+        if restart_first and not await self._may_restart():
+            return False
         while True:
             self.backend.start()
             try:
@@ -124,13 +136,13 @@ class Agent:
                 log.error("backend_failed_to_start", error=str(exc))
                 await self.backend.stop()
                 if not await self._may_restart():
-                    return None
+                    return False
                 continue
             if ready is None:
-                return None  # asked to stop while loading
+                return False  # asked to stop while loading
             self.backend_ready_s = round(ready, 3)
             log.info("backend_ready", seconds=self.backend_ready_s, url=self.backend.url)
-            return self.backend.url
+            return True
 
     async def _may_restart(self) -> bool:
         if self.backend_restarts >= self.model_config.max_restarts or self._stop.is_set():
@@ -184,19 +196,11 @@ class Agent:
         await worker.requeue_inflight()  # another agent, or this one once restarted, serves them
         await self.backend.stop()
         await registry.set_state(AgentState.LOADING)
-        while await self._may_restart():
-            self.backend.start()
-            try:
-                if await self._unless_stopped(self.backend.wait_ready(self.model_config.start_timeout_s)) is None:
-                    return True  # stopping anyway; _supervise sees the stop next
-            except BackendFailed as exc:
-                log.error("backend_failed_to_start", error=str(exc))
-                await self.backend.stop()
-                continue
-            await worker.resume()
-            await registry.set_state(AgentState.HOT)
-            return True
-        return False
+        if not await self._bring_up_backend(restart_first=True):
+            return self._stop.is_set()  # stopping anyway: _supervise sees the stop next
+        await worker.resume()
+        await registry.set_state(AgentState.HOT)
+        return True
 
     async def _unless_stopped(self, work: Awaitable[T]) -> T | None:
         work_task = asyncio.ensure_future(work)

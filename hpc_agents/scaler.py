@@ -8,9 +8,11 @@ launches in progress count as capacity, so nodes waiting in a batch scheduler
 do not cause overshoot. It only ever launches: agents leave on their own when
 idle, so the scaler never kills an agent that has work.
 
-Placement: the model's clusters in order of preference, skipping those offline
-or at `max_nodes`, preferring the shortest measured cold start (a cluster not
-measured yet is tried first, so it gets measured).
+Placement: the model's clusters in order of preference, skipping those offline,
+at `max_nodes` or backing off after failed agents (1 s doubling to 60 s),
+preferring the shortest measured cold start (a cluster not measured yet is
+tried first, so it gets measured). Per-agent throughput is remembered per model,
+so a second burst is sized from what the first one measured.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ log = structlog.get_logger("hotq.scaler")
 # Requests/s one agent is assumed to serve before any has been measured: a
 # deliberately modest guess, so a cold backlog starts more than one node.
 UNMEASURED_AGENT_RPS = 1.0
-COLD_START_SMOOTHING = 0.5  # weight of the newest measurement in the running estimate
+COLD_START_SMOOTHING = 0.5
+# Agents that left for these reasons were fine; any other exit counts as a failure.
+HEALTHY_EXITS = frozenset({"idle", "signal", "walltime", "not_started"})
+MAX_LAUNCH_BACKOFF_S = 60.0  # weight of the newest measurement in the running estimate
 
 
 @dataclasses.dataclass
@@ -70,6 +75,9 @@ class Scaler:
         self._hot_seen: set[str] = set()
         self._last_desired: dict[str, int] = {}
         self._online: dict[str, bool] = {}  # cluster -> could take launches at this tick
+        self._model_rps: dict[str, float] = {}  # model -> last measured requests/s per agent
+        self._failures: dict[str, int] = {}  # cluster -> agents that failed in a row
+        self._backoff_until: dict[str, float] = {}  # cluster -> no launches before (monotonic)
 
     async def run(self, channel: AbstractChannel, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -106,6 +114,18 @@ class Scaler:
                 summary = {"exit_reason": "launch_failed", "error": repr(error)} if error else launch.future.result()
                 self.summaries.append({"agent_id": agent_id, "cluster": launch.cluster, **summary})
                 log.info("agent_finished", agent_id=agent_id, cluster=launch.cluster, summary=summary)
+                self._note_outcome(launch.cluster, str(summary.get("exit_reason")))
+
+    def _note_outcome(self, cluster: str, exit_reason: str) -> None:
+        """Back off a cluster whose agents fail, so a broken node image is not relaunched every tick."""
+        if exit_reason in HEALTHY_EXITS:
+            self._failures.pop(cluster, None)
+            return
+        failures = self._failures.get(cluster, 0) + 1
+        self._failures[cluster] = failures
+        pause = min(MAX_LAUNCH_BACKOFF_S, 2.0 ** (failures - 1))
+        self._backoff_until[cluster] = time.monotonic() + pause
+        log.warning("cluster_backoff", cluster=cluster, failures=failures, exit_reason=exit_reason, pause_s=pause)
 
     def _measure(self) -> None:
         """Update per-agent throughput and per-cluster cold start from the registry."""
@@ -133,10 +153,14 @@ class Scaler:
             rate.rps = served / (status.uptime_s - rate.uptime_s)
         rate.served, rate.uptime_s = status.served, status.uptime_s
 
-    def _agent_rps(self, agents: list[AgentStatus]) -> float:
+    def _agent_rps(self, model: str, agents: list[AgentStatus]) -> float:
+        """Requests/s one agent of the model serves: measured now, else as last measured."""
         measured = [self._rates[a.agent_id].rps for a in agents if a.agent_id in self._rates]
         measured = [rps for rps in measured if rps > 0]
-        return sum(measured) / len(measured) if measured else UNMEASURED_AGENT_RPS
+        if measured:
+            # The best agent's rate: a lightly loaded agent's served rate understates capacity.
+            self._model_rps[model] = max(measured)
+        return self._model_rps.get(model, UNMEASURED_AGENT_RPS)
 
     def _clusters_of(self, model_config: ModelConfig) -> list[str]:
         """The model's clusters in order of preference (all, when it names none)."""
@@ -156,7 +180,7 @@ class Scaler:
         pending = [x for x in self.launches.values() if x.model == model and x.agent_id not in announced]
         capacity = len(hot) + len(starting) + len(pending)  # draining agents are leaving: not capacity
         backlog += sum(pinned_backlog.values())
-        rps = self._agent_rps(hot)
+        rps = self._agent_rps(model, hot)
         wanted = math.ceil(backlog / (rps * model_config.target_drain_s)) if backlog else 0
         desired = min(max(wanted, model_config.min_hot), model_config.max_agents)
         to_launch = max(0, desired - capacity)
@@ -218,6 +242,7 @@ class Scaler:
         return (
             launcher is not None
             and self._online.get(cluster, False)
+            and time.monotonic() >= self._backoff_until.get(cluster, 0.0)
             and self._nodes_in_use(cluster) < launcher.max_nodes
         )
 
