@@ -52,6 +52,17 @@ class DecisionLog:
             args.append(model)  # type: ignore[arg-type]
         return list(self._db[TABLE].rows_where(where, args, order_by="at"))
 
+    def measured_throughput(self) -> dict[str, float]:
+        """Each model's last measured requests/s per agent, so a restarted scaler sizes its
+        first burst from experience rather than a guess."""
+        if not self._db[TABLE].exists():
+            return {}
+        rows = self._db.execute(
+            f"select model, throughput_rps from {TABLE} where throughput_rps > 0 and at = "
+            f"(select max(at) from {TABLE} as later where later.model = {TABLE}.model and later.throughput_rps > 0)"
+        ).fetchall()
+        return {model: rps for model, rps in rows}
+
 
 def decision_log_path(data_dir: str | Path) -> Path:
     return Path(data_dir) / "scaler.db"

@@ -75,7 +75,8 @@ class Scaler:
         self._hot_seen: set[str] = set()
         self._last_desired: dict[str, int] = {}
         self._online: dict[str, bool] = {}  # cluster -> could take launches at this tick
-        self._model_rps: dict[str, float] = {}  # model -> last measured requests/s per agent
+        # model -> last measured requests/s per agent (from earlier runs too)
+        self._model_rps: dict[str, float] = decisions.measured_throughput() if decisions else {}
         self._failures: dict[str, int] = {}  # cluster -> agents that failed in a row
         self._backoff_until: dict[str, float] = {}  # cluster -> no launches before (monotonic)
 
@@ -215,7 +216,7 @@ class Scaler:
             agents_hot=len(hot),
             agents_starting=len(starting),
             launches_pending=len(pending),
-            throughput_rps=round(rps, 3),
+            throughput_rps=round(self._model_rps.get(model, 0.0), 3),  # 0: not measured yet
             desired=desired,
             launched=len(placed),
             clusters=",".join(placed),

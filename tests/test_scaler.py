@@ -18,7 +18,7 @@ import pytest
 from broker.config import Config, load_config
 from broker.connection import connect
 from broker.messages import AgentState
-from hpc_agents.decisions import Decision
+from hpc_agents.decisions import Decision, DecisionLog
 from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers.local import LocalLauncher
 from hpc_agents.scaler import Scaler
@@ -136,3 +136,13 @@ async def test_min_hot_agent_is_replaced_and_exactly_one_stays(running: Running)
     await asyncio.sleep(2.0)  # no load: it stays at exactly one
     assert len(hot()) == 1 and len(scaler.launches) == 1
     assert sum(d.launched for d in running.decisions) == 2
+
+
+def test_a_restarted_scaler_sizes_from_the_throughput_it_measured_before(tmp_path: Path) -> None:
+    log = DecisionLog(tmp_path / "scaler.db")
+    log.record(Decision("m", 50, 2, 0, 0, 0.0, 2, 0, "", "before anything was measured"))
+    log.record(Decision("m", 50, 2, 0, 0, 12.5, 2, 0, "", "measured"))
+    log.record(Decision("m", 0, 0, 0, 0, 0.0, 0, 0, "", "all agents gone"))
+    config = Config(models={})
+    scaler = Scaler(config, {}, AgentDirectory(heartbeat_s=1.0), log)
+    assert scaler._agent_rps("m", []) == 12.5  # not the cold guess
