@@ -12,11 +12,14 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import Route
 
+from api.batches import Batches, BatchManager
 from api.errors import on_hotq_error, on_http_exception, on_unexpected
+from api.files import Files
 from api.ops_page import OpsMonitor
 from api.routes import Gateway
 from broker.config import Config
 from broker.errors import BrokerUnavailable, HotqError
+from broker.jobstore import AsyncJobStore, JobStore
 from ops.metrics import ApiMetrics
 from producers.request_client import RequestClient
 
@@ -29,6 +32,10 @@ def create_app(config: Config) -> Starlette:
     metrics = ApiMetrics(CollectorRegistry())
     gateway = Gateway(config, metrics)
     ops = OpsMonitor(config, metrics)
+    store = AsyncJobStore(JobStore(config.data_dir))
+    batch_manager = BatchManager(config, store)
+    files = Files(store)
+    batches = Batches(config, store, batch_manager)
 
     async def connect_until_up() -> None:
         while True:
@@ -46,6 +53,7 @@ def create_app(config: Config) -> Starlette:
         # Serve (with 503s) even while RabbitMQ is down; connect as soon as it is up.
         connecting = asyncio.create_task(connect_until_up())
         sampling = asyncio.create_task(ops.run())
+        running_batches = asyncio.create_task(batch_manager.start())  # resumes unfinished batches
         try:
             await asyncio.wait_for(asyncio.shield(connecting), timeout=5)
         except TimeoutError:
@@ -53,6 +61,9 @@ def create_app(config: Config) -> Starlette:
         yield
         connecting.cancel()
         sampling.cancel()
+        running_batches.cancel()
+        await batch_manager.close()
+        store.close()
         with contextlib.suppress(asyncio.CancelledError):
             await sampling  # closes the sampler's connection
         if gateway.client is not None:
@@ -63,6 +74,15 @@ def create_app(config: Config) -> Starlette:
         Route("/v1/completions", gateway.completions, methods=["POST"]),
         Route("/v1/embeddings", gateway.embeddings, methods=["POST"]),
         Route("/v1/models", gateway.list_models, methods=["GET"]),
+        Route("/v1/files", files.create, methods=["POST"]),
+        Route("/v1/files", files.list, methods=["GET"]),
+        Route("/v1/files/{file_id}", files.retrieve, methods=["GET"]),
+        Route("/v1/files/{file_id}", files.delete, methods=["DELETE"]),
+        Route("/v1/files/{file_id}/content", files.content, methods=["GET"]),
+        Route("/v1/batches", batches.create, methods=["POST"]),
+        Route("/v1/batches", batches.list, methods=["GET"]),
+        Route("/v1/batches/{batch_id}", batches.retrieve, methods=["GET"]),
+        Route("/v1/batches/{batch_id}/cancel", batches.cancel, methods=["POST"]),
         Route("/metrics", ops.prometheus, methods=["GET"]),
         Route("/ops", ops.page, methods=["GET"]),
         Route("/ops/data", ops.data, methods=["GET"]),

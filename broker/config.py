@@ -66,6 +66,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     stream_flush_ms: NonNegativeInt = 50  # how long a consumer coalesces tokens into one frame
     heartbeat_s: PositiveFloat = 5.0  # agent status interval on the events exchange
     ops_sample_s: PositiveFloat = 5.0  # how often the API samples queues and agents for /ops and /metrics
+    # How long a batch may run before its unfinished lines expire (OpenAI's "24h" completion window).
+    batch_window_s: PositiveFloat = 24 * 3600.0
     models: dict[str, ModelConfig] = {}
     clusters: dict[str, ClusterConfig] = {}
 

@@ -165,6 +165,105 @@ def watch(config_path: str | None, interval_s: float, once: bool) -> None:
         pass  # Ctrl-C is how a live view ends
 
 
+@cli.command()
+@config_option
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", required=True, help="the configured model to run every line on")
+@click.option("--out", "out_path", default=None, help="write the results here (OpenAI batch output format)")
+@click.option("--detach", is_flag=True, help="publish, print the job id and exit; collect later with `hotq jobs`")
+@click.option("--job-id", default=None, help="resume this job (or name a new one)")
+def submit(
+    config_path: str | None, file: str, model: str, out_path: str | None, detach: bool, job_id: str | None
+) -> None:
+    """Publish a JSONL file of requests straight onto the model's batch lane and collect the results."""
+    from pathlib import Path
+
+    from broker.jobstore import JobStore
+    from producers.bulk import SubmitError, create_job, run_job, write_results
+
+    config = _load(config_path)
+    if not detach and out_path is None:
+        raise click.UsageError("--out is required unless --detach")
+    try:
+        config.model(model)
+        store = JobStore(config.data_dir)
+        batch = store.get_batch(job_id) if job_id else None
+        if batch is None:
+            batch = create_job(config, store, Path(file), model, job_id)
+            click.echo(f"job {batch['id']}: {batch['request_counts']['total']} requests for {model}", err=True)
+        else:
+            click.echo(f"resuming job {batch['id']} ({batch['status']})", err=True)
+        batch = uvloop.run(run_job(config, store, batch["id"], collect=not detach, show_progress=True))
+    except (ConfigError, SubmitError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if detach:
+        click.echo(batch["id"])
+        return
+    written = write_results(store, batch["id"], Path(out_path))  # type: ignore[arg-type]
+    counts = batch["request_counts"]
+    click.echo(
+        f"job {batch['id']} {batch['status']}: {counts['completed']} completed, {counts['failed']} failed;"
+        f" {written} lines in {out_path}",
+        err=True,
+    )
+
+
+@cli.group()
+def jobs() -> None:
+    """Bulk jobs started by `hotq submit` (and batches made through the API)."""
+
+
+@jobs.command("status")
+@config_option
+@click.argument("job_id")
+def jobs_status(config_path: str | None, job_id: str) -> None:
+    """Print the job as an OpenAI batch object."""
+    from broker.jobstore import JobStore
+
+    batch = JobStore(_load(config_path).data_dir).get_batch(job_id)
+    if batch is None:
+        raise click.ClickException(f"no job {job_id}")
+    click.echo(json.dumps(batch, indent=2))
+
+
+@jobs.command("fetch")
+@config_option
+@click.argument("job_id")
+@click.option("--out", "out_path", required=True, help="write the results here (OpenAI batch output format)")
+def jobs_fetch(config_path: str | None, job_id: str, out_path: str) -> None:
+    """Collect a job's results until it is finished, then write them."""
+    from pathlib import Path
+
+    from broker.jobstore import TERMINAL_STATUSES, JobStore
+    from producers.bulk import run_job, write_results
+
+    config = _load(config_path)
+    store = JobStore(config.data_dir)
+    batch = store.get_batch(job_id)
+    if batch is None:
+        raise click.ClickException(f"no job {job_id}")
+    if batch["status"] not in TERMINAL_STATUSES:
+        batch = uvloop.run(run_job(config, store, job_id, collect=True, show_progress=True))
+    written = write_results(store, job_id, Path(out_path))
+    click.echo(f"job {job_id} {batch['status']}: {written} lines in {out_path}", err=True)
+
+
+@jobs.command("cancel")
+@config_option
+@click.argument("job_id")
+def jobs_cancel(config_path: str | None, job_id: str) -> None:
+    """Stop dispatching a job; it ends `cancelled` with the results it has."""
+    from broker.jobstore import JobStore
+    from producers.bulk import SubmitError, cancel_job
+
+    config = _load(config_path)
+    try:
+        batch = cancel_job(config, JobStore(config.data_dir), job_id)
+    except SubmitError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"job {job_id} {batch['status']}")
+
+
 def main() -> None:
     cli(prog_name="hotq")
 

@@ -1,0 +1,187 @@
+"""OpenAI's Batch API (/v1/batches), and the batches this API process runs.
+
+Creating a batch validates its input file whole (a bad line fails the batch, with
+every bad line named, and nothing is dispatched), stores its lines, and starts a
+`BatchRunner` in this process. At start-up the process resumes every unfinished
+batch created through the API; `hotq submit` runs its own jobs, which show up here
+too (same job store).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from typing import Any
+
+import structlog
+from aio_pika.abc import AbstractRobustConnection
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from api.files import FileNotFound, int_param, list_response
+from broker.batch_input import parse_batch_file
+from broker.config import Config
+from broker.connection import connect
+from broker.errors import BrokerUnavailable, HotqError, InvalidRequest
+from broker.jobstore import AsyncJobStore, new_id
+from broker.messages import Endpoint
+from consumers.collector import BatchRunner
+
+log = structlog.get_logger("hotq.api")
+
+ENDPOINTS = {endpoint.path: endpoint for endpoint in Endpoint}
+BROKER_RETRY_S = 2.0
+
+
+class BatchNotFound(HotqError):
+    status = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class BatchManager:
+    """The batch runners of this API process, on a connection of their own."""
+
+    def __init__(self, config: Config, store: AsyncJobStore) -> None:
+        self.config = config
+        self.store = store
+        self.connection: AbstractRobustConnection | None = None
+        self._runners: dict[str, asyncio.Task[Any]] = {}
+
+    async def start(self) -> None:
+        """Connect (retrying while RabbitMQ is down) and resume this API's unfinished batches."""
+        while self.connection is None:
+            try:
+                self.connection = await connect(self.config.amqp_url, "api-batches")
+            except BrokerUnavailable as exc:
+                log.warning("batches_broker_unreachable_retrying", error=exc.message)
+                await asyncio.sleep(BROKER_RETRY_S)
+        for batch_id in await self.store.call(self.store.store.active_batches, "api"):
+            log.info("batch_resumed", batch_id=batch_id)
+            self.run(batch_id)
+
+    def run(self, batch_id: str) -> None:
+        if self.connection is None or batch_id in self._runners:
+            return  # not connected yet: `start` resumes it
+        runner = BatchRunner(self.connection, self.store, batch_id)
+        task = asyncio.create_task(self._run(runner))
+        self._runners[batch_id] = task
+        task.add_done_callback(lambda _: self._runners.pop(batch_id, None))
+
+    async def _run(self, runner: BatchRunner) -> None:
+        while True:
+            try:
+                await runner.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("batch_runner_failed_restarting", batch_id=runner.batch_id)
+                await asyncio.sleep(BROKER_RETRY_S)
+
+    async def close(self) -> None:
+        for task in list(self._runners.values()):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self.connection is not None:
+            await self.connection.close()
+
+
+class Batches:
+    def __init__(self, config: Config, store: AsyncJobStore, manager: BatchManager) -> None:
+        self._config = config
+        self._store = store
+        self._manager = manager
+
+    async def create(self, request: Request) -> Response:
+        try:
+            params = json.loads(await request.body())
+        except ValueError:
+            raise InvalidRequest("the request body is not valid JSON") from None
+        if not isinstance(params, dict):
+            raise InvalidRequest("the request body must be a JSON object")
+        input_file_id = params.get("input_file_id")
+        endpoint = params.get("endpoint")
+        if not isinstance(input_file_id, str) or not input_file_id:
+            raise InvalidRequest("`input_file_id` is required", param="input_file_id")
+        if endpoint not in ENDPOINTS:
+            raise InvalidRequest(f"`endpoint` must be one of {', '.join(ENDPOINTS)}", param="endpoint")
+        if params.get("completion_window") != "24h":
+            raise InvalidRequest("`completion_window` must be 24h", param="completion_window")
+        metadata = _metadata(params.get("metadata"))
+        db = self._store.store
+        file = await self._store.call(db.get_file, input_file_id)
+        if file is None:
+            raise FileNotFound(f"No such File object: {input_file_id}", param="input_file_id")
+        if file["purpose"] != "batch":
+            raise InvalidRequest("the input file must have been uploaded with purpose `batch`", param="input_file_id")
+        content = await self._store.call(db.file_content, input_file_id) or b""
+        parsed = await asyncio.to_thread(parse_batch_file, content, ENDPOINTS[endpoint], self._config.models)
+        batch = await self._store.call(
+            db.create_batch,
+            batch_id=new_id("batch_"),
+            endpoint=endpoint,
+            model=parsed.model,
+            input_file_id=input_file_id,
+            window_s=self._config.batch_window_s,
+            metadata=metadata,
+            source="api",
+            lines=parsed.lines,
+            errors=parsed.errors,
+        )
+        if batch["status"] == "failed":
+            log.info("batch_invalid", batch_id=batch["id"], errors=len(parsed.errors))
+        else:
+            log.info("batch_created", batch_id=batch["id"], lines=len(parsed.lines), model=parsed.model)
+            self._manager.run(batch["id"])
+        return JSONResponse(batch)
+
+    async def retrieve(self, request: Request) -> Response:
+        return JSONResponse(await self._get(request.path_params["batch_id"]))
+
+    async def list(self, request: Request) -> Response:
+        items, has_more = await self._store.call(
+            self._store.store.list_batches, request.query_params.get("after"), int_param(request, "limit", 20, 1, 100)
+        )
+        return list_response(items, has_more)
+
+    async def cancel(self, request: Request) -> Response:
+        batch_id = request.path_params["batch_id"]
+        batch = await self._get(batch_id)
+        db = self._store.store
+        if batch["status"] in ("cancelling", "cancelled"):
+            return JSONResponse(batch)
+        if not await self._store.call(db.set_status, batch_id, "cancelling", only_from=["validating", "in_progress"]):
+            raise HotqError(
+                f"Cannot cancel a batch with status {batch['status']}",
+                status=409,
+                error_type="invalid_request_error",
+                code="batch_not_cancellable",
+            )
+        if not await self._store.call(db.runner_alive, batch_id):
+            self._manager.run(batch_id)  # e.g. a detached `hotq submit` job: finish the cancel here
+        return JSONResponse(await self._get(batch_id))
+
+    async def _get(self, batch_id: str) -> dict[str, Any]:
+        batch = await self._store.call(self._store.store.get_batch, batch_id)
+        if batch is None:
+            raise BatchNotFound(f"No such Batch object: {batch_id}", param="batch_id")
+        return batch
+
+
+def _metadata(value: Any) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if (
+        not isinstance(value, dict)
+        or len(value) > 16
+        or not all(
+            isinstance(k, str) and len(k) <= 64 and isinstance(v, str) and len(v) <= 512 for k, v in value.items()
+        )
+    ):
+        raise InvalidRequest(
+            "`metadata` holds at most 16 string pairs (keys up to 64, values up to 512 characters)", param="metadata"
+        )
+    return value

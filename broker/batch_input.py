@@ -1,0 +1,142 @@
+"""Reading and validating a batch input file (JSONL), before anything is dispatched.
+
+Two forms: OpenAI's batch lines ``{custom_id, method: "POST", url, body}`` (the
+Batch API and `hotq submit`), and, for `hotq submit` only, plain request bodies, one
+a line (their custom_id is the line number). Every problem is reported with its
+1-based line number, in the shape of OpenAI's ``errors.data[]`` entries; a batch with
+any error is not run at all.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from broker.messages import Endpoint
+
+MAX_LINES = 50_000  # OpenAI's limit per batch
+MAX_REPORTED_ERRORS = 1000
+_REQUIRED_FIELD = {Endpoint.CHAT: "messages", Endpoint.COMPLETIONS: "prompt", Endpoint.EMBEDDINGS: "input"}
+_BY_PATH = {endpoint.path: endpoint for endpoint in Endpoint}
+
+
+@dataclass
+class ParsedBatch:
+    lines: list[tuple[int, str, bytes]] = field(default_factory=list)  # (line, custom_id, body JSON)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    model: str | None = None
+    endpoint: Endpoint | None = None
+
+    def error(self, line: int | None, code: str, message: str, param: str | None = None) -> None:
+        if len(self.errors) < MAX_REPORTED_ERRORS:
+            self.errors.append({"code": code, "message": message, "param": param, "line": line})
+
+
+def parse_batch_file(
+    data: bytes,
+    endpoint: Endpoint | None,
+    models: Collection[str],
+    default_model: str | None = None,
+    allow_plain: bool = False,
+) -> ParsedBatch:
+    """Validate every line. `endpoint` None: take it from the lines (`hotq submit`).
+    `default_model`: the model of bodies that name none (and the only one allowed).
+    `allow_plain`: accept bare request bodies (custom_id = line number)."""
+    parsed = ParsedBatch(endpoint=endpoint, model=default_model)
+    seen: set[str] = set()
+    count = 0
+    for number, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        count += 1
+        if count > MAX_LINES:
+            parsed.error(number, "too_many_requests", f"a batch holds at most {MAX_LINES} requests")
+            break
+        _parse_line(parsed, number, raw, models, allow_plain, seen)
+    if count == 0:
+        parsed.error(None, "empty_file", "the input file has no requests")
+    if parsed.errors:
+        parsed.lines.clear()
+    return parsed
+
+
+def _parse_line(
+    parsed: ParsedBatch, number: int, raw: bytes, models: Collection[str], allow_plain: bool, seen: set[str]
+) -> None:
+    try:
+        item = json.loads(raw)
+    except ValueError as exc:
+        parsed.error(number, "invalid_json_line", f"line {number} is not valid JSON: {exc}")
+        return
+    if not isinstance(item, dict):
+        parsed.error(number, "invalid_request", f"line {number} is not a JSON object")
+        return
+    openai_line = "custom_id" in item or "body" in item or "url" in item or "method" in item
+    if openai_line or not allow_plain:
+        for key in ("custom_id", "method", "url", "body"):
+            if key not in item:
+                parsed.error(number, "missing_required_parameter", f"line {number} has no `{key}`", key)
+                return
+        custom_id, method, url, body = item["custom_id"], item["method"], item["url"], item["body"]
+        if not isinstance(custom_id, str) or not custom_id:
+            parsed.error(number, "invalid_request", "`custom_id` must be a non-empty string", "custom_id")
+            return
+        if method != "POST":
+            parsed.error(number, "invalid_method", f"`method` must be POST, not {method!r}", "method")
+            return
+        line_endpoint = _BY_PATH.get(url) if isinstance(url, str) else None
+        if line_endpoint is None or (parsed.endpoint is not None and line_endpoint is not parsed.endpoint):
+            expected = parsed.endpoint.path if parsed.endpoint else " or ".join(_BY_PATH)
+            parsed.error(number, "invalid_url", f"`url` {url!r} does not match the batch endpoint {expected}", "url")
+            return
+    else:
+        custom_id, body = str(number), item
+        line_endpoint = next((e for e, key in _REQUIRED_FIELD.items() if key in body), None)
+        if line_endpoint is None:
+            parsed.error(number, "invalid_request", "a request body needs `messages`, `prompt` or `input`")
+            return
+    if parsed.endpoint is None:
+        parsed.endpoint = line_endpoint
+    elif line_endpoint is not parsed.endpoint:
+        parsed.error(number, "mismatched_endpoint", f"every request must target {parsed.endpoint.path}", "url")
+        return
+    if custom_id in seen:
+        parsed.error(number, "duplicate_custom_id", f"`custom_id` {custom_id!r} is used more than once", "custom_id")
+        return
+    seen.add(custom_id)
+    if not isinstance(body, dict):
+        parsed.error(number, "invalid_request", "`body` must be a JSON object", "body")
+        return
+    if _check_body(parsed, number, body, line_endpoint, models):
+        parsed.lines.append((number, custom_id, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()))
+
+
+def _check_body(
+    parsed: ParsedBatch, number: int, body: dict[str, Any], endpoint: Endpoint, models: Collection[str]
+) -> bool:
+    model = body.get("model")
+    if model is None and parsed.model is not None:
+        body["model"] = model = parsed.model
+    if not isinstance(model, str) or not model:
+        parsed.error(number, "missing_required_parameter", "`body.model` is required", "body.model")
+        return False
+    if parsed.model is None:
+        parsed.model = model
+    elif model != parsed.model:
+        parsed.error(
+            number, "mismatched_model", f"all requests must use model {parsed.model!r}, not {model!r}", "body.model"
+        )
+        return False
+    if model not in models:
+        parsed.error(number, "model_not_found", f"the model `{model}` does not exist", "body.model")
+        return False
+    if body.get("stream"):
+        parsed.error(number, "invalid_request", "batch requests cannot stream", "body.stream")
+        return False
+    required = _REQUIRED_FIELD[endpoint]
+    if body.get(required) in (None, "", []):
+        parsed.error(number, "missing_required_parameter", f"`body.{required}` is required", f"body.{required}")
+        return False
+    return True

@@ -1,0 +1,445 @@
+"""The job store: uploaded files, batches, their lines and their results (sqlite, WAL).
+
+One database, ``<data_dir>/jobs.db``, shared by the API process and `hotq submit`
+(WAL lets them read while one writes); file contents live on disk under
+``<data_dir>/files/``. A batch is the OpenAI batch object plus its lines; each line
+has a request id (the correlation id of its queued request) and a `published` flag
+set only after RabbitMQ confirmed it. A result is unique per (batch, custom_id), so
+recording one is idempotent: a redelivered answer, or a collector restarted after
+a crash, never duplicates a line.
+
+`JobStore` is synchronous (the CLI and tests use it directly); `AsyncJobStore`
+runs the same calls on one dedicated thread so an event loop never blocks on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+import sqlite_utils
+
+BATCH_STATUSES = (
+    "validating",
+    "failed",
+    "in_progress",
+    "finalizing",
+    "completed",
+    "expired",
+    "cancelling",
+    "cancelled",
+)
+ACTIVE_STATUSES = ("in_progress", "finalizing", "cancelling")
+TERMINAL_STATUSES = ("failed", "completed", "expired", "cancelled")
+_TIMESTAMPS = {
+    "in_progress": "in_progress_at",
+    "finalizing": "finalizing_at",
+    "completed": "completed_at",
+    "failed": "failed_at",
+    "expired": "expired_at",
+    "cancelling": "cancelling_at",
+    "cancelled": "cancelled_at",
+}
+# A runner that touched its batch within this long is alive (another process must not adopt it).
+RUNNER_ALIVE_S = 5.0
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Line:
+    line: int  # 1-based line number in the input file
+    custom_id: str
+    request_id: str
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    custom_id: str
+    line: int
+    ok: bool
+    record: str  # the output (or error) file line, JSON
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}{os.urandom(12).hex()}"
+
+
+class JobStore:
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = Path(data_dir)
+        self.files_dir = self.data_dir / "files"
+        self.files_dir.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.data_dir / "jobs.db", timeout=30, check_same_thread=False, isolation_level=None)
+        self.db = sqlite_utils.Database(conn)
+        self.db.execute("PRAGMA busy_timeout = 30000")
+        self.db.enable_wal()
+        self.db.execute("PRAGMA synchronous = NORMAL")
+        self._create_tables()
+
+    def _create_tables(self) -> None:
+        db = self.db
+        db["files"].create(
+            {
+                "id": str,
+                "bytes": int,
+                "created_at": int,
+                "filename": str,
+                "purpose": str,
+                "status": str,
+                "path": str,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        db["batches"].create(
+            {
+                "id": str,
+                "endpoint": str,
+                "model": str,
+                "input_file_id": str,
+                "completion_window": str,
+                "status": str,
+                "output_file_id": str,
+                "error_file_id": str,
+                "created_at": int,
+                "in_progress_at": int,
+                "expires_at": float,
+                "finalizing_at": int,
+                "completed_at": int,
+                "failed_at": int,
+                "expired_at": int,
+                "cancelling_at": int,
+                "cancelled_at": int,
+                "total": int,
+                "completed": int,
+                "failed": int,
+                "errors": str,
+                "metadata": str,
+                "source": str,
+                "runner_seen_at": float,
+            },
+            pk="id",
+            if_not_exists=True,
+        )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS lines (batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL,"
+            " request_id TEXT NOT NULL, body BLOB NOT NULL, published INTEGER NOT NULL DEFAULT 0,"
+            " PRIMARY KEY (batch_id, line)) WITHOUT ROWID"
+        )
+        db.execute("CREATE UNIQUE INDEX IF NOT EXISTS lines_request ON lines (request_id)")
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS results (batch_id TEXT NOT NULL, custom_id TEXT NOT NULL,"
+            " line INTEGER NOT NULL, ok INTEGER NOT NULL, record TEXT NOT NULL,"
+            " PRIMARY KEY (batch_id, custom_id)) WITHOUT ROWID"
+        )
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # -- files ---------------------------------------------------------------
+
+    def create_file(self, filename: str, purpose: str, content: bytes, file_id: str | None = None) -> dict[str, Any]:
+        file_id = file_id or new_id("file-")
+        path = self.files_dir / file_id
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(content)
+        tmp.replace(path)
+        row = {
+            "id": file_id,
+            "bytes": len(content),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "path": str(path),
+        }
+        self.db["files"].upsert(row, pk="id")
+        return _file_object(row)
+
+    def get_file(self, file_id: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM files WHERE id = ?", [file_id]))
+        return _file_object(rows[0]) if rows else None
+
+    def file_content(self, file_id: str) -> bytes | None:
+        rows = list(self.db.query("SELECT path FROM files WHERE id = ?", [file_id]))
+        if not rows:
+            return None
+        try:
+            return Path(rows[0]["path"]).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def list_files(
+        self, purpose: str | None = None, after: str | None = None, limit: int = 10000, order: str = "desc"
+    ) -> tuple[list[dict[str, Any]], bool]:
+        rows = [_file_object(row) for row in self.db.query("SELECT * FROM files ORDER BY created_at, rowid")]
+        if order == "desc":
+            rows.reverse()
+        if purpose:
+            rows = [row for row in rows if row["purpose"] == purpose]
+        return _page(rows, after, limit)
+
+    def delete_file(self, file_id: str) -> bool:
+        rows = list(self.db.query("SELECT path FROM files WHERE id = ?", [file_id]))
+        if not rows:
+            return False
+        self.db.execute("DELETE FROM files WHERE id = ?", [file_id])
+        Path(rows[0]["path"]).unlink(missing_ok=True)
+        return True
+
+    # -- batches ---------------------------------------------------------------
+
+    def create_batch(
+        self,
+        *,
+        batch_id: str,
+        endpoint: str,
+        model: str | None,
+        input_file_id: str,
+        window_s: float,
+        metadata: dict[str, str] | None,
+        source: str,
+        lines: Iterable[tuple[int, str, bytes]] = (),
+        errors: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """A batch that starts `in_progress` with its lines, or `failed` with `errors` (no lines)."""
+        now = time.time()
+        row: dict[str, Any] = {
+            "id": batch_id,
+            "endpoint": endpoint,
+            "model": model,
+            "input_file_id": input_file_id,
+            "completion_window": "24h",
+            "status": "failed" if errors else "in_progress",
+            "created_at": int(now),
+            "expires_at": now + window_s,
+            "total": 0,
+            "completed": 0,
+            "failed": 0,
+            "errors": json.dumps({"object": "list", "data": errors}) if errors else None,
+            "metadata": json.dumps(metadata) if metadata is not None else None,
+            "source": source,
+        }
+        if errors:
+            row["failed_at"] = int(now)
+            self._insert_batch(row)
+            return self.get_batch(batch_id)  # type: ignore[return-value]
+        row["in_progress_at"] = int(now)
+        rows = [(batch_id, line, custom_id, new_id(""), body) for line, custom_id, body in lines]
+        row["total"] = len(rows)
+        with self.db.conn:
+            self.db.execute("BEGIN")
+            self._insert_batch(row)
+            self.db.conn.executemany(
+                "INSERT INTO lines (batch_id, line, custom_id, request_id, body) VALUES (?, ?, ?, ?, ?)", rows
+            )
+        return self.get_batch(batch_id)  # type: ignore[return-value]
+
+    def _insert_batch(self, row: dict[str, Any]) -> None:
+        # Plain SQL: sqlite-utils' insert commits on its own, which would split a transaction.
+        self.db.execute(
+            f"INSERT INTO batches ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
+        )
+
+    def batch_row(self, batch_id: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM batches WHERE id = ?", [batch_id]))
+        return rows[0] if rows else None
+
+    def get_batch(self, batch_id: str) -> dict[str, Any] | None:
+        row = self.batch_row(batch_id)
+        return batch_object(row) if row else None
+
+    def list_batches(self, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
+        rows = [
+            batch_object(row) for row in self.db.query("SELECT * FROM batches ORDER BY created_at DESC, rowid DESC")
+        ]
+        return _page(rows, after, limit)
+
+    def set_status(self, batch_id: str, status: str, only_from: Iterable[str] | None = None, **fields: Any) -> bool:
+        """Move a batch to `status` (stamping its *_at); with `only_from`, only from those statuses.
+        Returns whether the batch changed."""
+        assert status in BATCH_STATUSES
+        values = dict(fields, status=status)
+        if status in _TIMESTAMPS:
+            values[_TIMESTAMPS[status]] = int(time.time())
+        sets = ", ".join(f"{key} = ?" for key in values)
+        sql = f"UPDATE batches SET {sets} WHERE id = ?"
+        params = [*values.values(), batch_id]
+        if only_from is not None:
+            allowed = list(only_from)
+            sql += f" AND status IN ({', '.join('?' * len(allowed))})"
+            params += allowed
+        cursor = self.db.execute(sql, params)
+        return cursor.rowcount > 0
+
+    def touch(self, batch_id: str) -> None:
+        """The runner of this batch is alive."""
+        self.db.execute("UPDATE batches SET runner_seen_at = ? WHERE id = ?", [time.time(), batch_id])
+
+    def runner_alive(self, batch_id: str) -> bool:
+        row = self.batch_row(batch_id)
+        return bool(row and row["runner_seen_at"] and time.time() - row["runner_seen_at"] < RUNNER_ALIVE_S)
+
+    def active_batches(self, source: str | None = None) -> list[str]:
+        sql = f"SELECT id FROM batches WHERE status IN ({', '.join('?' * len(ACTIVE_STATUSES))})"
+        params: list[Any] = list(ACTIVE_STATUSES)
+        if source is not None:
+            sql += " AND source = ?"
+            params.append(source)
+        return [row["id"] for row in self.db.query(sql, params)]
+
+    # -- lines -----------------------------------------------------------------
+
+    def unpublished_lines(self, batch_id: str, after_line: int, limit: int) -> list[Line]:
+        cursor = self.db.execute(
+            "SELECT line, custom_id, request_id, body FROM lines WHERE batch_id = ? AND line > ? AND published = 0"
+            " ORDER BY line LIMIT ?",
+            [batch_id, after_line, limit],
+        )
+        return [Line(*row) for row in cursor.fetchall()]
+
+    def mark_published(self, batch_id: str, lines: list[int]) -> None:
+        with self.db.conn:
+            self.db.execute("BEGIN")
+            self.db.conn.executemany(
+                "UPDATE lines SET published = 1 WHERE batch_id = ? AND line = ?", [(batch_id, n) for n in lines]
+            )
+
+    def published_count(self, batch_id: str) -> int:
+        return self.db.execute(
+            "SELECT count(*) FROM lines WHERE batch_id = ? AND published = 1", [batch_id]
+        ).fetchone()[0]
+
+    def lines_for(self, request_ids: list[str]) -> dict[str, tuple[str, int, str]]:
+        """request_id -> (batch_id, line, custom_id)."""
+        found: dict[str, tuple[str, int, str]] = {}
+        for start in range(0, len(request_ids), 500):
+            chunk = request_ids[start : start + 500]
+            marks = ", ".join("?" * len(chunk))
+            cursor = self.db.execute(
+                f"SELECT request_id, batch_id, line, custom_id FROM lines WHERE request_id IN ({marks})", chunk
+            )
+            for request_id, batch_id, line, custom_id in cursor.fetchall():
+                found[request_id] = (batch_id, line, custom_id)
+        return found
+
+    def unfinished_lines(self, batch_id: str) -> list[tuple[int, str, str]]:
+        """(line, custom_id, request_id) of lines that have no result yet."""
+        cursor = self.db.execute(
+            "SELECT l.line, l.custom_id, l.request_id FROM lines l LEFT JOIN results r"
+            " ON r.batch_id = l.batch_id AND r.custom_id = l.custom_id WHERE l.batch_id = ? AND r.custom_id IS NULL"
+            " ORDER BY l.line",
+            [batch_id],
+        )
+        return cursor.fetchall()
+
+    # -- results ---------------------------------------------------------------
+
+    def record_results(self, batch_id: str, results: list[Result]) -> tuple[int, int]:
+        """Record results once each (a repeated custom_id is ignored); returns (new ok, new failed)."""
+        added = [0, 0]
+        with self.db.conn:
+            self.db.execute("BEGIN IMMEDIATE")
+            for ok in (True, False):
+                rows = [(batch_id, r.custom_id, r.line, int(ok), r.record) for r in results if r.ok is ok]
+                if rows:
+                    cursor = self.db.conn.executemany(
+                        "INSERT OR IGNORE INTO results (batch_id, custom_id, line, ok, record) VALUES (?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                    added[0 if ok else 1] = cursor.rowcount
+            if added[0] or added[1]:
+                self.db.execute(
+                    "UPDATE batches SET completed = completed + ?, failed = failed + ?, runner_seen_at = ?"
+                    " WHERE id = ?",
+                    [added[0], added[1], time.time(), batch_id],
+                )
+        return added[0], added[1]
+
+    def result_records(self, batch_id: str, ok: bool) -> list[str]:
+        cursor = self.db.execute(
+            "SELECT record FROM results WHERE batch_id = ? AND ok = ? ORDER BY line", [batch_id, int(ok)]
+        )
+        return [row[0] for row in cursor.fetchall()]
+
+    def result_count(self, batch_id: str) -> int:
+        return self.db.execute("SELECT count(*) FROM results WHERE batch_id = ?", [batch_id]).fetchone()[0]
+
+
+class AsyncJobStore:
+    """The same store for an event loop: every call runs on one dedicated thread."""
+
+    def __init__(self, store: JobStore) -> None:
+        self.store = store
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jobstore")
+
+    async def call(self, method: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: method(*args, **kwargs))
+
+    def shutdown(self) -> None:
+        """Finish the calls under way; the store stays open."""
+        self._executor.shutdown(wait=True)
+
+    def close(self) -> None:
+        self.shutdown()
+        self.store.close()
+
+
+def _file_object(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "object": "file",
+        "bytes": row["bytes"],
+        "created_at": row["created_at"],
+        "filename": row["filename"],
+        "purpose": row["purpose"],
+        "status": row["status"],
+        "expires_at": None,
+        "status_details": None,
+    }
+
+
+def batch_object(row: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAI batch object of a stored batch."""
+    return {
+        "id": row["id"],
+        "object": "batch",
+        "endpoint": row["endpoint"],
+        "model": row["model"],
+        "errors": json.loads(row["errors"]) if row["errors"] else None,
+        "input_file_id": row["input_file_id"],
+        "completion_window": row["completion_window"],
+        "status": row["status"],
+        "output_file_id": row["output_file_id"],
+        "error_file_id": row["error_file_id"],
+        "created_at": row["created_at"],
+        "in_progress_at": row["in_progress_at"],
+        "expires_at": int(row["expires_at"]) if row["expires_at"] is not None else None,
+        "finalizing_at": row["finalizing_at"],
+        "completed_at": row["completed_at"],
+        "failed_at": row["failed_at"],
+        "expired_at": row["expired_at"],
+        "cancelling_at": row["cancelling_at"],
+        "cancelled_at": row["cancelled_at"],
+        "request_counts": {"total": row["total"], "completed": row["completed"], "failed": row["failed"]},
+        "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
+    }
+
+
+def _page(rows: list[dict[str, Any]], after: str | None, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    if after is not None:
+        ids = [row["id"] for row in rows]
+        rows = rows[ids.index(after) + 1 :] if after in ids else []
+    return rows[:limit], len(rows) > limit

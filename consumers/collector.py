@@ -1,0 +1,277 @@
+"""Running a batch to its end: dispatch its lines, collect its answers, write its files.
+
+`BatchRunner.run` drives one stored batch. It publishes the lines not yet confirmed
+(`producers.bulk.dispatch`), consumes the batch's durable results queue, and records
+each answer in the job store, acking a delivery only after the store committed it.
+Recording is idempotent per custom_id, so a runner killed at any point (with the API,
+or a `hotq submit` process) and started again loses and duplicates nothing: the answers
+it had not acked are delivered again, and the lines it had not seen confirmed are
+published again. When every line has an answer the batch goes finalizing → completed
+with OpenAI's output and error files; at its expiry the unfinished lines get
+`batch_expired` and the batch is `expired`; a cancelled batch stops dispatching, waits
+briefly for answers in flight and ends `cancelled` with what it has. A finished
+batch's results queue is deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+
+from broker import messages, topology
+from broker.errors import WireError
+from broker.jobstore import TERMINAL_STATUSES, AsyncJobStore, JobStore, Result
+from broker.messages import Endpoint, ErrorReply, Final, ReplyFrame
+from producers.bulk import dispatch
+
+log = structlog.get_logger("hotq.collector")
+
+COLLECT_PREFETCH = 2000  # answers held unacked at once, recorded in one transaction each round
+POLL_S = 0.5  # how often the runner looks at the batch's status (cancel, expiry) when idle
+CANCEL_QUIET_S = 1.0  # a cancelled batch ends once no answer came for this long ...
+CANCEL_MAX_S = 10.0  # ... or this long after the cancel, whichever is first
+EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+
+
+def output_file_id(batch_id: str) -> str:
+    return f"file-{batch_id}-output"
+
+
+def error_file_id(batch_id: str) -> str:
+    return f"file-{batch_id}-error"
+
+
+class BatchRunner:
+    def __init__(
+        self,
+        connection: AbstractRobustConnection,
+        store: AsyncJobStore,
+        batch_id: str,
+        *,
+        publish: bool = True,
+        collect: bool = True,
+        on_published: Callable[[int], None] | None = None,
+        on_collected: Callable[[int], None] | None = None,
+    ) -> None:
+        self._connection = connection
+        self._store = store
+        self._db: JobStore = store.store
+        self.batch_id = batch_id
+        self._publish = publish
+        self._collect = collect
+        self._on_published = on_published
+        self._on_collected = on_collected
+        self._stop_dispatch = False
+        self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def run(self) -> dict[str, Any]:
+        """Run until the batch is finished (or, with collect=False, until it is dispatched)."""
+        with structlog.contextvars.bound_contextvars(batch_id=self.batch_id):
+            row = await self._store.call(self._db.batch_row, self.batch_id)
+            if row is None:
+                raise KeyError(self.batch_id)
+            dispatching: asyncio.Task[None] | None = None
+            if self._publish and row["status"] == "in_progress":
+                dispatching = asyncio.create_task(self._dispatch(row))
+            try:
+                if not self._collect:
+                    if dispatching is not None:
+                        await dispatching
+                    return await self._batch()
+                return await self._collect_until_done()
+            finally:
+                self._stop_dispatch = True
+                if dispatching is not None and not dispatching.done():
+                    dispatching.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await dispatching
+
+    async def _batch(self) -> dict[str, Any]:
+        batch = await self._store.call(self._db.get_batch, self.batch_id)
+        assert batch is not None
+        return batch
+
+    async def _dispatch(self, row: dict[str, Any]) -> None:
+        while not self._stop_dispatch:
+            try:
+                await dispatch(
+                    self._connection,
+                    self._store,
+                    self.batch_id,
+                    row["model"],
+                    Endpoint(row["endpoint"].removeprefix("/v1/")),
+                    row["expires_at"],
+                    should_stop=lambda: self._stop_dispatch,
+                    on_published=self._on_published,
+                )
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a dropped connection: the robust connection comes back
+                log.warning("batch_dispatch_failed_retrying", error=repr(exc))
+                await asyncio.sleep(1.0)
+
+    async def _collect_until_done(self) -> dict[str, Any]:
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=COLLECT_PREFETCH)
+        queue = await topology.declare_results_queue(channel, self.batch_id)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            self._inbox.put_nowait(message)
+
+        tag = await queue.consume(on_message)
+        control = await channel.declare_exchange(topology.CONTROL_EXCHANGE, "fanout", durable=True)
+        cancel_seen: float | None = None
+        cancel_sent = 0.0
+        last_answer = time.monotonic()
+        last_touch = 0.0
+        try:
+            while True:
+                if await self._record(await self._take()):
+                    last_answer = time.monotonic()
+                now = time.monotonic()
+                if now - last_touch > 1.0:
+                    await self._store.call(self._db.touch, self.batch_id)
+                    last_touch = now
+                row = await self._store.call(self._db.batch_row, self.batch_id)
+                assert row is not None
+                status = row["status"]
+                if status in TERMINAL_STATUSES:
+                    break
+                if status == "finalizing" or (
+                    status == "in_progress" and row["completed"] + row["failed"] >= row["total"]
+                ):
+                    await self._finish("completed")
+                elif status == "in_progress" and time.time() >= row["expires_at"]:
+                    await self._finish("expired")
+                elif status == "cancelling":
+                    self._stop_dispatch = True
+                    cancel_seen = cancel_seen or now
+                    if now - cancel_sent > 1.0:  # again now and then, for consumers that just started
+                        cancel = messages.Cancel(topology.results_queue_name(self.batch_id))
+                        await control.publish(aio_pika.Message(messages.encode(cancel)), routing_key="")
+                        cancel_sent = now
+                    if now - last_answer >= CANCEL_QUIET_S or now - cancel_seen >= CANCEL_MAX_S:
+                        await self._finish("cancelled")
+        finally:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        batch = await self._batch()
+        if batch["status"] in TERMINAL_STATUSES:
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(topology.results_queue_name(self.batch_id))
+        with contextlib.suppress(Exception):
+            await channel.close()
+        log.info("batch_finished", status=batch["status"], counts=batch["request_counts"])
+        return batch
+
+    async def _take(self) -> list[AbstractIncomingMessage]:
+        """The answers that arrived (waiting up to POLL_S for the first)."""
+        try:
+            first = await asyncio.wait_for(self._inbox.get(), POLL_S)
+        except TimeoutError:
+            return []
+        taken = [first]
+        while len(taken) < COLLECT_PREFETCH:
+            try:
+                taken.append(self._inbox.get_nowait())
+            except asyncio.QueueEmpty:
+                break
+        return taken
+
+    async def _record(self, delivered: list[AbstractIncomingMessage]) -> bool:
+        """Record the answers among `delivered` (once each), then ack them all."""
+        if not delivered:
+            return False
+        frames: list[Final | ErrorReply] = []
+        for message in delivered:
+            try:
+                frame = messages.decode_as(message.body, ReplyFrame)
+            except WireError as exc:
+                log.warning("result_undecodable", error=exc.message)
+                continue
+            if isinstance(frame, Final | ErrorReply):
+                frames.append(frame)  # `Started` (a slow answer announcing itself) needs nothing
+        if frames:
+            owners = await self._store.call(self._db.lines_for, [frame.request_id for frame in frames])
+            results = []
+            for frame in frames:
+                owner = owners.get(frame.request_id)
+                if owner is None or owner[0] != self.batch_id:
+                    log.warning("result_for_unknown_request", request_id=frame.request_id)
+                    continue
+                results.append(result_of(frame, owner[1], owner[2]))
+            added_ok, added_failed = await self._store.call(self._db.record_results, self.batch_id, results)
+            if self._on_collected is not None and (added_ok or added_failed):
+                self._on_collected(added_ok + added_failed)
+        try:
+            await delivered[-1].ack(multiple=True)  # after the commit: a crash before it redelivers
+        except Exception as exc:  # the channel went away with the connection: redelivered, recorded once
+            log.warning("result_ack_failed", error=repr(exc))
+        return True
+
+    async def _finish(self, status: str) -> None:
+        """Write the output and error files and end the batch as `status`."""
+        db = self._db
+        if status == "completed":
+            await self._store.call(db.set_status, self.batch_id, "finalizing", only_from=["in_progress"])
+            before = ["finalizing"]
+        elif status == "expired":
+            unfinished = await self._store.call(db.unfinished_lines, self.batch_id)
+            expired = [
+                Result(custom_id, line, False, _line_record(request_id, custom_id, None, "batch_expired"))
+                for line, custom_id, request_id in unfinished
+            ]
+            await self._store.call(db.record_results, self.batch_id, expired)
+            before = ["in_progress"]
+        else:
+            before = ["cancelling"]
+        files = await self._store.call(write_result_files, db, self.batch_id)
+        changed = await self._store.call(db.set_status, self.batch_id, status, only_from=before, **files)
+        if changed:
+            log.info("batch_finalized", status=status, **files)
+
+
+def write_result_files(db: JobStore, batch_id: str) -> dict[str, str | None]:
+    """The batch's output and error files (by fixed ids: writing them again replaces them)."""
+    ids: dict[str, str | None] = {}
+    for ok, key, file_id in (
+        (True, "output_file_id", output_file_id(batch_id)),
+        (False, "error_file_id", error_file_id(batch_id)),
+    ):
+        records = db.result_records(batch_id, ok)
+        if not records:
+            ids[key] = None
+            continue
+        name = f"{batch_id}_{'output' if ok else 'error'}.jsonl"
+        db.create_file(name, "batch_output", ("\n".join(records) + "\n").encode(), file_id=file_id)
+        ids[key] = file_id
+    return ids
+
+
+def result_of(frame: Final | ErrorReply, line: int, custom_id: str) -> Result:
+    """One output-file line (a `Final`) or error-file line (an `ErrorReply`), as OpenAI writes them."""
+    if isinstance(frame, Final):
+        try:
+            body = json.loads(frame.body)
+        except ValueError:
+            body = frame.body.decode(errors="replace")
+        response = {"status_code": frame.status, "request_id": frame.request_id, "body": body}
+        return Result(custom_id, line, True, _line_record(frame.request_id, custom_id, response, None))
+    error = {"message": frame.message, "type": frame.error_type, "param": frame.param, "code": frame.code}
+    response = {"status_code": frame.status, "request_id": frame.request_id, "body": {"error": error}}
+    return Result(custom_id, line, False, _line_record(frame.request_id, custom_id, response, None))
+
+
+def _line_record(request_id: str, custom_id: str, response: dict[str, Any] | None, error_code: str | None) -> str:
+    error = None if error_code is None else {"code": error_code, "message": EXPIRED_MESSAGE}
+    record = {"id": f"batch_req_{request_id}", "custom_id": custom_id, "response": response, "error": error}
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,304 @@
+"""Issue 5 acceptance 1, 2 and 5: the OpenAI Files and Batches API through the official client.
+
+A stack (API + one worker on the fake backend) of its own, with a dedicated model,
+and a short batch window so expiry can be tested.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import openai
+import pytest
+
+from tests.fake_backend import expected_embedding, reply_text, running_fake_backend
+from tests.stack import Stack, write_config
+
+WINDOW_S = 8  # every batch in this module expires this long after it is created
+
+
+@pytest.fixture(scope="module")
+def batch_model(session_tag: str, delete_test_queues: list[str]) -> str:
+    model = f"test-org/batch-api.v1-{session_tag}"
+    delete_test_queues.append(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def batch_stack(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, batch_model: str) -> Iterator[Stack]:
+    with running_fake_backend([batch_model]) as backend_url:
+        workdir = tmp_path_factory.mktemp("batch-api")
+        config = write_config(
+            workdir / "hotq.toml",
+            amqp_url,
+            {batch_model: {"backend_url": backend_url, "max_inflight": 16, "reserved_interactive": 2}},
+            batch_window_s=WINDOW_S,
+        )
+        stack = Stack(config, workdir)
+        try:
+            stack.start_api()
+            stack.start_worker(batch_model)
+            yield stack
+        finally:
+            stack.close()
+
+
+@pytest.fixture(scope="module")
+def client(batch_stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=batch_stack.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+
+def _line(custom_id: str, body: dict[str, object], url: str = "/v1/chat/completions") -> dict[str, object]:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+
+def _jsonl(lines: list[object]) -> bytes:
+    return "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines).encode()
+
+
+def _upload(client: openai.OpenAI, lines: list[object]) -> str:
+    return client.files.create(file=("input.jsonl", _jsonl(lines)), purpose="batch").id
+
+
+def _wait(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = 60):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in statuses:
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch}"
+        time.sleep(0.2)
+
+
+def _records(client: openai.OpenAI, file_id: str | None) -> list[dict[str, object]]:
+    if file_id is None:
+        return []
+    return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
+
+
+def test_files_lifecycle(client: openai.OpenAI) -> None:
+    content = _jsonl([{"hello": "world"}])
+    file = client.files.create(file=("mine.jsonl", content), purpose="batch")
+    assert (file.object, file.purpose, file.filename, file.bytes) == ("file", "batch", "mine.jsonl", len(content))
+    assert client.files.retrieve(file.id).id == file.id
+    assert client.files.content(file.id).content == content
+    assert file.id in [f.id for f in client.files.list(purpose="batch")]
+    deleted = client.files.delete(file.id)
+    assert deleted.deleted and deleted.id == file.id
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(file.id)
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.files.create(file=("x.jsonl", content), purpose="fine-tune")
+    assert raised.value.body["param"] == "purpose"  # type: ignore[index]
+
+
+def test_batch_lifecycle_exact_output(client: openai.OpenAI, batch_model: str) -> None:
+    texts = [f"question number {i} about queues" for i in range(20)]
+    lines: list[object] = [
+        _line(f"req-{i}", {"model": batch_model, "messages": [{"role": "user", "content": text}], "max_tokens": 4})
+        for i, text in enumerate(texts)
+    ]
+    lines.append(_line("bad-1", {"model": batch_model, "messages": [{"role": "user", "content": "FAIL 400 no"}]}))
+    lines.append(_line("bad-2", {"model": batch_model, "messages": [{"role": "user", "content": "FAIL 503 x"}]}))
+    input_id = _upload(client, lines)
+    batch = client.batches.create(
+        input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"run": "one"}
+    )
+    assert batch.status == "in_progress" and batch.in_progress_at and batch.metadata == {"run": "one"}
+    assert batch.request_counts is not None and batch.request_counts.total == 22
+    done = _wait(client, batch.id, ("completed",))
+    assert done.request_counts is not None
+    assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (22, 20, 2)
+    assert done.finalizing_at and done.completed_at and done.model == batch_model
+    assert done.created_at <= done.in_progress_at <= done.finalizing_at <= done.completed_at  # type: ignore[operator]
+
+    outputs = _records(client, done.output_file_id)
+    assert [r["custom_id"] for r in outputs] == [f"req-{i}" for i in range(20)]
+    for record, text in zip(outputs, texts):
+        assert set(record) == {"id", "custom_id", "response", "error"} and record["error"] is None
+        response = record["response"]
+        assert isinstance(response, dict) and response["status_code"] == 200
+        assert record["id"] == f"batch_req_{response['request_id']}"
+        body = response["body"]
+        assert body["object"] == "chat.completion" and body["model"] == batch_model
+        assert body["choices"][0]["message"] == {
+            "role": "assistant",
+            "content": reply_text([{"role": "user", "content": text}], 4),
+        }
+        assert body["choices"][0]["finish_reason"] == "length"
+        assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+
+    errors = {r["custom_id"]: r for r in _records(client, done.error_file_id)}
+    assert set(errors) == {"bad-1", "bad-2"}
+    for custom_id, status in (("bad-1", 400), ("bad-2", 503)):
+        response = errors[custom_id]["response"]
+        assert isinstance(response, dict) and response["status_code"] == status
+        assert response["body"]["error"]["code"] == f"fake_{status}"
+        assert errors[custom_id]["error"] is None
+
+    assert done.id in [b.id for b in client.batches.list(limit=100)]
+
+
+def test_embeddings_batch_and_all_failed(client: openai.OpenAI, batch_model: str) -> None:
+    url = "/v1/embeddings"
+    ok = _upload(
+        client,
+        [
+            _line(f"e{i}", {"model": batch_model, "input": f"text {i}", "encoding_format": "float"}, url)
+            for i in range(5)
+        ],
+    )
+    batch = client.batches.create(input_file_id=ok, endpoint=url, completion_window="24h")
+    done = _wait(client, batch.id, ("completed",))
+    for i, record in enumerate(_records(client, done.output_file_id)):
+        assert record["custom_id"] == f"e{i}"
+        assert record["response"]["body"]["data"][0]["embedding"] == expected_embedding(f"text {i}")  # type: ignore[index]
+
+    failing = _upload(client, [_line(f"f{i}", {"model": batch_model, "input": "FAIL 500 boom"}, url) for i in range(3)])
+    batch = client.batches.create(input_file_id=failing, endpoint=url, completion_window="24h")
+    done = _wait(client, batch.id, ("completed",))
+    assert done.output_file_id is None and done.error_file_id is not None
+    assert done.request_counts is not None and done.request_counts.failed == 3
+    assert len(_records(client, done.error_file_id)) == 3
+    # Paging one at a time (the client follows `after`) lists every batch once, newest first.
+    paged = [b.id for b in client.batches.list(limit=1)]
+    assert paged == [b.id for b in client.batches.list(limit=100)] and len(paged) >= 3
+    assert paged[0] == batch.id
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["{not json", "BODY"], [(1, "invalid_json_line")]),
+        (
+            ["BODY", {"custom_id": "x", "method": "POST", "url": "/v1/chat/completions"}],
+            [(2, "missing_required_parameter")],
+        ),
+        (["BODY", "BODY"], [(2, "duplicate_custom_id")]),
+        (["BODY", "OTHER_MODEL"], [(2, "mismatched_model")]),
+        (
+            ["BODY", "WRONG_URL", "{", "BODY"],
+            [(2, "invalid_url"), (3, "invalid_json_line"), (4, "duplicate_custom_id")],
+        ),
+        ([{"custom_id": "g", "method": "GET", "url": "/v1/chat/completions", "body": {}}], [(1, "invalid_method")]),
+    ],
+)
+def test_invalid_batch_files_fail_with_line_numbers(
+    client: openai.OpenAI, batch_stack: Stack, batch_model: str, lines: list[object], expected: list[tuple[int, str]]
+) -> None:
+    body = {"model": batch_model, "messages": [{"role": "user", "content": "hi"}]}
+    replacements: dict[str, object] = {
+        "BODY": _line("same", body),
+        "OTHER_MODEL": _line("other", dict(body, model="some-other-model")),
+        "WRONG_URL": _line("wrong", body, "/v1/completions"),
+    }
+    input_id = _upload(client, [replacements.get(line, line) if isinstance(line, str) else line for line in lines])
+    depth_before = _batch_queue_depth(batch_stack)
+    batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.status == "failed" and batch.failed_at and batch.in_progress_at is None
+    assert batch.errors is not None and batch.errors.data is not None
+    assert [(e.line, e.code) for e in batch.errors.data] == expected
+    assert all(e.message for e in batch.errors.data)
+    assert batch.request_counts is not None and batch.request_counts.total == 0
+    assert client.batches.retrieve(batch.id).status == "failed"
+    assert _batch_queue_depth(batch_stack) == depth_before  # nothing was dispatched
+
+
+def _batch_queue_depth(stack: Stack) -> int:
+    models = httpx.get(stack.url + "/v1/models").json()["data"]
+    return sum(m["hotq"]["queue_depth"] or 0 for m in models)
+
+
+def test_bad_create_requests(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id="file-nope", endpoint="/v1/chat/completions", completion_window="24h")
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.batches.create(input_file_id="x", endpoint="/v1/moderations", completion_window="24h")
+    assert raised.value.body["param"] == "endpoint"  # type: ignore[index]
+    with pytest.raises(openai.NotFoundError):
+        client.batches.retrieve("batch_nope")
+    with pytest.raises(openai.NotFoundError):
+        client.batches.cancel("batch_nope")
+
+
+def test_cancel(client: openai.OpenAI, batch_model: str) -> None:
+    slow = {"model": batch_model, "messages": [{"role": "user", "content": "slow one"}], "fake_delay_ms": 300}
+    input_id = _upload(client, [_line(f"c{i}", slow) for i in range(200)])
+    batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
+    _wait_for_some_completed(client, batch.id)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+    done = _wait(client, batch.id, ("cancelled",), timeout=30)
+    assert done.cancelled_at and done.completed_at is None
+    counts = done.request_counts
+    assert counts is not None and 0 < counts.completed < 200
+    outputs = _records(client, done.output_file_id)
+    assert len(outputs) == counts.completed == len({r["custom_id"] for r in outputs})  # partial, no duplicates
+    with pytest.raises(openai.ConflictError):
+        client.batches.cancel(_wait(client, _tiny_batch(client, batch_model), ("completed",)).id)
+
+
+def test_expiry(client: openai.OpenAI, batch_model: str) -> None:
+    slow = {"model": batch_model, "messages": [{"role": "user", "content": "slow one"}], "fake_delay_ms": 400}
+    input_id = _upload(client, [_line(f"x{i}", slow) for i in range(400)])
+    batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert batch.expires_at is not None and batch.expires_at - batch.created_at <= WINDOW_S
+    done = _wait(client, batch.id, ("expired",), timeout=WINDOW_S + 30)
+    assert done.expired_at and done.completed_at is None
+    outputs = _records(client, done.output_file_id)
+    errors = _records(client, done.error_file_id)
+    assert 0 < len(outputs) < 400
+    assert len(outputs) + len(errors) == 400
+    assert len({r["custom_id"] for r in outputs + errors}) == 400
+    expired = [r for r in errors if r["error"] is not None]
+    assert expired and all(r["response"] is None and r["error"]["code"] == "batch_expired" for r in expired)  # type: ignore[index]
+    counts = done.request_counts
+    assert counts is not None and (counts.completed, counts.failed) == (len(outputs), len(errors))
+
+
+def _wait_for_some_completed(client: openai.OpenAI, batch_id: str) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        counts = client.batches.retrieve(batch_id).request_counts
+        if counts is not None and counts.completed >= 10:
+            return
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def _tiny_batch(client: openai.OpenAI, model: str) -> str:
+    input_id = _upload(client, [_line("t", {"model": model, "messages": [{"role": "user", "content": "t"}]})])
+    return client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h").id
+
+
+def test_api_killed_mid_batch_loses_and_duplicates_nothing(
+    client: openai.OpenAI, batch_stack: Stack, batch_model: str
+) -> None:
+    """Acceptance 3: SIGKILL the API (and so its collector) half-way through 5,000 lines; restart it."""
+    lines: list[object] = [
+        _line(f"k{i}", {"model": batch_model, "messages": [{"role": "user", "content": f"n {i}"}], "fake_delay_ms": 5})
+        for i in range(5000)
+    ]
+    batch = client.batches.create(
+        input_file_id=_upload(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    deadline = time.monotonic() + 60
+    while (counts := client.batches.retrieve(batch.id).request_counts) is None or counts.completed < 1000:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert batch_stack.api is not None
+    batch_stack.api.kill()
+    batch_stack.api.wait()
+    assert counts.completed < 5000, "the batch finished before the API was killed"
+    time.sleep(1.0)  # answers keep arriving in the durable results queue meanwhile
+    batch_stack.start_api()
+    done = _wait(client, batch.id, ("completed",), timeout=90)
+    assert done.request_counts is not None
+    assert (done.request_counts.completed, done.request_counts.failed) == (5000, 0)
+    outputs = _records(client, done.output_file_id)
+    assert len(outputs) == 5000
+    assert sorted(r["custom_id"] for r in outputs) == sorted(f"k{i}" for i in range(5000))
+    assert done.error_file_id is None

@@ -1,0 +1,124 @@
+"""Issue 5 acceptance 6: interactive time to first token under a 10,000-request batch backlog."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aio_pika
+import openai
+import pytest
+
+from broker import topology
+from broker.jobstore import AsyncJobStore, JobStore
+from broker.messages import Endpoint, Lane
+from producers import bulk
+from tests.fake_backend import running_fake_backend
+from tests.stack import Stack, write_config
+
+DELAY_MS = 50  # the fake backend's fixed delay: per request (batch), before each token (streams)
+BACKLOG = 10_000
+
+
+@pytest.fixture(scope="module")
+def lanes_model(session_tag: str, delete_test_queues: list[str]) -> str:
+    model = f"test-org/lanes.v1-{session_tag}"
+    delete_test_queues.append(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def lanes_stack(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, lanes_model: str) -> Iterator[Stack]:
+    with running_fake_backend([lanes_model]) as backend_url:
+        workdir = tmp_path_factory.mktemp("lanes")
+        config = write_config(
+            workdir / "hotq.toml",
+            amqp_url,
+            {lanes_model: {"backend_url": backend_url, "max_inflight": 8, "reserved_interactive": 2}},
+            stream_flush_ms=0,
+        )
+        stack = Stack(config, workdir)
+        try:
+            stack.start_api()
+            stack.start_worker(lanes_model)
+            yield stack
+        finally:
+            stack.close()
+
+
+def _ttfts(client: openai.OpenAI, model: str, count: int) -> list[float]:
+    samples = []
+    for i in range(count):
+        started = time.perf_counter()
+        stream = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": f"interactive {i} now"}],
+            stream=True,
+            extra_body={"fake_delay_ms": DELAY_MS},
+        )
+        first = None
+        for chunk in stream:
+            if first is None and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter() - started
+        assert first is not None
+        samples.append(first)
+    return samples
+
+
+async def _publish_backlog(amqp_url: str, data_dir: Path, model: str) -> str:
+    store = AsyncJobStore(JobStore(data_dir))
+    body = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "batch work"}], "fake_delay_ms": DELAY_MS}
+    ).encode()
+    batch_id = "batch_lanes_backlog"
+    store.store.create_batch(
+        batch_id=batch_id,
+        endpoint="/v1/chat/completions",
+        model=model,
+        input_file_id="file-x",
+        window_s=3600,
+        metadata=None,
+        source="submit",
+        lines=[(n, str(n), body) for n in range(1, BACKLOG + 1)],
+    )
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        await bulk.dispatch(connection, store, batch_id, model, Endpoint.CHAT, time.time() + 3600)
+    finally:
+        await connection.close()
+        await asyncio.to_thread(store.close)
+    return batch_id
+
+
+async def _batch_depth(amqp_url: str, model: str, delete_with: str | None = None) -> int:
+    connection = await aio_pika.connect_robust(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        depth, _ = await topology.queue_depth(channel, model, Lane.BATCH)
+        if delete_with is not None:
+            await channel.queue_delete(topology.request_queue_name(model, Lane.BATCH))
+            await channel.queue_delete(topology.results_queue_name(delete_with))
+        return depth
+
+
+def test_interactive_ttft_under_batch_backlog(
+    lanes_stack: Stack, lanes_model: str, amqp_url: str, tmp_path: Path
+) -> None:
+    client = openai.OpenAI(base_url=lanes_stack.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    _ttfts(client, lanes_model, 3)  # warm up connections
+    idle = _ttfts(client, lanes_model, 15)
+    batch_id = asyncio.run(_publish_backlog(amqp_url, tmp_path, lanes_model))
+    time.sleep(0.5)  # the worker is saturated with batch work now
+    loaded = _ttfts(client, lanes_model, 15)
+    remaining = asyncio.run(_batch_depth(amqp_url, lanes_model, delete_with=batch_id))
+    assert remaining > BACKLOG // 2, "the backlog drained during the measurement"
+    idle_p50, loaded_p50 = statistics.median(idle), statistics.median(loaded)
+    print(
+        f"\nTTFT idle p50 {idle_p50 * 1000:.1f} ms p99 {max(idle) * 1000:.1f} ms;"
+        f" under a {BACKLOG} backlog p50 {loaded_p50 * 1000:.1f} ms p99 {max(loaded) * 1000:.1f} ms"
+    )
+    assert loaded_p50 <= 1.5 * idle_p50
