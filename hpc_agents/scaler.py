@@ -154,12 +154,14 @@ class Scaler:
             rate.rps = served / (status.uptime_s - rate.uptime_s)
         rate.served, rate.uptime_s = status.served, status.uptime_s
 
-    def _agent_rps(self, model: str, agents: list[AgentStatus]) -> float:
-        """Requests/s one agent of the model serves: measured now, else as last measured."""
+    def _agent_rps(self, model: str, agents: list[AgentStatus], backlog: int) -> float:
+        """Requests/s one agent of the model can serve, as last measured while work was waiting.
+
+        Only then is the served rate the agents' capacity; without a backlog it is the demand.
+        """
         measured = [self._rates[a.agent_id].rps for a in agents if a.agent_id in self._rates]
         measured = [rps for rps in measured if rps > 0]
-        if measured:
-            # The best agent's rate: a lightly loaded agent's served rate understates capacity.
+        if measured and (backlog > 0 or model not in self._model_rps):
             self._model_rps[model] = max(measured)
         return self._model_rps.get(model, UNMEASURED_AGENT_RPS)
 
@@ -181,7 +183,7 @@ class Scaler:
         pending = [x for x in self.launches.values() if x.model == model and x.agent_id not in announced]
         capacity = len(hot) + len(starting) + len(pending)  # draining agents are leaving: not capacity
         backlog += sum(pinned_backlog.values())
-        rps = self._agent_rps(model, hot)
+        rps = self._agent_rps(model, hot, backlog)
         wanted = math.ceil(backlog / (rps * model_config.target_drain_s)) if backlog else 0
         desired = min(max(wanted, model_config.min_hot), model_config.max_agents)
         to_launch = max(0, desired - capacity)
