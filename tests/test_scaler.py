@@ -145,4 +145,4 @@ def test_a_restarted_scaler_sizes_from_the_throughput_it_measured_before(tmp_pat
     log.record(Decision("m", 0, 0, 0, 0, 0.0, 0, 0, "", "all agents gone"))
     config = Config(models={})
     scaler = Scaler(config, {}, AgentDirectory(heartbeat_s=1.0), log)
-    assert scaler._agent_rps("m", []) == 12.5  # not the cold guess
+    assert scaler._agent_rps("m", [], backlog=50) == 12.5  # not the cold guess
