@@ -2,11 +2,13 @@
 
 Issue 2 acceptance 2 and issue 3 acceptance 1: `hotq up` with no config converts
 the embedded model (cached in ~/.cache/hotq), starts the API and an agent that
-runs vLLM, and the official openai client gets real answers, streamed and not.
+runs vLLM, and the official openai client gets real answers, streamed and not,
+and through the Batch API too.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
 from tests.stack import free_port
 
 STARTUP_TIMEOUT_S = 600
+BATCH_TIMEOUT_S = 120
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +109,54 @@ def test_completions_through_vllm(client: openai.OpenAI) -> None:
         model=DEFAULT_MODEL_NAME, prompt="The capital of France is", max_tokens=5, temperature=0
     )
     assert "Paris" in answer.choices[0].text
+
+
+def test_small_batch_through_vllm(client: openai.OpenAI) -> None:
+    """A 5-line chat batch through the Files and Batches API, answered by vLLM on the batch lane."""
+    questions = [
+        "What is the capital of France?",
+        "Name a colour of the sky.",
+        "What is two plus two?",
+        "Name a fruit that is yellow.",
+        "What do bees make?",
+    ]
+    custom_ids = [f"q-{i}" for i in range(len(questions))]
+    lines = [
+        {
+            "custom_id": custom_id,
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {
+                "model": DEFAULT_MODEL_NAME,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": 16,
+                "temperature": 0,
+            },
+        }
+        for custom_id, question in zip(custom_ids, questions)
+    ]
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    upload = client.files.create(file=("questions.jsonl", content), purpose="batch")
+    batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    deadline = time.monotonic() + BATCH_TIMEOUT_S
+    while batch.status != "completed":
+        assert batch.status in ("validating", "in_progress", "finalizing"), batch
+        assert time.monotonic() < deadline, f"batch still {batch.status} after {BATCH_TIMEOUT_S} s: {batch}"
+        time.sleep(0.5)
+        batch = client.batches.retrieve(batch.id)
+    counts = batch.request_counts
+    assert counts is not None and (counts.total, counts.completed, counts.failed) == (5, 5, 0)
+    assert batch.output_file_id is not None and batch.error_file_id is None
+
+    records = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert len(records) == 5
+    assert sorted(r["custom_id"] for r in records) == sorted(custom_ids)  # each input line once
+    for record in records:
+        assert record["error"] is None
+        response = record["response"]
+        assert response["status_code"] == 200
+        body = response["body"]
+        assert body["object"] == "chat.completion" and body["model"] == DEFAULT_MODEL_NAME
+        message = body["choices"][0]["message"]
+        assert message["role"] == "assistant" and message["content"].strip()
+        assert 0 < body["usage"]["completion_tokens"] <= 16
