@@ -10,8 +10,10 @@ import structlog
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.routing import Route
 
+from api.auth import AuthMiddleware, build_auth
 from api.batches import Batches, BatchManager
 from api.errors import on_hotq_error, on_http_exception, on_unexpected
 from api.files import Files
@@ -36,12 +38,14 @@ def create_app(config: Config) -> Starlette:
     batch_manager = BatchManager(config, store)
     files = Files(store)
     batches = Batches(config, store, batch_manager)
+    auth = build_auth(config, store)
+    gateway.policy = batches.policy = auth.policy
 
     async def connect_until_up() -> None:
         while True:
             try:
                 pinned = {name: model.clusters or list(config.clusters) for name, model in config.models.items()}
-                gateway.client = await RequestClient.open(config.amqp_url, list(config.models), pinned)
+                gateway.client = await RequestClient.open(config.amqp_url, list(config.models), pinned, config.amqp_tls)
                 log.info("broker_connected", models=len(config.models))
                 return
             except BrokerUnavailable as exc:
@@ -54,6 +58,9 @@ def create_app(config: Config) -> Starlette:
         connecting = asyncio.create_task(connect_until_up())
         sampling = asyncio.create_task(ops.run())
         running_batches = asyncio.create_task(batch_manager.start())  # resumes unfinished batches
+        if auth.keys is not None:
+            await auth.keys.refresh()  # every key works from the first request
+        refreshing_keys = asyncio.create_task(auth.run())
         try:
             await asyncio.wait_for(asyncio.shield(connecting), timeout=5)
         except TimeoutError:
@@ -62,6 +69,7 @@ def create_app(config: Config) -> Starlette:
         connecting.cancel()
         sampling.cancel()
         running_batches.cancel()
+        refreshing_keys.cancel()
         await batch_manager.close()
         store.close()
         with contextlib.suppress(asyncio.CancelledError):
@@ -87,9 +95,11 @@ def create_app(config: Config) -> Starlette:
         Route("/ops", ops.page, methods=["GET"]),
         Route("/ops/data", ops.data, methods=["GET"]),
     ]
+    middleware = [] if auth.authenticator is None else [Middleware(AuthMiddleware, authenticator=auth.authenticator)]
     app = Starlette(
         routes=routes,
         lifespan=lifespan,
+        middleware=middleware,
         exception_handlers={
             HotqError: on_hotq_error,
             HTTPException: on_http_exception,

@@ -19,6 +19,7 @@ from aio_pika.abc import AbstractRobustConnection
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from api.auth import AccessPolicy, identity_of
 from api.files import FileNotFound, int_param, list_response
 from broker.batch_input import parse_batch_file
 from broker.config import Config
@@ -53,7 +54,7 @@ class BatchManager:
         """Connect (retrying while RabbitMQ is down) and resume this API's unfinished batches."""
         while self.connection is None:
             try:
-                self.connection = await connect(self.config.amqp_url, "api-batches")
+                self.connection = await connect(self.config.amqp_url, "api-batches", self.config.amqp_tls)
             except BrokerUnavailable as exc:
                 log.warning("batches_broker_unreachable_retrying", error=exc.message)
                 await asyncio.sleep(BROKER_RETRY_S)
@@ -94,6 +95,7 @@ class Batches:
         self._config = config
         self._store = store
         self._manager = manager
+        self.policy: AccessPolicy | None = None  # per-model access lists, when [auth] is on
 
     async def create(self, request: Request) -> Response:
         try:
@@ -119,6 +121,8 @@ class Batches:
             raise InvalidRequest("the input file must have been uploaded with purpose `batch`", param="input_file_id")
         content = await self._store.call(db.file_content, input_file_id) or b""
         parsed = await asyncio.to_thread(parse_batch_file, content, ENDPOINTS[endpoint], self._config.models)
+        if self.policy is not None and parsed.model:
+            await self.policy.require(identity_of(request), parsed.model)
         batch = await self._store.call(
             db.create_batch,
             batch_id=new_id("batch_"),

@@ -11,6 +11,7 @@ import structlog
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from api.auth import AccessPolicy, identity_of
 from api.disconnect import ClientDisconnected, unless_disconnected
 from api.errors import error_response
 from api.relay import ReplyRelay
@@ -24,7 +25,6 @@ from producers.request_client import RequestClient
 
 log = structlog.get_logger("hotq.api")
 
-ANONYMOUS = "anonymous"  # the caller until authentication names one
 CLUSTER_HEADER = "X-Hotq-Cluster"  # pins a request to one cluster's agents
 
 
@@ -35,6 +35,7 @@ class Gateway:
         self.config = config
         self.metrics = metrics
         self.client: RequestClient | None = None
+        self.policy: AccessPolicy | None = None  # per-model access lists, when [auth] is on
         self.started_at = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -55,6 +56,8 @@ class Gateway:
     async def list_models(self, request: Request) -> Response:
         client = self.client
         names = list(self.config.models)
+        if self.policy is not None:
+            names = await self.policy.visible(identity_of(request), names)
         stats = await asyncio.gather(*(client.queue_stats(name) for name in names)) if client else [None] * len(names)
         data = []
         for name, stat in zip(names, stats):
@@ -82,10 +85,15 @@ class Gateway:
         parsed = validate(endpoint, body)
         if parsed.model not in self.config.models:
             raise ModelNotFound(f"The model `{parsed.model}` does not exist", param="model")
+        identity = identity_of(request)  # authenticated by AuthMiddleware before the route ran
+        if self.policy is not None:
+            await self.policy.require(identity, parsed.model)
         cluster = self._pinned_cluster(request, parsed.model)
         request_id = os.urandom(16).hex()  # as unique as a uuid4, at a fraction of the cost
         with structlog.contextvars.bound_contextvars(request_id=request_id, model=parsed.model):
-            return await self._relay(request, endpoint, body, parsed.model, parsed.stream, request_id, cluster)
+            return await self._relay(
+                request, endpoint, body, parsed.model, parsed.stream, request_id, cluster, identity.user
+            )
 
     def _pinned_cluster(self, request: Request, model: str) -> str | None:
         """The cluster named by X-Hotq-Cluster, which must be one that serves the model."""
@@ -109,6 +117,7 @@ class Gateway:
         stream: bool,
         request_id: str,
         cluster: str | None,
+        caller: str,
     ) -> Response:
         config = self.config
         now = time.time()
@@ -121,7 +130,7 @@ class Gateway:
             stream=stream,
             deadline=now + timeout,
             start_by=now + config.max_queue_wait_s,
-            caller=ANONYMOUS,
+            caller=caller,
             lane=Lane.INTERACTIVE,
             submitted_at=now,
         )

@@ -45,6 +45,14 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     drain_grace_s: PositiveFloat = 60.0  # in-flight requests get this long when draining
     clusters: list[str] = []  # where the scaler may start agents, in order of preference
     target_drain_s: PositiveFloat = 60.0  # the scaler sizes agents so the backlog drains within this
+    # Who may use the model (any one list admitting the caller suffices); all empty: every authenticated caller.
+    allow_users: list[str] = []  # API key users (`hotq keys create --user`) or Globus usernames
+    allow_groups: list[str] = []  # Globus group ids (looked up with the caller's token)
+    allow_domains: list[str] = []  # identity-provider domains, e.g. "anl.gov" (any identity in the caller's set)
+
+    @property
+    def restricted(self) -> bool:
+        return bool(self.allow_users or self.allow_groups or self.allow_domains)
 
 
 class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -56,8 +64,51 @@ class ClusterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     user_endpoint_config: dict[str, Any] = {}  # e.g. account, queue, walltime for the endpoint's template
 
 
+GROUPS_SCOPE = "urn:globus:auth:scope:groups.api.globus.org:view_my_groups_and_memberships"
+
+
+class GlobusAuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[auth.globus]``: how Globus Auth access tokens are checked (client id/secret come from the env)."""
+
+    audience: str | None = None  # must be in the token's `aud`; default: the client id
+    required_scope: str | None = None  # must be among the token's scopes, if set
+    client_id_env: str = "HOTQ_GLOBUS_CLIENT_ID"
+    client_secret_env: str = "HOTQ_GLOBUS_CLIENT_SECRET"
+    introspect_ttl_s: PositiveFloat = 30.0  # a good token's introspection is reused this long (never past exp)
+    failure_ttl_s: PositiveFloat = 5.0  # a rejected token is rejected from memory this long
+    groups_ttl_s: PositiveFloat = 300.0  # a user's group memberships are reused this long
+    groups_scope: str = GROUPS_SCOPE  # the dependent scope hotq's own scope must list for group policies
+
+
+class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[auth]``: who may call the API."""
+
+    modes: list[Literal["none", "api_key", "globus"]]
+    key_refresh_s: PositiveFloat = 2.0  # how soon the API sees keys revoked by `hotq keys revoke`
+    globus: GlobusAuthConfig = GlobusAuthConfig()
+
+    @property
+    def enabled(self) -> bool:
+        return "none" not in self.modes
+
+
+class AmqpTls(msgspec.Struct, frozen=True):
+    """The files an ``amqps://`` connection verifies the broker with and presents as its own identity."""
+
+    ca_file: str | None = None  # CA bundle the broker's certificate must chain to (default: the system's)
+    cert_file: str | None = None  # client certificate (for RabbitMQ's EXTERNAL / x509 authentication)
+    key_file: str | None = None  # its private key (default: inside cert_file)
+
+
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     amqp_url: str = DEFAULT_AMQP_URL
+    # TLS for an amqps:// amqp_url (see ops/rabbitmq/README.md); paths on the machine that connects.
+    amqp_ca_file: str | None = None
+    amqp_cert_file: str | None = None
+    amqp_key_file: str | None = None
+    # What the scaler hands the agents it launches instead of its own amqp_url: a RabbitMQ
+    # user with the agent role (ops/rabbitmq/definitions.json). Default: amqp_url.
+    agent_amqp_url: str | None = None
     data_dir: str = "./.hotq"
     max_body_bytes: PositiveInt = 10 * 1024 * 1024
     max_queue_wait_s: PositiveFloat = 60.0  # how long a request may wait for a consumer
@@ -70,6 +121,19 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     batch_window_s: PositiveFloat = 24 * 3600.0
     models: dict[str, ModelConfig] = {}
     clusters: dict[str, ClusterConfig] = {}
+    auth: AuthConfig | None = None  # without it the API serves anyone, and binds loopback only
+
+    @property
+    def amqp_tls(self) -> AmqpTls | None:
+        if not (self.amqp_ca_file or self.amqp_cert_file or self.amqp_key_file):
+            return None
+        return AmqpTls(self.amqp_ca_file, self.amqp_cert_file, self.amqp_key_file)
+
+    def for_agents(self) -> Config:
+        """The config an agent is launched with: the agent role's RabbitMQ URL, if there is one."""
+        if self.agent_amqp_url is None:
+            return self
+        return msgspec.structs.replace(self, amqp_url=self.agent_amqp_url, agent_amqp_url=None)
 
     def model(self, name: str) -> ModelConfig:
         try:
@@ -111,13 +175,47 @@ def config_from_mapping(raw: dict[str, Any], source: str = "<config>") -> Config
         for cluster in models[name].clusters:
             if cluster not in config.clusters:
                 raise ConfigError(f'{source}: {where}.clusters names "{cluster}", which has no [clusters."{cluster}"]')
+    auth = config.auth
+    if auth is not None:
+        if not auth.modes:
+            raise ConfigError(f'{source}: auth.modes must name "api_key", "globus" or "none"')
+        if "none" in auth.modes and len(auth.modes) > 1:
+            raise ConfigError(f'{source}: auth.modes: "none" cannot be combined with other modes')
+    for name, model in models.items():
+        if model.restricted and (auth is None or not auth.enabled):
+            raise ConfigError(
+                f'{source}: models."{name}" has allow_users/allow_groups/allow_domains,'
+                ' which need [auth] modes "api_key" or "globus"'
+            )
+        if model.allow_groups and (auth is None or "globus" not in auth.modes):
+            raise ConfigError(f'{source}: models."{name}".allow_groups needs [auth] mode "globus"')
     for name, cluster_config in config.clusters.items():
         if cluster_config.launcher == "globus-compute" and not cluster_config.endpoint_id:
             raise ConfigError(f'{source}: clusters."{name}".endpoint_id is required by the globus-compute launcher')
     config = msgspec.structs.replace(config, models=models)
     if url := os.environ.get("HOTQ_AMQP_URL"):
         config = msgspec.structs.replace(config, amqp_url=url)
+    _check_amqp_tls(config, source)
     return config
+
+
+def _check_amqp_tls(config: Config, source: str) -> None:
+    tls = config.amqp_tls
+    if tls is None:
+        return
+    for url_key, url in (("amqp_url", config.amqp_url), ("agent_amqp_url", config.agent_amqp_url)):
+        if url is not None and not url.startswith("amqps://"):
+            key = "amqp_ca_file" if tls.ca_file else "amqp_cert_file" if tls.cert_file else "amqp_key_file"
+            raise ConfigError(f"{source}: {key} is set, so {url_key} must be an amqps:// URL")
+    if tls.key_file and not tls.cert_file:
+        raise ConfigError(f"{source}: amqp_key_file needs amqp_cert_file")
+    for key, path in (
+        ("amqp_ca_file", tls.ca_file),
+        ("amqp_cert_file", tls.cert_file),
+        ("amqp_key_file", tls.key_file),
+    ):
+        if path is not None and not os.path.isfile(path):
+            raise ConfigError(f"{source}: {key}: {path} is not a readable file")
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:

@@ -124,3 +124,19 @@ class DeadlineExceeded(HotqError):
     status = 504
     error_type = "timeout"
     code = "deadline_exceeded"
+
+
+class AuthenticationError(HotqError):
+    """Missing, malformed, unknown, revoked, inactive or expired credentials."""
+
+    status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(HotqError):
+    """A valid caller without access to what it asked for (e.g. the model)."""
+
+    status = 403
+    error_type = "invalid_request_error"
+    code = "permission_denied"

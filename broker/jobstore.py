@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import hashlib
 import json
 import os
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
@@ -50,6 +52,7 @@ _TIMESTAMPS = {
 }
 # A runner that touched its batch within this long is alive (another process must not adopt it).
 RUNNER_ALIVE_S = 5.0
+API_KEY_PREFIX = "hotq_"  # tells an API key from a Globus token at a glance
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -142,6 +145,11 @@ class JobStore:
             "CREATE TABLE IF NOT EXISTS results (batch_id TEXT NOT NULL, custom_id TEXT NOT NULL,"
             " line INTEGER NOT NULL, ok INTEGER NOT NULL, record TEXT NOT NULL,"
             " PRIMARY KEY (batch_id, custom_id)) WITHOUT ROWID"
+        )
+        # API keys: only a sha256 of each key (high-entropy, so a plain hash suffices) is kept.
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, user TEXT NOT NULL,"
+            " key_hash TEXT NOT NULL UNIQUE, created_at REAL NOT NULL, expires_at REAL, revoked_at REAL)"
         )
 
     def close(self) -> None:
@@ -376,6 +384,48 @@ class JobStore:
     def result_count(self, batch_id: str) -> int:
         return self.db.execute("SELECT count(*) FROM results WHERE batch_id = ?", [batch_id]).fetchone()[0]
 
+    # -- API keys --------------------------------------------------------------
+
+    def create_api_key(self, user: str, expires_at: float | None = None) -> tuple[dict[str, Any], str]:
+        """A new key for `user`: its record and the key itself (the only time it exists in clear)."""
+        key = API_KEY_PREFIX + secrets.token_urlsafe(32)
+        row = {
+            "id": new_id("key_"),
+            "user": user,
+            "key_hash": hash_api_key(key),
+            "created_at": time.time(),
+            "expires_at": expires_at,
+            "revoked_at": None,
+        }
+        self.db.execute(
+            "INSERT INTO api_keys (id, user, key_hash, created_at, expires_at, revoked_at)"
+            " VALUES (:id, :user, :key_hash, :created_at, :expires_at, :revoked_at)",
+            row,
+        )
+        return _key_record(row), key
+
+    def list_api_keys(self, include_revoked: bool = True) -> list[dict[str, Any]]:
+        where = "" if include_revoked else " WHERE revoked_at IS NULL"
+        return [_key_record(row) for row in self.db.query(f"SELECT * FROM api_keys{where} ORDER BY created_at")]
+
+    def api_key_hashes(self) -> list[dict[str, Any]]:
+        """Every key not revoked, with its hash: what the API caches."""
+        return list(self.db.query("SELECT * FROM api_keys WHERE revoked_at IS NULL"))
+
+    def find_api_key(self, key_hash: str) -> dict[str, Any] | None:
+        rows = list(self.db.query("SELECT * FROM api_keys WHERE key_hash = ?", [key_hash]))
+        return rows[0] if rows else None
+
+    def revoke_api_key(self, key_or_id: str) -> dict[str, Any] | None:
+        """Revoke a key named by its id or by the key itself; None if there is no such key."""
+        by_key = key_or_id.startswith(API_KEY_PREFIX)
+        column, value = ("key_hash", hash_api_key(key_or_id)) if by_key else ("id", key_or_id)
+        self.db.execute(
+            f"UPDATE api_keys SET revoked_at = ? WHERE {column} = ? AND revoked_at IS NULL", [time.time(), value]
+        )
+        rows = list(self.db.query(f"SELECT * FROM api_keys WHERE {column} = ?", [value]))
+        return _key_record(rows[0]) if rows else None
+
 
 class AsyncJobStore:
     """The same store for an event loop: every call runs on one dedicated thread."""
@@ -395,6 +445,14 @@ class AsyncJobStore:
     def close(self) -> None:
         self.shutdown()
         self.store.close()
+
+
+def hash_api_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _key_record(row: dict[str, Any]) -> dict[str, Any]:
+    return {key: row[key] for key in ("id", "user", "created_at", "expires_at", "revoked_at")}
 
 
 def _file_object(row: dict[str, Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import asyncio
 import json
 import signal
 import sys
+import time
 
 import click
 import msgspec
@@ -46,8 +47,16 @@ def serve(config_path: str | None, host: str, port: int) -> None:
     import uvicorn
 
     from api.app import create_app
+    from api.auth import check_bind
 
-    app = create_app(_load(config_path))
+    config = _load(config_path)
+    try:
+        warning = check_bind(config, host)
+        app = create_app(config)
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
+    if warning:
+        click.secho(warning, fg="red", bold=True, err=True)
     uvicorn.run(
         app,
         host=host,
@@ -262,6 +271,82 @@ def jobs_cancel(config_path: str | None, job_id: str) -> None:
     except SubmitError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"job {job_id} {batch['status']}")
+
+
+@cli.group()
+def keys() -> None:
+    """API keys: clients send them as `Authorization: Bearer KEY` ([auth] modes with "api_key")."""
+
+
+def _parse_expiry(value: str) -> float:
+    """`30d`, `12h`, `90m`, `3600s`, `2w` from now, or an ISO date/time."""
+    import re
+    from datetime import UTC, datetime
+
+    match = re.fullmatch(r"(\d+)\s*([smhdw])", value.strip())
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[match.group(2)]
+        return time.time() + int(match.group(1)) * unit
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is neither a duration (30d, 12h, 90m) nor an ISO date") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+def _when(timestamp: float | None) -> str:
+    from datetime import UTC, datetime
+
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@keys.command("create")
+@config_option
+@click.option("--user", required=True, help="whom the key identifies (the name model allow_users lists)")
+@click.option("--expires", default=None, help="a duration from now (30d, 12h, 90m) or an ISO date; default never")
+def keys_create(config_path: str | None, user: str, expires: str | None) -> None:
+    """Make a key for USER; the key is printed once, as the last line, and stored only hashed."""
+    from broker.jobstore import JobStore
+
+    expires_at = _parse_expiry(expires) if expires else None
+    if expires_at is not None and expires_at <= time.time():
+        raise click.BadParameter("the expiry is in the past", param_hint="--expires")
+    record, key = JobStore(_load(config_path).data_dir).create_api_key(user, expires_at)
+    click.echo(f"created {record['id']} for {user}, expires {_when(expires_at)}; the key is shown only now:")
+    click.echo(key)
+
+
+@keys.command("list")
+@config_option
+@click.option("--all", "include_revoked", is_flag=True, help="include revoked keys")
+def keys_list(config_path: str | None, include_revoked: bool) -> None:
+    """List keys (ids and users; the keys themselves are not stored)."""
+    from broker.jobstore import JobStore
+
+    rows = JobStore(_load(config_path).data_dir).list_api_keys(include_revoked=include_revoked)
+    click.echo(f"{'ID':<32} {'USER':<32} {'CREATED':<21} {'EXPIRES':<21} REVOKED")
+    for row in rows:
+        click.echo(
+            f"{row['id']:<32} {row['user']:<32} {_when(row['created_at']):<21} {_when(row['expires_at']):<21}"
+            f" {_when(row['revoked_at'])}"
+        )
+
+
+@keys.command("revoke")
+@config_option
+@click.argument("key_or_id")
+def keys_revoke(config_path: str | None, key_or_id: str) -> None:
+    """Revoke a key, named by its id or by the key itself (the API refuses it within [auth] key_refresh_s)."""
+    from broker.jobstore import JobStore
+
+    record = JobStore(_load(config_path).data_dir).revoke_api_key(key_or_id)
+    if record is None:
+        raise click.ClickException("no such key")
+    click.echo(f"revoked {record['id']} ({record['user']})")
 
 
 def main() -> None:
