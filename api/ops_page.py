@@ -80,7 +80,7 @@ class OpsMonitor:
     async def _connect(self) -> AbstractRobustConnection:
         while True:  # the API serves while RabbitMQ is down; so does its sampler
             try:
-                return await connect(self.config.amqp_url, "api-ops")
+                return await connect(self.config.amqp_url, "api-ops", self.config.amqp_tls)
             except BrokerUnavailable:
                 await asyncio.sleep(CONNECT_RETRY_S)
 

@@ -10,9 +10,13 @@
 - ``hotq.events`` (topic): agents' state changes and heartbeats, for the scaler and ops.
 - Pinned queues: a model's interactive requests pinned to one cluster
   (``X-Hotq-Cluster``), consumed only by that cluster's agents.
-- Reply queues: one per API process, published to through the default exchange.
-- Results queues (``hotq.results.<batch_id>``): one durable quorum queue per batch,
-  where consumers send the batch's answers for its collector.
+- ``hotq.replies`` (direct): where consumers publish reply frames, routed by the
+  request's ``reply_to``. Reply queues (``hotq.reply.*``, one per API process) and
+  results queues (``hotq.results.<batch_id>``, one durable quorum queue per batch,
+  where consumers send the batch's answers for its collector) are bound to it under
+  their own names. Not the default exchange: publishing there reaches any queue,
+  request queues included, so the agents' RabbitMQ role may not
+  (ops/rabbitmq/definitions.json).
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ DEAD_LETTER_EXCHANGE = "hotq.dead"
 DEAD_LETTER_QUEUE = "hotq.dead-letters"
 CONTROL_EXCHANGE = "hotq.control"
 EVENTS_EXCHANGE = "hotq.events"  # topic: agent.<state|heartbeat>
+REPLY_EXCHANGE = "hotq.replies"  # direct: reply and results queues, bound under their names
+REPLY_QUEUE_PREFIX = "hotq.reply."
+CANCEL_QUEUE_PREFIX = "hotq.cancel."
 
 DELIVERY_LIMIT = 5
 DEAD_LETTER_TTL_MS = 24 * 3600 * 1000
@@ -80,6 +87,7 @@ async def declare_exchanges(channel: AbstractChannel) -> AbstractExchange:
     await dead_letters.bind(dead)
     await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
     await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    await channel.declare_exchange(REPLY_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
     return await channel.declare_exchange(REQUEST_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
 
 
@@ -147,4 +155,14 @@ def results_queue_name(batch_id: str) -> str:
 
 async def declare_results_queue(channel: AbstractChannel, batch_id: str) -> AbstractQueue:
     """Durable and quorum: answers survive a collector (or the whole API) that dies mid-batch."""
-    return await channel.declare_queue(results_queue_name(batch_id), durable=True, arguments={"x-queue-type": "quorum"})
+    queue = await channel.declare_queue(
+        results_queue_name(batch_id), durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await bind_reply_queue(channel, queue)
+    return queue
+
+
+async def bind_reply_queue(channel: AbstractChannel, queue: AbstractQueue) -> None:
+    """Make `queue` reachable by consumers' replies: bound to ``hotq.replies`` under its own name."""
+    exchange = await channel.declare_exchange(REPLY_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+    await queue.bind(exchange, routing_key=queue.name)

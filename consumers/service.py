@@ -24,7 +24,7 @@ async def run_worker(config: Config, model: str, backend_url: str, grace_s: floa
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     model_config = config.model(model)
-    connection = await connect(config.amqp_url, f"worker:{model}")
+    connection = await connect(config.amqp_url, f"worker:{model}", config.amqp_tls)
     backend = BackendClient(backend_url, max_connections=model_config.max_inflight)
     worker = Worker(
         connection,

@@ -23,6 +23,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
+    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustConnection,
@@ -66,6 +67,7 @@ class Worker:
         self._cluster = cluster
         self._channels: list[AbstractChannel] = []
         self._queues: list[AbstractQueue] = []
+        self._reply_exchange: AbstractExchange | None = None
         self._consumer_tags: list[tuple[AbstractQueue, str]] = []
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._cancelled_by_client: set[str] = set()
@@ -90,7 +92,11 @@ class Worker:
             self._channels.append(channel)
             self._queues.extend(queues.values())
         control = await self._channels[0].get_exchange(topology.CONTROL_EXCHANGE)
-        cancels = await self._channels[0].declare_queue(f"hotq.cancel.{self.name}", exclusive=True, auto_delete=True)
+        # Replies go through hotq.replies, never the default exchange (which reaches every queue).
+        self._reply_exchange = await self._channels[0].get_exchange(topology.REPLY_EXCHANGE)
+        cancels = await self._channels[0].declare_queue(
+            f"{topology.CANCEL_QUEUE_PREFIX}{self.name}", exclusive=True, auto_delete=True
+        )
         await cancels.bind(control)
         await cancels.consume(self._on_cancel, no_ack=True)
         await self.resume()
@@ -181,7 +187,8 @@ class Worker:
 
     async def _serve_envelope(self, message: AbstractIncomingMessage, envelope: RequestEnvelope, reply_to: str) -> None:
         """Serve one delivery, then settle it: ack when done with it, requeue otherwise."""
-        replies = ReplySender(self._channels[0].default_exchange, reply_to, envelope.request_id)
+        assert self._reply_exchange is not None, "start() first"
+        replies = ReplySender(self._reply_exchange, reply_to, envelope.request_id)
         try:
             outcome = await self._attempt(message, envelope, replies)
         except asyncio.CancelledError:

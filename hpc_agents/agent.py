@@ -74,7 +74,7 @@ class Agent:
     async def run(self) -> dict[str, Any]:
         log_context = structlog.contextvars.bound_contextvars(agent_id=self.agent_id, model=self.model)
         with log_context:
-            connection = await connect(self.config.amqp_url, f"agent:{self.model}")
+            connection = await connect(self.config.amqp_url, f"agent:{self.model}", self.config.amqp_tls)
             registry = Registry(connection, self.agent_id, self.model, self.cluster, self._snapshot)
             await registry.open()
             await registry.set_state(AgentState.STARTING)

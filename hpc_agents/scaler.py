@@ -280,12 +280,15 @@ async def run_scaler(
     config: Config, launchers: dict[str, Launcher], stop: asyncio.Event, metrics: ScalerMetrics | None = None
 ) -> Scaler:
     """Scale until `stop` is set, then shut the launchers down (their agents drain)."""
-    connection = await connect(config.amqp_url, "scaler")
+    connection = await connect(config.amqp_url, "scaler", config.amqp_tls)
     try:
         directory = AgentDirectory(config.heartbeat_s)
         await directory.subscribe(connection)
         channel = await connection.channel()
-        await topology.declare_model_queues(channel, list(config.models))
+        # Also the queues the API pins requests to: with per-role RabbitMQ users the scaler's
+        # role creates request queues, which the API's role may not (ops/rabbitmq/README.md).
+        pinned = {name: model.clusters or list(config.clusters) for name, model in config.models.items()}
+        await topology.declare_model_queues(channel, list(config.models), pinned=pinned)
         decisions = DecisionLog(decision_log_path(config.data_dir))
         scaler = Scaler(config, launchers, directory, decisions, metrics=metrics)
         # Agents already running announce themselves within a heartbeat: hear them first.

@@ -131,7 +131,7 @@ def _console() -> Console:
 
 
 async def run_watch(config: Config, interval_s: float, once: bool) -> None:
-    connection = await connect(config.amqp_url, "watch")
+    connection = await connect(config.amqp_url, "watch", config.amqp_tls)
     try:
         directory = AgentDirectory(config.heartbeat_s)
         await directory.subscribe(connection)

@@ -247,7 +247,7 @@ async def run_job(config: Config, store: JobStore, batch_id: str, collect: bool,
     row = store.batch_row(batch_id)
     assert row is not None
     astore = AsyncJobStore(store)
-    connection = await connect(config.amqp_url, "submit")
+    connection = await connect(config.amqp_url, "submit", config.amqp_tls)
     progress = Progress(
         TextColumn("{task.description:>10}"),
         BarColumn(),

@@ -28,6 +28,7 @@ from aio_pika.abc import (
 )
 
 from broker import messages, topology
+from broker.config import AmqpTls
 from broker.connection import connect
 from broker.errors import BrokerUnavailable, HotqError, WireError
 from broker.messages import Cancel, Lane, ReplyFrame, RequestEnvelope
@@ -62,17 +63,32 @@ class RequestClient:
         self._connection = connection
         self._models = models
         self._pinned = pinned or {}  # model -> clusters its requests may be pinned to
-        self._reply_queue_name = f"hotq.reply.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        self._reply_queue_name = (
+            f"{topology.REPLY_QUEUE_PREFIX}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        )
         self._pending: dict[str, asyncio.Queue[ReplyItem]] = {}
         self._channel: AbstractChannel | None = None
         self._request_exchange: AbstractExchange | None = None
         self._control_exchange: AbstractExchange | None = None
 
     @classmethod
-    async def open(cls, amqp_url: str, models: list[str], pinned: dict[str, list[str]] | None = None) -> RequestClient:
-        client = cls(await connect(amqp_url, "api"), models, pinned)
+    async def open(
+        cls,
+        amqp_url: str,
+        models: list[str],
+        pinned: dict[str, list[str]] | None = None,
+        tls: AmqpTls | None = None,
+    ) -> RequestClient:
+        client = cls(await connect(amqp_url, "api", tls), models, pinned)
         try:
             await client._start()
+        except aio_pika.exceptions.ChannelAccessRefused as exc:
+            await client._connection.close()
+            # The api role may not create request queues (RabbitMQ wants read permission on a
+            # queue to declare it with a dead-letter exchange): the scaler's role creates them.
+            raise BrokerUnavailable(
+                f"RabbitMQ refused the api role: {exc}; are the request queues declared (start the scaler)?"
+            ) from exc
         except BaseException:
             await client._connection.close()
             raise
@@ -92,6 +108,7 @@ class RequestClient:
         reply_queue = await channel.declare_queue(
             self._reply_queue_name, arguments={"x-expires": topology.REPLY_QUEUE_EXPIRES_MS}
         )
+        await topology.bind_reply_queue(channel, reply_queue)
         # Replies are not acked one by one: a lost reply fails its request anyway.
         await reply_queue.consume(self._on_reply, no_ack=True)
         self._connection.close_callbacks.add(self._on_connection_lost)

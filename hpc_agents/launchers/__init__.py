@@ -41,7 +41,7 @@ class Launcher(abc.ABC):
             "model": model,
             "cluster": self.cluster,
             "agent_id": agent_id,
-            "config": msgspec.to_builtins(self.config),  # the node needs no config file
+            "config": msgspec.to_builtins(self.config.for_agents()),  # the node needs no config file
         }
         return Launch(agent_id, model, self.cluster, self.submit(params))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -62,7 +63,10 @@ class LocalLauncher(Launcher):
             if self._closed.wait(self._start_delay_s):
                 return {"agent_id": agent_id, "exit_reason": "not_started"}
             with open(self._log_dir / f"agent-{agent_id}.log", "ab") as log:
-                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+                # The config file holds the URL already resolved (the agent role's, if configured):
+                # the scaler's own $HOTQ_AMQP_URL must not override it.
+                env = {key: value for key, value in os.environ.items() if key != "HOTQ_AMQP_URL"}
+                process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
             with self._lock:
                 self._processes[agent_id] = process
             if self._closed.is_set():  # shut down while it was starting: it drains at once
