@@ -9,14 +9,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from broker.errors import HotqError, MethodNotAllowed, RouteNotFound, ServiceUnavailable
+from broker.errors import HotqError, MethodNotAllowed, RateLimited, RouteNotFound, ServiceUnavailable
 
 log = structlog.get_logger("hotq.api")
 
 
 def error_response(error: HotqError) -> Response:
     headers = {}
-    if isinstance(error, ServiceUnavailable):
+    if isinstance(error, ServiceUnavailable | RateLimited):
         headers["Retry-After"] = str(error.retry_after_s)
     return Response(
         json.dumps(error.to_openai()), status_code=error.status, headers=headers, media_type="application/json"

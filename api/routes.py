@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any, cast
 
 import structlog
@@ -14,6 +15,7 @@ from starlette.responses import JSONResponse, Response
 from api.auth import AccessPolicy, identity_of
 from api.disconnect import ClientDisconnected, unless_disconnected
 from api.errors import error_response
+from api.limits import Limiter
 from api.relay import ReplyRelay
 from api.schemas import validate
 from api.sse import EventStreamResponse
@@ -36,6 +38,7 @@ class Gateway:
         self.metrics = metrics
         self.client: RequestClient | None = None
         self.policy: AccessPolicy | None = None  # per-model access lists, when [auth] is on
+        self.limiter = Limiter(config)  # per-user [limits] of interactive requests
         self.started_at = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -89,11 +92,17 @@ class Gateway:
         if self.policy is not None:
             await self.policy.require(identity, parsed.model)
         cluster = self._pinned_cluster(request, parsed.model)
+        release = self.limiter.admit(identity.user, parsed.model)  # 429 now if over a limit; nothing queued
         request_id = os.urandom(16).hex()  # as unique as a uuid4, at a fraction of the cost
-        with structlog.contextvars.bound_contextvars(request_id=request_id, model=parsed.model):
-            return await self._relay(
-                request, endpoint, body, parsed.model, parsed.stream, request_id, cluster, identity.user
-            )
+        try:
+            with structlog.contextvars.bound_contextvars(request_id=request_id, model=parsed.model):
+                return await self._relay(
+                    request, endpoint, body, parsed.model, parsed.stream, request_id, cluster, identity.user, release
+                )
+        except BaseException:
+            if release is not None:
+                release(None)  # idempotent: a no-op when the relay already counted the request out
+            raise
 
     def _pinned_cluster(self, request: Request, model: str) -> str | None:
         """The cluster named by X-Hotq-Cluster, which must be one that serves the model."""
@@ -118,6 +127,7 @@ class Gateway:
         request_id: str,
         cluster: str | None,
         caller: str,
+        release: Callable[[dict[str, int] | None], None] | None = None,
     ) -> Response:
         config = self.config
         now = time.time()
@@ -141,6 +151,8 @@ class Gateway:
         relay: ReplyRelay | None = None
 
         def finish(first_output_at: float | None = None, usage: dict[str, int] | None = None) -> None:
+            if release is not None:
+                release(usage)  # the request leaves the caller's limits, charged its tokens
             if client is not None:
                 client.release(request_id)
                 if relay is not None and not relay.finished:  # the client left or we gave up: stop the work

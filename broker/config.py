@@ -24,6 +24,21 @@ NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 
 
+class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[limits]`` (or a model's ``limits = {...}``): per user and model, for interactive requests only.
+
+    Unset means unlimited. Kept in memory by each API process (several processes: each enforces its own).
+    """
+
+    requests_per_minute: PositiveInt | None = None
+    tokens_per_minute: PositiveInt | None = None  # prompt + completion tokens, charged from the answer's usage
+    max_concurrent_per_user: PositiveInt | None = None  # requests of one user in flight on one model (fair share)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.requests_per_minute or self.tokens_per_minute or self.max_concurrent_per_user)
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """One ``[models."NAME"]`` table."""
 
@@ -49,6 +64,7 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     allow_users: list[str] = []  # API key users (`hotq keys create --user`) or Globus usernames
     allow_groups: list[str] = []  # Globus group ids (looked up with the caller's token)
     allow_domains: list[str] = []  # identity-provider domains, e.g. "anl.gov" (any identity in the caller's set)
+    limits: LimitsConfig | None = None  # replaces the top-level [limits] for this model
 
     @property
     def restricted(self) -> bool:
@@ -122,6 +138,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     models: dict[str, ModelConfig] = {}
     clusters: dict[str, ClusterConfig] = {}
     auth: AuthConfig | None = None  # without it the API serves anyone, and binds loopback only
+    limits: LimitsConfig = LimitsConfig()  # per-user limits on interactive requests (default: none)
 
     @property
     def amqp_tls(self) -> AmqpTls | None:

@@ -105,6 +105,18 @@ class NoCapacity(ServiceUnavailable):
     code = "no_capacity"
 
 
+class RateLimited(HotqError):
+    """The caller is over one of their `[limits]`; `retry_after_s` says when a retry can pass."""
+
+    status = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class BackendError(HotqError):
     """The model's backend answered with an error; status and fields are the backend's."""
 
