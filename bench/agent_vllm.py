@@ -57,38 +57,42 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import aiohttp
-import uvloop
 
-from bench.core_path import (
+from bench.common import (
+    DEFAULT_AMQP_URL,
     OTHER,
+    RESULTS_DIR,
+    ROOT,
     CpuMeter,
     Processes,
-    _find_process,
+    bad_log_lines,
     child_env,
     delete_queues,
     environment,
+    find_process,
+    fmt,
+    foreign_heavy_processes,
+    machine_busy_s,
+    print_notes,
+    round_or_none,
+    run_bench,
     wait_http_ok,
+    write_json,
 )
 from broker import topology
 from broker.messages import Lane
 from hpc_agents.embedded_model import ensure_embedded_model
 from tests.stack import free_port, write_config
-
-ROOT: Final = Path(__file__).resolve().parent.parent
-RESULTS_DIR: Final = ROOT / "bench" / "results"
-DEFAULT_AMQP_URL: Final = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 DEFAULT_CONCURRENCY: Final = 64
 DEFAULT_MAX_TOKENS: Final = 64
@@ -108,7 +112,6 @@ AGENT_STOP_TIMEOUT_S: Final = 150.0  # drain (in-flight is 0 by then) + vLLM's s
 BUSY_POLL_S: Final = 10.0
 DISTURBANCE_POLL_S: Final = 1.0
 DISTURBED_RETRIES: Final = 2  # a round disturbed by a foreign vLLM/pytest is repeated up to this often
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 LOG_POLL_S: Final = 0.02
 
 TOPICS: Final = (
@@ -154,42 +157,6 @@ def chat_body(model: str, prompt: str, max_tokens: int, stream: bool = False) ->
 # ---------------------------------------------------------------------------
 # Other heavy work on the machine: wait for it to finish before measuring
 # ---------------------------------------------------------------------------
-
-
-def _is_heavy(argv: Sequence[str]) -> bool:
-    """A vLLM server, or a pytest run (not merely a command that mentions pytest, like pip installing it)."""
-    if any("vllm.entrypoints" in arg for arg in argv):
-        return True
-    names = [Path(arg).name for arg in argv[:2]]  # `pytest ...` or `python /venv/bin/pytest ...`
-    if any(name in ("pytest", "py.test") for name in names):
-        return True
-    return any(argv[i] == "-m" and argv[i + 1] == "pytest" for i in range(len(argv) - 1))
-
-
-def foreign_heavy_processes(own_groups: set[int]) -> list[str]:
-    """Command lines of vLLM servers and pytest runs that are not ours (ours: by process group)."""
-    found = []
-    me = os.getpid()
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == me:
-            continue
-        try:
-            argv = Path(entry.path, "cmdline").read_bytes().decode(errors="replace").split("\0")
-            pgrp = int(Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()[2])
-        except (OSError, ValueError, IndexError):
-            continue
-        if pgrp in own_groups or not _is_heavy([arg for arg in argv if arg]):
-            continue
-        found.append(f"{entry.name} {' '.join(argv)[:160]}")
-    return found
-
-
-def machine_busy_s() -> float:
-    """CPU seconds all cores spent busy since boot (/proc/stat), short-lived processes included."""
-    with open("/proc/stat") as stat:
-        fields = stat.readline().split()  # "cpu user nice system idle iowait irq softirq steal ..."
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
 
 
 class DisturbanceWatch:
@@ -502,7 +469,7 @@ class Stack:
 
     def cpu_meter(self) -> CpuMeter:
         pids = {"load-gen": os.getpid()}
-        if (broker := _find_process("beam.smp")) is not None:
+        if (broker := find_process("beam.smp")) is not None:
             pids["rabbitmq"] = broker
         # each started with its own session: process group == pid
         return CpuMeter(pids, {"vllm": self.backend_pid, "hotq-api": self.api.pid, "hotq-agent": self.agent.pid})
@@ -633,9 +600,9 @@ async def load_round(
         exact_tokens=sum(1 for a in answers if a.completion_tokens == max_tokens),
         wall_s=round(wall, 3),
         tokens_per_s=round(tokens / wall, 1) if wall > 0 else 0.0,
-        latency_p50_s=_round(_median([a.latency_s for a in answers])),
-        latency_max_s=_round(max((a.latency_s for a in answers), default=None)),
-        ttft_p50_s=_round(_median([a.ttft_s for a in answers if a.ttft_s is not None])) if stream else None,
+        latency_p50_s=round_or_none(_median([a.latency_s for a in answers])),
+        latency_max_s=round_or_none(max((a.latency_s for a in answers), default=None)),
+        ttft_p50_s=round_or_none(_median([a.ttft_s for a in answers if a.ttft_s is not None])) if stream else None,
         cpu_s={name: round(seconds, 2) for name, seconds in used.items()},
         other_cpu_cores=round(other / wall, 2) if other is not None and wall > 0 else None,
         machine_busy_cores=round(busy / wall, 2) if wall > 0 else None,
@@ -645,15 +612,11 @@ async def load_round(
     print(
         f"  {kind:<9}{index:>2} {target:<7} {result.tokens_per_s:>8.1f} tok/s  {result.completion_tokens} tokens "
         f"in {result.wall_s:.2f} s  exact {result.exact_tokens}/{result.requests}  errors {sum(errors.values())}"
-        f"  machine busy {_fmt(result.machine_busy_cores)} cores"
+        f"  machine busy {fmt(result.machine_busy_cores)} cores"
         + (f"  DISTURBED by {len(result.disturbed_by)} foreign process(es): repeating" if result.disturbed_by else ""),
         flush=True,
     )
     return result
-
-
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 async def measure_throughput(stack: Stack, settings: argparse.Namespace, report: Report) -> None:
@@ -718,15 +681,15 @@ def summarise(report: Report) -> ThroughputSummary:
         stream_hotq_mean / stream_direct_mean if stream_direct_mean and stream_hotq_mean is not None else None
     )
     return ThroughputSummary(
-        direct_mean_tps=_round(direct_mean, 1),
-        hotq_mean_tps=_round(hotq_mean, 1),
-        ratio=_round(ratio, 4),
+        direct_mean_tps=round_or_none(direct_mean, 1),
+        hotq_mean_tps=round_or_none(hotq_mean, 1),
+        ratio=round_or_none(ratio, 4),
         pair_ratios=pairs,
         target_ratio=TARGET_RATIO,
         meets_target=None if ratio is None else ratio >= TARGET_RATIO,
-        stream_direct_mean_tps=_round(stream_direct_mean, 1),
-        stream_hotq_mean_tps=_round(stream_hotq_mean, 1),
-        stream_ratio=_round(stream_ratio, 4),
+        stream_direct_mean_tps=round_or_none(stream_direct_mean, 1),
+        stream_hotq_mean_tps=round_or_none(stream_hotq_mean, 1),
+        stream_ratio=round_or_none(stream_ratio, 4),
     )
 
 
@@ -749,11 +712,7 @@ def check_logs(paths: dict[str, Path], report: Report) -> None:
             lines = path.read_text(errors="replace").splitlines()
         except OSError:
             continue
-        bad = [
-            line
-            for line in lines
-            if any(word in line for word in ("Traceback", '"level": "error"', "ERROR", '"level": "warning"'))
-        ]
+        bad = bad_log_lines(lines)
         if bad:
             report.notes.append(f"{name} logged {len(bad)} error/warning line(s), first: {bad[0][:300]}")
         lost = [line for line in lines if "Unexpected connection close" in line or "CONNECTION_FORCED" in line]
@@ -896,10 +855,6 @@ async def run(settings: argparse.Namespace, processes: Processes, workdir: Path,
 # ---------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def print_report(report: Report, json_path: Path) -> None:
     s = report.startup
     if s is not None:
@@ -943,10 +898,10 @@ def print_report(report: Report, json_path: Path) -> None:
             print(
                 f"{f'{r.kind} {r.index}':<12}{r.target:<8}{f'{r.ok}/{r.requests}':>7}{r.exact_tokens:>7}"
                 f"{r.completion_tokens:>8}"
-                f"{r.wall_s:>8.2f}{r.tokens_per_s:>9.1f}{_fmt(r.latency_p50_s):>8}{_fmt(r.latency_max_s):>8}{_fmt(r.ttft_p50_s):>8}"
-                f"{_fmt(cpu.get('vllm'), 1):>9}{_fmt(cpu.get('hotq-api'), 1):>6}{_fmt(cpu.get('hotq-agent'), 1):>6}"
-                f"{_fmt(cpu.get('rabbitmq'), 1):>6}{_fmt(cpu.get('load-gen'), 1):>6}"
-                f"{_fmt(r.machine_busy_cores):>6}{_fmt(r.unaccounted_cores):>6}"
+                f"{r.wall_s:>8.2f}{r.tokens_per_s:>9.1f}{fmt(r.latency_p50_s):>8}{fmt(r.latency_max_s):>8}{fmt(r.ttft_p50_s):>8}"
+                f"{fmt(cpu.get('vllm'), 1):>9}{fmt(cpu.get('hotq-api'), 1):>6}{fmt(cpu.get('hotq-agent'), 1):>6}"
+                f"{fmt(cpu.get('rabbitmq'), 1):>6}{fmt(cpu.get('load-gen'), 1):>6}"
+                f"{fmt(r.machine_busy_cores):>6}{fmt(r.unaccounted_cores):>6}"
                 + ("  disturbed" if r.disturbed_by else "")
             )
         print(
@@ -963,14 +918,14 @@ def print_report(report: Report, json_path: Path) -> None:
             else ("meets" if m.meets_target else "BELOW") + f" the {m.target_ratio:.0%} target"
         )
         print(
-            f"mean tokens/s: direct {_fmt(m.direct_mean_tps, 1)}, hotq {_fmt(m.hotq_mean_tps, 1)}; "
+            f"mean tokens/s: direct {fmt(m.direct_mean_tps, 1)}, hotq {fmt(m.hotq_mean_tps, 1)}; "
             f"hotq/direct {ratio} ({verdict})"
         )
         print("round by round hotq/direct: " + ", ".join(f"{p:.1%}" for p in m.pair_ratios))
         if m.stream_ratio is not None:
             print(
-                f"streaming mean tokens/s: direct {_fmt(m.stream_direct_mean_tps, 1)}, "
-                f"hotq {_fmt(m.stream_hotq_mean_tps, 1)}; hotq/direct {m.stream_ratio:.1%}"
+                f"streaming mean tokens/s: direct {fmt(m.stream_direct_mean_tps, 1)}, "
+                f"hotq {fmt(m.stream_hotq_mean_tps, 1)}; hotq/direct {m.stream_ratio:.1%}"
             )
         print("(means over undisturbed rounds only)")
     if report.shutdown:
@@ -981,15 +936,7 @@ def print_report(report: Report, json_path: Path) -> None:
             f"vLLM stopped: {sd.get('backend_stopped') is not None}, "
             f"pgrep vllm.entrypoints: {sd.get('pgrep_vllm_entrypoints') or 'nothing'}"
         )
-    for note in report.notes:
-        print(f"note: {note}")
-    print()
-    print(f"JSON: {json_path}")
-
-
-def write_json(report: Report, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    print_notes(report.notes, json_path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1018,10 +965,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every finally runs
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     started_at = time.strftime("%Y%m%d-%H%M%S")
@@ -1042,24 +985,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         environment=environment(),
     )
     json_path = RESULTS_DIR / f"agent_vllm-{started_at}.json"
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    with tempfile.TemporaryDirectory(prefix="hotq-bench-agent-") as tmp:
-        workdir = Path(tmp)
-        processes = Processes(workdir)
-        try:
-            uvloop.run(run(settings, processes, workdir, report))
-        except KeyboardInterrupt:
-            print("\ninterrupted: stopping everything", file=sys.stderr)
-            return 130
-        except Exception:
-            print("\nfailed; the last lines of each log:", file=sys.stderr)
-            for log in sorted(workdir.rglob("*.log")):
-                lines = log.read_text(errors="replace").splitlines()[-25:]
-                print(f"--- {log.name}\n" + "\n".join(lines), file=sys.stderr)
-            raise
-        finally:
-            processes.stop_all()
+    if code := run_bench(
+        lambda processes, workdir: run(settings, processes, workdir, report),
+        "hotq-bench-agent-",
+        logs=lambda workdir: sorted(workdir.rglob("*.log")),
+    ):
+        return code
     report.summary = summarise(report)
     note_problems(report, settings.max_tokens)
     report.environment["loadavg_at_end"] = os.getloadavg()

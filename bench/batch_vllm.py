@@ -68,23 +68,19 @@ import json
 import os
 import resource
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import aiohttp
 import openai
-import uvloop
 
 from bench.agent_vllm import (
     AGENT_STOP_TIMEOUT_S,
@@ -99,19 +95,30 @@ from bench.agent_vllm import (
     check_logs,
     http_session,
     is_event,
-    machine_busy_s,
     prompts,
     wait_until_quiet,
 )
-from bench.core_path import OTHER, Processes, child_env, delete_queues, environment, wait_http_ok
+from bench.common import (
+    DEFAULT_AMQP_URL,
+    OTHER,
+    RESULTS_DIR,
+    ROOT,
+    Processes,
+    child_env,
+    delete_queues,
+    environment,
+    fmt,
+    machine_busy_s,
+    print_notes,
+    round_or_none,
+    run_bench,
+    wait_http_ok,
+    write_json,
+)
 from broker import topology
 from broker.messages import Lane
 from hpc_agents.embedded_model import ensure_embedded_model
 from tests.stack import free_port, write_config
-
-ROOT: Final = Path(__file__).resolve().parent.parent
-RESULTS_DIR: Final = ROOT / "bench" / "results"
-DEFAULT_AMQP_URL: Final = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 DEFAULT_REQUESTS: Final = 500
 DEFAULT_MAX_TOKENS: Final = 32
@@ -343,8 +350,8 @@ async def run_batch_api(
         "batch_id": batch.id,
         "upload_s": round(upload_s, 3),
         "create_call_s": round(created_s, 3),
-        "first_result_s": _round(first_result_s),
-        "all_results_s": _round(all_results_s),  # every line counted (the batch may still be finalizing)
+        "first_result_s": round_or_none(first_result_s),
+        "all_results_s": round_or_none(all_results_s),  # every line counted (the batch may still be finalizing)
         "completed_s": round(wall, 3),
         "fetch_output_s": round(fetch_s, 3),
         "polls": polls,
@@ -385,17 +392,13 @@ async def run_submit(
     outcome.extra_cpu_s = {"hotq-submit": cpu}
     outcome.extra = {
         "job_id": job_id,
-        "job_stored_s": _round(stored_s),  # process start -> "job ...: N requests" on stderr
-        "net_wall_s": _round(wall - stored_s if stored_s is not None else None),
+        "job_stored_s": round_or_none(stored_s),  # process start -> "job ...: N requests" on stderr
+        "net_wall_s": round_or_none(wall - stored_s if stored_s is not None else None),
         "net_tokens_per_s": round(outcome.completion_tokens / (wall - stored_s), 1)
         if stored_s is not None and wall > stored_s
         else None,
     }
     return outcome
-
-
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
 
 
 # ---------------------------------------------------------------------------
@@ -471,7 +474,7 @@ async def one_round(bench: Bench, target: str, kind: str, index: int) -> None:
         print(
             f"  {kind:<9}{index:>2} {target:<10}{result.tokens_per_s:>8.1f} tok/s  {result.completion_tokens} tokens"
             f" in {result.wall_s:.2f} s  exact {result.exact_tokens}/{result.requests}"
-            f"  errors {sum(outcome.errors.values())}  machine busy {_fmt(result.machine_busy_cores)} cores"
+            f"  errors {sum(outcome.errors.values())}  machine busy {fmt(result.machine_busy_cores)} cores"
             + (f"  DISTURBED by {len(result.disturbed_by)} foreign process(es): repeating" if watch.seen else ""),
             flush=True,
         )
@@ -678,10 +681,6 @@ async def run(settings: argparse.Namespace, processes: Processes, workdir: Path,
 # ---------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def print_report(report: Report, json_path: Path) -> None:
     s = report.settings
     print()
@@ -701,18 +700,18 @@ def print_report(report: Report, json_path: Path) -> None:
         if r.target == "batch-api":
             e = r.extra
             detail = (
-                f"first result {_fmt(e.get('first_result_s'))} s, all {_fmt(e.get('all_results_s'))} s,"
-                f" completed {_fmt(e.get('completed_s'))} s"
+                f"first result {fmt(e.get('first_result_s'))} s, all {fmt(e.get('all_results_s'))} s,"
+                f" completed {fmt(e.get('completed_s'))} s"
             )
         elif r.target == "submit":
             e = r.extra
-            detail = f"job stored at {_fmt(e.get('job_stored_s'))} s, net {_fmt(e.get('net_tokens_per_s'), 1)} tok/s"
+            detail = f"job stored at {fmt(e.get('job_stored_s'))} s, net {fmt(e.get('net_tokens_per_s'), 1)} tok/s"
         print(
             f"{f'{r.kind} {r.index}':<12}{r.target:<11}{f'{r.ok}/{r.requests}':>8}{r.exact_tokens:>6}"
             f"{r.completion_tokens:>7}{r.wall_s:>8.2f}{r.tokens_per_s:>8.1f}"
-            f"{_fmt(cpu.get('vllm'), 1):>9}{_fmt(cpu.get('hotq-api'), 1):>6}{_fmt(cpu.get('hotq-agent'), 1):>6}"
-            f"{_fmt(cpu.get('rabbitmq'), 1):>6}{_fmt(cpu.get('hotq-submit'), 1):>7}{_fmt(cpu.get('load-gen'), 1):>6}"
-            f"{_fmt(r.machine_busy_cores):>6}{_fmt(r.unaccounted_cores):>6}  {detail}"
+            f"{fmt(cpu.get('vllm'), 1):>9}{fmt(cpu.get('hotq-api'), 1):>6}{fmt(cpu.get('hotq-agent'), 1):>6}"
+            f"{fmt(cpu.get('rabbitmq'), 1):>6}{fmt(cpu.get('hotq-submit'), 1):>7}{fmt(cpu.get('load-gen'), 1):>6}"
+            f"{fmt(r.machine_busy_cores):>6}{fmt(r.unaccounted_cores):>6}  {detail}"
             + ("  disturbed" if r.disturbed_by else "")
         )
     print(
@@ -741,15 +740,7 @@ def print_report(report: Report, json_path: Path) -> None:
             f"vLLM stopped: {sd.get('backend_stopped')}, "
             f"pgrep vllm.entrypoints: {sd.get('pgrep_vllm_entrypoints') or 'nothing'}"
         )
-    for note in report.notes:
-        print(f"note: {note}")
-    print()
-    print(f"JSON: {json_path}")
-
-
-def write_json(report: Report, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    print_notes(report.notes, json_path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -797,10 +788,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every finally runs
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     started_at = time.strftime("%Y%m%d-%H%M%S")
@@ -824,24 +811,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         environment=environment(),
     )
     json_path = RESULTS_DIR / f"batch_vllm-{started_at}.json"
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    with tempfile.TemporaryDirectory(prefix="hotq-bench-batch-") as tmp:
-        workdir = Path(tmp)
-        processes = Processes(workdir)
-        try:
-            uvloop.run(run(settings, processes, workdir, report))
-        except KeyboardInterrupt:
-            print("\ninterrupted: stopping everything", file=sys.stderr)
-            return 130
-        except Exception:
-            print("\nfailed; the last lines of each log:", file=sys.stderr)
-            for log in sorted(workdir.rglob("*.log")):
-                lines = log.read_text(errors="replace").splitlines()[-25:]
-                print(f"--- {log.name}\n" + "\n".join(lines), file=sys.stderr)
-            raise
-        finally:
-            processes.stop_all()
+    if code := run_bench(
+        lambda processes, workdir: run(settings, processes, workdir, report),
+        "hotq-bench-batch-",
+        logs=lambda workdir: sorted(workdir.rglob("*.log")),
+    ):
+        return code
     targets = [t for t in TARGETS if not (t == "submit" and settings.skip_submit)]
     report.summary = summarise(report, targets)
     note_problems(report, settings.max_tokens)

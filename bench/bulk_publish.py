@@ -52,36 +52,39 @@ import asyncio
 import json
 import os
 import resource
-import signal
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import httpx
 import openai
-import uvloop
 
-from bench.agent_vllm import machine_busy_s
-from bench.core_path import (
+from bench.common import (
+    DEFAULT_AMQP_URL,
     OTHER,
+    RESULTS_DIR,
     CpuMeter,
     Processes,
-    _check_logs,
-    _find_process,
     child_env,
     delete_queues,
     environment,
+    find_process,
+    fmt,
+    machine_busy_s,
+    print_notes,
+    round_or_none,
+    run_bench,
     wait_for_line,
     wait_http_ok,
+    write_json,
 )
+from bench.core_path import _check_logs
 from broker import topology
 from broker.connection import connect
 from broker.jobstore import AsyncJobStore, JobStore
@@ -90,10 +93,6 @@ from broker.messages import Endpoint, Lane
 from producers import bulk
 from tests.fake_backend import reply_text
 from tests.stack import free_port, write_config
-
-ROOT: Final = Path(__file__).resolve().parent.parent
-RESULTS_DIR: Final = ROOT / "bench" / "results"
-DEFAULT_AMQP_URL: Final = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 DEFAULT_PUBLISH_LINES: Final = 50_000
 DEFAULT_PUBLISH_REPEATS: Final = 3
@@ -168,7 +167,7 @@ class Measured:
 
     def __init__(self, groups: dict[str, int]) -> None:
         pids = {"bench (producer/load-gen)": os.getpid()}
-        if (broker := _find_process("beam.smp")) is not None:
+        if (broker := find_process("beam.smp")) is not None:
             pids["rabbitmq"] = broker
         self.meter = CpuMeter(pids, groups)
 
@@ -201,16 +200,12 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def _round(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
 def _show(result: RunResult) -> None:
     unit = "lines/s" if result.part == "publish" else "req/s"
     print(
         f"  {result.kind:<9}{result.index:>2} {result.target:<16}{result.per_s:>10,.0f} {unit}  "
         f"{result.ok}/{result.lines} in {result.wall_s:.2f} s  errors {sum(result.errors.values())}"
-        f"  machine busy {_fmt(result.machine_busy_cores)} cores",
+        f"  machine busy {fmt(result.machine_busy_cores)} cores",
         flush=True,
     )
 
@@ -309,7 +304,7 @@ async def publish_dispatch(amqp_url: str, workdir: Path, model: str, lines: int,
         extra={
             "store_lines_s": round(stored_s, 3),
             "first_chunk_confirmed_s": round(chunks[0][0] - measured.started, 3) if chunks else None,
-            "steady_lines_per_s": _round(steady, 1),
+            "steady_lines_per_s": round_or_none(steady, 1),
             "chunk": bulk.PUBLISH_CHUNK,
         },
     )
@@ -359,8 +354,8 @@ async def publish_submit_detach(
         wall_s=round(submitted.wall_s, 3),
         per_s=round(lines / submitted.wall_s, 1),
         extra={
-            "job_stored_s": _round(submitted.stored_s),
-            "publish_s": _round(publish_s),  # job stored -> exit: connect, publish with confirms, close
+            "job_stored_s": round_or_none(submitted.stored_s),
+            "publish_s": round_or_none(publish_s),  # job stored -> exit: connect, publish with confirms, close
             "publish_lines_per_s": round(lines / publish_s, 1) if publish_s else None,
         },
     )
@@ -491,8 +486,8 @@ async def e2e_submit(
         per_s=round(ok / submitted.wall_s, 1),
         extra={
             "job_id": job_id,
-            "job_stored_s": _round(submitted.stored_s),
-            "net_s": _round(net_s),
+            "job_stored_s": round_or_none(submitted.stored_s),
+            "net_s": round_or_none(net_s),
             "net_per_s": round(ok / net_s, 1) if net_s else None,
             "backend_served": served,
         },
@@ -545,7 +540,7 @@ async def e2e_batch_api(
         extra={
             "batch_id": batch.id,
             "upload_s": round(upload_s, 3),
-            "all_results_s": _round(all_results_s),
+            "all_results_s": round_or_none(all_results_s),
             "backend_served": served,
         },
     )
@@ -660,10 +655,6 @@ def note_problems(report: Report) -> None:
 # ---------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def print_report(report: Report, json_path: Path) -> None:
     print()
     header = (
@@ -676,19 +667,19 @@ def print_report(report: Report, json_path: Path) -> None:
         cpu = r.cpu_s
         e = r.extra
         if r.target == "dispatch":
-            detail = f"steady {_fmt(e.get('steady_lines_per_s'), 0)}/s after the first chunk"
+            detail = f"steady {fmt(e.get('steady_lines_per_s'), 0)}/s after the first chunk"
         elif r.target == "submit --detach":
-            detail = f"stored at {_fmt(e.get('job_stored_s'))} s, publish {_fmt(e.get('publish_lines_per_s'), 0)}/s"
+            detail = f"stored at {fmt(e.get('job_stored_s'))} s, publish {fmt(e.get('publish_lines_per_s'), 0)}/s"
         elif r.target == "submit":
-            detail = f"stored at {_fmt(e.get('job_stored_s'))} s, net {_fmt(e.get('net_per_s'), 0)}/s"
+            detail = f"stored at {fmt(e.get('job_stored_s'))} s, net {fmt(e.get('net_per_s'), 0)}/s"
         else:
-            detail = f"all results counted at {_fmt(e.get('all_results_s'))} s"
+            detail = f"all results counted at {fmt(e.get('all_results_s'))} s"
         print(
             f"{r.part:<8}{r.target:<17}{f'{r.kind} {r.index}':<12}{f'{r.ok}/{r.lines}':>13}{r.wall_s:>8.2f}"
-            f"{r.per_s:>9.0f}{_fmt(cpu.get('bench (producer/load-gen)'), 1):>7}{_fmt(cpu.get('rabbitmq'), 1):>6}"
-            f"{_fmt(cpu.get('hotq submit'), 1):>7}{_fmt(cpu.get('hotq-api'), 1):>6}"
-            f"{_fmt(cpu.get('hotq-worker'), 1):>7}{_fmt(cpu.get('fake-backend'), 1):>8}"
-            f"{_fmt(r.machine_busy_cores):>6}{_fmt(r.unaccounted_cores):>6}  {detail}"
+            f"{r.per_s:>9.0f}{fmt(cpu.get('bench (producer/load-gen)'), 1):>7}{fmt(cpu.get('rabbitmq'), 1):>6}"
+            f"{fmt(cpu.get('hotq submit'), 1):>7}{fmt(cpu.get('hotq-api'), 1):>6}"
+            f"{fmt(cpu.get('hotq-worker'), 1):>7}{fmt(cpu.get('fake-backend'), 1):>8}"
+            f"{fmt(r.machine_busy_cores):>6}{fmt(r.unaccounted_cores):>6}  {detail}"
         )
     print(
         "  (bench..backend: CPU seconds during the run; busy: cores the whole machine kept busy;"
@@ -707,15 +698,7 @@ def print_report(report: Report, json_path: Path) -> None:
             f"max {entry['max_per_s']:,.0f}; {entry['runs']} runs, {entry['errors']} errors)"
             + (f"; {more}" if more else "")
         )
-    for note in report.notes:
-        print(f"note: {note}")
-    print()
-    print(f"JSON: {json_path}")
-
-
-def write_json(report: Report, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    print_notes(report.notes, json_path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -744,10 +727,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every finally runs
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     configure_logging("warning")  # the dispatcher runs in this process: keep its info lines off the table
@@ -770,24 +749,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         environment=environment(),
     )
     json_path = RESULTS_DIR / f"bulk_publish-{started_at}.json"
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    with tempfile.TemporaryDirectory(prefix="hotq-bench-bulk-") as tmp:
-        workdir = Path(tmp)
-        processes = Processes(workdir)
-        try:
-            uvloop.run(run(settings, processes, workdir, report))
-        except KeyboardInterrupt:
-            print("\ninterrupted: stopping everything", file=sys.stderr)
-            return 130
-        except Exception:
-            print("\nfailed; the last lines of each log:", file=sys.stderr)
-            for log in sorted(workdir.glob("*.log")):
-                lines = log.read_text(errors="replace").splitlines()[-25:]
-                print(f"--- {log.name}\n" + "\n".join(lines), file=sys.stderr)
-            raise
-        finally:
-            processes.stop_all()
+    if code := run_bench(
+        lambda processes, workdir: run(settings, processes, workdir, report),
+        "hotq-bench-bulk-",
+    ):
+        return code
     report.summary = summarise(report)
     note_problems(report)
     report.environment["loadavg_at_end"] = os.getloadavg()

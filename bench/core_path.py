@@ -48,40 +48,49 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final
 
 import aio_pika
 import aiohttp
-import uvloop
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from bench import amqp_echo
+from bench.common import (
+    DEFAULT_AMQP_URL,
+    OTHER,
+    RESULTS_DIR,
+    ROOT,
+    CpuMeter,
+    Processes,
+    bad_log_lines,
+    child_env,
+    delete_queues,
+    environment,
+    fmt,
+    print_notes,
+    run_bench,
+    wait_for_line,
+    wait_http_ok,
+    write_json,
+)
 from broker import topology
 from broker.messages import Lane
 from tests.fake_backend import expected_chat_tokens
 from tests.stack import free_port, write_config
 
-ROOT: Final = Path(__file__).resolve().parent.parent
-RESULTS_DIR: Final = ROOT / "bench" / "results"
 DEFAULT_LITELLM_VENV: Final = ROOT / "bench" / ".venv-litellm"
-DEFAULT_AMQP_URL: Final = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 CONCURRENCIES: Final = (1, 50)
 PROMPT: Final = "Say hello to the benchmark"
@@ -95,7 +104,6 @@ REQUEST_TIMEOUT_S: Final = 30.0
 CASE_TIME_LIMIT_S: Final = 120.0  # a case stops early (and says so) past this
 STARTUP_TIMEOUT_S: Final = 60.0
 LITELLM_STARTUP_TIMEOUT_S: Final = 180.0
-STOP_TIMEOUT_S: Final = 15.0
 
 Call = Callable[[], Awaitable[None]]  # one request; raises if the answer is not the expected one
 
@@ -139,192 +147,10 @@ class Settings:
 
 
 # ---------------------------------------------------------------------------
-# Subprocesses: each in its own process group, all killed on the way out
+# CPU accounting: what each process spends per request (CpuMeter is in bench.common)
 # ---------------------------------------------------------------------------
 
-
-class Processes:
-    """Starts subprocesses in their own sessions (process groups), logs to files, stops them all."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self._running: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(
-        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path = ROOT
-    ) -> subprocess.Popen[bytes]:
-        with open(self.log_path(name), "wb") as log:
-            process = subprocess.Popen(
-                list(argv),
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: no stray children survive us
-            )
-        self._running[name] = process
-        return process
-
-    async def wait(self, name: str, timeout: float) -> None:
-        """Wait for a process that ends by itself, then make sure its group is gone."""
-        process = self._running.get(name)
-        deadline = time.monotonic() + timeout
-        while process is not None and process.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        self.stop(name)
-
-    def log_path(self, name: str) -> Path:
-        return self.log_dir / f"{name}.log"
-
-    def log_tail(self, name: str, lines: int = 25) -> str:
-        try:
-            return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
-
-    def stop(self, name: str, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM the process group, SIGKILL it if it outlives `timeout`; return the exit code."""
-        process = self._running.pop(name, None)
-        if process is None:
-            return None
-        _signal_group(process, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
-        _signal_group(process, signal.SIGKILL)  # anything it started and left behind
-        return process.returncode
-
-    def stop_all(self) -> None:
-        for name in reversed(list(self._running)):
-            self.stop(name)
-
-
-def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
-    try:
-        os.killpg(process.pid, signum)  # pgid == pid thanks to start_new_session
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-async def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{process.args!r} exited with {process.returncode} before {url} answered")
-            try:
-                async with session.get(url) as response:
-                    if response.status == 200:
-                        return
-            except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
-
-
-async def wait_for_line(path: Path, needle: str, process: subprocess.Popen[bytes], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if needle in path.read_text(errors="replace"):
-            return
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before logging {needle!r}")
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"{needle!r} not logged in {path} within {timeout:.0f} s")
-
-
-def child_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    env.update(extra)
-    return env
-
-
-# ---------------------------------------------------------------------------
-# CPU accounting: what each process spends per request
-# ---------------------------------------------------------------------------
-
-CLOCK_TICKS: Final = os.sysconf("SC_CLK_TCK")
 CPU_COLUMNS: Final = ("load-gen", "backend", "hotq-api", "hotq-worker", "amqp-echo", "litellm", "rabbitmq")
-OTHER: Final = "other"  # every process not measured: noise from whatever else runs on the machine
-
-
-@dataclass(frozen=True)
-class CpuMeter:
-    """CPU seconds (user + system) used so far by named processes (by pid) or process groups (by pgid)."""
-
-    pids: dict[str, int]
-    groups: dict[str, int]
-
-    @classmethod
-    def base(cls, backend_pgid: int) -> CpuMeter:
-        pids = {"load-gen": os.getpid()}
-        if (broker := _find_process("beam.smp")) is not None:
-            pids["rabbitmq"] = broker  # a local RabbitMQ: its CPU counts too (all its traffic)
-        return cls(pids, {"backend": backend_pgid})
-
-    def plus(self, groups: dict[str, int]) -> CpuMeter:
-        return CpuMeter(self.pids, {**self.groups, **groups})
-
-    def read(self) -> CpuReading:
-        totals = dict.fromkeys([*self.pids, *self.groups], 0.0)
-        others: dict[int, float] = {}
-        names_by_pid = {pid: name for name, pid in self.pids.items()}
-        names_by_group = {pgid: name for name, pgid in self.groups.items()}
-        for pid, pgrp, cpu_s in _all_processes():
-            name = names_by_pid.get(pid) or names_by_group.get(pgrp)
-            if name is not None:
-                totals[name] += cpu_s
-            else:
-                others[pid] = cpu_s
-        return CpuReading(totals, others)
-
-
-@dataclass(frozen=True)
-class CpuReading:
-    by_name: dict[str, float]  # CPU seconds so far of the measured processes
-    others: dict[int, float]  # ... and of every other process, by pid
-
-    def since(self, before: CpuReading) -> dict[str, float]:
-        """CPU seconds used since `before`, by name and (under `OTHER`) by all other processes.
-
-        Other processes are compared pid by pid, so one that exits meanwhile does not make
-        the sum negative (its last CPU time is lost, so `OTHER` is a lower bound).
-        """
-        used = {name: seconds - before.by_name.get(name, 0.0) for name, seconds in self.by_name.items()}
-        used[OTHER] = sum(seconds - before.others.get(pid, 0.0) for pid, seconds in self.others.items())
-        return used
-
-
-def _all_processes() -> list[tuple[int, int, float]]:
-    """(pid, process group, CPU seconds) of every process, from /proc."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat.rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ... utime stime
-        found.append((int(entry.name), int(fields[2]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS))
-    return found
-
-
-def _find_process(command: str) -> int | None:
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if Path(entry.path, "comm").read_text().strip() == command:
-                    return int(entry.name)
-            except OSError:
-                continue
-    return None
-
 
 # ---------------------------------------------------------------------------
 # The load generator
@@ -568,8 +394,8 @@ async def bench_call(target: str, concurrency: int, settings: Settings, call: Ca
     used = cpu.read().since(before)
     result = CaseResult.from_run(target, concurrency, requests, run, warmup, used)
     print(
-        f"  {target:<22} c={concurrency:<3} {result.rps:>8.1f} req/s  p50 {_fmt(result.p50_ms)} ms  "
-        f"p99 {_fmt(result.p99_ms)} ms  errors {sum(result.errors.values())}",
+        f"  {target:<22} c={concurrency:<3} {result.rps:>8.1f} req/s  p50 {fmt(result.p50_ms)} ms  "
+        f"p99 {fmt(result.p99_ms)} ms  errors {sum(result.errors.values())}",
         flush=True,
     )
     return result
@@ -634,7 +460,7 @@ async def bench_stream(
         events=events,
     )
     print(
-        f"  stream {target:<15} ttft {_fmt(result.ttft_ms)} ms  total {_fmt(result.total_ms)} ms  "
+        f"  stream {target:<15} ttft {fmt(result.ttft_ms)} ms  total {fmt(result.total_ms)} ms  "
         f"{result.tokens_per_s} tok/s  errors {sum(errors.values())}",
         flush=True,
     )
@@ -784,17 +610,6 @@ async def start_litellm(
     url = f"http://127.0.0.1:{port}"
     await wait_http_ok(url + "/health/liveliness", process, LITELLM_STARTUP_TIMEOUT_S)
     return url + "/v1", process
-
-
-async def delete_queues(amqp_url: str, names: Sequence[str]) -> None:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        for name in names:
-            channel = await connection.channel()  # a failed delete closes its channel
-            try:
-                await channel.queue_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                pass
 
 
 # ---------------------------------------------------------------------------
@@ -990,43 +805,6 @@ async def profile_hotq(
 # ---------------------------------------------------------------------------
 
 
-def environment() -> dict[str, Any]:
-    versions: dict[str, str | None] = {}
-    for package in (
-        "aio-pika",
-        "aiormq",
-        "aiohttp",
-        "starlette",
-        "uvicorn",
-        "uvloop",
-        "httptools",
-        "msgpack",
-        "msgspec",
-        "structlog",
-    ):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-    except OSError:
-        commit, status = "", ""
-    changed = [line[3:] for line in status.splitlines() if not line[3:].startswith("bench/")]
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg_at_start": os.getloadavg(),
-        "git_commit": commit,
-        "uncommitted_changes": changed,  # the code measured is the work tree, not the commit
-        "versions": versions,
-    }
-
-
 async def run(settings: Settings, processes: Processes, workdir: Path, report: Report) -> None:
     model = f"bench-core-{uuid.uuid4().hex[:8]}"  # unique: this run's queues are its own
     hotq_queues = [topology.request_queue_name(model, lane) for lane in Lane]
@@ -1097,11 +875,7 @@ def _check_logs(processes: Processes, names: Sequence[str], report: Report) -> N
             lines = processes.log_path(name).read_text(errors="replace").splitlines()
         except OSError:
             continue
-        bad = [
-            line
-            for line in lines
-            if any(word in line for word in ("Traceback", '"level": "error"', "ERROR", '"level": "warning"'))
-        ]
+        bad = bad_log_lines(lines)
         if bad:
             report.notes.append(f"{name} logged {len(bad)} error/warning line(s), first: {bad[0][:300]}")
 
@@ -1130,10 +904,6 @@ def add_overheads(cases: list[CaseResult]) -> None:
             case.added_p99_ms = case.p99_ms - base.p99_ms
 
 
-def _fmt(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
 def print_report(report: Report, json_path: Path) -> None:
     order = {"direct": 0, "hotq": 1, "litellm": 2}
     cases = sorted(report.cases, key=lambda c: (c.concurrency, order.get(c.target, 3), c.target))
@@ -1148,8 +918,8 @@ def print_report(report: Report, json_path: Path) -> None:
     for c in cases:
         print(
             f"{c.target:<24}{c.concurrency:>5}{f'{c.ok}/{c.requests}':>11}{sum(c.errors.values()):>5}{c.rps:>9.1f}"
-            f"{_fmt(c.p50_ms):>8}{_fmt(c.p90_ms):>8}{_fmt(c.p99_ms):>8}{_fmt(c.max_ms):>8}"
-            f"{_fmt(c.added_p50_ms):>11}{_fmt(c.added_p99_ms):>11}"
+            f"{fmt(c.p50_ms):>8}{fmt(c.p90_ms):>8}{fmt(c.p99_ms):>8}{fmt(c.max_ms):>8}"
+            f"{fmt(c.added_p50_ms):>11}{fmt(c.added_p99_ms):>11}"
         )
     print()
     print("CPU time per request (ms; user + system) by process")
@@ -1164,8 +934,8 @@ def print_report(report: Report, json_path: Path) -> None:
         used = c.cpu_ms_per_request
         print(
             f"{c.target:<24}{c.concurrency:>5}"
-            + "".join(f"{_fmt(used.get(name)):>12}" for name in CPU_COLUMNS)
-            + f"{_fmt(sum(used.values()) if used else None):>9}{_fmt(c.other_cpu_cores):>13}"
+            + "".join(f"{fmt(used.get(name)):>12}" for name in CPU_COLUMNS)
+            + f"{fmt(sum(used.values()) if used else None):>9}{fmt(c.other_cpu_cores):>13}"
         )
     if report.streams:
         print()
@@ -1175,12 +945,12 @@ def print_report(report: Report, json_path: Path) -> None:
         print("-" * len(header))
         for s in report.streams:
             print(
-                f"{s.target:<24}{s.ok:>4}{_fmt(s.ttft_ms):>10}{_fmt(s.total_ms):>10}"
-                f"{_fmt(s.tokens_per_s, 0):>11}{s.events or '-':>8}"
+                f"{s.target:<24}{s.ok:>4}{fmt(s.ttft_ms):>10}{fmt(s.total_ms):>10}"
+                f"{fmt(s.tokens_per_s, 0):>11}{s.events or '-':>8}"
             )
     for p in report.profiles:
         print()
-        load = f"{p.load.rps:.0f} req/s, p50 {_fmt(p.load.p50_ms)} ms" if p.load else "?"
+        load = f"{p.load.rps:.0f} req/s, p50 {fmt(p.load.p50_ms)} ms" if p.load else "?"
         print(
             f"py-spy {p.process}: {p.samples} on-CPU samples in {p.seconds:g} s at {p.rate_hz} Hz "
             f"(busy ~{p.busy_fraction:.0%}) under c={max(CONCURRENCIES)} load ({load}); {p.speedscope_file}"
@@ -1197,15 +967,7 @@ def print_report(report: Report, json_path: Path) -> None:
             print(f"    {pct:5.1f}%  {label}")
     if report.notes:
         print()
-        for note in report.notes:
-            print(f"note: {note}")
-    print()
-    print(f"JSON: {json_path}")
-
-
-def write_json(report: Report, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    print_notes(report.notes, json_path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -1224,32 +986,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every finally runs
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_args(parse_args(argv))
     started_at = time.strftime("%Y%m%d-%H%M%S")
     report = Report(started_at=started_at, settings=_settings_json(settings), environment=environment())
     json_path = RESULTS_DIR / f"core_path-{started_at}.json"
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    with tempfile.TemporaryDirectory(prefix="hotq-bench-") as tmp:
-        workdir = Path(tmp)
-        processes = Processes(workdir)
-        try:
-            uvloop.run(run(settings, processes, workdir, report))
-        except KeyboardInterrupt:
-            print("\ninterrupted: stopping everything", file=sys.stderr)
-            return 130
-        except Exception:
-            print("\nfailed; the last lines of each log:", file=sys.stderr)
-            for log in sorted(workdir.glob("*.log")):
-                print(f"--- {log.name}\n{processes.log_tail(log.stem)}", file=sys.stderr)
-            raise
-        finally:
-            processes.stop_all()
+    if code := run_bench(
+        lambda processes, workdir: run(settings, processes, workdir, report),
+        "hotq-bench-",
+        unreadable="(no log)",
+    ):
+        return code
     add_overheads(report.cases)
     note_failures(report)
     report.environment["loadavg_at_end"] = os.getloadavg()

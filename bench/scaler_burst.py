@@ -76,7 +76,6 @@ import shutil
 import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -84,16 +83,31 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any, Final, Literal
 
 import aio_pika
 import aiohttp
-import uvloop
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
-from bench.agent_vllm import foreign_heavy_processes, machine_busy_s
-from bench.core_path import CLOCK_TICKS, Processes, _find_process, child_env, delete_queues, environment, wait_http_ok
+from bench.common import (
+    CLOCK_TICKS,
+    DEFAULT_AMQP_URL,
+    RESULTS_DIR,
+    ROOT,
+    Processes,
+    bad_log_lines,
+    child_env,
+    delete_queues,
+    environment,
+    find_process,
+    foreign_heavy_processes,
+    machine_busy_s,
+    print_notes,
+    round_or_none,
+    run_bench,
+    wait_http_ok,
+    write_json,
+)
 from broker import messages, topology
 from broker.config import Config, load_config
 from broker.connection import connect
@@ -107,10 +121,6 @@ from hpc_agents.launchers.local import LocalLauncher
 from hpc_agents.scaler import Scaler
 from tests.fake_backend import expected_chat_tokens
 from tests.stack import free_port, write_config
-
-ROOT: Final = Path(__file__).resolve().parent.parent
-RESULTS_DIR: Final = ROOT / "bench" / "results"
-DEFAULT_AMQP_URL: Final = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
 CLUSTER: Final = "local"
 FAKE_COMMAND: Final = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
@@ -546,10 +556,6 @@ class Report:
     notes: list[str] = field(default_factory=list)
 
 
-def _r(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
 def _mid(window: tuple[float, float] | None) -> float | None:
     return None if window is None else (window[0] + window[1]) / 2
 
@@ -615,9 +621,9 @@ def agent_results(
                 exit_reason=reason,
                 backend_ready_s=t.summary.get("backend_ready_s") if t.summary else None,
                 idle_s=idle,
-                idle_error_s=_r(idle - settings.idle_ttl_s) if idle is not None else None,
+                idle_error_s=round_or_none(idle - settings.idle_ttl_s) if idle is not None else None,
                 last_served_to_exit_s=_diff(t.exited_at, idle_from) if reason == "idle" else None,
-                served_window_s=_r(t.last_served[1] - t.last_served[0]) if t.last_served else None,
+                served_window_s=round_or_none(t.last_served[1] - t.last_served[0]) if t.last_served else None,
                 busy_rps=busy,
                 error=None if reason == "idle" else last_log_line(log_dir / f"agent-{t.agent_id}.log"),
             )
@@ -724,12 +730,12 @@ def phase_results(
                 ok=len(latencies),
                 errors=dict(errors),
                 completion_s=_diff(run.answered, first_sent) if run.requests else None,
-                latency_p50_s=_r(percentile(latencies, 50)),
-                latency_p90_s=_r(percentile(latencies, 90)),
-                latency_max_s=_r(max(latencies, default=None)),
-                launch_lag_s=_r(lag),
-                launch_tick_wait_s=_r(tick_wait),
-                launch_tick_s=_r(tick),
+                latency_p50_s=round_or_none(percentile(latencies, 50)),
+                latency_p90_s=round_or_none(percentile(latencies, 90)),
+                latency_max_s=round_or_none(max(latencies, default=None)),
+                launch_lag_s=round_or_none(lag),
+                launch_tick_wait_s=round_or_none(tick_wait),
+                launch_tick_s=round_or_none(tick),
                 launch_ticks_missed=missed,
                 launch_missed_tick_offsets_s=missed_at,
                 launched=len(in_phase),
@@ -872,7 +878,7 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
     config: Config = load_config(config_path)
     observer = Observer(model)
     launcher = RecordingLauncher(observer, CLUSTER, config, max_nodes=settings.max_agents, log_dir=workdir / "logs")
-    rabbitmq_pid = _find_process("beam.smp")
+    rabbitmq_pid = find_process("beam.smp")
     stop = asyncio.Event()
     background: list[asyncio.Task[None]] = []
     connection: AbstractRobustConnection | None = None
@@ -979,25 +985,25 @@ def summarise(
         "agents_launched": len(agents),
         "max_agents": settings.max_agents,
         "peak_alive": max((p.peak_alive for p in report.phases), default=0),
-        "measured_agent_rps": _r(rps, 2),
+        "measured_agent_rps": round_or_none(rps, 2),
         "nominal_agent_rps": round(settings.max_inflight / (settings.fake_delay_ms / 1000), 1),
         "launch_lag_s": lags,
-        "launch_to_hot_s_median": _r(statistics.median(hot)) if hot else None,
-        "launch_to_hot_s_max": _r(max(hot, default=None)),
-        "launch_to_first_served_s_median": _r(cold_start),
-        "launch_to_first_served_s_max": _r(max(cold, default=None)),
-        "idle_s_median": _r(statistics.median(idle)) if idle else None,
-        "idle_s_min": _r(min(idle, default=None)),
-        "idle_s_max": _r(max(idle, default=None)),
+        "launch_to_hot_s_median": round_or_none(statistics.median(hot)) if hot else None,
+        "launch_to_hot_s_max": round_or_none(max(hot, default=None)),
+        "launch_to_first_served_s_median": round_or_none(cold_start),
+        "launch_to_first_served_s_max": round_or_none(max(cold, default=None)),
+        "idle_s_median": round_or_none(statistics.median(idle)) if idle else None,
+        "idle_s_min": round_or_none(min(idle, default=None)),
+        "idle_s_max": round_or_none(max(idle, default=None)),
         "idle_ttl_s": settings.idle_ttl_s,
-        "last_served_to_exit_s_median": _r(statistics.median(to_exit)) if to_exit else None,
-        "last_served_to_exit_s_max": _r(max(to_exit, default=None)),
-        "served_window_s_max": _r(max((a.served_window_s or 0.0 for a in agents), default=None)),
+        "last_served_to_exit_s_median": round_or_none(statistics.median(to_exit)) if to_exit else None,
+        "last_served_to_exit_s_max": round_or_none(max(to_exit, default=None)),
+        "served_window_s_max": round_or_none(max((a.served_window_s or 0.0 for a in agents), default=None)),
         "ticks": len(ticks),
-        "tick_s_mean": _r(statistics.fmean(ticks)) if ticks else None,
-        "tick_s_max": _r(max(ticks, default=None)),
+        "tick_s_mean": round_or_none(statistics.fmean(ticks)) if ticks else None,
+        "tick_s_max": round_or_none(max(ticks, default=None)),
         "loadavg_1m_min": min(loads, default=None),
-        "loadavg_1m_mean": _r(statistics.fmean(loads), 2) if loads else None,
+        "loadavg_1m_mean": round_or_none(statistics.fmean(loads), 2) if loads else None,
         "loadavg_1m_max": max(loads, default=None),
         "total_s": round(runs[-1].ended - t0, 1) if runs else None,
     }
@@ -1078,11 +1084,7 @@ def _check_logs(workdir: Path, processes: Processes, report: Report) -> None:
             lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
         except OSError:
             continue
-        bad = [
-            line
-            for line in lines
-            if any(word in line for word in ("Traceback", '"level": "error"', "ERROR", '"level": "warning"'))
-        ]
+        bad = bad_log_lines(lines)
         if bad:
             found.setdefault(_what_went_wrong(lines, bad[0])[:300], []).append(path.name)
     for what, names in found.items():
@@ -1191,15 +1193,7 @@ def print_report(report: Report, json_path: Path) -> None:
         f"1-min load average min/mean/max {_fmt(s['loadavg_1m_min'])}/{_fmt(s['loadavg_1m_mean'])}/"
         f"{_fmt(s['loadavg_1m_max'])} on {report.environment.get('cpus')} cores; profile took {s['total_s']} s"
     )
-    for note in report.notes:
-        print(f"note: {note}")
-    print()
-    print(f"JSON: {json_path}")
-
-
-def write_json(report: Report, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
+    print_notes(report.notes, json_path)
 
 
 # ---------------------------------------------------------------------------
@@ -1265,8 +1259,8 @@ def kill_leftovers(timeout: float = 10.0) -> list[int]:
     return left
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt  # unwinds like Ctrl-C, so every finally runs
+def _logs(workdir: Path) -> list[Path]:
+    return [*workdir.glob("*.log"), *workdir.glob("logs/*.log"), *workdir.glob("data/logs/*.log")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1276,35 +1270,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings_json = asdict(settings) | {"fake_command": FAKE_COMMAND, "max_queue_wait_s": QUEUE_WAIT_S}
     report = Report(started_at=started_at, settings=settings_json, environment=environment())
     json_path = RESULTS_DIR / f"scaler_burst-{started_at}.json"
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    with tempfile.TemporaryDirectory(prefix="hotq-bench-scaler-") as tmp:
-        workdir = Path(tmp)
-        processes = Processes(workdir)
-        try:
-            uvloop.run(run(settings, processes, workdir, report))
-        except KeyboardInterrupt:
-            print("\ninterrupted: stopping everything", file=sys.stderr)
-            return 130
-        except Exception:
-            print("\nfailed; the last lines of each log:", file=sys.stderr)
-            for log in sorted([*workdir.glob("*.log"), *workdir.glob("logs/*.log"), *workdir.glob("data/logs/*.log")]):
-                try:
-                    tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-                except OSError:
-                    tail = "(unreadable)"
-                print(f"--- {log.name}\n{tail}", file=sys.stderr)
-            raise
-        finally:
-            processes.stop_all()
-            leftovers = kill_leftovers()
-            if leftovers:
-                print(f"killed leftover processes {leftovers}", file=sys.stderr)
-            if settings.keep_logs:
-                logs = RESULTS_DIR / f"scaler_burst-{started_at}-logs"
-                logs.mkdir(parents=True, exist_ok=True)
-                for log in [*workdir.glob("*.log"), *workdir.glob("logs/*.log"), *workdir.glob("data/logs/*.log")]:
-                    shutil.copy(log, logs / log.name)
+
+    def cleanup(workdir: Path) -> None:
+        leftovers = kill_leftovers()
+        if leftovers:
+            print(f"killed leftover processes {leftovers}", file=sys.stderr)
+        if settings.keep_logs:
+            logs = RESULTS_DIR / f"scaler_burst-{started_at}-logs"
+            logs.mkdir(parents=True, exist_ok=True)
+            for log in _logs(workdir):
+                shutil.copy(log, logs / log.name)
+
+    if code := run_bench(
+        lambda processes, workdir: run(settings, processes, workdir, report),
+        "hotq-bench-scaler-",
+        logs=lambda workdir: sorted(_logs(workdir)),
+        tail_lines=15,
+        cleanup=cleanup,
+    ):
+        return code
     report.environment["loadavg_at_end"] = os.getloadavg()
     write_json(report, json_path)
     print_report(report, json_path)
