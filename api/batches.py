@@ -21,6 +21,7 @@ from starlette.responses import JSONResponse, Response
 
 from api.auth import AccessPolicy, identity_of
 from api.files import FileNotFound, int_param, list_response
+from api.routes import read_body
 from broker.batch_input import parse_batch_file
 from broker.config import Config
 from broker.connection import connect
@@ -99,7 +100,7 @@ class Batches:
 
     async def create(self, request: Request) -> Response:
         try:
-            params = json.loads(await request.body())
+            params = json.loads(await read_body(request, self._config.max_body_bytes))
         except ValueError:
             raise InvalidRequest("the request body is not valid JSON") from None
         if not isinstance(params, dict):

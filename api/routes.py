@@ -81,7 +81,7 @@ class Gateway:
 
     async def _serve(self, request: Request, endpoint: Endpoint) -> Response:
         try:
-            body = await _read_body(request, self.config.max_body_bytes)
+            body = await read_body(request, self.config.max_body_bytes)
         except ClientDisconnect:  # left mid-upload: nothing was queued, nobody to answer
             log.info("client_disconnected_during_upload", path=request.url.path)
             return Response(status_code=499)
@@ -204,7 +204,8 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (before reading it all when declared)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.fake_backend import expected_embedding, reply_text, running_fake_backend
-from tests.stack import Stack, write_config
+from tests.stack import Stack, api_and_worker
 
 WINDOW_S = 8  # every batch in this module expires this long after it is created
 
@@ -29,21 +29,12 @@ def batch_model(session_tag: str, delete_test_queues: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def batch_stack(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, batch_model: str) -> Iterator[Stack]:
-    with running_fake_backend([batch_model]) as backend_url:
-        workdir = tmp_path_factory.mktemp("batch-api")
-        config = write_config(
-            workdir / "hotq.toml",
-            amqp_url,
-            {batch_model: {"backend_url": backend_url, "max_inflight": 16, "reserved_interactive": 2}},
-            batch_window_s=WINDOW_S,
-        )
-        stack = Stack(config, workdir)
-        try:
-            stack.start_api()
-            stack.start_worker(batch_model)
-            yield stack
-        finally:
-            stack.close()
+    table = {"max_inflight": 16, "reserved_interactive": 2}
+    with running_fake_backend([batch_model]) as backend_url, api_and_worker(
+        tmp_path_factory.mktemp("batch-api"), amqp_url, batch_model, {**table, "backend_url": backend_url},
+        batch_window_s=WINDOW_S,
+    ) as stack:  # fmt: skip
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +293,10 @@ def test_api_killed_mid_batch_loses_and_duplicates_nothing(
     assert len(outputs) == 5000
     assert sorted(r["custom_id"] for r in outputs) == sorted(f"k{i}" for i in range(5000))
     assert done.error_file_id is None
+
+
+def test_batch_create_body_over_the_limit_is_413(batch_stack: Stack) -> None:
+    """Batch creation reads its body through the same size limit as every other route."""
+    huge = {"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "metadata": {"pad": "x" * (11 << 20)}}
+    response = httpx.post(batch_stack.url + "/v1/batches", json=huge, timeout=30)
+    assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
