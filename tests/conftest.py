@@ -15,7 +15,7 @@ import pytest
 from broker import topology
 from broker.messages import Lane
 from tests.fake_backend import running_fake_backend
-from tests.stack import Stack, write_config
+from tests.stack import Stack, api_and_worker
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 
@@ -87,18 +87,12 @@ def fake_stack(
 ) -> Iterator[Stack]:
     """An API and one worker serving the fake model (shared by a test module)."""
     delete_test_queues.append(fake_model)
-    workdir = tmp_path_factory.mktemp("stack")
-    config = write_config(
-        workdir / "hotq.toml",
+    with api_and_worker(
+        tmp_path_factory.mktemp("stack"),
         amqp_url,
-        {fake_model: {"backend_url": fake_backend_url, "max_inflight": 64}},
+        fake_model,
+        {"backend_url": fake_backend_url, "max_inflight": 64},
         max_queue_wait_s=30,
         stream_flush_ms=20,
-    )
-    stack = Stack(config, workdir)
-    try:
-        stack.start_api()
-        stack.start_worker(fake_model)
+    ) as stack:
         yield stack
-    finally:
-        stack.close()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -117,3 +119,17 @@ class Stack:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+@contextlib.contextmanager
+def api_and_worker(
+    workdir: Path, amqp_url: str, model: str, table: dict[str, object], **top: object
+) -> Iterator[Stack]:
+    """An API and one worker serving `model` with the [models] `table`: what most tests need."""
+    stack = Stack(write_config(workdir / "hotq.toml", amqp_url, {model: table}, **top), workdir)
+    try:
+        stack.start_api()
+        stack.start_worker(model)
+        yield stack
+    finally:
+        stack.close()

@@ -18,7 +18,7 @@ from broker.jobstore import AsyncJobStore, JobStore
 from broker.messages import Endpoint, Lane
 from producers import bulk
 from tests.fake_backend import running_fake_backend
-from tests.stack import Stack, write_config
+from tests.stack import Stack, api_and_worker
 
 DELAY_MS = 50  # the fake backend's fixed delay: per request (batch), before each token (streams)
 BACKLOG = 10_000
@@ -33,21 +33,12 @@ def lanes_model(session_tag: str, delete_test_queues: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def lanes_stack(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, lanes_model: str) -> Iterator[Stack]:
-    with running_fake_backend([lanes_model]) as backend_url:
-        workdir = tmp_path_factory.mktemp("lanes")
-        config = write_config(
-            workdir / "hotq.toml",
-            amqp_url,
-            {lanes_model: {"backend_url": backend_url, "max_inflight": 8, "reserved_interactive": 2}},
-            stream_flush_ms=0,
-        )
-        stack = Stack(config, workdir)
-        try:
-            stack.start_api()
-            stack.start_worker(lanes_model)
-            yield stack
-        finally:
-            stack.close()
+    table = {"max_inflight": 8, "reserved_interactive": 2}
+    with running_fake_backend([lanes_model]) as backend_url, api_and_worker(
+        tmp_path_factory.mktemp("lanes"), amqp_url, lanes_model, {**table, "backend_url": backend_url},
+        stream_flush_ms=0,
+    ) as stack:  # fmt: skip
+        yield stack
 
 
 def _ttfts(client: openai.OpenAI, model: str, count: int) -> list[float]:

@@ -20,7 +20,7 @@ from broker.jobstore import AsyncJobStore, JobStore
 from broker.messages import Endpoint, Lane
 from producers import bulk
 from tests.fake_backend import reply_text, running_fake_backend
-from tests.stack import Stack, write_config
+from tests.stack import Stack, api_and_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 LINES = 20_000
@@ -44,17 +44,9 @@ def submit_stack(
     tmp_path_factory: pytest.TempPathFactory, amqp_url: str, submit_model: str, backend_url: str
 ) -> Iterator[Stack]:
     """An API (to see bulk jobs in GET /v1/batches) and one worker; `hotq submit` runs beside them."""
-    workdir = tmp_path_factory.mktemp("submit")
-    config = write_config(
-        workdir / "hotq.toml", amqp_url, {submit_model: {"backend_url": backend_url, "max_inflight": 64}}
-    )
-    stack = Stack(config, workdir)
-    try:
-        stack.start_api()
-        stack.start_worker(submit_model)
+    table = {"backend_url": backend_url, "max_inflight": 64}
+    with api_and_worker(tmp_path_factory.mktemp("submit"), amqp_url, submit_model, table) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 def _hotq(stack: Stack, *args: str, log: str) -> subprocess.Popen[bytes]:
