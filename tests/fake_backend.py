@@ -30,7 +30,10 @@ Deterministic behaviour
   choice's LAST content chunk (no separate empty finish chunk), null elsewhere.
   Completions: per token one chunk per choice {index, text, finish_reason, logprobs: null}
   (no role chunk). With ``stream_options.include_usage`` every chunk has ``"usage": null``
-  and one extra final chunk has ``"choices": []`` plus usage. Ends with ``data: [DONE]``.
+  and one extra final chunk has ``"choices": []`` plus usage; with ``continuous_usage_stats``
+  as well (vLLM's extension), every chunk carries the usage so far instead of null (the
+  prompt, and the tokens of that chunk's choice so far, as vLLM counts them). Ends with
+  ``data: [DONE]``.
 * ``POST /v1/embeddings``: ``input`` str or list[str]; each text -> ``expected_embedding``
   (8 floats in [-1, 1] from sha256, rounded to 6 decimals). ``encoding_format`` "float"
   (default when absent) or "base64" (little-endian float32, like OpenAI; the openai python
@@ -51,6 +54,8 @@ Deterministic behaviour
   count as completed). "cancelled" = client went away mid-stream (or during a non-stream
   delay). ``POST /_reset`` zeroes the counters; "active" is always the true in-flight
   count, and requests started before a reset are not counted when they end.
+  ``"cancelled_after_tokens": {tag: n}``: how many tokens (of each choice) a tagged stream
+  had written when it was cancelled.
 """
 
 from __future__ import annotations
@@ -209,12 +214,14 @@ class FakeStats:
     generation: int = 0
     cancelled_tags: dict[str, float] = field(default_factory=dict)
     cancelled_tags_monotonic: dict[str, float] = field(default_factory=dict)
+    cancelled_after_tokens: dict[str, int] = field(default_factory=dict)
 
     def reset(self) -> None:
         # "active" is left alone: it counts real in-flight requests, which a reset can't end.
         self.started = self.completed = self.cancelled = 0
         self.cancelled_tags.clear()
         self.cancelled_tags_monotonic.clear()
+        self.cancelled_after_tokens.clear()
         self.generation += 1
 
     def as_json(self) -> JsonObj:
@@ -225,6 +232,7 @@ class FakeStats:
             "active": self.active,
             "cancelled_tags": dict(self.cancelled_tags),
             "cancelled_tags_monotonic": dict(self.cancelled_tags_monotonic),
+            "cancelled_after_tokens": dict(self.cancelled_after_tokens),
         }
 
 
@@ -236,6 +244,7 @@ class _Call:
         self._tag = tag
         self._generation = stats.generation
         self._open = True
+        self.tokens_sent = 0  # stream positions written so far (each choice's tokens up to it)
         stats.started += 1
         stats.active += 1
 
@@ -254,6 +263,7 @@ class _Call:
         if self._tag is not None:
             stats.cancelled_tags[self._tag] = time.time()
             stats.cancelled_tags_monotonic[self._tag] = time.monotonic()
+            stats.cancelled_after_tokens[self._tag] = self.tokens_sent
 
 
 # ---------------------------------------------------------------------------
@@ -266,6 +276,7 @@ class _Common:
     model: str
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # vLLM's stream_options.continuous_usage_stats (with include_usage)
     n: int
     max_tokens: int | None
     delay_s: float
@@ -311,10 +322,13 @@ def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]
     n = _opt_int(body, "n", 1) or 1
     stream_options = body.get("stream_options")
     include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+    continuous_usage = include_usage and bool(stream_options.get("continuous_usage_stats"))
     delay = body.get("fake_delay_ms", 0)
     if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
         raise _bad_request("'fake_delay_ms' must be a non-negative number", "fake_delay_ms")
-    return _Common(model, bool(body.get("stream")), include_usage, n, max_tokens, float(delay) / 1000.0)
+    return _Common(
+        model, bool(body.get("stream")), include_usage, continuous_usage, n, max_tokens, float(delay) / 1000.0
+    )
 
 
 def _sse(obj: JsonObj) -> bytes:
@@ -408,11 +422,18 @@ def create_app(models: list[str] | None = None) -> Starlette:
         tokens: list[str],
         final_usage_chunk: JsonObj,
     ) -> StreamingResponse:
+        prompt_tokens = final_usage_chunk["usage"]["prompt_tokens"]
+
+        def counted(chunk: JsonObj, completion_tokens: int) -> JsonObj:
+            if common.continuous_usage:
+                chunk["usage"] = _usage(prompt_tokens, completion_tokens)
+            return chunk
+
         async def events() -> AsyncIterator[bytes]:
             done = False
             try:
                 for chunk in head:
-                    yield _sse(chunk)
+                    yield _sse(counted(chunk, 0))
                 last = len(tokens) - 1
                 for pos, token in enumerate(tokens):
                     if common.delay_s > 0:
@@ -422,7 +443,8 @@ def create_app(models: list[str] | None = None) -> Starlette:
                         if await request.is_disconnected():
                             return
                     for index in range(common.n):
-                        yield _sse(per_token(index, token, pos == last))
+                        yield _sse(counted(per_token(index, token, pos == last), pos + 1))
+                    call.tokens_sent = pos + 1
                 if common.include_usage:
                     yield _sse(final_usage_chunk)
                 yield b"data: [DONE]\n\n"

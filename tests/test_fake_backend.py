@@ -95,6 +95,21 @@ def test_chat_stream_include_usage(client: openai.OpenAI) -> None:
     assert chunks[-2].choices[0].finish_reason == "length"
 
 
+def test_chat_stream_continuous_usage(client: openai.OpenAI) -> None:
+    """vLLM's continuous_usage_stats: every chunk carries the usage so far."""
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "one two three"}],
+        stream=True,
+        max_tokens=3,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+    )
+    chunks = list(stream)
+    counted = [(c.usage.prompt_tokens, c.usage.completion_tokens) for c in chunks if c.usage is not None]
+    assert counted == [(3, 0), (3, 1), (3, 2), (3, 3), (3, 3)]  # role chunk, 3 tokens, the final usage chunk
+    assert chunks[-1].choices == []
+
+
 def test_completions(client: openai.OpenAI) -> None:
     resp = client.completions.create(model=MODEL, prompt="abc de", max_tokens=2)
     tokens, finish = expected_completion_tokens("abc de", 2)
