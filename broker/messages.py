@@ -11,6 +11,9 @@ consumer answers on the envelope's reply queue with `Started` (only when the
 answer takes a while), zero or more `ChunkBatch`, then exactly one `Final` or
 `ErrorReply`. `Cancel` travels on the
 control exchange to whichever consumer holds the request.
+
+Accounting: each consumer sums what it served per user, model, lane and day and
+sends the sums as a `UsageReport` on the events exchange about once a second.
 """
 
 from __future__ import annotations
@@ -150,10 +153,55 @@ class AgentStatus:
     sent_at: float
 
 
-ReplyFrame = Started | ChunkBatch | Final | ErrorReply
-Record = RequestEnvelope | ReplyFrame | Cancel | AgentStatus
+class UsageRow(typing.NamedTuple):
+    """What one consumer served for one user, model, lane and UTC day, with the backend's token counts."""
 
-_RECORDS: tuple[type[Any], ...] = (RequestEnvelope, Started, ChunkBatch, Final, ErrorReply, Cancel, AgentStatus)
+    day: str  # YYYY-MM-DD
+    user: str
+    model: str
+    lane: str
+    requests: int  # served to the end or cancelled by the client; not attempts handed back
+    cancelled: int  # of those, cancelled by the client mid-way
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UsageReport:
+    """Sums of usage since a consumer's previous report; `report_id` makes recording it idempotent."""
+
+    TAG: ClassVar[int] = 8
+    report_id: str
+    worker: str
+    rows: list[list[Any]]  # UsageRow fields in order; `usage_rows` checks them
+
+    def usage_rows(self) -> list[UsageRow]:
+        rows = []
+        for row in self.rows:
+            if not isinstance(row, list) or len(row) != len(UsageRow._fields):
+                raise WireError(f"UsageReport row has the wrong shape: {row!r:.200}")
+            texts, counts = row[:4], row[4:]
+            if not all(isinstance(v, str) for v in texts) or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts
+            ):
+                raise WireError(f"UsageReport row has the wrong types: {row!r:.200}")
+            rows.append(UsageRow(*row))
+        return rows
+
+
+ReplyFrame = Started | ChunkBatch | Final | ErrorReply
+Record = RequestEnvelope | ReplyFrame | Cancel | AgentStatus | UsageReport
+
+_RECORDS: tuple[type[Any], ...] = (
+    RequestEnvelope,
+    Started,
+    ChunkBatch,
+    Final,
+    ErrorReply,
+    Cancel,
+    AgentStatus,
+    UsageReport,
+)
 _UnionType = type(int | None)
 
 

@@ -7,7 +7,9 @@
 - ``hotq.dead`` (fanout) → ``hotq.dead-letters``: where rejected, expired and
   poison requests go, kept for a day for operators to inspect.
 - ``hotq.control`` (fanout): cancels, seen by every consumer.
-- ``hotq.events`` (topic): agents' state changes and heartbeats, for the scaler and ops.
+- ``hotq.events`` (topic): agents' state changes and heartbeats, for the scaler and ops,
+  and consumers' usage reports (key ``usage``), kept in the durable quorum queue
+  ``hotq.usage`` until an API process records them in its job store.
 - Pinned queues: a model's interactive requests pinned to one cluster
   (``X-Hotq-Cluster``), consumed only by that cluster's agents.
 - ``hotq.replies`` (direct): where consumers publish reply frames, routed by the
@@ -34,7 +36,9 @@ REQUEST_EXCHANGE = "hotq.requests"
 DEAD_LETTER_EXCHANGE = "hotq.dead"
 DEAD_LETTER_QUEUE = "hotq.dead-letters"
 CONTROL_EXCHANGE = "hotq.control"
-EVENTS_EXCHANGE = "hotq.events"  # topic: agent.<state|heartbeat>
+EVENTS_EXCHANGE = "hotq.events"  # topic: agent.<state|heartbeat>, usage
+USAGE_ROUTING_KEY = "usage"
+USAGE_QUEUE = "hotq.usage"
 REPLY_EXCHANGE = "hotq.replies"  # direct: reply and results queues, bound under their names
 REPLY_QUEUE_PREFIX = "hotq.reply."
 CANCEL_QUEUE_PREFIX = "hotq.cancel."
@@ -166,3 +170,12 @@ async def bind_reply_queue(channel: AbstractChannel, queue: AbstractQueue) -> No
     """Make `queue` reachable by consumers' replies: bound to ``hotq.replies`` under its own name."""
     exchange = await channel.declare_exchange(REPLY_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
     await queue.bind(exchange, routing_key=queue.name)
+
+
+async def declare_usage_queue(channel: AbstractChannel) -> AbstractQueue:
+    """Durable and quorum: usage reports wait here through API restarts, and none is lost."""
+    events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
+    arguments = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}  # undecodable ones
+    queue = await channel.declare_queue(USAGE_QUEUE, durable=True, arguments=arguments)
+    await queue.bind(events, routing_key=USAGE_ROUTING_KEY)
+    return queue

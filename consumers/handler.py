@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -21,13 +22,13 @@ from broker.errors import BackendError, DeadlineExceeded, HotqError
 from broker.messages import ChunkBatch, ErrorReply, Final, RequestEnvelope
 from consumers.backend import BackendClient
 from consumers.replies import ReplySender
+from consumers.stream_usage import StreamUsage, backend_request
 
 log = structlog.get_logger("hotq.consumer")
 
 DONE_EVENT = b"data: [DONE]\n\n"
 EVENT_END = b"\n\n"
 _FINISH_MARKS = (b'"finish_reason":"', b'"finish_reason": "')  # a finish_reason that is set
-_USAGE_TAIL_BYTES = 8192  # the usage event is the last one; it is far smaller than this
 
 
 class _UsageOnly(msgspec.Struct):
@@ -40,10 +41,21 @@ class _ErrorBody(msgspec.Struct):
     detail: Any = None
 
 
-class _Progress:
-    """Whether any output of this attempt already went out to the client."""
+class AttemptProgress:
+    """How far one attempt at a request got, for the worker to settle and account it."""
 
-    sent_output = False
+    def __init__(self) -> None:
+        self.called_backend = False  # the backend was asked, so it may have generated tokens
+        self.sent_output = False  # output went out to the client: the request is not safe to serve again
+        self.stream_usage: StreamUsage | None = None
+        self.answer_usage: dict[str, int] | None = None  # a complete answer's usage
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        """The backend's token counts so far (a stream cut short counts what it generated)."""
+        if self.answer_usage is not None or self.stream_usage is None:
+            return self.answer_usage
+        return self.stream_usage.usage
 
 
 class BackendUnreachable(Exception):
@@ -60,22 +72,17 @@ def usage_of(json_body: bytes) -> dict[str, int] | None:
     return {key: value for key, value in usage.items() if isinstance(value, int)}
 
 
-def usage_of_stream_tail(tail: bytes) -> dict[str, int] | None:
-    """Usage from the last data event of a stream (present with stream_options.include_usage)."""
-    start = tail.rfind(b"data: ", 0, len(tail) - 1)
-    if start < 0:
-        return None
-    return usage_of(tail[start + len(b"data: ") :].strip())
-
-
-def split_events(data: bytes) -> list[bytes]:
-    """Complete SSE events (each ending in a blank line), with a trailing finish-only
-    chunk folded into the content chunk before it (see `fold_finish_chunk`)."""
+def split_events(data: bytes, rewrite: Callable[[bytes], bytes | None] = lambda event: event) -> list[bytes]:
+    """Complete SSE events (each ending in a blank line) as `rewrite` makes them for the
+    client, with a trailing finish-only chunk folded into the content chunk before it
+    (see `fold_finish_chunk`)."""
     events: list[bytes] = []
-    for event in data.split(EVENT_END):
-        if not event:
+    for raw in data.split(EVENT_END):
+        if not raw:
             continue
-        event += EVENT_END
+        event = rewrite(raw + EVENT_END)
+        if event is None:
+            continue
         if events and (_FINISH_MARKS[0] in event or _FINISH_MARKS[1] in event):
             folded = fold_finish_chunk(events[-1], event)
             if folded is not None:
@@ -150,36 +157,44 @@ class RequestHandler:
     def __init__(self, backend: BackendClient, flush_interval_s: float) -> None:
         self._backend = backend
         self._flush_interval_s = flush_interval_s
-        # Generated tokens the backend reported in usage (streams report them only
-        # with stream_options.include_usage); read by the agent's heartbeat.
+        # Generated tokens the backend reported in usage; read by the agent's heartbeat.
         self.completion_tokens = 0
 
-    async def serve(self, envelope: RequestEnvelope, attempt: str, replies: ReplySender) -> None:
+    async def serve(
+        self, envelope: RequestEnvelope, attempt: str, replies: ReplySender, progress: AttemptProgress
+    ) -> None:
         """Send exactly one final frame (`Final` or `ErrorReply`); raise `BackendUnreachable`
-        instead if the backend could not be reached at all."""
+        instead if the backend could not be reached at all. `progress` follows the attempt,
+        also when it is cancelled."""
         remaining = envelope.deadline - time.time()
         try:
             async with asyncio.timeout(remaining):
-                await self._call_backend(envelope, attempt, replies)
+                await self._call_backend(envelope, attempt, replies, progress)
         except TimeoutError:
             error = DeadlineExceeded(f"the request's deadline passed after {remaining:.0f} s")
             await replies.send(error_frame(envelope, attempt, error))
         except HotqError as error:
             await replies.send(error_frame(envelope, attempt, error))
 
-    async def _call_backend(self, envelope: RequestEnvelope, attempt: str, replies: ReplySender) -> None:
-        progress = _Progress()
+    async def _call_backend(
+        self, envelope: RequestEnvelope, attempt: str, replies: ReplySender, progress: AttemptProgress
+    ) -> None:
+        body = envelope.body
+        if envelope.stream:
+            body, asked, choices = backend_request(body)
+            progress.stream_usage = StreamUsage(asked, choices)
+        progress.called_backend = True
         try:
-            async with self._backend.post(envelope.endpoint, envelope.body) as response:
+            async with self._backend.post(envelope.endpoint, body) as response:
                 if response.status >= 400:
                     raise backend_error(response.status, await response.read())
                 if envelope.stream:
                     await self._relay_stream(envelope, attempt, response, replies, progress)
                 else:
-                    body = await response.read()
-                    usage = usage_of(body)
-                    await replies.send(Final(envelope.request_id, attempt, 0, response.status, body, usage))
-                    self._count(usage)
+                    answer = await response.read()
+                    progress.answer_usage = usage_of(answer)
+                    await replies.send(Final(envelope.request_id, attempt, 0, response.status, answer, progress.usage))
+                    self._count(progress.usage)
         except (aiohttp.ClientError, ConnectionError) as exc:
             if not progress.sent_output:
                 # Nothing reached the client: the request can be served again, here or elsewhere.
@@ -195,36 +210,44 @@ class RequestHandler:
         attempt: str,
         response: aiohttp.ClientResponse,
         replies: ReplySender,
-        progress: _Progress,
+        progress: AttemptProgress,
     ) -> None:
+        stream_usage = progress.stream_usage
+        assert stream_usage is not None, "a stream's usage is followed from its request on"
         pending = bytearray()
-        tail = b""
         seq = 0
         last_flush = float("-inf")
-        async for piece in response.content.iter_any():
-            pending += piece
-            now = time.monotonic()
-            if now - last_flush < self._flush_interval_s:
-                continue
-            complete_end = pending.rfind(EVENT_END) + len(EVENT_END)
-            if complete_end < len(EVENT_END):
-                continue
-            raw = bytes(pending[:complete_end]).split(EVENT_END)[:-1]
-            # The newest event stays behind: it may be the last content chunk, which must
-            # still take the finish_reason of a trailing chunk ([DONE] too: the API writes
-            # it itself). When the newest carries a finish_reason, the one before stays too.
-            hold = 2 if _FINISH_MARKS[0] in raw[-1] or _FINISH_MARKS[1] in raw[-1] else 1
-            if len(raw) <= hold:
-                continue
-            flushed = raw[:-hold]
-            batch = b"".join(split_events(EVENT_END.join(flushed) + EVENT_END))
-            del pending[: sum(len(event) + len(EVENT_END) for event in flushed)]
-            await replies.send(ChunkBatch(envelope.request_id, attempt, seq, batch))
-            progress.sent_output = True
-            tail = (tail + batch)[-_USAGE_TAIL_BYTES:]
-            seq += 1
-            last_flush = now
-        rest = b"".join(event for event in split_events(bytes(pending)) if event != DONE_EVENT)
-        usage = usage_of_stream_tail((tail + rest)[-_USAGE_TAIL_BYTES:])
-        await replies.send(Final(envelope.request_id, attempt, seq, response.status, rest, usage))
-        self._count(usage)
+        try:
+            async for piece in response.content.iter_any():
+                pending += piece
+                now = time.monotonic()
+                if now - last_flush < self._flush_interval_s:
+                    continue
+                complete_end = pending.rfind(EVENT_END) + len(EVENT_END)
+                if complete_end < len(EVENT_END):
+                    continue
+                raw = bytes(pending[:complete_end]).split(EVENT_END)[:-1]
+                # The newest event stays behind: it may be the last content chunk, which must
+                # still take the finish_reason of a trailing chunk ([DONE] too: the API writes
+                # it itself). When the newest carries a finish_reason, the one before stays too.
+                hold = 2 if _FINISH_MARKS[0] in raw[-1] or _FINISH_MARKS[1] in raw[-1] else 1
+                if len(raw) <= hold:
+                    continue
+                flushed = raw[:-hold]
+                batch = b"".join(split_events(EVENT_END.join(flushed) + EVENT_END, stream_usage.client_event))
+                del pending[: sum(len(event) + len(EVENT_END) for event in flushed)]
+                if not batch:
+                    continue  # only the usage chunk the client did not ask for
+                await replies.send(ChunkBatch(envelope.request_id, attempt, seq, batch))
+                progress.sent_output = True
+                seq += 1
+                last_flush = now
+        except asyncio.CancelledError:
+            # Cut short (the client left): the events read but not yet sent still count.
+            split_events(bytes(pending[: pending.rfind(EVENT_END) + len(EVENT_END)]), stream_usage.client_event)
+            self._count(stream_usage.usage)
+            raise
+        events = split_events(bytes(pending), stream_usage.client_event)
+        rest = b"".join(event for event in events if event != DONE_EVENT)
+        await replies.send(Final(envelope.request_id, attempt, seq, response.status, rest, stream_usage.usage))
+        self._count(stream_usage.usage)

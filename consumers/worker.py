@@ -32,9 +32,10 @@ from aio_pika.abc import (
 from broker import messages, topology
 from broker.errors import BackendError, DeadlineExceeded, HotqError, WireError
 from broker.messages import Cancel, Lane, RequestEnvelope, Started
-from consumers.handler import BackendUnreachable, RequestHandler, error_frame
+from consumers.handler import AttemptProgress, BackendUnreachable, RequestHandler, error_frame
 from consumers.replies import CallerGone, ReplySender
 from consumers.slots import BackendSlots
+from consumers.usage_reporter import UsageReporter
 
 log = structlog.get_logger("hotq.consumer")
 
@@ -68,6 +69,7 @@ class Worker:
         self._channels: list[AbstractChannel] = []
         self._queues: list[AbstractQueue] = []
         self._reply_exchange: AbstractExchange | None = None
+        self._usage: UsageReporter | None = None
         self._consumer_tags: list[tuple[AbstractQueue, str]] = []
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._cancelled_by_client: set[str] = set()
@@ -94,6 +96,8 @@ class Worker:
         control = await self._channels[0].get_exchange(topology.CONTROL_EXCHANGE)
         # Replies go through hotq.replies, never the default exchange (which reaches every queue).
         self._reply_exchange = await self._channels[0].get_exchange(topology.REPLY_EXCHANGE)
+        self._usage = UsageReporter(await self._channels[0].get_exchange(topology.EVENTS_EXCHANGE), self.name)
+        self._usage.start()
         cancels = await self._channels[0].declare_queue(
             f"{topology.CANCEL_QUEUE_PREFIX}{self.name}", exclusive=True, auto_delete=True
         )
@@ -126,6 +130,8 @@ class Worker:
             for task in unfinished:
                 task.cancel()  # _serve_envelope requeues a request cancelled this way
             await asyncio.gather(*unfinished, return_exceptions=True)
+        if self._usage is not None:
+            await self._usage.close()
         for channel in self._channels:
             await channel.close()
         log.info("worker_stopped", worker=self.name, served=self.served)
@@ -189,11 +195,13 @@ class Worker:
         """Serve one delivery, then settle it: ack when done with it, requeue otherwise."""
         assert self._reply_exchange is not None, "start() first"
         replies = ReplySender(self._reply_exchange, reply_to, envelope.request_id)
+        progress = AttemptProgress()
         try:
-            outcome = await self._attempt(message, envelope, replies)
+            outcome = await self._attempt(message, envelope, replies, progress)
         except asyncio.CancelledError:
             if replies.caller_gone or envelope.request_id in self._cancelled_by_client:
                 self._cancelled_by_client.discard(envelope.request_id)
+                self._account(envelope, progress, cancelled=True)
                 await _settle(message, requeue=False)  # nobody waits for this answer any more
                 return
             await _settle(message, requeue=True)  # stopping, or the backend went away: someone serves it later
@@ -207,10 +215,22 @@ class Worker:
             replies.close()
         if outcome is _Outcome.ANSWERED:
             self.served += 1
+        if outcome is not _Outcome.REQUEUE:
+            self._account(envelope, progress, cancelled=outcome is not _Outcome.ANSWERED)
         await _settle(message, requeue=outcome is _Outcome.REQUEUE)
 
+    def _account(self, envelope: RequestEnvelope, progress: AttemptProgress, cancelled: bool) -> None:
+        """Count a request the backend worked on against its user: answered, failed or cut short.
+        An attempt handed back is not counted (the request is served again, and counted then)."""
+        if progress.called_backend and self._usage is not None:
+            self._usage.record(envelope, progress.usage, cancelled)
+
     async def _attempt(
-        self, message: AbstractIncomingMessage, envelope: RequestEnvelope, replies: ReplySender
+        self,
+        message: AbstractIncomingMessage,
+        envelope: RequestEnvelope,
+        replies: ReplySender,
+        progress: AttemptProgress,
     ) -> _Outcome:
         """Serve the request once."""
         attempt = os.urandom(6).hex()
@@ -227,7 +247,7 @@ class Worker:
                 serving = asyncio.current_task()
                 assert serving is not None
                 replies.announce_later(Started(envelope.request_id, attempt, self.name), serving.cancel)
-                await self._handler.serve(envelope, attempt, replies)
+                await self._handler.serve(envelope, attempt, replies, progress)
         except CallerGone:
             log.info("caller_gone")  # nobody waits for this answer any more
             return _Outcome.DROPPED

@@ -11,7 +11,8 @@ import pytest
 
 from broker.messages import ChunkBatch, Endpoint, Final, Lane, RequestEnvelope
 from consumers.backend import BackendClient
-from consumers.handler import RequestHandler, _Progress, split_events, usage_of_stream_tail
+from consumers.handler import AttemptProgress, RequestHandler, split_events
+from consumers.stream_usage import ClientUsage, StreamUsage
 
 DONE = b"data: [DONE]\n\n"
 
@@ -41,13 +42,6 @@ def test_finish_chunk_after_role_only_chunk_is_kept() -> None:
     role = _event({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
     events = split_events(role + _chunk("", "stop"))
     assert len(events) == 2  # no content to carry the finish_reason: leave the stream alone
-
-
-def test_usage_comes_from_the_last_event() -> None:
-    usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
-    tail = _chunk("x") + _event({"id": "c", "choices": [], "usage": usage})
-    assert usage_of_stream_tail(tail) == usage
-    assert usage_of_stream_tail(_chunk("x")) is None
 
 
 class _Content:
@@ -93,7 +87,9 @@ async def test_relayed_stream_keeps_every_byte_whatever_the_flush_timing(gaps_s:
         "r", "m", Endpoint.CHAT, b"{}", True, time.time() + 60, time.time() + 60, "a", Lane.INTERACTIVE, 0.0
     )
     replies = _Replies()
-    await handler._relay_stream(envelope, "att", _Response(pieces, gaps_s), replies, _Progress())  # type: ignore[arg-type]
+    progress = AttemptProgress()
+    progress.stream_usage = StreamUsage(ClientUsage.NONE, 1)
+    await handler._relay_stream(envelope, "att", _Response(pieces, gaps_s), replies, progress)  # type: ignore[arg-type]
     data = b"".join(f.data if isinstance(f, ChunkBatch) else f.body for f in replies.frames)  # type: ignore[attr-defined]
     events = [json.loads(e.removeprefix(b"data: ")) for e in data.split(b"\n\n") if e]
     assert "".join(e["choices"][0]["delta"]["content"] for e in events) == "Hello brave new world"

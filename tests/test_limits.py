@@ -106,15 +106,14 @@ def test_tokens_per_minute(stack: Stack, models: dict[str, str]) -> None:
     with pytest.raises(openai.RateLimitError) as caught:
         _chat(carol, models["tpm"])
     assert _retry_after(caught.value) >= 1
-    # A stream is charged too, from the usage in its Final frame (which streams carry with include_usage).
+    # A stream is charged too, from the usage in its Final frame, also one that did not ask for
+    # include_usage: the consumer always asks the backend for usage.
     dave = _client(stack, "dave-tpm")
     stream = dave.chat.completions.create(
-        model=models["tpm"],
-        messages=[{"role": "user", "content": "one two three four five six"}],
-        stream=True,
-        stream_options={"include_usage": True},
+        model=models["tpm"], messages=[{"role": "user", "content": "one two three four five six"}], stream=True
     )
-    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    chunks = list(stream)
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks) and all(c.choices for c in chunks)
     with pytest.raises(openai.RateLimitError):
         _chat(dave, models["tpm"])
 

@@ -1,0 +1,173 @@
+"""The backend's own token counts for every stream, even one the client leaves mid-way.
+
+A stream is sent to the backend with ``stream_options`` ``include_usage`` and
+``continuous_usage_stats`` (vLLM's extension; vLLM's Anthropic front end does the
+same): every chunk then carries the prompt tokens and the completion tokens so far.
+So when the client leaves and the consumer aborts the backend call, what the
+backend generated until then is still known, as the backend counted it.
+
+The client gets the stream it asked for. `StreamUsage.client_event` takes the
+running usage out of each chunk (leaving ``"usage": null`` where the client asked
+for ``include_usage``, as OpenAI sends it) and passes the final usage-only chunk on
+only if the client asked for it. A vLLM chunk ends with its usage object, so this
+is a byte cut checked by decoding the usage alone; any other shape is decoded and
+encoded again whole.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+_DATA = b"data: "
+_USAGE_KEY = b',"usage":'
+_NO_CHOICES = (b'"choices":[]', b'"choices": []')  # the usage-only chunk at the end of a stream
+_BACKEND_STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
+
+
+class ClientUsage(enum.Enum):
+    """What the client's own ``stream_options`` asked for."""
+
+    NONE = "none"  # no usage at all
+    FINAL = "final"  # include_usage: null in every chunk, one usage-only chunk at the end
+    CONTINUOUS = "continuous"  # vLLM's continuous_usage_stats too: the backend's stream as it is
+
+
+def backend_request(body: bytes) -> tuple[bytes, ClientUsage, int]:
+    """The body to send the backend (asking for running usage), what the client asked
+    for, and how many choices it asked for. A body that is not a JSON object goes to
+    the backend as it is, to be refused there in the backend's words."""
+    try:
+        request = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return body, ClientUsage.NONE, 1
+    if not isinstance(request, dict):
+        return body, ClientUsage.NONE, 1
+    options = request.get("stream_options")
+    options = options if isinstance(options, dict) else {}
+    n = request.get("n")
+    choices = n if isinstance(n, int) and n > 1 else 1
+    if options.get("include_usage") is True:
+        asked = ClientUsage.CONTINUOUS if options.get("continuous_usage_stats") is True else ClientUsage.FINAL
+    else:
+        asked = ClientUsage.NONE
+    if asked is ClientUsage.CONTINUOUS:
+        return body, asked, choices
+    request["stream_options"] = {**options, **_BACKEND_STREAM_OPTIONS}
+    return msgspec.json.encode(request), asked, choices
+
+
+class StreamUsage:
+    """Rewrites a stream's events for the client and keeps the latest usage they carried."""
+
+    def __init__(self, asked: ClientUsage, choices: int) -> None:
+        self._asked = asked
+        self._choices = choices
+        self._prompt_tokens: int | None = None
+        self._completion_tokens = 0
+        self._per_choice: dict[int, int] = {}  # completion tokens so far of each choice (n > 1)
+        self._final: dict[str, int] | None = None  # the usage-only chunk's totals, once seen
+
+    @property
+    def usage(self) -> dict[str, int] | None:
+        """Prompt and completion tokens generated so far, as the backend counted them."""
+        if self._final is not None:
+            return self._final
+        if self._prompt_tokens is None:
+            return None
+        completion = sum(self._per_choice.values()) if self._choices > 1 else self._completion_tokens
+        return {
+            "prompt_tokens": self._prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self._prompt_tokens + completion,
+        }
+
+    def client_event(self, event: bytes) -> bytes | None:
+        """`event` (one ``data: ...\\n\\n``) as the client should get it; None to leave it out."""
+        if not event.startswith(_DATA) or event.startswith(b"data: [DONE]"):
+            return event
+        if self._choices == 1:
+            cut = _cut_usage(event)
+            if cut is not None:
+                before, usage, after = cut
+                return self._rewrite(event, before, usage, after)
+        if b'"usage"' not in event:
+            return event
+        return self._rewrite_decoded(event)
+
+    def _rewrite(self, event: bytes, before: bytes, usage: dict[str, Any] | None, after: bytes) -> bytes | None:
+        usage_only = before.endswith(_NO_CHOICES)
+        if usage is not None:
+            self._note(usage, None, usage_only)
+        if self._asked is ClientUsage.CONTINUOUS:
+            return event
+        if usage_only:
+            return event if self._asked is ClientUsage.FINAL else None
+        if self._asked is ClientUsage.FINAL:
+            return before + _USAGE_KEY + b"null" + after
+        return before + after
+
+    def _rewrite_decoded(self, event: bytes) -> bytes | None:
+        """The slow path, for any chunk shape: decode it, edit it, encode it again."""
+        try:
+            chunk = msgspec.json.decode(event[len(_DATA) :])
+        except msgspec.DecodeError:
+            return event
+        if not isinstance(chunk, dict):
+            return event
+        usage = chunk.get("usage")
+        choices = chunk.get("choices")
+        usage_only = choices == []
+        if isinstance(usage, dict):
+            index = choices[0].get("index") if isinstance(choices, list) and len(choices) == 1 else None
+            self._note(usage, index if isinstance(index, int) else None, usage_only)
+        if self._asked is ClientUsage.CONTINUOUS:
+            return event
+        if usage_only:
+            return event if self._asked is ClientUsage.FINAL else None
+        if self._asked is ClientUsage.FINAL:
+            chunk["usage"] = None
+        else:
+            chunk.pop("usage", None)
+        return _DATA + msgspec.json.encode(chunk) + b"\n\n"
+
+    def _note(self, usage: dict[str, Any], choice: int | None, usage_only: bool) -> None:
+        prompt = usage.get("prompt_tokens")
+        completion = usage.get("completion_tokens")
+        if not isinstance(prompt, int) or not isinstance(completion, int):
+            return
+        if usage_only:
+            self._final = {key: value for key, value in usage.items() if isinstance(value, int)}
+            return
+        self._prompt_tokens = prompt
+        if choice is not None:
+            self._per_choice[choice] = completion  # with n > 1 a chunk counts its own choice's tokens
+        self._completion_tokens = completion
+
+
+def _cut_usage(event: bytes) -> tuple[bytes, dict[str, Any] | None, bytes] | None:
+    """Split ``...,"usage":<object or null><rest>`` around the last usage value; None if
+    the event is not of that shape (no usage key, or a value that does not decode)."""
+    key = event.rfind(_USAGE_KEY)
+    if key < 0:
+        return None
+    start = key + len(_USAGE_KEY)
+    if event.startswith(b"null", start):
+        return event[:key], None, event[start + 4 :]
+    if event[start : start + 1] != b"{":
+        return None
+    # The object's end: the first "}" that balances its braces (usage holds no strings).
+    end = event.find(b"}", start)
+    while end >= 0 and event.count(b"{", start, end + 1) != event.count(b"}", start, end + 1):
+        end = event.find(b"}", end + 1)
+    if end < 0:
+        return None
+    try:
+        usage = msgspec.json.decode(event[start : end + 1])
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(usage, dict):
+        return None
+    return event[:key], usage, event[end + 1 :]
