@@ -19,9 +19,11 @@ from api.errors import on_hotq_error, on_http_exception, on_unexpected
 from api.files import Files
 from api.ops_page import OpsMonitor
 from api.routes import Gateway
+from api.usage import Usage
 from broker.config import Config
 from broker.errors import BrokerUnavailable, HotqError
 from broker.jobstore import AsyncJobStore, JobStore
+from consumers.usage_recorder import UsageRecorder
 from ops.metrics import ApiMetrics
 from producers.request_client import RequestClient
 
@@ -38,19 +40,26 @@ def create_app(config: Config) -> Starlette:
     batch_manager = BatchManager(config, store)
     files = Files(store)
     batches = Batches(config, store, batch_manager)
+    usage = Usage(store)
     auth = build_auth(config, store)
-    gateway.policy = batches.policy = auth.policy
+    gateway.policy = batches.policy = usage.policy = auth.policy
+    recorder = UsageRecorder(store)  # consumers' usage reports, into the job store
 
     async def connect_until_up() -> None:
         while True:
             try:
                 pinned = {name: model.clusters or list(config.clusters) for name, model in config.models.items()}
-                gateway.client = await RequestClient.open(config.amqp_url, list(config.models), pinned, config.amqp_tls)
-                log.info("broker_connected", models=len(config.models))
-                return
+                client = await RequestClient.open(config.amqp_url, list(config.models), pinned, config.amqp_tls)
+                break
             except BrokerUnavailable as exc:
                 log.warning("broker_unreachable_retrying", error=exc.message, retry_in_s=BROKER_RETRY_S)
                 await asyncio.sleep(BROKER_RETRY_S)
+        gateway.client = client
+        log.info("broker_connected", models=len(config.models))
+        try:
+            await recorder.start(client.connection)
+        except Exception:  # requests are still served; their usage waits in its queue
+            log.exception("usage_recorder_failed")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -70,6 +79,7 @@ def create_app(config: Config) -> Starlette:
         sampling.cancel()
         running_batches.cancel()
         refreshing_keys.cancel()
+        await recorder.close()
         await batch_manager.close()
         store.close()
         with contextlib.suppress(asyncio.CancelledError):
@@ -91,6 +101,7 @@ def create_app(config: Config) -> Starlette:
         Route("/v1/batches", batches.list, methods=["GET"]),
         Route("/v1/batches/{batch_id}", batches.retrieve, methods=["GET"]),
         Route("/v1/batches/{batch_id}/cancel", batches.cancel, methods=["POST"]),
+        Route("/v1/usage", usage.list, methods=["GET"]),
         Route("/metrics", ops.prometheus, methods=["GET"]),
         Route("/ops", ops.page, methods=["GET"]),
         Route("/ops/data", ops.data, methods=["GET"]),

@@ -311,6 +311,7 @@ class AccessPolicy:
 
     def __init__(self, config: Config, globus: GlobusAuthenticator | None) -> None:
         self._models = {name: model for name, model in config.models.items() if model.restricted}
+        self._admins = frozenset(config.auth.admins if config.auth is not None else ())
         self._globus = globus
 
     async def allowed(self, identity: Identity, model: str) -> bool:
@@ -329,6 +330,10 @@ class AccessPolicy:
 
     async def visible(self, identity: Identity, models: Iterable[str]) -> list[str]:
         return [name for name in models if await self.allowed(identity, name)]
+
+    def require_admin(self, identity: Identity, what: str) -> None:
+        if identity.user not in self._admins:
+            raise PermissionDenied(f"only an admin ([auth] admins) may {what}; {identity.user} is not one")
 
 
 class AuthMiddleware:

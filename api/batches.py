@@ -133,6 +133,7 @@ class Batches:
             window_s=self._config.batch_window_s,
             metadata=metadata,
             source="api",
+            owner=identity_of(request).user,
             lines=parsed.lines,
             errors=parsed.errors,
         )

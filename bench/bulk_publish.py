@@ -263,6 +263,7 @@ async def publish_dispatch(amqp_url: str, workdir: Path, model: str, lines: int,
         window_s=3600,
         metadata=None,
         source="submit",
+        owner="bench",
         lines=[(n, str(n), body) for n, body in enumerate(bodies, start=1)],
     )
     stored_s = time.perf_counter() - stored_started
@@ -277,6 +278,7 @@ async def publish_dispatch(amqp_url: str, workdir: Path, model: str, lines: int,
                 model,
                 Endpoint.CHAT,
                 time.time() + 3600,
+                "bench",
                 on_published=lambda n: chunks.append((time.perf_counter(), n)),
             )
         depth = await _depth_then_delete(connection, model, batch_id)

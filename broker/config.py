@@ -101,6 +101,7 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     modes: list[Literal["none", "api_key", "globus"]]
     key_refresh_s: PositiveFloat = 2.0  # how soon the API sees keys revoked by `hotq keys revoke`
+    admins: list[str] = []  # users who may read everyone's usage (GET /v1/usage)
     globus: GlobusAuthConfig = GlobusAuthConfig()
 
     @property

@@ -1,4 +1,5 @@
-"""The job store: uploaded files, batches, their lines and their results (sqlite, WAL).
+"""The job store: uploaded files, batches, their lines and their results, API keys and
+usage (sqlite, WAL).
 
 One database, ``<data_dir>/jobs.db``, shared by the API process and `hotq submit`
 (WAL lets them read while one writes); file contents live on disk under
@@ -6,7 +7,8 @@ One database, ``<data_dir>/jobs.db``, shared by the API process and `hotq submit
 has a request id (the correlation id of its queued request) and a `published` flag
 set only after RabbitMQ confirmed it. A result is unique per (batch, custom_id), so
 recording one is idempotent: a redelivered answer, or a collector restarted after
-a crash, never duplicates a line.
+a crash, never duplicates a line. Usage is kept as sums per (day, user, model,
+lane); the ids of the reports added to them are kept too, so a report is added once.
 
 `JobStore` is synchronous (the CLI and tests use it directly); `AsyncJobStore`
 runs the same calls on one dedicated thread so an event loop never blocks on disk.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import datetime
 import hashlib
 import json
 import os
@@ -28,6 +31,8 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 import sqlite_utils
+
+from broker.messages import UsageRow
 
 BATCH_STATUSES = (
     "validating",
@@ -53,6 +58,7 @@ _TIMESTAMPS = {
 # A runner that touched its batch within this long is alive (another process must not adopt it).
 RUNNER_ALIVE_S = 5.0
 API_KEY_PREFIX = "hotq_"  # tells an API key from a Globus token at a glance
+USAGE_REPORT_IDS_KEPT_S = 7 * 24 * 3600
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -131,10 +137,13 @@ class JobStore:
                 "metadata": str,
                 "source": str,
                 "runner_seen_at": float,
+                "owner": str,
             },
             pk="id",
             if_not_exists=True,
         )
+        if "owner" not in db["batches"].columns_dict:  # a job store from before batches had owners
+            db["batches"].add_column("owner", str)
         db.execute(
             "CREATE TABLE IF NOT EXISTS lines (batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL,"
             " request_id TEXT NOT NULL, body BLOB NOT NULL, published INTEGER NOT NULL DEFAULT 0,"
@@ -151,6 +160,13 @@ class JobStore:
             "CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, user TEXT NOT NULL,"
             " key_hash TEXT NOT NULL UNIQUE, created_at REAL NOT NULL, expires_at REAL, revoked_at REAL)"
         )
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS usage (day TEXT NOT NULL, user TEXT NOT NULL, model TEXT NOT NULL,"
+            " lane TEXT NOT NULL, requests INTEGER NOT NULL, cancelled INTEGER NOT NULL,"
+            " prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,"
+            " PRIMARY KEY (day, user, model, lane)) WITHOUT ROWID"
+        )
+        db.execute("CREATE TABLE IF NOT EXISTS usage_reports (id TEXT PRIMARY KEY, added_at REAL NOT NULL)")
 
     def close(self) -> None:
         self.db.conn.close()
@@ -218,6 +234,7 @@ class JobStore:
         window_s: float,
         metadata: dict[str, str] | None,
         source: str,
+        owner: str,
         lines: Iterable[tuple[int, str, bytes]] = (),
         errors: list[dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
@@ -238,6 +255,7 @@ class JobStore:
             "errors": json.dumps({"object": "list", "data": errors}) if errors else None,
             "metadata": json.dumps(metadata) if metadata is not None else None,
             "source": source,
+            "owner": owner,
         }
         if errors:
             row["failed_at"] = int(now)
@@ -426,6 +444,43 @@ class JobStore:
         rows = list(self.db.query(f"SELECT * FROM api_keys WHERE {column} = ?", [value]))
         return _key_record(rows[0]) if rows else None
 
+    # -- usage -----------------------------------------------------------------
+
+    def record_usage(self, report_id: str, rows: Iterable[UsageRow]) -> bool:
+        """Add a usage report's rows to the sums; False (and nothing added) if it was added before."""
+        now = time.time()
+        with self.db.conn:
+            self.db.execute("BEGIN")
+            added = self.db.execute(
+                "INSERT OR IGNORE INTO usage_reports (id, added_at) VALUES (?, ?)", [report_id, now]
+            )
+            if added.rowcount == 0:
+                return False
+            self.db.conn.executemany(
+                "INSERT INTO usage (day, user, model, lane, requests, cancelled, prompt_tokens, completion_tokens)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, user, model, lane) DO UPDATE SET"
+                " requests = requests + excluded.requests, cancelled = cancelled + excluded.cancelled,"
+                " prompt_tokens = prompt_tokens + excluded.prompt_tokens,"
+                " completion_tokens = completion_tokens + excluded.completion_tokens",
+                [tuple(row) for row in rows],
+            )
+            # A report is sent again for minutes at most; its id need not be kept for ever.
+            self.db.execute("DELETE FROM usage_reports WHERE added_at < ?", [now - USAGE_REPORT_IDS_KEPT_S])
+        return True
+
+    def usage(
+        self, user: str | None = None, model: str | None = None, since: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Usage sums per day, user, model and lane, oldest first; `since` is a day (YYYY-MM-DD)."""
+        where, args = [], []
+        for column, value, test in (("user", user, "="), ("model", model, "="), ("day", since, ">=")):
+            if value is not None:
+                where.append(f"{column} {test} ?")
+                args.append(value)
+        clause = f" WHERE {' AND '.join(where)}" if where else ""
+        rows = self.db.query(f"SELECT * FROM usage{clause} ORDER BY day, user, model, lane", args)
+        return [row | {"total_tokens": row["prompt_tokens"] + row["completion_tokens"]} for row in rows]
+
 
 class AsyncJobStore:
     """The same store for an event loop: every call runs on one dedicated thread."""
@@ -445,6 +500,17 @@ class AsyncJobStore:
     def close(self) -> None:
         self.shutdown()
         self.store.close()
+
+
+def since_day(text: str, today: datetime.date | None = None) -> str:
+    """A usage query's first day from "YYYY-MM-DD" or "<N>d" (the last N days, today included)."""
+    today = today or datetime.datetime.now(datetime.UTC).date()
+    if text.endswith("d") and text[:-1].isdigit() and int(text[:-1]) >= 1:
+        return (today - datetime.timedelta(days=int(text[:-1]) - 1)).isoformat()
+    try:
+        return datetime.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise ValueError(f"{text!r} is neither a day (YYYY-MM-DD) nor a number of days (such as 7d)") from None
 
 
 def hash_api_key(key: str) -> str:

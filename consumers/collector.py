@@ -38,6 +38,7 @@ COLLECT_PREFETCH = 2000  # answers held unacked at once, recorded in one transac
 POLL_S = 0.5  # how often the runner looks at the batch's status (cancel, expiry) when idle
 CANCEL_QUIET_S = 1.0  # a cancelled batch ends once no answer came for this long ...
 CANCEL_MAX_S = 10.0  # ... or this long after the cancel, whichever is first
+UNKNOWN_OWNER = "batch"  # whose usage the lines of a batch stored before batches had owners count as
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 
 
@@ -109,6 +110,7 @@ class BatchRunner:
                     row["model"],
                     Endpoint(row["endpoint"].removeprefix("/v1/")),
                     row["expires_at"],
+                    row["owner"] or UNKNOWN_OWNER,
                     should_stop=lambda: self._stop_dispatch,
                     on_published=self._on_published,
                 )

@@ -181,10 +181,18 @@ def watch(config_path: str | None, interval_s: float, once: bool) -> None:
 @click.option("--out", "out_path", default=None, help="write the results here (OpenAI batch output format)")
 @click.option("--detach", is_flag=True, help="publish, print the job id and exit; collect later with `hotq jobs`")
 @click.option("--job-id", default=None, help="resume this job (or name a new one)")
+@click.option("--user", default=None, help="whose usage the job counts as [default: your login name]")
 def submit(
-    config_path: str | None, file: str, model: str, out_path: str | None, detach: bool, job_id: str | None
+    config_path: str | None,
+    file: str,
+    model: str,
+    out_path: str | None,
+    detach: bool,
+    job_id: str | None,
+    user: str | None,
 ) -> None:
     """Publish a JSONL file of requests straight onto the model's batch lane and collect the results."""
+    import getpass
     from pathlib import Path
 
     from broker.jobstore import JobStore
@@ -198,7 +206,7 @@ def submit(
         store = JobStore(config.data_dir)
         batch = store.get_batch(job_id) if job_id else None
         if batch is None:
-            batch = create_job(config, store, Path(file), model, job_id)
+            batch = create_job(config, store, Path(file), model, job_id, user or getpass.getuser())
             click.echo(f"job {batch['id']}: {batch['request_counts']['total']} requests for {model}", err=True)
         else:
             click.echo(f"resuming job {batch['id']} ({batch['status']})", err=True)
@@ -347,6 +355,41 @@ def keys_revoke(config_path: str | None, key_or_id: str) -> None:
     if record is None:
         raise click.ClickException("no such key")
     click.echo(f"revoked {record['id']} ({record['user']})")
+
+
+@cli.command()
+@config_option
+@click.option("--user", default=None, help="only this user")
+@click.option("--model", default=None, help="only this model")
+@click.option("--since", default=None, help="from this day on: YYYY-MM-DD, or the last N days as Nd (7d)")
+@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON (what GET /v1/usage answers)")
+def usage(config_path: str | None, user: str | None, model: str | None, since: str | None, as_json: bool) -> None:
+    """Tokens used per day, user, model and lane, as the backends counted them."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from broker.jobstore import JobStore, since_day
+
+    try:
+        first_day = since_day(since) if since is not None else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from None
+    rows = JobStore(_load(config_path).data_dir).usage(user, model, first_day)
+    if as_json:
+        click.echo(json.dumps({"object": "list", "data": rows}, indent=2))
+        return
+    columns = ("requests", "cancelled", "prompt_tokens", "completion_tokens", "total_tokens")
+    table = Table("day", "user", "model", "lane", *(name.replace("_", " ") for name in columns))
+    for column in table.columns[4:]:
+        column.justify = "right"
+    for row in rows:
+        table.add_row(row["day"], row["user"], row["model"], row["lane"], *(f"{row[name]:,}" for name in columns))
+    if len(rows) > 1:
+        table.add_section()
+        table.add_row("total", "", "", "", *(f"{sum(row[name] for row in rows):,}" for name in columns))
+    Console(width=200).print(table)
 
 
 def main() -> None:

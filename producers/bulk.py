@@ -39,7 +39,6 @@ from broker.messages import Endpoint, Lane, RequestEnvelope
 log = structlog.get_logger("hotq.bulk")
 
 PUBLISH_CHUNK = 5000  # lines in flight at once (and read from the store at once)
-BATCH_CALLER = "batch"
 
 
 async def dispatch(
@@ -49,10 +48,12 @@ async def dispatch(
     model: str,
     endpoint: Endpoint,
     expires_at: float,
+    caller: str,
     should_stop: Callable[[], bool] = lambda: False,
     on_published: Callable[[int], None] | None = None,
 ) -> int:
-    """Publish the batch's unconfirmed lines; return how many were published now."""
+    """Publish the batch's unconfirmed lines for `caller` (whose usage they count as);
+    return how many were published now."""
     channel = await connection.channel(publisher_confirms=True)
     try:
         request_exchange = await topology.declare_exchanges(channel)
@@ -67,7 +68,9 @@ async def dispatch(
             if not lines:
                 break
             underlay = await channel.get_underlay_channel()
-            confirmed = await _publish_chunk(underlay, lines, model, endpoint, expires_at, routing_key, reply_to)
+            confirmed = await _publish_chunk(
+                underlay, lines, model, endpoint, expires_at, caller, routing_key, reply_to
+            )
             await store.call(store.store.mark_published, batch_id, confirmed)
             published += len(confirmed)
             if on_published is not None:
@@ -92,6 +95,7 @@ async def _publish_chunk(
     model: str,
     endpoint: Endpoint,
     expires_at: float,
+    caller: str,
     routing_key: str,
     reply_to: str,
 ) -> list[int]:
@@ -114,7 +118,7 @@ async def _publish_chunk(
                 stream=False,
                 deadline=expires_at,
                 start_by=expires_at,
-                caller=BATCH_CALLER,
+                caller=caller,
                 lane=Lane.BATCH,
                 submitted_at=now,
             )
@@ -207,8 +211,10 @@ class SubmitError(Exception):
     """What `hotq submit` / `hotq jobs` report to the user (and exit 1 on)."""
 
 
-def create_job(config: Config, store: JobStore, path: Path, model: str, job_id: str | None) -> dict[str, Any]:
-    """Validate the input file and store it as a batch (source "submit"); raise SubmitError if invalid."""
+def create_job(
+    config: Config, store: JobStore, path: Path, model: str, job_id: str | None, owner: str
+) -> dict[str, Any]:
+    """Validate the input file and store it as `owner`'s batch (source "submit"); raise SubmitError if invalid."""
     data = path.read_bytes()
     parsed = parse_batch_file(data, None, config.models, default_model=model, allow_plain=True)
     if parsed.errors:
@@ -225,6 +231,7 @@ def create_job(config: Config, store: JobStore, path: Path, model: str, job_id: 
         window_s=config.batch_window_s,
         metadata={"submitted_by": "hotq submit", "input": str(path)},
         source="submit",
+        owner=owner,
         lines=parsed.lines,
     )
 

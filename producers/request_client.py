@@ -71,6 +71,11 @@ class RequestClient:
         self._request_exchange: AbstractExchange | None = None
         self._control_exchange: AbstractExchange | None = None
 
+    @property
+    def connection(self) -> AbstractRobustConnection:
+        """The process's one connection, for others in the process to open their channels on."""
+        return self._connection
+
     @classmethod
     async def open(
         cls,

@@ -74,11 +74,12 @@ async def _publish_backlog(amqp_url: str, data_dir: Path, model: str) -> str:
         window_s=3600,
         metadata=None,
         source="submit",
+        owner="tester",
         lines=[(n, str(n), body) for n in range(1, BACKLOG + 1)],
     )
     connection = await aio_pika.connect_robust(amqp_url)
     try:
-        await bulk.dispatch(connection, store, batch_id, model, Endpoint.CHAT, time.time() + 3600)
+        await bulk.dispatch(connection, store, batch_id, model, Endpoint.CHAT, time.time() + 3600, "tester")
     finally:
         await connection.close()
         await asyncio.to_thread(store.close)

@@ -164,6 +164,7 @@ async def test_dispatch_resumes_without_republishing(tmp_path: Path, amqp_url: s
         window_s=3600,
         metadata=None,
         source="submit",
+        owner="tester",
         lines=[(n, str(n), body) for n in range(1, total + 1)],
     )
     connection = await aio_pika.connect_robust(amqp_url)
@@ -177,11 +178,14 @@ async def test_dispatch_resumes_without_republishing(tmp_path: Path, amqp_url: s
             model,
             Endpoint.COMPLETIONS,
             time.time() + 3600,
+            "tester",
             should_stop=lambda: len(chunks) >= 1,
             on_published=chunks.append,
         )
         assert first == bulk.PUBLISH_CHUNK == store.store.published_count(batch_id)
-        second = await bulk.dispatch(connection, store, batch_id, model, Endpoint.COMPLETIONS, time.time() + 3600)
+        second = await bulk.dispatch(
+            connection, store, batch_id, model, Endpoint.COMPLETIONS, time.time() + 3600, "tester"
+        )
         elapsed = time.perf_counter() - started
         assert first + second == total == store.store.published_count(batch_id)
         channel = await connection.channel()

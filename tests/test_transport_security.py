@@ -11,6 +11,7 @@ import asyncio
 import json
 import re
 import ssl
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -24,6 +25,7 @@ from broker import topology
 from broker.config import parse_config
 from broker.connection import ssl_context
 from broker.errors import ConfigError
+from broker.jobstore import JobStore
 from broker.messages import Lane
 from tests import rabbitmq_roles
 from tests.stack import Stack, write_config
@@ -246,6 +248,14 @@ def test_roles_serve_requests_and_logs_keep_no_secrets(
             assert client.post("/v1/chat/completions", json=invalid).status_code == 400
             assert client.post("/v1/chat/completions", content=f'{{"model": "{secret}').status_code == 400
         replied = answer.json()["choices"][0]["message"]["content"]
+        # The agent's role may send usage reports and the API's may record them: the four requests
+        # that reached the backend are counted.
+        store = JobStore(tmp_path / "data")
+        deadline = time.monotonic() + 15
+        while sum(row["requests"] for row in store.usage(model=fake_model)) < 4:
+            assert time.monotonic() < deadline, f"usage not recorded: {store.usage(model=fake_model)}"
+            time.sleep(0.2)
+        assert sum(row["requests"] for row in store.usage(model=fake_model)) == 4
     finally:
         stack.close()
     logs = {name: stack.log(name) for name in ("api.log", "worker1.log")}

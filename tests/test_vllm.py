@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import httpx
 import openai
 import pytest
 
@@ -160,3 +161,46 @@ def test_small_batch_through_vllm(client: openai.OpenAI) -> None:
         message = body["choices"][0]["message"]
         assert message["role"] == "assistant" and message["content"].strip()
         assert 0 < body["usage"]["completion_tokens"] <= 16
+
+
+def _usage_totals(smollm: str) -> dict[str, int]:
+    """The usage `hotq up` recorded for its (unauthenticated, loopback) caller, summed over the rows."""
+    answer = httpx.get(smollm + "/usage", params={"user": "anonymous"}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    keys = ("requests", "cancelled", "prompt_tokens", "completion_tokens")
+    return {key: sum(row[key] for row in answer.json()["data"]) for key in keys}
+
+
+def test_cancelled_stream_is_recorded_with_vllm_s_counts(client: openai.OpenAI, smollm: str) -> None:
+    """Issue 6 acceptance 5 through real vLLM: the consumer asks vLLM for running usage, keeps it
+    out of the client's stream, and records what vLLM had counted when the client left."""
+    messages = [{"role": "user", "content": "Count from one to two hundred in words, one number per line."}]
+    before = _usage_totals(smollm)
+    for _ in range(20):  # until earlier tests' usage is all in (consumers report once a second)
+        time.sleep(1.5)
+        if (now := _usage_totals(smollm)) == before:
+            break
+        before = now
+    reference = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages, max_tokens=1)
+    assert reference.usage is not None
+    stream = client.chat.completions.create(
+        model=DEFAULT_MODEL_NAME, messages=messages, max_tokens=300, temperature=0, stream=True
+    )
+    received = 0
+    for chunk in stream:
+        assert chunk.usage is None and chunk.choices  # no include_usage asked: no usage, no usage-only chunk
+        received += bool(chunk.choices[0].delta.content)
+        if received == 5:
+            break
+    stream.close()
+
+    deadline = time.monotonic() + 20
+    while (after := _usage_totals(smollm))["cancelled"] == before["cancelled"]:
+        assert time.monotonic() < deadline, "the cancelled stream was never recorded"
+        time.sleep(0.2)
+    assert after["requests"] - before["requests"] == 2 and after["cancelled"] - before["cancelled"] == 1
+    # The same prompt, counted by vLLM for both requests.
+    assert after["prompt_tokens"] - before["prompt_tokens"] == 2 * reference.usage.prompt_tokens
+    cancelled_completion = after["completion_tokens"] - before["completion_tokens"] - 1
+    print(f"\ncancelled after {received} content chunks; vLLM had counted {cancelled_completion} tokens")
+    assert received <= cancelled_completion < 300
