@@ -30,6 +30,7 @@ from producers.request_client import RequestClient
 log = structlog.get_logger("hotq.api")
 
 BROKER_RETRY_S = 2.0
+USAGE_RETRY_S = 10.0
 
 
 def create_app(config: Config) -> Starlette:
@@ -56,10 +57,13 @@ def create_app(config: Config) -> Starlette:
                 await asyncio.sleep(BROKER_RETRY_S)
         gateway.client = client
         log.info("broker_connected", models=len(config.models))
-        try:
-            await recorder.start(client.connection)
-        except Exception:  # requests are still served; their usage waits in its queue
-            log.exception("usage_recorder_failed")
+        while True:  # requests are served meanwhile; their usage waits in its queue
+            try:
+                await recorder.start(client.connection)
+                return
+            except Exception:
+                log.exception("usage_recorder_failed_retrying", retry_in_s=USAGE_RETRY_S)
+                await asyncio.sleep(USAGE_RETRY_S)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

@@ -59,6 +59,7 @@ _TIMESTAMPS = {
 RUNNER_ALIVE_S = 5.0
 API_KEY_PREFIX = "hotq_"  # tells an API key from a Globus token at a glance
 USAGE_REPORT_IDS_KEPT_S = 7 * 24 * 3600
+USAGE_REPORT_IDS_PRUNE_EVERY_S = 3600
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -95,6 +96,7 @@ class JobStore:
         self.db.enable_wal()
         self.db.execute("PRAGMA synchronous = NORMAL")
         self._create_tables()
+        self._usage_ids_pruned_at = 0.0
 
     def _create_tables(self) -> None:
         db = self.db
@@ -167,6 +169,7 @@ class JobStore:
             " PRIMARY KEY (day, user, model, lane)) WITHOUT ROWID"
         )
         db.execute("CREATE TABLE IF NOT EXISTS usage_reports (id TEXT PRIMARY KEY, added_at REAL NOT NULL)")
+        db.execute("CREATE INDEX IF NOT EXISTS usage_reports_added ON usage_reports (added_at)")
 
     def close(self) -> None:
         self.db.conn.close()
@@ -464,8 +467,10 @@ class JobStore:
                 " completion_tokens = completion_tokens + excluded.completion_tokens",
                 [tuple(row) for row in rows],
             )
-            # A report is sent again for minutes at most; its id need not be kept for ever.
-            self.db.execute("DELETE FROM usage_reports WHERE added_at < ?", [now - USAGE_REPORT_IDS_KEPT_S])
+            if now - self._usage_ids_pruned_at > USAGE_REPORT_IDS_PRUNE_EVERY_S:
+                # A report comes again within hours at most; its id need not be kept for ever.
+                self.db.execute("DELETE FROM usage_reports WHERE added_at < ?", [now - USAGE_REPORT_IDS_KEPT_S])
+                self._usage_ids_pruned_at = now
         return True
 
     def usage(
@@ -505,11 +510,11 @@ class AsyncJobStore:
 def since_day(text: str, today: datetime.date | None = None) -> str:
     """A usage query's first day from "YYYY-MM-DD" or "<N>d" (the last N days, today included)."""
     today = today or datetime.datetime.now(datetime.UTC).date()
-    if text.endswith("d") and text[:-1].isdigit() and int(text[:-1]) >= 1:
-        return (today - datetime.timedelta(days=int(text[:-1]) - 1)).isoformat()
     try:
+        if text.endswith("d") and text[:-1].isdigit() and int(text[:-1]) >= 1:
+            return (today - datetime.timedelta(days=int(text[:-1]) - 1)).isoformat()
         return datetime.date.fromisoformat(text).isoformat()
-    except ValueError:
+    except (ValueError, OverflowError):
         raise ValueError(f"{text!r} is neither a day (YYYY-MM-DD) nor a number of days (such as 7d)") from None
 
 

@@ -44,6 +44,7 @@ REPLY_QUEUE_PREFIX = "hotq.reply."
 CANCEL_QUEUE_PREFIX = "hotq.cancel."
 
 DELIVERY_LIMIT = 5
+USAGE_DELIVERY_LIMIT = 100_000
 DEAD_LETTER_TTL_MS = 24 * 3600 * 1000
 # A reply queue outlives a dropped connection by this much, so frames published
 # while its API process reconnects are not lost.
@@ -172,10 +173,20 @@ async def bind_reply_queue(channel: AbstractChannel, queue: AbstractQueue) -> No
     await queue.bind(exchange, routing_key=queue.name)
 
 
+def usage_queue_arguments() -> dict[str, object]:
+    """Also in ops/rabbitmq/definitions.json, which creates the queue before any API runs."""
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,  # where undecodable reports go
+        # A report handed back while the job store is down comes round about once a second:
+        # RabbitMQ 4's default limit (20) would dead-letter it after a 20 s outage.
+        "x-delivery-limit": USAGE_DELIVERY_LIMIT,
+    }
+
+
 async def declare_usage_queue(channel: AbstractChannel) -> AbstractQueue:
     """Durable and quorum: usage reports wait here through API restarts, and none is lost."""
     events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    arguments = {"x-queue-type": "quorum", "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE}  # undecodable ones
-    queue = await channel.declare_queue(USAGE_QUEUE, durable=True, arguments=arguments)
+    queue = await channel.declare_queue(USAGE_QUEUE, durable=True, arguments=usage_queue_arguments())
     await queue.bind(events, routing_key=USAGE_ROUTING_KEY)
     return queue

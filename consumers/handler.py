@@ -72,7 +72,7 @@ def usage_of(json_body: bytes) -> dict[str, int] | None:
     return {key: value for key, value in usage.items() if isinstance(value, int)}
 
 
-def split_events(data: bytes, rewrite: Callable[[bytes], bytes | None] = lambda event: event) -> list[bytes]:
+def split_events(data: bytes, rewrite: Callable[[bytes], bytes | None]) -> list[bytes]:
     """Complete SSE events (each ending in a blank line) as `rewrite` makes them for the
     client, with a trailing finish-only chunk folded into the content chunk before it
     (see `fold_finish_chunk`)."""
@@ -181,8 +181,7 @@ class RequestHandler:
     ) -> None:
         body = envelope.body
         if envelope.stream:
-            body, asked, choices = backend_request(body)
-            progress.stream_usage = StreamUsage(asked, choices)
+            body, progress.stream_usage = backend_request(body)
         progress.called_backend = True
         try:
             async with self._backend.post(envelope.endpoint, body) as response:
@@ -242,9 +241,11 @@ class RequestHandler:
                 progress.sent_output = True
                 seq += 1
                 last_flush = now
-        except asyncio.CancelledError:
-            # Cut short (the client left): the events read but not yet sent still count.
-            split_events(bytes(pending[: pending.rfind(EVENT_END) + len(EVENT_END)]), stream_usage.client_event)
+        except BaseException:
+            # Cut short (the client left, the backend failed): the events read but not yet sent count too.
+            complete_end = pending.rfind(EVENT_END)
+            if complete_end >= 0:
+                split_events(bytes(pending[: complete_end + len(EVENT_END)]), stream_usage.client_event)
             self._count(stream_usage.usage)
             raise
         events = split_events(bytes(pending), stream_usage.client_event)

@@ -9,9 +9,10 @@ backend generated until then is still known, as the backend counted it.
 The client gets the stream it asked for. `StreamUsage.client_event` takes the
 running usage out of each chunk (leaving ``"usage": null`` where the client asked
 for ``include_usage``, as OpenAI sends it) and passes the final usage-only chunk on
-only if the client asked for it. A vLLM chunk ends with its usage object, so this
-is a byte cut checked by decoding the usage alone; any other shape is decoded and
-encoded again whole.
+only if the client asked for it. In a vLLM chunk the usage object is the last
+field or nearly (``prompt_token_ids`` may follow it), so this is a byte cut around
+it, checked by decoding the usage alone; any other shape is decoded and encoded
+again whole.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import msgspec
 
 _DATA = b"data: "
 _USAGE_KEY = b',"usage":'
-_NO_CHOICES = (b'"choices":[]', b'"choices": []')  # the usage-only chunk at the end of a stream
+_NO_CHOICES = b'"choices":[]'  # the usage-only chunk at the end of a stream (as the fast path sees it)
 _BACKEND_STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
 
 
@@ -35,40 +36,58 @@ class ClientUsage(enum.Enum):
     CONTINUOUS = "continuous"  # vLLM's continuous_usage_stats too: the backend's stream as it is
 
 
-def backend_request(body: bytes) -> tuple[bytes, ClientUsage, int]:
-    """The body to send the backend (asking for running usage), what the client asked
-    for, and how many choices it asked for. A body that is not a JSON object goes to
-    the backend as it is, to be refused there in the backend's words."""
+def backend_request(body: bytes) -> tuple[bytes, StreamUsage]:
+    """The body to send the backend (asking for running usage), and what follows the
+    stream's usage for it. A body that is not a JSON object goes to the backend as it
+    is, to be refused there in the backend's words."""
     try:
         request = msgspec.json.decode(body)
     except msgspec.DecodeError:
-        return body, ClientUsage.NONE, 1
+        return body, StreamUsage(ClientUsage.NONE)
     if not isinstance(request, dict):
-        return body, ClientUsage.NONE, 1
+        return body, StreamUsage(ClientUsage.NONE)
     options = request.get("stream_options")
     options = options if isinstance(options, dict) else {}
     n = request.get("n")
-    choices = n if isinstance(n, int) and n > 1 else 1
     if options.get("include_usage") is True:
         asked = ClientUsage.CONTINUOUS if options.get("continuous_usage_stats") is True else ClientUsage.FINAL
     else:
         asked = ClientUsage.NONE
+    usage = StreamUsage(asked, n if isinstance(n, int) and n > 1 else 1, _prompt_count(request.get("prompt")))
     if asked is ClientUsage.CONTINUOUS:
-        return body, asked, choices
+        return body, usage
     request["stream_options"] = {**options, **_BACKEND_STREAM_OPTIONS}
-    return msgspec.json.encode(request), asked, choices
+    return msgspec.json.encode(request), usage
+
+
+def _prompt_count(prompt: Any) -> int:
+    """How many prompts a completions request holds: a list of texts or of token lists is several."""
+    if isinstance(prompt, list) and prompt and all(isinstance(item, str | list) for item in prompt):
+        return len(prompt)
+    return 1
 
 
 class StreamUsage:
-    """Rewrites a stream's events for the client and keeps the latest usage they carried."""
+    """Rewrites a stream's events for the client and keeps the latest usage they carried.
 
-    def __init__(self, asked: ClientUsage, choices: int) -> None:
+    With several choices (``n``, or several prompts to /v1/completions) each chunk's running
+    usage counts its own choice's tokens and its own prompt's: vLLM numbers choice ``i`` of
+    prompt ``p`` as ``p * n + i``.
+    """
+
+    def __init__(self, asked: ClientUsage, n: int = 1, prompts: int = 1) -> None:
         self._asked = asked
-        self._choices = choices
+        self._n = n
+        self._several = n * prompts > 1
         self._prompt_tokens: int | None = None
         self._completion_tokens = 0
-        self._per_choice: dict[int, int] = {}  # completion tokens so far of each choice (n > 1)
+        self._per_choice: dict[int, int] = {}  # completion tokens so far of each choice (several)
+        self._per_prompt: dict[int, int] = {}  # prompt tokens of each prompt (several)
         self._final: dict[str, int] | None = None  # the usage-only chunk's totals, once seen
+
+    @property
+    def asked(self) -> ClientUsage:
+        return self._asked
 
     @property
     def usage(self) -> dict[str, int] | None:
@@ -77,18 +96,17 @@ class StreamUsage:
             return self._final
         if self._prompt_tokens is None:
             return None
-        completion = sum(self._per_choice.values()) if self._choices > 1 else self._completion_tokens
-        return {
-            "prompt_tokens": self._prompt_tokens,
-            "completion_tokens": completion,
-            "total_tokens": self._prompt_tokens + completion,
-        }
+        if self._several:
+            prompt, completion = sum(self._per_prompt.values()), sum(self._per_choice.values())
+        else:
+            prompt, completion = self._prompt_tokens, self._completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def client_event(self, event: bytes) -> bytes | None:
         """`event` (one ``data: ...\\n\\n``) as the client should get it; None to leave it out."""
         if not event.startswith(_DATA) or event.startswith(b"data: [DONE]"):
             return event
-        if self._choices == 1:
+        if not self._several:
             cut = _cut_usage(event)
             if cut is not None:
                 before, usage, after = cut
@@ -121,7 +139,9 @@ class StreamUsage:
         choices = chunk.get("choices")
         usage_only = choices == []
         if isinstance(usage, dict):
-            index = choices[0].get("index") if isinstance(choices, list) and len(choices) == 1 else None
+            index = None
+            if isinstance(choices, list) and len(choices) == 1 and isinstance(choices[0], dict):
+                index = choices[0].get("index")
             self._note(usage, index if isinstance(index, int) else None, usage_only)
         if self._asked is ClientUsage.CONTINUOUS:
             return event
@@ -142,9 +162,10 @@ class StreamUsage:
             self._final = {key: value for key, value in usage.items() if isinstance(value, int)}
             return
         self._prompt_tokens = prompt
-        if choice is not None:
-            self._per_choice[choice] = completion  # with n > 1 a chunk counts its own choice's tokens
         self._completion_tokens = completion
+        if choice is not None:
+            self._per_choice[choice] = completion
+            self._per_prompt[choice // self._n] = prompt
 
 
 def _cut_usage(event: bytes) -> tuple[bytes, dict[str, Any] | None, bytes] | None:

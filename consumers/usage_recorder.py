@@ -1,7 +1,7 @@
 """Takes consumers' usage reports off ``hotq.usage`` and adds them to the job store.
 
-Runs in every API process (the job store is theirs); several share the queue as
-competing consumers. A report is acked only after it is stored, and the store
+Runs in every API process; the API processes of one deployment share one
+job store (one data_dir) and the queue, as competing consumers. A report is acked only after it is stored, and the store
 skips a report id it has already added, so a report redelivered after a crash is
 counted once.
 """

@@ -3,10 +3,12 @@
 Sums keep the traffic to a message a second whatever the request rate. A report
 is sent with confirms and `mandatory` to the events exchange, where the durable
 ``hotq.usage`` queue keeps it for an API process to record. A report that could
-not be sent (RabbitMQ away, or no API has declared the usage queue yet) is kept
-and sent again under the same id, so the recorder, which skips ids it has seen,
-counts it once. What a consumer served in the last second before it was killed
-outright is lost; a graceful stop (drain, idle exit) sends it.
+not be sent (RabbitMQ away, the usage queue missing) is sent again under the same
+id, so the recorder, which skips ids it has seen, counts it once; what is served
+meanwhile goes on adding to the sums, which become the next report. So a consumer
+keeps at most one report and one set of sums however long RabbitMQ is away. A
+consumer killed outright loses what it had not sent; a graceful stop (drain, idle
+exit) sends it.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from broker.messages import RequestEnvelope, UsageReport, UsageRow
 log = structlog.get_logger("hotq.consumer")
 
 REPORT_INTERVAL_S = 1.0
-MAX_UNSENT = 10_000  # reports kept while none can be sent (hours of them); the oldest go first
 _WARN_EVERY_S = 60.0
 
 _Key = tuple[str, str, str, str]  # day, user, model, lane
@@ -39,12 +40,15 @@ class UsageReporter:
         self._worker = worker
         self._interval_s = interval_s
         self._sums: dict[_Key, list[int]] = {}  # requests, cancelled, prompt_tokens, completion_tokens
-        self._unsent: list[UsageReport] = []  # taken from the sums, not yet confirmed
+        self._unsent: UsageReport | None = None  # taken from the sums, not yet confirmed
         self._task: asyncio.Task[None] | None = None
+        self._closed = False
         self._last_warning = float("-inf")
 
     def record(self, envelope: RequestEnvelope, usage: dict[str, int] | None, cancelled: bool) -> None:
-        """Count one request the consumer served (or began and the client cancelled)."""
+        """Count one request the backend worked on (answered, failed, or cancelled by its client)."""
+        if self._closed:
+            log.error("usage_after_close", request_id=envelope.request_id)  # a bug: the worker stopped first
         day = datetime.datetime.fromtimestamp(time.time(), datetime.UTC).strftime("%Y-%m-%d")
         key = (day, envelope.caller, envelope.model, envelope.lane.value)
         sums = self._sums.get(key)
@@ -60,38 +64,37 @@ class UsageReporter:
         self._task = asyncio.create_task(self._run())
 
     async def close(self) -> None:
-        """Stop reporting periodically and send what is left (once; it is lost if that fails)."""
+        """Stop reporting periodically and send what is left (once more; lost if that fails too)."""
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         await self.flush()
-        if self._unsent:
-            log.error("usage_reports_lost", reports=len(self._unsent))
+        if self._unsent is not None or self._sums:
+            log.error("usage_lost_at_stop", report=self._unsent is not None, more_rows=len(self._sums))
 
     async def flush(self) -> None:
-        """Send the sums so far, and any report not confirmed before."""
-        if self._sums:
-            rows = [list(UsageRow(*key, *sums)) for key, sums in self._sums.items()]
-            self._unsent.append(UsageReport(os.urandom(12).hex(), self._worker, rows))
-            self._sums = {}
-            if len(self._unsent) > MAX_UNSENT:
-                log.error("usage_reports_dropped", reports=len(self._unsent) - MAX_UNSENT)
-                del self._unsent[:-MAX_UNSENT]
-        while self._unsent:
-            report = self._unsent[0]
+        """Send the report not confirmed before, if any, then the sums so far."""
+        while True:
+            if self._unsent is None:
+                if not self._sums:
+                    return
+                rows = [list(UsageRow(*key, *sums)) for key, sums in self._sums.items()]
+                self._unsent = UsageReport(os.urandom(12).hex(), self._worker, rows)
+                self._sums = {}
             try:
                 await self._exchange.publish(
                     aio_pika.Message(
-                        messages.encode(report), delivery_mode=aio_pika.DeliveryMode.PERSISTENT, type="usage"
+                        messages.encode(self._unsent), delivery_mode=aio_pika.DeliveryMode.PERSISTENT, type="usage"
                     ),
                     routing_key=topology.USAGE_ROUTING_KEY,
                     mandatory=True,
                 )
-            except Exception as exc:  # noqa: BLE001 - kept and sent again, whatever went wrong
+            except Exception as exc:  # noqa: BLE001 - sent again, under the same id, whatever went wrong
                 self._warn(exc)
                 return
-            self._unsent.pop(0)
+            self._unsent = None
 
     async def _run(self) -> None:
         while True:
@@ -102,4 +105,4 @@ class UsageReporter:
         now = time.monotonic()
         if now - self._last_warning >= _WARN_EVERY_S:  # once a minute, not once a second
             self._last_warning = now
-            log.warning("usage_report_not_sent", error=repr(exc), waiting=len(self._unsent))
+            log.warning("usage_report_not_sent", error=repr(exc), pending_rows=len(self._sums))

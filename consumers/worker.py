@@ -97,13 +97,13 @@ class Worker:
         # Replies go through hotq.replies, never the default exchange (which reaches every queue).
         self._reply_exchange = await self._channels[0].get_exchange(topology.REPLY_EXCHANGE)
         self._usage = UsageReporter(await self._channels[0].get_exchange(topology.EVENTS_EXCHANGE), self.name)
-        self._usage.start()
         cancels = await self._channels[0].declare_queue(
             f"{topology.CANCEL_QUEUE_PREFIX}{self.name}", exclusive=True, auto_delete=True
         )
         await cancels.bind(control)
         await cancels.consume(self._on_cancel, no_ack=True)
         await self.resume()
+        self._usage.start()
         log.info("worker_started", worker=self.name, model=self.model, max_inflight=self._slots.total)
 
     async def resume(self) -> None:
@@ -216,7 +216,7 @@ class Worker:
         if outcome is _Outcome.ANSWERED:
             self.served += 1
         if outcome is not _Outcome.REQUEUE:
-            self._account(envelope, progress, cancelled=outcome is not _Outcome.ANSWERED)
+            self._account(envelope, progress, cancelled=outcome is _Outcome.CALLER_GONE)
         await _settle(message, requeue=outcome is _Outcome.REQUEUE)
 
     def _account(self, envelope: RequestEnvelope, progress: AttemptProgress, cancelled: bool) -> None:
@@ -250,7 +250,7 @@ class Worker:
                 await self._handler.serve(envelope, attempt, replies, progress)
         except CallerGone:
             log.info("caller_gone")  # nobody waits for this answer any more
-            return _Outcome.DROPPED
+            return _Outcome.CALLER_GONE
         except BackendUnreachable as exc:
             if not _is_last_delivery(message):
                 log.warning("backend_unreachable_requeue", error=str(exc))
@@ -279,7 +279,8 @@ class Worker:
 
 class _Outcome(enum.Enum):
     ANSWERED = "answered"  # a final frame went to the caller
-    DROPPED = "dropped"  # settled without an answer (expired, cancelled, caller gone)
+    DROPPED = "dropped"  # settled without an answer (expired, cancelled while queued, a consumer bug)
+    CALLER_GONE = "caller_gone"  # settled without an answer: nobody waits for it any more
     REQUEUE = "requeue"  # someone should serve it (again)
 
 

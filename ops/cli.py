@@ -192,7 +192,6 @@ def submit(
     user: str | None,
 ) -> None:
     """Publish a JSONL file of requests straight onto the model's batch lane and collect the results."""
-    import getpass
     from pathlib import Path
 
     from broker.jobstore import JobStore
@@ -206,7 +205,7 @@ def submit(
         store = JobStore(config.data_dir)
         batch = store.get_batch(job_id) if job_id else None
         if batch is None:
-            batch = create_job(config, store, Path(file), model, job_id, user or getpass.getuser())
+            batch = create_job(config, store, Path(file), model, job_id, user or _login_name())
             click.echo(f"job {batch['id']}: {batch['request_counts']['total']} requests for {model}", err=True)
         else:
             click.echo(f"resuming job {batch['id']} ({batch['status']})", err=True)
@@ -223,6 +222,15 @@ def submit(
         f" {written} lines in {out_path}",
         err=True,
     )
+
+
+def _login_name() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no login name (a container without a passwd entry)
+        raise click.UsageError("cannot tell who you are here; name the user with --user") from None
 
 
 @cli.group()

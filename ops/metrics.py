@@ -75,7 +75,7 @@ class ApiMetrics:
         )
         self.completion_tokens = Counter(
             "hotq_completion_tokens",
-            "Generated tokens of answered requests, as the backend reported them (streams only with include_usage)",
+            "Generated tokens of answered requests, as the backend reported them",
             ["model"],
             registry=registry,
         )

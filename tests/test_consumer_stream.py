@@ -17,6 +17,10 @@ from consumers.stream_usage import ClientUsage, StreamUsage
 DONE = b"data: [DONE]\n\n"
 
 
+def _as_is(event: bytes) -> bytes:
+    return event
+
+
 def _event(payload: dict[str, object]) -> bytes:
     return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
@@ -26,7 +30,7 @@ def _chunk(content: str, finish: str | None = None) -> bytes:
 
 
 def test_finish_only_chunk_is_folded_into_the_last_content_chunk() -> None:
-    events = split_events(_chunk("Hello") + _chunk(" world") + _chunk("", "stop") + b"data: [DONE]\n\n")
+    events = split_events(_chunk("Hello") + _chunk(" world") + _chunk("", "stop") + b"data: [DONE]\n\n", _as_is)
     assert len(events) == 3
     folded = json.loads(events[1].removeprefix(b"data: "))
     assert folded["choices"][0] == {"index": 0, "delta": {"content": " world"}, "finish_reason": "stop"}
@@ -35,12 +39,12 @@ def test_finish_only_chunk_is_folded_into_the_last_content_chunk() -> None:
 
 def test_chunks_already_in_openai_shape_pass_through_byte_for_byte() -> None:
     data = _chunk("Hello") + _chunk(" world", "length")
-    assert b"".join(split_events(data)) == data
+    assert b"".join(split_events(data, _as_is)) == data
 
 
 def test_finish_chunk_after_role_only_chunk_is_kept() -> None:
     role = _event({"id": "c", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]})
-    events = split_events(role + _chunk("", "stop"))
+    events = split_events(role + _chunk("", "stop"), _as_is)
     assert len(events) == 2  # no content to carry the finish_reason: leave the stream alone
 
 

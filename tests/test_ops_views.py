@@ -195,10 +195,11 @@ def test_metrics_count_requests_tokens_and_queues(ops_stack: OpsStack) -> None:
     assert _value(samples, "hotq_requests_total", **chat, stream="false", status="2xx") == 3
     assert _value(samples, "hotq_requests_total", **chat, stream="false", status="4xx") == 1
     assert _value(samples, "hotq_requests_total", **chat, stream="true", status="2xx") == 2
-    # Usage: three answers and the one stream that asked for usage (the fake backend counts words).
+    # Usage: three answers and both streams, also the one that did not ask for usage (the consumer
+    # asks the backend for it anyway); the fake backend counts words.
     completion = len(expected_chat_tokens(text, None)[0])
-    assert _value(samples, "hotq_prompt_tokens_total", model=model) == 4 * len(text.split())
-    assert _value(samples, "hotq_completion_tokens_total", model=model) == 4 * completion
+    assert _value(samples, "hotq_prompt_tokens_total", model=model) == 5 * len(text.split())
+    assert _value(samples, "hotq_completion_tokens_total", model=model) == 5 * completion
 
     # The fleet gauges follow the sampler (every 0.3 s here).
     waiting = ops_stack.waiting

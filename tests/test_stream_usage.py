@@ -108,18 +108,30 @@ def test_done_and_non_json_events_pass_through() -> None:
     assert usage.client_event(b'data: {"usage": broken\n\n') == b'data: {"usage": broken\n\n'
 
 
+def test_several_prompts_count_each_prompt_once() -> None:
+    """/v1/completions with a list of prompts: choice p * n + i belongs to prompt p."""
+    _, usage = backend_request(json.dumps({"model": "m", "prompt": ["a b c", "d"], "n": 2, "stream": True}).encode())
+    for index, prompt, completion in ((0, 3, 2), (1, 3, 1), (2, 1, 4), (3, 1, 3), (0, 3, 3)):
+        chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m"}
+        choice = {"index": index, "text": "w", "logprobs": None, "finish_reason": None}
+        assert usage.client_event(_compact(chunk | {"choices": [choice], "usage": _usage(prompt, completion)}))
+    assert usage.usage == {"prompt_tokens": 4, "completion_tokens": 3 + 1 + 4 + 3, "total_tokens": 15}
+
+
 def test_backend_request_asks_for_running_usage_and_keeps_the_rest() -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "é ✓"}], "stream": True, "temperature": 0.1}
-    sent, asked, choices = backend_request(json.dumps(body).encode())
+    sent, usage = backend_request(json.dumps(body).encode())
     assert json.loads(sent) == body | {"stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    assert (asked, choices) == (ClientUsage.NONE, 1)
+    assert usage.asked is ClientUsage.NONE
 
     with_usage = body | {"stream_options": {"include_usage": True}, "n": 3}
-    sent, asked, choices = backend_request(json.dumps(with_usage).encode())
+    sent, usage = backend_request(json.dumps(with_usage).encode())
     assert json.loads(sent)["stream_options"] == {"include_usage": True, "continuous_usage_stats": True}
-    assert (asked, choices) == (ClientUsage.FINAL, 3)
+    assert usage.asked is ClientUsage.FINAL
 
     continuous = json.dumps(body | {"stream_options": {"include_usage": True, "continuous_usage_stats": True}})
-    assert backend_request(continuous.encode()) == (continuous.encode(), ClientUsage.CONTINUOUS, 1)
-    assert backend_request(b"[1, 2]") == (b"[1, 2]", ClientUsage.NONE, 1)  # the backend refuses it, not us
-    assert backend_request(b"{not json") == (b"{not json", ClientUsage.NONE, 1)
+    sent, usage = backend_request(continuous.encode())
+    assert sent == continuous.encode() and usage.asked is ClientUsage.CONTINUOUS
+    for refused_by_the_backend in (b"[1, 2]", b"{not json"):  # sent as they are: the backend refuses them
+        sent, usage = backend_request(refused_by_the_backend)
+        assert sent == refused_by_the_backend and usage.asked is ClientUsage.NONE

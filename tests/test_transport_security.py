@@ -98,6 +98,9 @@ def test_definitions_name_hotqs_queues_and_exchanges() -> None:
     directory = "amq_" + uuid.uuid4().hex  # aio-pika's name for a robust channel's unnamed queue
     assert all(may(role, kind, directory) for role in ("api", "scaler") for kind in ("configure", "write", "read"))
     assert may("agent", "write", topology.EVENTS_EXCHANGE) and may("scaler", "read", topology.EVENTS_EXCHANGE)
+    assert may("api", "read", topology.USAGE_QUEUE) and not may("agent", "read", topology.USAGE_QUEUE)
+    (usage,) = [queue for queue in definitions["queues"] if queue["name"] == topology.USAGE_QUEUE]
+    assert usage["arguments"] == topology.usage_queue_arguments()  # or the API's own declaration is refused
     exchanges = (
         topology.REQUEST_EXCHANGE,
         topology.REPLY_EXCHANGE,
