@@ -11,8 +11,8 @@ running usage out of each chunk (leaving ``"usage": null`` where the client aske
 for ``include_usage``, as OpenAI sends it) and passes the final usage-only chunk on
 only if the client asked for it. In a vLLM chunk the usage object is the last
 field or nearly (``prompt_token_ids`` may follow it), so this is a byte cut around
-it, checked by decoding the usage alone; any other shape is decoded and encoded
-again whole.
+it (the usage is decoded only when it is read: at the end of the stream, or when
+it is cut short); any other shape is decoded and encoded again whole.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import msgspec
 _DATA = b"data: "
 _USAGE_KEY = b',"usage":'
 _NO_CHOICES = b'"choices":[]'  # the usage-only chunk at the end of a stream (as the fast path sees it)
+_NULL_START = ord("n")
 _BACKEND_STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
 
 
@@ -84,6 +85,7 @@ class StreamUsage:
         self._per_choice: dict[int, int] = {}  # completion tokens so far of each choice (several)
         self._per_prompt: dict[int, int] = {}  # prompt tokens of each prompt (several)
         self._final: dict[str, int] | None = None  # the usage-only chunk's totals, once seen
+        self._latest: bytes | None = None  # the newest running usage, not decoded yet (fast path)
 
     @property
     def asked(self) -> ClientUsage:
@@ -94,6 +96,9 @@ class StreamUsage:
         """Prompt and completion tokens generated so far, as the backend counted them."""
         if self._final is not None:
             return self._final
+        if self._latest is not None:
+            self._note_raw(self._latest, usage_only=False)
+            self._latest = None
         if self._prompt_tokens is None:
             return None
         if self._several:
@@ -103,29 +108,33 @@ class StreamUsage:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def client_event(self, event: bytes) -> bytes | None:
-        """`event` (one ``data: ...\\n\\n``) as the client should get it; None to leave it out."""
+        """`event` (one ``data: ...\n\n``) as the client should get it; None to leave it out."""
         if not event.startswith(_DATA) or event.startswith(b"data: [DONE]"):
             return event
         if not self._several:
-            cut = _cut_usage(event)
-            if cut is not None:
-                before, usage, after = cut
-                return self._rewrite(event, before, usage, after)
+            span = _usage_span(event)
+            if span is not None:
+                return self._cut(event, *span)
         if b'"usage"' not in event:
             return event
         return self._rewrite_decoded(event)
 
-    def _rewrite(self, event: bytes, before: bytes, usage: dict[str, Any] | None, after: bytes) -> bytes | None:
-        usage_only = before.endswith(_NO_CHOICES)
-        if usage is not None:
-            self._note(usage, None, usage_only)
+    def _cut(self, event: bytes, key: int, end: int) -> bytes | None:
+        """The fast path: the usage value is ``event[key + len(_USAGE_KEY):end]``."""
+        value = key + len(_USAGE_KEY)
+        usage_only = event.endswith(_NO_CHOICES, 0, key)
+        if event[value] != _NULL_START:
+            if usage_only:
+                self._note_raw(event[value:end], usage_only=True)
+            else:
+                self._latest = event[value:end]  # decoded only when the usage is read
         if self._asked is ClientUsage.CONTINUOUS:
             return event
         if usage_only:
             return event if self._asked is ClientUsage.FINAL else None
         if self._asked is ClientUsage.FINAL:
-            return before + _USAGE_KEY + b"null" + after
-        return before + after
+            return event[:value] + b"null" + event[end:]
+        return event[:key] + event[end:]
 
     def _rewrite_decoded(self, event: bytes) -> bytes | None:
         """The slow path, for any chunk shape: decode it, edit it, encode it again."""
@@ -139,6 +148,7 @@ class StreamUsage:
         choices = chunk.get("choices")
         usage_only = choices == []
         if isinstance(usage, dict):
+            self._latest = None  # this usage is newer than any the fast path kept
             index = None
             if isinstance(choices, list) and len(choices) == 1 and isinstance(choices[0], dict):
                 index = choices[0].get("index")
@@ -152,6 +162,14 @@ class StreamUsage:
         else:
             chunk.pop("usage", None)
         return _DATA + msgspec.json.encode(chunk) + b"\n\n"
+
+    def _note_raw(self, raw: bytes, usage_only: bool) -> None:
+        try:
+            usage = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            return
+        if isinstance(usage, dict):
+            self._note(usage, None, usage_only)
 
     def _note(self, usage: dict[str, Any], choice: int | None, usage_only: bool) -> None:
         prompt = usage.get("prompt_tokens")
@@ -168,15 +186,15 @@ class StreamUsage:
             self._per_prompt[choice // self._n] = prompt
 
 
-def _cut_usage(event: bytes) -> tuple[bytes, dict[str, Any] | None, bytes] | None:
-    """Split ``...,"usage":<object or null><rest>`` around the last usage value; None if
-    the event is not of that shape (no usage key, or a value that does not decode)."""
+def _usage_span(event: bytes) -> tuple[int, int] | None:
+    """Where ``,"usage":<object or null>`` is, as (start of the key, end of the value); None
+    if the event has no such usage value (the slow path then decides)."""
     key = event.rfind(_USAGE_KEY)
     if key < 0:
         return None
     start = key + len(_USAGE_KEY)
     if event.startswith(b"null", start):
-        return event[:key], None, event[start + 4 :]
+        return key, start + 4
     if event[start : start + 1] != b"{":
         return None
     # The object's end: the first "}" that balances its braces (usage holds no strings).
@@ -185,10 +203,4 @@ def _cut_usage(event: bytes) -> tuple[bytes, dict[str, Any] | None, bytes] | Non
         end = event.find(b"}", end + 1)
     if end < 0:
         return None
-    try:
-        usage = msgspec.json.decode(event[start : end + 1])
-    except msgspec.DecodeError:
-        return None
-    if not isinstance(usage, dict):
-        return None
-    return event[:key], usage, event[end + 1 :]
+    return key, end + 1
