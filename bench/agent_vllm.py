@@ -82,6 +82,7 @@ from bench.common import (
     find_process,
     fmt,
     foreign_heavy_processes,
+    http_session,
     machine_busy_s,
     print_notes,
     round_or_none,
@@ -315,11 +316,6 @@ class Answer:
     ttft_s: float | None = None  # streams only: until the first content
 
 
-def http_session(connections: int, timeout_s: float = REQUEST_TIMEOUT_S) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=60)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s))
-
-
 async def chat(session: aiohttp.ClientSession, url: str, body: bytes) -> Answer:
     """One non-streaming chat completion; its latency and usage.completion_tokens."""
     started = time.perf_counter()
@@ -484,7 +480,7 @@ async def measure_startup(
 ) -> tuple[Stack, StartupResult]:
     cli = [sys.executable, "-m", "ops.cli"]
     first_body = chat_body(model, FIRST_PROMPT, FIRST_MAX_TOKENS)
-    async with http_session(4) as session:
+    async with http_session(4, REQUEST_TIMEOUT_S) as session:
         t0_wall = time.time()
         t0 = time.monotonic()
         agent = processes.start(
@@ -626,7 +622,7 @@ async def measure_throughput(stack: Stack, settings: argparse.Namespace, report:
     }
     urls = {"direct": stack.direct_url, "hotq": stack.api_url}
     cpu = stack.cpu_meter()
-    async with http_session(settings.concurrency + 8) as session:
+    async with http_session(settings.concurrency + 8, REQUEST_TIMEOUT_S) as session:
 
         async def one(target: str, kind: str, index: int, stream: bool = False) -> None:
             """One round; repeated (bounded) when a foreign vLLM or pytest ran meanwhile."""

@@ -93,7 +93,6 @@ from bench.agent_vllm import (
     _logged_backend_pid,
     chat,
     check_logs,
-    http_session,
     is_event,
     prompts,
     wait_until_quiet,
@@ -108,6 +107,7 @@ from bench.common import (
     delete_queues,
     environment,
     fmt,
+    http_session,
     machine_busy_s,
     print_notes,
     round_or_none,
@@ -629,7 +629,7 @@ async def run(settings: argparse.Namespace, processes: Processes, workdir: Path,
             "measured": Workload.build(model, texts, settings.max_tokens, workdir / "measured.jsonl"),
         }
         client = openai.AsyncOpenAI(base_url=stack.api_url, api_key="unused", max_retries=0, timeout=REQUEST_TIMEOUT_S)
-        async with http_session(settings.concurrency + 8) as session:
+        async with http_session(settings.concurrency + 8, REQUEST_TIMEOUT_S) as session:
             bench = Bench(settings, processes, stack, config, workdir, session, client, workloads, batch_ids, report)
             print(
                 f"{settings.requests} chat requests, {settings.max_tokens} tokens each; targets {', '.join(targets)}",

@@ -407,3 +407,15 @@ def run_bench(
             if cleanup is not None:
                 cleanup(workdir)
     return 0
+
+
+# Below the 5 s after which uvicorn (hotq's API, vLLM) closes an idle connection: a pooled
+# connection reused just as the server closes it fails the request (ClientOSError), which
+# showed up as lost requests in the first round after a pause.
+KEEPALIVE_S: Final = 3.0
+
+
+def http_session(connections: int, timeout_s: float) -> aiohttp.ClientSession:
+    """The load generator's session: up to `connections` kept-alive connections."""
+    connector = aiohttp.TCPConnector(limit=connections, keepalive_timeout=KEEPALIVE_S)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout_s))

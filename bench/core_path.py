@@ -79,6 +79,7 @@ from bench.common import (
     delete_queues,
     environment,
     fmt,
+    http_session,
     print_notes,
     run_bench,
     wait_for_line,
@@ -401,11 +402,6 @@ async def bench_call(target: str, concurrency: int, settings: Settings, call: Ca
     return result
 
 
-def http_session(concurrency: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=60)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
-
-
 async def bench_http(
     target: str, base_url: str, model: str, settings: Settings, cpu: CpuMeter, headers: dict[str, str] | None = None
 ) -> list[CaseResult]:
@@ -415,7 +411,7 @@ async def bench_http(
     all_headers = {"Content-Type": "application/json", **(headers or {})}
     results = []
     for concurrency in CONCURRENCIES:
-        async with http_session(concurrency) as session:
+        async with http_session(concurrency, REQUEST_TIMEOUT_S) as session:
             call = http_chat_call(session, base_url + "/chat/completions", body, expected, all_headers)
             results.append(await bench_call(target, concurrency, settings, call, cpu))
     return results
@@ -433,7 +429,7 @@ async def bench_stream(
     ttfts, totals = [], []
     errors: Counter[str] = Counter()
     events = None
-    async with http_session(1) as session:
+    async with http_session(1, REQUEST_TIMEOUT_S) as session:
         for attempt in range(repeats + 1):  # the first one warms up
             try:
                 ttft, total, content, events = await _one_stream(
@@ -743,7 +739,7 @@ async def profile_hotq(
     concurrency = max(CONCURRENCIES)
     body = chat_body(model, PROMPT, MAX_TOKENS)
     expected = expected_content(PROMPT, MAX_TOKENS)
-    async with http_session(concurrency) as session:
+    async with http_session(concurrency, REQUEST_TIMEOUT_S) as session:
         call = http_chat_call(
             session, base_url + "/chat/completions", body, expected, {"Content-Type": "application/json"}
         )
