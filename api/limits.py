@@ -3,7 +3,8 @@
 Every (user, model) pair has at most three counters: a token bucket of requests (`requests_per_minute`
 capacity, refilled continuously), a token bucket of model tokens (`tokens_per_minute`; a request is
 admitted while the bucket is above zero and charged the prompt + completion tokens its answer
-reports, so one large answer can put the bucket in debt), and the number of its requests in flight
+reports, so one large answer can put the bucket in debt; a stream the client left is charged
+what the backend generated until the consumer stopped it), and the number of its requests in flight
 (`max_concurrent_per_user`). A user over any of them gets 429 with `Retry-After` at once, before
 anything is queued: a flood of one user cannot fill a model's queue ahead of everyone else.
 
@@ -111,6 +112,19 @@ class Limiter:
                 state.tokens -= usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
 
         return release
+
+    def charge(self, user: str, model: str, usage: dict[str, int] | None) -> None:
+        """Charge tokens that arrive after the request left the user's limits (a stream the client
+        left: the consumer reports what the backend generated until it stopped)."""
+        limits = self.limits(model)
+        if not usage or limits is None or not limits.tokens_per_minute:
+            return
+        now = self._clock()
+        state = self._states.get((user, model))
+        if state is None:
+            state = self._states[(user, model)] = _State(limits, now)
+        state.refill(limits, now)
+        state.tokens -= usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
 
     def _sweep(self, now: float) -> None:
         for key, state in list(self._states.items()):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -156,7 +157,9 @@ class Gateway:
             if client is not None:
                 client.release(request_id)
                 if relay is not None and not relay.finished:  # the client left or we gave up: stop the work
-                    self._spawn(client.cancel(request_id))
+                    # Under limits, what the backend generated until the cut is charged when it is known.
+                    charge = functools.partial(self.limiter.charge, caller, model) if release is not None else None
+                    self._spawn(client.cancel(request_id, charge))
             ttft_s = None if first_output_at is None else first_output_at - started
             self.metrics.observe_request(
                 model, endpoint.value, stream, cast(int, outcome["status"]), time.monotonic() - started, ttft_s, usage

@@ -10,7 +10,9 @@ Request path: the API publishes a `RequestEnvelope` onto the model's queue; the
 consumer answers on the envelope's reply queue with `Started` (only when the
 answer takes a while), zero or more `ChunkBatch`, then exactly one `Final` or
 `ErrorReply`. `Cancel` travels on the
-control exchange to whichever consumer holds the request.
+control exchange to whichever consumer holds the request; that consumer answers
+the cancel with `Abandoned`, the backend's token count at the cut, so the API can
+charge the user's limits for it.
 
 Accounting: each consumer sums what it served per user, model, lane and day and
 sends the sums as a `UsageReport` on the events exchange about once a second.
@@ -126,6 +128,15 @@ class Cancel:
     request_id: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Abandoned:
+    """A request its client left was stopped; `usage`: what the backend generated until then."""
+
+    TAG: ClassVar[int] = 9
+    request_id: str
+    usage: dict[str, int] | None
+
+
 class AgentState(enum.StrEnum):
     STARTING = "starting"
     LOADING = "loading"
@@ -190,7 +201,7 @@ class UsageReport:
 
 
 ReplyFrame = Started | ChunkBatch | Final | ErrorReply
-Record = RequestEnvelope | ReplyFrame | Cancel | AgentStatus | UsageReport
+Record = RequestEnvelope | ReplyFrame | Abandoned | Cancel | AgentStatus | UsageReport
 
 _RECORDS: tuple[type[Any], ...] = (
     RequestEnvelope,
@@ -201,6 +212,7 @@ _RECORDS: tuple[type[Any], ...] = (
     Cancel,
     AgentStatus,
     UsageReport,
+    Abandoned,
 )
 _UnionType = type(int | None)
 

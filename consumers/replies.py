@@ -9,7 +9,7 @@ import aio_pika
 from aio_pika.abc import AbstractExchange
 
 from broker import messages
-from broker.messages import ANNOUNCE_AFTER_S, ReplyFrame, Started
+from broker.messages import ANNOUNCE_AFTER_S, Abandoned, ReplyFrame, Started
 
 
 class CallerGone(Exception):
@@ -46,7 +46,7 @@ class ReplySender:
 
         self._announce_timer = asyncio.get_running_loop().call_later(ANNOUNCE_AFTER_S, start)
 
-    async def send(self, frame: ReplyFrame) -> None:
+    async def send(self, frame: ReplyFrame | Abandoned) -> None:
         if self._announce_timer is not None:
             self._announce_timer.cancel()
             self._announce_timer = None
@@ -64,7 +64,7 @@ class ReplySender:
         if self._announcing is not None:
             self._announcing.cancel()
 
-    async def _publish(self, frame: ReplyFrame) -> None:
+    async def _publish(self, frame: ReplyFrame | Abandoned) -> None:
         message = aio_pika.Message(
             body=messages.encode(frame),
             content_type="application/x-msgpack",

@@ -31,7 +31,7 @@ from aio_pika.abc import (
 
 from broker import messages, topology
 from broker.errors import BackendError, DeadlineExceeded, HotqError, WireError
-from broker.messages import Cancel, Lane, RequestEnvelope, Started
+from broker.messages import Abandoned, Cancel, Lane, RequestEnvelope, Started
 from consumers.handler import AttemptProgress, BackendUnreachable, RequestHandler, error_frame
 from consumers.replies import CallerGone, ReplySender
 from consumers.slots import BackendSlots
@@ -199,9 +199,14 @@ class Worker:
         try:
             outcome = await self._attempt(message, envelope, replies, progress)
         except asyncio.CancelledError:
-            if replies.caller_gone or envelope.request_id in self._cancelled_by_client:
+            by_client = envelope.request_id in self._cancelled_by_client
+            if replies.caller_gone or by_client:
                 self._cancelled_by_client.discard(envelope.request_id)
                 self._account(envelope, progress, cancelled=True)
+                if by_client and progress.called_backend and not replies.caller_gone:
+                    # What the backend generated until the cut, for the API to charge the user's limits.
+                    with contextlib.suppress(Exception):
+                        await replies.send(Abandoned(envelope.request_id, progress.usage))
                 await _settle(message, requeue=False)  # nobody waits for this answer any more
                 return
             await _settle(message, requeue=True)  # stopping, or the backend went away: someone serves it later

@@ -11,10 +11,12 @@ the broker was away may be gone.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import socket
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aio_pika
@@ -31,12 +33,13 @@ from broker import messages, topology
 from broker.config import AmqpTls
 from broker.connection import connect
 from broker.errors import BrokerUnavailable, HotqError, WireError
-from broker.messages import Cancel, Lane, ReplyFrame, RequestEnvelope
+from broker.messages import Abandoned, Cancel, Lane, ReplyFrame, RequestEnvelope
 
 log = structlog.get_logger("hotq.producer")
 
 STATS_TIMEOUT_S = 1.0
 RECONNECT_WAIT_S = 5.0  # how long a request waits for a dropped broker connection to come back
+ABANDONED_REMEMBERED = 10_000  # cancelled requests whose `Abandoned` may still come
 
 _CONNECTION_ERRORS = (
     aio_pika.exceptions.AMQPConnectionError,
@@ -67,6 +70,9 @@ class RequestClient:
             f"{topology.REPLY_QUEUE_PREFIX}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         )
         self._pending: dict[str, asyncio.Queue[ReplyItem]] = {}
+        self._on_abandoned: collections.OrderedDict[str, Callable[[dict[str, int] | None], None]] = (
+            collections.OrderedDict()
+        )
         self._channel: AbstractChannel | None = None
         self._request_exchange: AbstractExchange | None = None
         self._control_exchange: AbstractExchange | None = None
@@ -120,9 +126,14 @@ class RequestClient:
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         try:
-            frame = messages.decode_as(message.body, ReplyFrame)
+            frame = messages.decode_as(message.body, ReplyFrame | Abandoned)
         except WireError as exc:
             log.warning("reply_undecodable", error=exc.message, correlation_id=message.correlation_id)
+            return
+        if isinstance(frame, Abandoned):
+            on_abandoned = self._on_abandoned.pop(frame.request_id, None)
+            if on_abandoned is not None:
+                on_abandoned(frame.usage)
             return
         pending = self._pending.get(frame.request_id)
         if pending is not None:  # otherwise the caller already finished or gave up
@@ -190,10 +201,17 @@ class RequestClient:
     def release(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
 
-    async def cancel(self, request_id: str) -> None:
-        """Tell whichever consumer holds the request to abort it (best effort)."""
+    async def cancel(
+        self, request_id: str, on_abandoned: Callable[[dict[str, int] | None], None] | None = None
+    ) -> None:
+        """Tell whichever consumer holds the request to abort it (best effort). `on_abandoned`
+        gets the backend's token count at the cut, if the consumer had called the backend."""
         if self._control_exchange is None:
             return
+        if on_abandoned is not None:
+            self._on_abandoned[request_id] = on_abandoned
+            while len(self._on_abandoned) > ABANDONED_REMEMBERED:  # those never answered
+                self._on_abandoned.popitem(last=False)
         try:
             await self._control_exchange.publish(
                 aio_pika.Message(messages.encode(Cancel(request_id))), routing_key="", mandatory=False

@@ -118,6 +118,26 @@ def test_tokens_per_minute(stack: Stack, models: dict[str, str]) -> None:
         _chat(dave, models["tpm"])
 
 
+def test_a_stream_left_mid_way_is_charged_what_was_generated(stack: Stack, models: dict[str, str]) -> None:
+    """Leaving a stream early does not dodge tokens_per_minute: the consumer reports the backend's
+    count at the cut (6 prompt tokens and the answer's first ones, over the limit of 5)."""
+    frank = _client(stack, "frank-tpm")
+    stream = frank.chat.completions.create(
+        model=models["tpm"],
+        messages=[{"role": "user", "content": "one two three four five six"}],
+        stream=True,
+        extra_body={"fake_delay_ms": 200},
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break  # the first token is enough
+    stream.close()
+    time.sleep(1.5)  # the cancel reaches the consumer, its report of the cut comes back
+    with pytest.raises(openai.RateLimitError) as caught:
+        _chat(frank, models["tpm"])
+    assert _retry_after(caught.value) >= 1
+
+
 def test_concurrent_requests(stack: Stack, models: dict[str, str]) -> None:
     erin = _client(stack, "erin-conc")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:

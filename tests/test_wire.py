@@ -12,6 +12,7 @@ from broker.config import parse_config
 from broker.errors import ConfigError, WireError
 from broker.messages import (
     WIRE_VERSION,
+    Abandoned,
     AgentState,
     AgentStatus,
     Cancel,
@@ -22,6 +23,8 @@ from broker.messages import (
     Lane,
     RequestEnvelope,
     Started,
+    UsageReport,
+    UsageRow,
 )
 
 RECORDS = [
@@ -33,7 +36,18 @@ RECORDS = [
     ErrorReply("r1", "att", 429, "rate_limit_error", "slow down", "fake_429", None),
     Cancel("r1"),
     AgentStatus("a1", "m", AgentState.HOT, True, "n", "c", "http://x", 1, 2, 3.5, 4.0, time.time()),
+    UsageReport("rep1", "node:1", [list(UsageRow("2026-11-28", "alice", "m", "batch", 2, 1, 30, 40))]),
+    Abandoned("r1", {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}),
+    Abandoned("r1", None),
 ]
+
+
+@pytest.mark.parametrize(
+    "rows", [[["2026-11-28", "alice", "m", "batch", 2, 1, 30]], [["2026-11-28", "alice", "m", "batch", 2, 1, 30, -4]]]
+)
+def test_usage_rows_are_checked(rows: list[list[object]]) -> None:
+    with pytest.raises(WireError, match="UsageReport row"):
+        UsageReport("rep1", "node:1", rows).usage_rows()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)
