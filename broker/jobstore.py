@@ -79,6 +79,8 @@ class Result:
     line: int
     ok: bool
     record: str  # the output (or error) file line, JSON
+    prompt_tokens: int = 0  # as the backend reported them; summed into the batch's usage
+    completion_tokens: int = 0
 
 
 def new_id(prefix: str) -> str:
@@ -155,8 +157,12 @@ class JobStore:
         db.execute(
             "CREATE TABLE IF NOT EXISTS results (batch_id TEXT NOT NULL, custom_id TEXT NOT NULL,"
             " line INTEGER NOT NULL, ok INTEGER NOT NULL, record TEXT NOT NULL,"
+            " prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,"
             " PRIMARY KEY (batch_id, custom_id)) WITHOUT ROWID"
         )
+        for column in ("prompt_tokens", "completion_tokens"):  # a job store from before batches had usage
+            if column not in db["results"].columns_dict:
+                db.execute(f"ALTER TABLE results ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         # API keys: only a sha256 of each key (high-entropy, so a plain hash suffices) is kept.
         db.execute(
             "CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, user TEXT NOT NULL,"
@@ -287,13 +293,20 @@ class JobStore:
 
     def get_batch(self, batch_id: str) -> dict[str, Any] | None:
         row = self.batch_row(batch_id)
-        return batch_object(row) if row else None
+        return self._batch_object(row) if row else None
 
     def list_batches(self, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
-        rows = [
-            batch_object(row) for row in self.db.query("SELECT * FROM batches ORDER BY created_at DESC, rowid DESC")
-        ]
-        return _page(rows, after, limit)
+        rows = list(self.db.query("SELECT * FROM batches ORDER BY created_at DESC, rowid DESC"))
+        page, more = _page(rows, after, limit)
+        return [self._batch_object(row) for row in page], more
+
+    def _batch_object(self, row: dict[str, Any]) -> dict[str, Any]:
+        prompt, completion = self.db.execute(
+            "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM results"
+            " WHERE batch_id = ?",
+            [row["id"]],
+        ).fetchone()
+        return batch_object(row, prompt, completion)
 
     def set_status(self, batch_id: str, status: str, only_from: Iterable[str] | None = None, **fields: Any) -> bool:
         """Move a batch to `status` (stamping its *_at); with `only_from`, only from those statuses.
@@ -381,10 +394,16 @@ class JobStore:
         with self.db.conn:
             self.db.execute("BEGIN IMMEDIATE")
             for ok in (True, False):
-                rows = [(batch_id, r.custom_id, r.line, int(ok), r.record) for r in results if r.ok is ok]
+                rows = [
+                    (batch_id, r.custom_id, r.line, int(ok), r.record, r.prompt_tokens, r.completion_tokens)
+                    for r in results
+                    if r.ok is ok
+                ]
                 if rows:
                     cursor = self.db.conn.executemany(
-                        "INSERT OR IGNORE INTO results (batch_id, custom_id, line, ok, record) VALUES (?, ?, ?, ?, ?)",
+                        "INSERT OR IGNORE INTO results"
+                        " (batch_id, custom_id, line, ok, record, prompt_tokens, completion_tokens)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
                         rows,
                     )
                     added[0 if ok else 1] = cursor.rowcount
@@ -540,8 +559,8 @@ def _file_object(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def batch_object(row: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAI batch object of a stored batch."""
+def batch_object(row: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The OpenAI batch object of a stored batch, with the tokens of its answers so far."""
     return {
         "id": row["id"],
         "object": "batch",
@@ -564,6 +583,14 @@ def batch_object(row: dict[str, Any]) -> dict[str, Any]:
         "cancelled_at": row["cancelled_at"],
         "request_counts": {"total": row["total"], "completed": row["completed"], "failed": row["failed"]},
         "metadata": json.loads(row["metadata"]) if row["metadata"] else None,
+        "usage": {
+            "input_tokens": prompt_tokens,
+            "output_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            # Required by OpenAI's schema; hotq does not count cached or reasoning tokens apart.
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
     }
 
 

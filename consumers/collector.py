@@ -267,7 +267,9 @@ def result_of(frame: Final | ErrorReply, line: int, custom_id: str) -> Result:
         except ValueError:
             body = frame.body.decode(errors="replace")
         response = {"status_code": frame.status, "request_id": frame.request_id, "body": body}
-        return Result(custom_id, line, True, _line_record(frame.request_id, custom_id, response, None))
+        usage = frame.usage or {}
+        record = _line_record(frame.request_id, custom_id, response, None)
+        return Result(custom_id, line, True, record, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
     error = {"message": frame.message, "type": frame.error_type, "param": frame.param, "code": frame.code}
     response = {"status_code": frame.status, "request_id": frame.request_id, "body": {"error": error}}
     return Result(custom_id, line, False, _line_record(frame.request_id, custom_id, response, None))

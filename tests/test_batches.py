@@ -105,6 +105,8 @@ def test_batch_lifecycle_exact_output(client: openai.OpenAI, batch_model: str) -
     assert (done.request_counts.total, done.request_counts.completed, done.request_counts.failed) == (22, 20, 2)
     assert done.finalizing_at and done.completed_at and done.model == batch_model
     assert done.created_at <= done.in_progress_at <= done.finalizing_at <= done.completed_at  # type: ignore[operator]
+    assert done.usage is not None  # the 20 answers' tokens (the failed lines have none)
+    assert (done.usage.input_tokens, done.usage.output_tokens, done.usage.total_tokens) == (20 * 5, 20 * 4, 20 * 9)
 
     outputs = _records(client, done.output_file_id)
     assert [r["custom_id"] for r in outputs] == [f"req-{i}" for i in range(20)]
