@@ -59,6 +59,13 @@ def identity_of(request: Request) -> Identity:
     return request.scope.get("state", {}).get("identity", ANONYMOUS)
 
 
+def owner_filter(request: Request) -> str | None:
+    """Whose files and batches the caller may see: their own; everyone's when authentication is
+    off (every caller is then the one local operator, who also submits with `hotq submit`)."""
+    identity = identity_of(request)
+    return None if identity.method == "none" else identity.user
+
+
 def _domain(username: str) -> str | None:
     return username.rsplit("@", 1)[1].lower() if "@" in username else None
 

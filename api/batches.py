@@ -19,7 +19,7 @@ from aio_pika.abc import AbstractRobustConnection
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.auth import AccessPolicy, identity_of
+from api.auth import AccessPolicy, identity_of, owner_filter
 from api.files import FileNotFound, int_param, list_response
 from api.routes import read_body
 from broker.batch_input import parse_batch_file
@@ -115,12 +115,12 @@ class Batches:
             raise InvalidRequest("`completion_window` must be 24h", param="completion_window")
         metadata = _metadata(params.get("metadata"))
         db = self._store.store
-        file = await self._store.call(db.get_file, input_file_id)
+        file = await self._store.call(db.get_file, input_file_id, owner_filter(request))
         if file is None:
             raise FileNotFound(f"No such File object: {input_file_id}", param="input_file_id")
         if file["purpose"] != "batch":
             raise InvalidRequest("the input file must have been uploaded with purpose `batch`", param="input_file_id")
-        content = await self._store.call(db.file_content, input_file_id) or b""
+        content = await self._store.call(db.file_content, input_file_id, owner_filter(request)) or b""
         parsed = await asyncio.to_thread(parse_batch_file, content, ENDPOINTS[endpoint], self._config.models)
         if self.policy is not None and parsed.model:
             await self.policy.require(identity_of(request), parsed.model)
@@ -145,17 +145,20 @@ class Batches:
         return JSONResponse(batch)
 
     async def retrieve(self, request: Request) -> Response:
-        return JSONResponse(await self._get(request.path_params["batch_id"]))
+        return JSONResponse(await self._get(request, request.path_params["batch_id"]))
 
     async def list(self, request: Request) -> Response:
         items, has_more = await self._store.call(
-            self._store.store.list_batches, request.query_params.get("after"), int_param(request, "limit", 20, 1, 100)
+            self._store.store.list_batches,
+            request.query_params.get("after"),
+            int_param(request, "limit", 20, 1, 100),
+            owner_filter(request),
         )
         return list_response(items, has_more)
 
     async def cancel(self, request: Request) -> Response:
         batch_id = request.path_params["batch_id"]
-        batch = await self._get(batch_id)
+        batch = await self._get(request, batch_id)
         db = self._store.store
         if batch["status"] in ("cancelling", "cancelled"):
             return JSONResponse(batch)
@@ -168,10 +171,11 @@ class Batches:
             )
         if not await self._store.call(db.runner_alive, batch_id):
             self._manager.run(batch_id)  # e.g. a detached `hotq submit` job: finish the cancel here
-        return JSONResponse(await self._get(batch_id))
+        return JSONResponse(await self._get(request, batch_id))
 
-    async def _get(self, batch_id: str) -> dict[str, Any]:
-        batch = await self._store.call(self._store.store.get_batch, batch_id)
+    async def _get(self, request: Request, batch_id: str) -> dict[str, Any]:
+        """The caller's batch; another user's is as unknown as one that does not exist."""
+        batch = await self._store.call(self._store.store.get_batch, batch_id, owner_filter(request))
         if batch is None:
             raise BatchNotFound(f"No such Batch object: {batch_id}", param="batch_id")
         return batch

@@ -1,4 +1,8 @@
-"""OpenAI's Files API, for batch input and output: /v1/files."""
+"""OpenAI's Files API, for batch input and output: /v1/files.
+
+A file belongs to the user who uploaded it (a batch's output files to the batch's
+owner): with authentication on, others get 404 for it and do not see it listed.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from api.auth import identity_of, owner_filter
 from broker.errors import HotqError, InvalidRequest
 from broker.jobstore import AsyncJobStore
 
@@ -71,7 +76,8 @@ class Files:
             raise HotqError(
                 f"files are limited to {MAX_FILE_BYTES} bytes", status=413, error_type="invalid_request_error"
             )
-        file = await self._store.call(self._store.store.create_file, filename, purpose, content)
+        owner = identity_of(request).user
+        file = await self._store.call(self._store.store.create_file, filename, purpose, content, owner)
         return JSONResponse(file)
 
     async def list(self, request: Request) -> Response:
@@ -84,25 +90,26 @@ class Files:
             request.query_params.get("after"),
             int_param(request, "limit", 10000, 1, 10000),
             order,
+            owner_filter(request),
         )
         return list_response(items, has_more)
 
     async def retrieve(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
-        file = await self._store.call(self._store.store.get_file, file_id)
+        file = await self._store.call(self._store.store.get_file, file_id, owner_filter(request))
         if file is None:
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
         return JSONResponse(file)
 
     async def content(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
-        content = await self._store.call(self._store.store.file_content, file_id)
+        content = await self._store.call(self._store.store.file_content, file_id, owner_filter(request))
         if content is None:
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
         return Response(content, media_type="application/octet-stream")
 
     async def delete(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
-        if not await self._store.call(self._store.store.delete_file, file_id):
+        if not await self._store.call(self._store.store.delete_file, file_id, owner_filter(request)):
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})

@@ -111,10 +111,13 @@ class JobStore:
                 "purpose": str,
                 "status": str,
                 "path": str,
+                "owner": str,
             },
             pk="id",
             if_not_exists=True,
         )
+        if "owner" not in db["files"].columns_dict:  # a job store from before files had owners
+            db["files"].add_column("owner", str)
         db["batches"].create(
             {
                 "id": str,
@@ -182,7 +185,9 @@ class JobStore:
 
     # -- files ---------------------------------------------------------------
 
-    def create_file(self, filename: str, purpose: str, content: bytes, file_id: str | None = None) -> dict[str, Any]:
+    def create_file(
+        self, filename: str, purpose: str, content: bytes, owner: str | None, file_id: str | None = None
+    ) -> dict[str, Any]:
         file_id = file_id or new_id("file-")
         path = self.files_dir / file_id
         tmp = path.with_suffix(".part")
@@ -196,16 +201,18 @@ class JobStore:
             "purpose": purpose,
             "status": "processed",
             "path": str(path),
+            "owner": owner,
         }
         self.db["files"].upsert(row, pk="id")
         return _file_object(row)
 
-    def get_file(self, file_id: str) -> dict[str, Any] | None:
-        rows = list(self.db.query("SELECT * FROM files WHERE id = ?", [file_id]))
+    def get_file(self, file_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        """The file, if it exists and (with `owner`) is that user's."""
+        rows = list(self.db.query(f"SELECT * FROM files WHERE id = ?{_OWNED}", [file_id, *_owned(owner)]))
         return _file_object(rows[0]) if rows else None
 
-    def file_content(self, file_id: str) -> bytes | None:
-        rows = list(self.db.query("SELECT path FROM files WHERE id = ?", [file_id]))
+    def file_content(self, file_id: str, owner: str | None = None) -> bytes | None:
+        rows = list(self.db.query(f"SELECT path FROM files WHERE id = ?{_OWNED}", [file_id, *_owned(owner)]))
         if not rows:
             return None
         try:
@@ -214,17 +221,23 @@ class JobStore:
             return None
 
     def list_files(
-        self, purpose: str | None = None, after: str | None = None, limit: int = 10000, order: str = "desc"
+        self,
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 10000,
+        order: str = "desc",
+        owner: str | None = None,
     ) -> tuple[list[dict[str, Any]], bool]:
-        rows = [_file_object(row) for row in self.db.query("SELECT * FROM files ORDER BY created_at, rowid")]
+        query = f"SELECT * FROM files WHERE 1{_OWNED} ORDER BY created_at, rowid"
+        rows = [_file_object(row) for row in self.db.query(query, _owned(owner))]
         if order == "desc":
             rows.reverse()
         if purpose:
             rows = [row for row in rows if row["purpose"] == purpose]
         return _page(rows, after, limit)
 
-    def delete_file(self, file_id: str) -> bool:
-        rows = list(self.db.query("SELECT path FROM files WHERE id = ?", [file_id]))
+    def delete_file(self, file_id: str, owner: str | None = None) -> bool:
+        rows = list(self.db.query(f"SELECT path FROM files WHERE id = ?{_OWNED}", [file_id, *_owned(owner)]))
         if not rows:
             return False
         self.db.execute("DELETE FROM files WHERE id = ?", [file_id])
@@ -291,12 +304,16 @@ class JobStore:
         rows = list(self.db.query("SELECT * FROM batches WHERE id = ?", [batch_id]))
         return rows[0] if rows else None
 
-    def get_batch(self, batch_id: str) -> dict[str, Any] | None:
-        row = self.batch_row(batch_id)
-        return self._batch_object(row) if row else None
+    def get_batch(self, batch_id: str, owner: str | None = None) -> dict[str, Any] | None:
+        """The batch object, if it exists and (with `owner`) is that user's."""
+        rows = list(self.db.query(f"SELECT * FROM batches WHERE id = ?{_OWNED}", [batch_id, *_owned(owner)]))
+        return self._batch_object(rows[0]) if rows else None
 
-    def list_batches(self, after: str | None = None, limit: int = 20) -> tuple[list[dict[str, Any]], bool]:
-        rows = list(self.db.query("SELECT * FROM batches ORDER BY created_at DESC, rowid DESC"))
+    def list_batches(
+        self, after: str | None = None, limit: int = 20, owner: str | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        query = f"SELECT * FROM batches WHERE 1{_OWNED} ORDER BY created_at DESC, rowid DESC"
+        rows = list(self.db.query(query, _owned(owner)))
         page, more = _page(rows, after, limit)
         return [self._batch_object(row) for row in page], more
 
@@ -535,6 +552,16 @@ def since_day(text: str, today: datetime.date | None = None) -> str:
         return datetime.date.fromisoformat(text).isoformat()
     except (ValueError, OverflowError):
         raise ValueError(f"{text!r} is neither a day (YYYY-MM-DD) nor a number of days (such as 7d)") from None
+
+
+# Files and batches belong to the user who made them; one stored before they had owners
+# (owner NULL) stays visible to everyone, as it was.
+_OWNED = " AND (owner = ? OR owner IS NULL OR ? IS NULL)"
+
+
+def _owned(owner: str | None) -> list[str | None]:
+    """The parameters of `_OWNED`: no owner given (the CLI, the batch runner) matches every row."""
+    return [owner, owner]
 
 
 def hash_api_key(key: str) -> str:

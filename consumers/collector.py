@@ -245,6 +245,8 @@ class BatchRunner:
 def write_result_files(db: JobStore, batch_id: str) -> dict[str, str | None]:
     """The batch's output and error files (by fixed ids: writing them again replaces them)."""
     ids: dict[str, str | None] = {}
+    row = db.batch_row(batch_id)
+    owner = (row or {}).get("owner")  # the batch's owner may read its results (everyone, for an old batch)
     for ok, key, file_id in (
         (True, "output_file_id", output_file_id(batch_id)),
         (False, "error_file_id", error_file_id(batch_id)),
@@ -254,7 +256,7 @@ def write_result_files(db: JobStore, batch_id: str) -> dict[str, str | None]:
             ids[key] = None
             continue
         name = f"{batch_id}_{'output' if ok else 'error'}.jsonl"
-        db.create_file(name, "batch_output", ("\n".join(records) + "\n").encode(), file_id=file_id)
+        db.create_file(name, "batch_output", ("\n".join(records) + "\n").encode(), owner, file_id=file_id)
         ids[key] = file_id
     return ids
 

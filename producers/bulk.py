@@ -222,7 +222,7 @@ def create_job(
         more = f"\n  ... and {len(parsed.errors) - 20} more" if len(parsed.errors) > 20 else ""
         raise SubmitError(f"{path} has {len(parsed.errors)} invalid line(s); nothing was submitted:\n{problems}{more}")
     assert parsed.endpoint is not None
-    file = store.create_file(path.name, "batch", data)
+    file = store.create_file(path.name, "batch", data, owner)
     return store.create_batch(
         batch_id=job_id or new_id("batch_"),
         endpoint=parsed.endpoint.path,

@@ -10,6 +10,7 @@ revoked with the real `hotq keys` CLI against the same job store.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import subprocess
 import sys
@@ -426,6 +427,31 @@ def test_api_key_policy_and_models(api: InProcessApi, config_path: Path, models:
         _chat(client, models["users"])
     with pytest.raises(openai.PermissionDeniedError):
         _chat(client, models["group"])  # groups need a Globus identity
+
+
+def test_files_and_batches_belong_to_their_user(api: InProcessApi, config_path: Path, models: dict[str, str]) -> None:
+    """Another user's files and batches are as unknown as ones that do not exist (404, not listed)."""
+    ann, ben = _client(api, _new_key(config_path, "ann")), _client(api, _new_key(config_path, "ben"))
+    line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions"}
+    body = {"model": models["open"], "messages": [{"role": "user", "content": "hi"}]}
+    upload = ann.files.create(file=("mine.jsonl", json.dumps(line | {"body": body}).encode()), purpose="batch")
+    batch = ann.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
+    assert ann.files.retrieve(upload.id).id == upload.id and ann.batches.retrieve(batch.id).id == batch.id
+
+    for steal in (
+        lambda: ben.files.retrieve(upload.id),
+        lambda: ben.files.content(upload.id),
+        lambda: ben.files.delete(upload.id),
+        lambda: ben.batches.retrieve(batch.id),
+        lambda: ben.batches.cancel(batch.id),
+        lambda: ben.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h"),
+    ):
+        with pytest.raises(openai.NotFoundError):
+            steal()
+    assert upload.id not in [file.id for file in ben.files.list()]
+    assert batch.id not in [listed.id for listed in ben.batches.list(limit=100)]
+    assert upload.id in [file.id for file in ann.files.list()]
+    assert batch.id in [listed.id for listed in ann.batches.list(limit=100)]
 
 
 def test_revoke_by_key_expiry_and_unknown_keys(api: InProcessApi, config_path: Path, models: dict[str, str]) -> None:
