@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.errors import error_response
 from broker.config import AuthConfig, Config, GlobusAuthConfig
 from broker.errors import AuthenticationError, ConfigError, HotqError, PermissionDenied, ServiceUnavailable
-from broker.jobstore import API_KEY_PREFIX, AsyncJobStore, hash_api_key
+from broker.jobstore import ANONYMOUS_USER, API_KEY_PREFIX, AsyncJobStore, hash_api_key
 
 log = structlog.get_logger("hotq.auth")
 
@@ -51,7 +51,7 @@ class Identity:
     token: str | None = field(default=None, repr=False)  # the Globus token, for the groups lookup
 
 
-ANONYMOUS = Identity(user="anonymous", method="none")
+ANONYMOUS = Identity(user=ANONYMOUS_USER, method="none")
 
 
 def identity_of(request: Request) -> Identity:

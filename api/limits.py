@@ -107,9 +107,7 @@ class Limiter:
                 return
             done = True
             state.inflight -= 1
-            if usage and limits.tokens_per_minute:
-                state.refill(limits, self._clock())
-                state.tokens -= usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+            self._charge(state, limits, usage)
 
         return release
 
@@ -119,12 +117,18 @@ class Limiter:
         limits = self.limits(model)
         if not usage or limits is None or not limits.tokens_per_minute:
             return
-        now = self._clock()
         state = self._states.get((user, model))
         if state is None:
+            now = self._clock()
+            if len(self._states) >= MAX_STATES:
+                self._sweep(now)
             state = self._states[(user, model)] = _State(limits, now)
-        state.refill(limits, now)
-        state.tokens -= usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+        self._charge(state, limits, usage)
+
+    def _charge(self, state: _State, limits: LimitsConfig, usage: dict[str, int] | None) -> None:
+        if usage and limits.tokens_per_minute:
+            state.refill(limits, self._clock())
+            state.tokens -= usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
 
     def _sweep(self, now: float) -> None:
         for key, state in list(self._states.items()):

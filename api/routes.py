@@ -155,11 +155,13 @@ class Gateway:
             if release is not None:
                 release(usage)  # the request leaves the caller's limits, charged its tokens
             if client is not None:
-                client.release(request_id)
                 if relay is not None and not relay.finished:  # the client left or we gave up: stop the work
-                    # Under limits, what the backend generated until the cut is charged when it is known.
+                    # Under limits, what the backend generated until the cut is charged once it is known.
                     charge = functools.partial(self.limiter.charge, caller, model) if release is not None else None
-                    self._spawn(client.cancel(request_id, charge))
+                    client.abandon(request_id, charge)
+                    self._spawn(client.cancel(request_id))
+                else:
+                    client.release(request_id)
             ttft_s = None if first_output_at is None else first_output_at - started
             self.metrics.observe_request(
                 model, endpoint.value, stream, cast(int, outcome["status"]), time.monotonic() - started, ttft_s, usage

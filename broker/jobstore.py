@@ -58,6 +58,9 @@ _TIMESTAMPS = {
 # A runner that touched its batch within this long is alive (another process must not adopt it).
 RUNNER_ALIVE_S = 5.0
 API_KEY_PREFIX = "hotq_"  # tells an API key from a Globus token at a glance
+# Every caller's name when authentication is off; no key may carry it (its files and batches,
+# made with authentication off, would become that key user's).
+ANONYMOUS_USER = "anonymous"
 USAGE_REPORT_IDS_KEPT_S = 7 * 24 * 3600
 USAGE_REPORT_IDS_PRUNE_EVERY_S = 3600
 
@@ -116,8 +119,7 @@ class JobStore:
             pk="id",
             if_not_exists=True,
         )
-        if "owner" not in db["files"].columns_dict:  # a job store from before files had owners
-            db["files"].add_column("owner", str)
+        self._add_missing_column("files", "owner", "TEXT")  # a job store from before files had owners
         db["batches"].create(
             {
                 "id": str,
@@ -145,12 +147,16 @@ class JobStore:
                 "source": str,
                 "runner_seen_at": float,
                 "owner": str,
+                "prompt_tokens": int,
+                "completion_tokens": int,
             },
             pk="id",
             if_not_exists=True,
         )
-        if "owner" not in db["batches"].columns_dict:  # a job store from before batches had owners
-            db["batches"].add_column("owner", str)
+        # Columns a job store from before batches had owners and usage lacks.
+        self._add_missing_column("batches", "owner", "TEXT")
+        self._add_missing_column("batches", "prompt_tokens", "INTEGER")
+        self._add_missing_column("batches", "completion_tokens", "INTEGER")
         db.execute(
             "CREATE TABLE IF NOT EXISTS lines (batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL,"
             " request_id TEXT NOT NULL, body BLOB NOT NULL, published INTEGER NOT NULL DEFAULT 0,"
@@ -160,12 +166,8 @@ class JobStore:
         db.execute(
             "CREATE TABLE IF NOT EXISTS results (batch_id TEXT NOT NULL, custom_id TEXT NOT NULL,"
             " line INTEGER NOT NULL, ok INTEGER NOT NULL, record TEXT NOT NULL,"
-            " prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL DEFAULT 0,"
             " PRIMARY KEY (batch_id, custom_id)) WITHOUT ROWID"
         )
-        for column in ("prompt_tokens", "completion_tokens"):  # a job store from before batches had usage
-            if column not in db["results"].columns_dict:
-                db.execute(f"ALTER TABLE results ADD COLUMN {column} INTEGER NOT NULL DEFAULT 0")
         # API keys: only a sha256 of each key (high-entropy, so a plain hash suffices) is kept.
         db.execute(
             "CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, user TEXT NOT NULL,"
@@ -179,6 +181,15 @@ class JobStore:
         )
         db.execute("CREATE TABLE IF NOT EXISTS usage_reports (id TEXT PRIMARY KEY, added_at REAL NOT NULL)")
         db.execute("CREATE INDEX IF NOT EXISTS usage_reports_added ON usage_reports (added_at)")
+
+    def _add_missing_column(self, table: str, column: str, sql_type: str) -> None:
+        if column in self.db[table].columns_dict:
+            return
+        try:
+            self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {sql_type}")
+        except sqlite3.OperationalError as exc:  # another process added it just now
+            if "duplicate column" not in str(exc):
+                raise
 
     def close(self) -> None:
         self.db.conn.close()
@@ -307,7 +318,7 @@ class JobStore:
     def get_batch(self, batch_id: str, owner: str | None = None) -> dict[str, Any] | None:
         """The batch object, if it exists and (with `owner`) is that user's."""
         rows = list(self.db.query(f"SELECT * FROM batches WHERE id = ?{_OWNED}", [batch_id, *_owned(owner)]))
-        return self._batch_object(rows[0]) if rows else None
+        return batch_object(rows[0]) if rows else None
 
     def list_batches(
         self, after: str | None = None, limit: int = 20, owner: str | None = None
@@ -315,15 +326,7 @@ class JobStore:
         query = f"SELECT * FROM batches WHERE 1{_OWNED} ORDER BY created_at DESC, rowid DESC"
         rows = list(self.db.query(query, _owned(owner)))
         page, more = _page(rows, after, limit)
-        return [self._batch_object(row) for row in page], more
-
-    def _batch_object(self, row: dict[str, Any]) -> dict[str, Any]:
-        prompt, completion = self.db.execute(
-            "SELECT coalesce(sum(prompt_tokens), 0), coalesce(sum(completion_tokens), 0) FROM results"
-            " WHERE batch_id = ?",
-            [row["id"]],
-        ).fetchone()
-        return batch_object(row, prompt, completion)
+        return [batch_object(row) for row in page], more
 
     def set_status(self, batch_id: str, status: str, only_from: Iterable[str] | None = None, **fields: Any) -> bool:
         """Move a batch to `status` (stamping its *_at); with `only_from`, only from those statuses.
@@ -406,31 +409,46 @@ class JobStore:
     # -- results ---------------------------------------------------------------
 
     def record_results(self, batch_id: str, results: list[Result]) -> tuple[int, int]:
-        """Record results once each (a repeated custom_id is ignored); returns (new ok, new failed)."""
+        """Record results once each (a repeated custom_id is ignored) and add the new ones' tokens to
+        the batch's usage; returns (new ok, new failed)."""
         added = [0, 0]
         with self.db.conn:
             self.db.execute("BEGIN IMMEDIATE")
+            known = self._recorded(batch_id, [r.custom_id for r in results])
+            prompt_tokens = completion_tokens = 0
+            for result in results:
+                if result.custom_id not in known:  # the first of repeats is the one recorded
+                    known.add(result.custom_id)
+                    prompt_tokens += result.prompt_tokens
+                    completion_tokens += result.completion_tokens
             for ok in (True, False):
-                rows = [
-                    (batch_id, r.custom_id, r.line, int(ok), r.record, r.prompt_tokens, r.completion_tokens)
-                    for r in results
-                    if r.ok is ok
-                ]
+                rows = [(batch_id, r.custom_id, r.line, int(ok), r.record) for r in results if r.ok is ok]
                 if rows:
                     cursor = self.db.conn.executemany(
-                        "INSERT OR IGNORE INTO results"
-                        " (batch_id, custom_id, line, ok, record, prompt_tokens, completion_tokens)"
-                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        "INSERT OR IGNORE INTO results (batch_id, custom_id, line, ok, record) VALUES (?, ?, ?, ?, ?)",
                         rows,
                     )
                     added[0 if ok else 1] = cursor.rowcount
             if added[0] or added[1]:
                 self.db.execute(
-                    "UPDATE batches SET completed = completed + ?, failed = failed + ?, runner_seen_at = ?"
-                    " WHERE id = ?",
-                    [added[0], added[1], time.time(), batch_id],
+                    "UPDATE batches SET completed = completed + ?, failed = failed + ?, runner_seen_at = ?,"
+                    " prompt_tokens = coalesce(prompt_tokens, 0) + ?,"
+                    " completion_tokens = coalesce(completion_tokens, 0) + ? WHERE id = ?",
+                    [added[0], added[1], time.time(), prompt_tokens, completion_tokens, batch_id],
                 )
         return added[0], added[1]
+
+    def _recorded(self, batch_id: str, custom_ids: list[str]) -> set[str]:
+        """Which of `custom_ids` already have a result."""
+        found: set[str] = set()
+        for start in range(0, len(custom_ids), 500):
+            chunk = custom_ids[start : start + 500]
+            cursor = self.db.execute(
+                f"SELECT custom_id FROM results WHERE batch_id = ? AND custom_id IN ({', '.join('?' * len(chunk))})",
+                [batch_id, *chunk],
+            )
+            found.update(custom_id for (custom_id,) in cursor.fetchall())
+        return found
 
     def result_records(self, batch_id: str, ok: bool) -> list[str]:
         cursor = self.db.execute(
@@ -445,6 +463,8 @@ class JobStore:
 
     def create_api_key(self, user: str, expires_at: float | None = None) -> tuple[dict[str, Any], str]:
         """A new key for `user`: its record and the key itself (the only time it exists in clear)."""
+        if user == ANONYMOUS_USER:
+            raise ValueError(f"{ANONYMOUS_USER!r} is reserved for callers without authentication")
         key = API_KEY_PREFIX + secrets.token_urlsafe(32)
         row = {
             "id": new_id("key_"),
@@ -554,13 +574,13 @@ def since_day(text: str, today: datetime.date | None = None) -> str:
         raise ValueError(f"{text!r} is neither a day (YYYY-MM-DD) nor a number of days (such as 7d)") from None
 
 
-# Files and batches belong to the user who made them; one stored before they had owners
-# (owner NULL) stays visible to everyone, as it was.
-_OWNED = " AND (owner = ? OR owner IS NULL OR ? IS NULL)"
+# Files and batches belong to the user who made them. One stored before they had owners (owner
+# NULL) is nobody's: only a caller who sees everything (the CLI, the API without [auth]) sees it.
+_OWNED = " AND (? IS NULL OR owner = ?)"
 
 
 def _owned(owner: str | None) -> list[str | None]:
-    """The parameters of `_OWNED`: no owner given (the CLI, the batch runner) matches every row."""
+    """The parameters of `_OWNED`: no owner given matches every row."""
     return [owner, owner]
 
 
@@ -586,8 +606,9 @@ def _file_object(row: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def batch_object(row: dict[str, Any], prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+def batch_object(row: dict[str, Any]) -> dict[str, Any]:
     """The OpenAI batch object of a stored batch, with the tokens of its answers so far."""
+    prompt_tokens, completion_tokens = row.get("prompt_tokens") or 0, row.get("completion_tokens") or 0
     return {
         "id": row["id"],
         "object": "batch",

@@ -108,7 +108,7 @@ class StreamUsage:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def client_event(self, event: bytes) -> bytes | None:
-        """`event` (one ``data: ...\n\n``) as the client should get it; None to leave it out."""
+        """`event` (one ``data: ...\\n\\n``) as the client should get it; None to leave it out."""
         if not event.startswith(_DATA) or event.startswith(b"data: [DONE]"):
             return event
         if not self._several:

@@ -331,7 +331,10 @@ def keys_create(config_path: str | None, user: str, expires: str | None) -> None
     expires_at = _parse_expiry(expires) if expires else None
     if expires_at is not None and expires_at <= time.time():
         raise click.BadParameter("the expiry is in the past", param_hint="--expires")
-    record, key = JobStore(_load(config_path).data_dir).create_api_key(user, expires_at)
+    try:
+        record, key = JobStore(_load(config_path).data_dir).create_api_key(user, expires_at)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--user") from None
     click.echo(f"created {record['id']} for {user}, expires {_when(expires_at)}; the key is shown only now:")
     click.echo(key)
 

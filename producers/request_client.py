@@ -33,13 +33,14 @@ from broker import messages, topology
 from broker.config import AmqpTls
 from broker.connection import connect
 from broker.errors import BrokerUnavailable, HotqError, WireError
-from broker.messages import Abandoned, Cancel, Lane, ReplyFrame, RequestEnvelope
+from broker.messages import Abandoned, Cancel, Final, Lane, ReplyFrame, RequestEnvelope
 
 log = structlog.get_logger("hotq.producer")
 
 STATS_TIMEOUT_S = 1.0
 RECONNECT_WAIT_S = 5.0  # how long a request waits for a dropped broker connection to come back
-ABANDONED_REMEMBERED = 10_000  # cancelled requests whose `Abandoned` may still come
+ABANDONED_REMEMBERED = 10_000  # abandoned requests whose token count may still come ...
+ABANDONED_WAIT_S = 60.0  # ... and for how long (a consumer answers a cancel within moments)
 
 _CONNECTION_ERRORS = (
     aio_pika.exceptions.AMQPConnectionError,
@@ -70,7 +71,8 @@ class RequestClient:
             f"{topology.REPLY_QUEUE_PREFIX}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         )
         self._pending: dict[str, asyncio.Queue[ReplyItem]] = {}
-        self._on_abandoned: collections.OrderedDict[str, Callable[[dict[str, int] | None], None]] = (
+        # Abandoned requests whose token count is awaited: (since, callback), oldest first.
+        self._on_abandoned: collections.OrderedDict[str, tuple[float, Callable[[dict[str, int] | None], None]]] = (
             collections.OrderedDict()
         )
         self._channel: AbstractChannel | None = None
@@ -130,10 +132,9 @@ class RequestClient:
         except WireError as exc:
             log.warning("reply_undecodable", error=exc.message, correlation_id=message.correlation_id)
             return
-        if isinstance(frame, Abandoned):
-            on_abandoned = self._on_abandoned.pop(frame.request_id, None)
-            if on_abandoned is not None:
-                on_abandoned(frame.usage)
+        if isinstance(frame, Abandoned | Final) and frame.request_id in self._on_abandoned:
+            _, on_usage = self._on_abandoned.pop(frame.request_id)
+            on_usage(frame.usage)
             return
         pending = self._pending.get(frame.request_id)
         if pending is not None:  # otherwise the caller already finished or gave up
@@ -201,17 +202,30 @@ class RequestClient:
     def release(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
 
-    async def cancel(
-        self, request_id: str, on_abandoned: Callable[[dict[str, int] | None], None] | None = None
-    ) -> None:
-        """Tell whichever consumer holds the request to abort it (best effort). `on_abandoned`
-        gets the backend's token count at the cut, if the consumer had called the backend."""
+    def abandon(self, request_id: str, on_usage: Callable[[dict[str, int] | None], None] | None) -> None:
+        """Release a request whose caller left before its answer was relayed. `on_usage` gets the
+        backend's token count: from the `Final` if the answer came after all (already queued, or
+        still on its way), else from the consumer's `Abandoned` once `cancel` has reached it."""
+        pending = self._pending.pop(request_id, None)
+        if on_usage is None:
+            return
+        while pending is not None and not pending.empty():
+            frame = pending.get_nowait()
+            if isinstance(frame, Final):
+                on_usage(frame.usage)
+                return
+        now = time.monotonic()
+        self._on_abandoned[request_id] = (now, on_usage)
+        while self._on_abandoned:  # requests whose consumer never answered (one that never started)
+            oldest, _ = next(iter(self._on_abandoned.values()))
+            if now - oldest < ABANDONED_WAIT_S and len(self._on_abandoned) <= ABANDONED_REMEMBERED:
+                break
+            self._on_abandoned.popitem(last=False)
+
+    async def cancel(self, request_id: str) -> None:
+        """Tell whichever consumer holds the request to abort it (best effort)."""
         if self._control_exchange is None:
             return
-        if on_abandoned is not None:
-            self._on_abandoned[request_id] = on_abandoned
-            while len(self._on_abandoned) > ABANDONED_REMEMBERED:  # those never answered
-                self._on_abandoned.popitem(last=False)
         try:
             await self._control_exchange.publish(
                 aio_pika.Message(messages.encode(Cancel(request_id))), routing_key="", mandatory=False

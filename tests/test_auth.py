@@ -452,6 +452,9 @@ def test_files_and_batches_belong_to_their_user(api: InProcessApi, config_path: 
     assert batch.id not in [listed.id for listed in ben.batches.list(limit=100)]
     assert upload.id in [file.id for file in ann.files.list()]
     assert batch.id in [listed.id for listed in ann.batches.list(limit=100)]
+    # Files and batches made with authentication off belong to "anonymous": no key may take that name.
+    refused = _hotq(config_path, "keys", "create", "--user", "anonymous")
+    assert refused.returncode != 0 and "reserved" in refused.stderr
 
 
 def test_revoke_by_key_expiry_and_unknown_keys(api: InProcessApi, config_path: Path, models: dict[str, str]) -> None:

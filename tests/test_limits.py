@@ -7,6 +7,7 @@ answering, and the fair-share model's worker takes at most two requests at once 
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import statistics
 import subprocess
@@ -20,8 +21,11 @@ import openai
 import pytest
 
 from api.limits import Limiter
+from broker import messages
 from broker.config import parse_config
 from broker.errors import RateLimited
+from broker.messages import Abandoned, Final
+from producers.request_client import RequestClient
 from tests.fake_backend import running_fake_backend
 from tests.stack import Stack
 
@@ -233,3 +237,28 @@ def test_limiter_refills_and_counts_out_once() -> None:
         limiter.admit("u", "m")
     assert caught.value.retry_after_s == 9  # 21 s refilled 0.7 of a request; 0.3 more takes 9 s
     assert limiter.admit("v", "m") is not None  # another user has their own counters
+
+
+class _Delivery:
+    def __init__(self, frame: Final | Abandoned) -> None:
+        self.body = messages.encode(frame)
+        self.correlation_id = frame.request_id
+
+
+async def test_the_usage_of_an_abandoned_request_reaches_its_charge_whichever_frame_brings_it() -> None:
+    """The answer may already be queued when the client leaves, arrive just after, or never come
+    (the consumer cut it and reports `Abandoned`): each brings the backend's count to the charge."""
+    client = RequestClient(None, [])  # type: ignore[arg-type]  # no broker needed: frames are handed in
+    charged: dict[str, dict[str, int] | None] = {}
+    usage = {"prompt_tokens": 6, "completion_tokens": 2, "total_tokens": 8}
+
+    queued: asyncio.Queue[object] = asyncio.Queue()  # the answer came before the client left
+    client._pending["queued"] = queued  # type: ignore[assignment]
+    queued.put_nowait(Final("queued", "a", 0, 200, b"{}", usage))
+    client.abandon("queued", lambda late: charged.setdefault("queued", late))
+    for request_id, frame in (("late", Final("late", "a", 3, 200, b"", usage)), ("cut", Abandoned("cut", usage))):
+        client.abandon(request_id, lambda late, request_id=request_id: charged.setdefault(request_id, late))
+        await client._on_reply(_Delivery(frame))  # type: ignore[arg-type]
+    assert charged == {"queued": usage, "late": usage, "cut": usage}
+    await client._on_reply(_Delivery(Abandoned("cut", usage)))  # a repeat is not charged twice
+    assert len(charged) == 3 and not client._on_abandoned

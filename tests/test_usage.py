@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from broker.jobstore import JobStore, since_day
+from broker.jobstore import JobStore, Result, since_day
 from broker.messages import UsageRow
 from tests import rabbitmq_roles
 from tests.fake_backend import running_fake_backend
@@ -223,3 +223,18 @@ def test_since_takes_a_day_or_a_number_of_days() -> None:
     for bad in ("0d", "yesterday", "2026-13-01", "-3d", "100000000d"):
         with pytest.raises(ValueError):
             since_day(bad, today)
+
+
+def test_a_batch_counts_each_line_s_tokens_once(tmp_path: Path) -> None:
+    """A redelivered answer (the same custom_id again) adds neither a result nor its tokens."""
+    store = JobStore(tmp_path)
+    lines = [(1, "a", b"{}"), (2, "b", b"{}")]
+    store.create_batch(
+        batch_id="b1", endpoint="/v1/completions", model="m", input_file_id="f", window_s=60, metadata=None,
+        source="api", owner="dan", lines=lines,
+    )  # fmt: skip
+    assert store.record_results("b1", [Result("a", 1, True, "{}", 3, 4), Result("a", 1, True, "{}", 9, 9)]) == (1, 0)
+    assert store.record_results("b1", [Result("a", 1, True, "{}", 9, 9), Result("b", 2, False, "{}")]) == (0, 1)
+    batch = store.get_batch("b1", owner="dan")
+    assert batch is not None and batch["usage"]["input_tokens"] == 3 and batch["usage"]["output_tokens"] == 4
+    assert store.get_batch("b1", owner="eve") is None  # someone else's
