@@ -25,7 +25,7 @@ import os
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
@@ -385,16 +385,11 @@ class JobStore:
 
     def lines_for(self, request_ids: list[str]) -> dict[str, tuple[str, int, str]]:
         """request_id -> (batch_id, line, custom_id)."""
-        found: dict[str, tuple[str, int, str]] = {}
-        for start in range(0, len(request_ids), 500):
-            chunk = request_ids[start : start + 500]
-            marks = ", ".join("?" * len(chunk))
-            cursor = self.db.execute(
-                f"SELECT request_id, batch_id, line, custom_id FROM lines WHERE request_id IN ({marks})", chunk
-            )
-            for request_id, batch_id, line, custom_id in cursor.fetchall():
-                found[request_id] = (batch_id, line, custom_id)
-        return found
+        query = "SELECT request_id, batch_id, line, custom_id FROM lines WHERE request_id IN ({marks})"
+        return {
+            request_id: (batch_id, line, custom_id)
+            for request_id, batch_id, line, custom_id in self._rows_where_in(query, [], request_ids)
+        }
 
     def unfinished_lines(self, batch_id: str) -> list[tuple[int, str, str]]:
         """(line, custom_id, request_id) of lines that have no result yet."""
@@ -440,15 +435,15 @@ class JobStore:
 
     def _recorded(self, batch_id: str, custom_ids: list[str]) -> set[str]:
         """Which of `custom_ids` already have a result."""
-        found: set[str] = set()
-        for start in range(0, len(custom_ids), 500):
-            chunk = custom_ids[start : start + 500]
-            cursor = self.db.execute(
-                f"SELECT custom_id FROM results WHERE batch_id = ? AND custom_id IN ({', '.join('?' * len(chunk))})",
-                [batch_id, *chunk],
-            )
-            found.update(custom_id for (custom_id,) in cursor.fetchall())
-        return found
+        query = "SELECT custom_id FROM results WHERE batch_id = ? AND custom_id IN ({marks})"
+        return {custom_id for (custom_id,) in self._rows_where_in(query, [batch_id], custom_ids)}
+
+    def _rows_where_in(self, query: str, args: list[str], values: list[str]) -> Iterator[tuple[Any, ...]]:
+        """Rows of `query` with its ``{marks}`` standing for `values`, asked 500 at a time (SQLite
+        caps the parameters of one statement)."""
+        for start in range(0, len(values), 500):
+            chunk = values[start : start + 500]
+            yield from self.db.execute(query.format(marks=", ".join("?" * len(chunk))), [*args, *chunk]).fetchall()
 
     def result_records(self, batch_id: str, ok: bool) -> list[str]:
         cursor = self.db.execute(

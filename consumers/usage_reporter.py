@@ -44,13 +44,14 @@ class UsageReporter:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._last_warning = float("-inf")
+        self._day = ""  # today (UTC), worked out again only after midnight: record() is per request
+        self._day_ends_at = 0.0
 
     def record(self, envelope: RequestEnvelope, usage: dict[str, int] | None, cancelled: bool) -> None:
         """Count one request the backend worked on (answered, failed, or cancelled by its client)."""
         if self._closed:
             log.error("usage_after_close", request_id=envelope.request_id)  # a bug: the worker stopped first
-        day = datetime.datetime.fromtimestamp(time.time(), datetime.UTC).strftime("%Y-%m-%d")
-        key = (day, envelope.caller, envelope.model, envelope.lane.value)
+        key = (self._today(), envelope.caller, envelope.model, envelope.lane.value)
         sums = self._sums.get(key)
         if sums is None:
             sums = self._sums[key] = [0, 0, 0, 0]
@@ -59,6 +60,15 @@ class UsageReporter:
         if usage:
             sums[2] += usage.get("prompt_tokens", 0)
             sums[3] += usage.get("completion_tokens", 0)
+
+    def _today(self) -> str:
+        now = time.time()
+        if now >= self._day_ends_at:
+            today = datetime.datetime.fromtimestamp(now, datetime.UTC).date()
+            self._day = today.isoformat()
+            midnight = datetime.datetime.combine(today + datetime.timedelta(days=1), datetime.time(), datetime.UTC)
+            self._day_ends_at = midnight.timestamp()
+        return self._day
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
