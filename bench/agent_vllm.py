@@ -52,7 +52,6 @@ import argparse
 import asyncio
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -60,7 +59,7 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -69,31 +68,36 @@ from typing import Any, Final
 import aiohttp
 
 from bench.common import (
-    DEFAULT_AMQP_URL,
+    HOTQ_CLI,
+    LOG_POLL_S,
     OTHER,
-    RESULTS_DIR,
     ROOT,
+    BadAnswer,
+    BenchReport,
     CpuMeter,
     Processes,
-    bad_log_lines,
+    add_shared_options,
+    check_logs,
     child_env,
     delete_queues,
-    environment,
-    find_process,
+    error_kind,
     fmt,
     foreign_heavy_processes,
     http_session,
+    keep_logs,
     machine_busy_s,
+    print_cpu_legend,
+    print_header,
     print_notes,
+    request_queues,
     round_or_none,
     run_bench,
-    wait_http_ok,
-    write_json,
+    signal_group,
+    sse_data,
+    start_api,
 )
-from broker import topology
-from broker.messages import Lane
 from hpc_agents.embedded_model import ensure_embedded_model
-from tests.stack import free_port, write_config
+from tests.stack import write_config
 
 DEFAULT_CONCURRENCY: Final = 64
 DEFAULT_MAX_TOKENS: Final = 64
@@ -105,7 +109,6 @@ FIRST_PROMPT: Final = "List three primary colours."
 FIRST_MAX_TOKENS: Final = 16  # short: its generation time is subtracted, the shorter the less error
 GENERATION_SAMPLES: Final = 5  # identical requests per target to estimate that generation time
 
-API_START_TIMEOUT_S: Final = 60.0
 AGENT_READY_TIMEOUT_S: Final = 900.0  # the config's start_timeout_s is 600; leave the agent time to say so
 REQUEST_TIMEOUT_S: Final = 900.0  # the first request waits in the queue while vLLM loads
 QUEUE_WAIT_S: Final = 600.0  # hotq's max_queue_wait_s: the first request must outlive the start-up
@@ -113,7 +116,6 @@ AGENT_STOP_TIMEOUT_S: Final = 150.0  # drain (in-flight is 0 by then) + vLLM's s
 BUSY_POLL_S: Final = 10.0
 DISTURBANCE_POLL_S: Final = 1.0
 DISTURBED_RETRIES: Final = 2  # a round disturbed by a foreign vLLM/pytest is repeated up to this often
-LOG_POLL_S: Final = 0.02
 
 TOPICS: Final = (
     "the ocean",
@@ -305,10 +307,6 @@ def is_event(name: str, **expected: object) -> Callable[[dict[str, Any]], bool]:
 # ---------------------------------------------------------------------------
 
 
-class BadAnswer(Exception):
-    """An answer that is not a well-formed completion."""
-
-
 @dataclass(frozen=True)
 class Answer:
     latency_s: float
@@ -338,25 +336,17 @@ async def chat_stream(session: aiohttp.ClientSession, url: str, body: bytes) -> 
     started = time.perf_counter()
     first: float | None = None
     usage: dict[str, Any] | None = None
-    buffer = bytearray()
     async with session.post(url, data=body, headers={"Content-Type": "application/json"}) as response:
         if response.status != 200:
             raise BadAnswer(f"HTTP {response.status}: {(await response.read())[:200]!r}")
-        async for piece in response.content.iter_any():
-            buffer += piece
-            while (end := buffer.find(b"\n\n")) >= 0:
-                event = bytes(buffer[:end])
-                del buffer[: end + 2]
-                if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                    continue  # keep-alive comments, the end marker
-                data = json.loads(event[6:])
-                if "error" in data:
-                    raise BadAnswer(f"stream error: {str(data['error'])[:200]}")
-                choices = data.get("choices") or []
-                if first is None and choices and (choices[0].get("delta") or {}).get("content"):
-                    first = time.perf_counter()
-                if data.get("usage"):
-                    usage = data["usage"]
+        async for data in sse_data(response):
+            if "error" in data:
+                raise BadAnswer(f"stream error: {str(data['error'])[:200]}")
+            choices = data.get("choices") or []
+            if first is None and choices and (choices[0].get("delta") or {}).get("content"):
+                first = time.perf_counter()
+            if data.get("usage"):
+                usage = data["usage"]
     finished = time.perf_counter()
     if usage is None:
         raise BadAnswer("no usage event")
@@ -395,9 +385,11 @@ class StartupResult:
 
 
 @dataclass
-class RoundResult:
-    target: str  # "direct" | "hotq"
-    kind: str  # "warm-up" | "measured" | "stream"
+class Round:
+    """One round of chat requests to one target: how many were answered well, their tokens, how fast."""
+
+    target: str
+    kind: str  # "warm-up" | "measured" | ...
     index: int
     requests: int
     ok: int
@@ -406,6 +398,12 @@ class RoundResult:
     exact_tokens: int  # answers with exactly max_tokens completion tokens
     wall_s: float
     tokens_per_s: float
+
+
+@dataclass
+class RoundResult(Round):
+    """A round of this benchmark: target "direct" | "hotq", kind "warm-up" | "measured" | "stream"."""
+
     latency_p50_s: float | None
     latency_max_s: float | None
     ttft_p50_s: float | None  # streams only
@@ -430,10 +428,7 @@ class ThroughputSummary:
 
 
 @dataclass
-class Report:
-    started_at: str
-    settings: dict[str, Any]
-    environment: dict[str, Any]
+class Report(BenchReport):
     startup: StartupResult | None = None
     rounds: list[RoundResult] = field(default_factory=list)
     summary: ThroughputSummary | None = None
@@ -463,32 +458,88 @@ class Stack:
     backend_log: Path
     events: EventTail
 
+    @classmethod
+    def started(
+        cls,
+        model: str,
+        api_url: str,
+        api: subprocess.Popen[bytes],
+        agent: subprocess.Popen[bytes],
+        events: EventTail,
+        workdir: Path,
+    ) -> Stack:
+        """The stack once the agent has logged backend_started and backend_ready."""
+        backend = events.find(is_event("backend_started"))
+        ready = events.find(is_event("backend_ready"))
+        assert backend is not None and ready is not None
+        return cls(
+            model=model,
+            api_url=api_url,
+            direct_url=str(ready.fields["url"]).rstrip("/") + "/v1",
+            api=api,
+            agent=agent,
+            backend_pid=int(backend.fields["pid"]),
+            backend_log=Path(str(backend.fields.get("log", workdir / "backend.log"))),
+            events=events,
+        )
+
     def cpu_meter(self) -> CpuMeter:
-        pids = {"load-gen": os.getpid()}
-        if (broker := find_process("beam.smp")) is not None:
-            pids["rabbitmq"] = broker
         # each started with its own session: process group == pid
-        return CpuMeter(pids, {"vllm": self.backend_pid, "hotq-api": self.api.pid, "hotq-agent": self.agent.pid})
+        return CpuMeter.of({"vllm": self.backend_pid, "hotq-api": self.api.pid, "hotq-agent": self.agent.pid})
 
     @property
     def own_groups(self) -> set[int]:
         return {self.api.pid, self.agent.pid, self.backend_pid}
 
 
+async def serve_embedded_model(
+    processes: Processes,
+    workdir: Path,
+    settings: argparse.Namespace,
+    report: BenchReport,
+    model: str,
+    limits: dict[str, int],
+    **options: object,
+) -> tuple[Path, str, subprocess.Popen[bytes]]:
+    """`hotq serve` with a config serving the embedded model (converted once, then cached) as `model`, with
+    `limits` (``max_inflight``, ...) and the top-level `options`; ready once the machine is quiet too.
+    Returns the config, the API's URL (ending in /v1) and its process."""
+    print("embedded model", flush=True)
+    model_path = await asyncio.to_thread(ensure_embedded_model)
+    report.settings["model_path"] = str(model_path)
+    table: dict[str, object] = {
+        "model_path": str(model_path),
+        **limits,
+        "idle_ttl_s": 86400,
+        "start_timeout_s": 600,
+        "max_restarts": 0,  # a backend that fails to start fails the run, visibly
+    }
+    config = write_config(workdir / "hotq.toml", settings.amqp_url, {model: table}, **options)
+    print("hotq serve", flush=True)
+    api_url, api = await start_api(processes, config)
+    await wait_until_quiet({api.pid}, settings.max_wait_busy, report.notes)
+    return config, api_url, api
+
+
+def start_agent(processes: Processes, config: Path, model: str) -> tuple[subprocess.Popen[bytes], EventTail]:
+    """`hotq agent` for `model` as "hotq-agent" (it starts vLLM), its JSON log followed from the start."""
+    agent = processes.start(
+        "hotq-agent", [*HOTQ_CLI, "agent", "--config", str(config), "--model", model], env=child_env()
+    )
+    events = EventTail(processes.log_path("hotq-agent"))
+    events.start()
+    return agent, events
+
+
 async def measure_startup(
     processes: Processes, config: Path, model: str, api_url: str, api: subprocess.Popen[bytes], workdir: Path
 ) -> tuple[Stack, StartupResult]:
-    cli = [sys.executable, "-m", "ops.cli"]
     first_body = chat_body(model, FIRST_PROMPT, FIRST_MAX_TOKENS)
     async with http_session(4, REQUEST_TIMEOUT_S) as session:
         t0_wall = time.time()
         t0 = time.monotonic()
-        agent = processes.start(
-            "hotq-agent", [*cli, "agent", "--config", str(config), "--model", model], env=child_env()
-        )
+        agent, events = start_agent(processes, config, model)
         first = asyncio.create_task(chat(session, api_url + "/chat/completions", first_body))  # waits in the queue
-        events = EventTail(processes.log_path("hotq-agent"))
-        events.start()
         try:
             started = await events.wait_for(
                 is_event("backend_started"), agent, AGENT_READY_TIMEOUT_S, "backend_started"
@@ -505,13 +556,15 @@ async def measure_startup(
             raise
         answered_at = time.monotonic() - t0
         print(f"  first answer {answered_at:.2f} s after the agent started", flush=True)
-        direct_url = str(ready.fields["url"]).rstrip("/") + "/v1"
+        stack = Stack.started(model, api_url, api, agent, events, workdir)
 
         # The first request's own generation time: identical requests, now that all is warm.
         generation_direct: list[float] = []
         generation_hotq: list[float] = []
         for _ in range(GENERATION_SAMPLES):
-            generation_direct.append((await chat(session, direct_url + "/chat/completions", first_body)).latency_s)
+            generation_direct.append(
+                (await chat(session, stack.direct_url + "/chat/completions", first_body)).latency_s
+            )
             generation_hotq.append((await chat(session, api_url + "/chat/completions", first_body)).latency_s)
 
     def at(event: LogEvent) -> float:
@@ -540,16 +593,6 @@ async def measure_startup(
         hot_to_first_answer_minus_generation_s=round(answered_at - at(hot) - generation, 3),
         ready_to_first_answer_minus_generation_s=round(answered_at - at(ready) - generation, 3),
         total_s=round(answered_at, 3),
-    )
-    stack = Stack(
-        model=model,
-        api_url=api_url,
-        direct_url=direct_url,
-        api=api,
-        agent=agent,
-        backend_pid=int(started.fields["pid"]),
-        backend_log=Path(str(started.fields.get("log", workdir / "backend.log"))),
-        events=events,
     )
     return stack, result
 
@@ -581,7 +624,7 @@ async def load_round(
     errors: Counter[str] = Counter()
     for outcome in outcomes:
         if isinstance(outcome, BaseException):
-            errors[str(outcome)[:120] if isinstance(outcome, BadAnswer) else type(outcome).__name__] += 1
+            errors[error_kind(outcome)] += 1
     tokens = sum(a.completion_tokens for a in answers)
     other = used.pop(OTHER, None)
     measured = sum(used.values())
@@ -690,37 +733,36 @@ def summarise(report: Report) -> ThroughputSummary:
 
 
 def note_problems(report: Report, max_tokens: int) -> None:
-    for r in report.rounds:
-        if r.errors or r.ok < r.requests:
-            report.notes.append(f"{r.kind} {r.index} {r.target}: {r.ok}/{r.requests} ok, errors {r.errors}")
-        if r.exact_tokens < r.ok:
-            report.notes.append(
-                f"{r.kind} {r.index} {r.target}: only {r.exact_tokens}/{r.ok} answers had exactly {max_tokens} tokens"
-            )
+    note_round_problems(report.rounds, max_tokens, report.notes)
     if report.startup is not None and report.startup.first_answer_tokens != FIRST_MAX_TOKENS:
         report.notes.append(f"the first answer had {report.startup.first_answer_tokens} tokens, not {FIRST_MAX_TOKENS}")
 
 
-def check_logs(paths: dict[str, Path], report: Report) -> None:
-    """Note error lines the processes logged (they should log none)."""
-    for name, path in paths.items():
-        try:
-            lines = path.read_text(errors="replace").splitlines()
-        except OSError:
-            continue
-        bad = bad_log_lines(lines)
-        if bad:
-            report.notes.append(f"{name} logged {len(bad)} error/warning line(s), first: {bad[0][:300]}")
-        lost = [line for line in lines if "Unexpected connection close" in line or "CONNECTION_FORCED" in line]
-        if lost:
-            report.notes.append(
-                f"{name} lost its RabbitMQ connection {len(lost)} time(s) (someone closed it; it reconnected): "
-                f"{lost[0][:200]}"
+def note_round_problems(rounds: Iterable[Round], max_tokens: int, notes: list[str]) -> None:
+    """Note the rounds with failed requests or answers of another length than `max_tokens`."""
+    for r in rounds:
+        if r.errors or r.ok < r.requests:
+            notes.append(f"{r.kind} {r.index} {r.target}: {r.ok}/{r.requests} ok, errors {r.errors}")
+        if r.exact_tokens < r.ok:
+            notes.append(
+                f"{r.kind} {r.index} {r.target}: only {r.exact_tokens}/{r.ok} answers had exactly {max_tokens} tokens"
             )
 
 
-async def stop_stack(processes: Processes, stack: Stack, report: Report) -> None:
-    """SIGTERM the agent (it drains and stops vLLM), then the API; check that vLLM is gone."""
+def check_stack_logs(processes: Processes, stack: Stack, notes: list[str], more: Mapping[str, Path] = {}) -> None:
+    """Note error lines the API, the agent, vLLM (and `more` logs) logged, and RabbitMQ connections they lost."""
+    logs = {**processes.log_paths(["hotq-api", "hotq-agent"]), "vllm": stack.backend_log, **more}
+    check_logs(logs, notes, lost_connections=True)
+
+
+def keep_stack_logs(processes: Processes, stack: Stack, report: BenchReport, name: str) -> None:
+    """Copy the API, agent and vLLM logs next to the JSON (``--keep-logs``); the settings say where."""
+    logs = [processes.log_path("hotq-api"), processes.log_path("hotq-agent"), stack.backend_log]
+    report.settings["logs"] = str(keep_logs(report, name, logs).relative_to(ROOT))
+
+
+async def stop_stack(processes: Processes, stack: Stack, notes: list[str]) -> dict[str, Any]:
+    """SIGTERM the agent (it drains and stops vLLM), then the API; check that vLLM is gone. Returns how it went."""
     print("stopping: SIGTERM to the agent (drains, stops vLLM), then the API", flush=True)
     started = time.monotonic()
     returncode = await asyncio.to_thread(processes.stop, "hotq-agent", AGENT_STOP_TIMEOUT_S)
@@ -730,11 +772,15 @@ async def stop_stack(processes: Processes, stack: Stack, report: Report) -> None
     stopped_event = stack.events.find(is_event("backend_stopped"))
     backend_alive = _alive(stack.backend_pid)
     if backend_alive:
-        report.notes.append(f"vLLM (pid {stack.backend_pid}) outlived its agent: killed its process group")
-        _kill_group(stack.backend_pid)
+        notes.append(f"vLLM (pid {stack.backend_pid}) outlived its agent: killed its process group")
+        signal_group(stack.backend_pid, signal.SIGKILL)
     api_returncode = processes.stop("hotq-api")
     leftover = subprocess.run(["pgrep", "-af", "vllm.entrypoints"], capture_output=True, text=True).stdout.strip()
-    report.shutdown = {
+    if leftover:
+        notes.append(f"vLLM processes still running after the stop: {leftover}")
+    if returncode not in (0, None):
+        notes.append(f"the agent exited with {returncode}")
+    return {
         "agent_returncode": returncode,
         "agent_stop_s": round(agent_stop_s, 2),
         "agent_exit": exit_event.fields if exit_event else None,
@@ -743,10 +789,14 @@ async def stop_stack(processes: Processes, stack: Stack, report: Report) -> None
         "api_returncode": api_returncode,
         "pgrep_vllm_entrypoints": leftover.splitlines(),
     }
-    if leftover:
-        report.notes.append(f"vLLM processes still running after the stop: {leftover}")
-    if returncode not in (0, None):
-        report.notes.append(f"the agent exited with {returncode}")
+
+
+async def stop_agent(processes: Processes, stack: Stack | None) -> None:
+    """Stop the agent (it stops vLLM), then make sure vLLM is gone: also after an interrupted or failed run."""
+    backend_pid = stack.backend_pid if stack is not None else _logged_backend_pid(processes.log_path("hotq-agent"))
+    await asyncio.to_thread(processes.stop, "hotq-agent", AGENT_STOP_TIMEOUT_S)
+    if backend_pid is not None and _alive(backend_pid):
+        signal_group(backend_pid, signal.SIGKILL)
 
 
 def _alive(pid: int) -> bool:
@@ -770,47 +820,21 @@ def _logged_backend_pid(agent_log: Path) -> int | None:
     return int(started.fields["pid"]) if started is not None else None
 
 
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 async def run(settings: argparse.Namespace, processes: Processes, workdir: Path, report: Report) -> None:
     model = f"smollm-bench-{uuid.uuid4().hex[:8]}"  # unique: this run's queues are its own
     report.settings["model"] = model
-    queues = [topology.request_queue_name(model, lane) for lane in Lane]
     stack: Stack | None = None
     try:
-        print("embedded model", flush=True)
-        model_path = await asyncio.to_thread(ensure_embedded_model)
-        report.settings["model_path"] = str(model_path)
-        config = write_config(
-            workdir / "hotq.toml",
-            settings.amqp_url,
-            {
-                model: {
-                    "model_path": str(model_path),
-                    "max_inflight": MAX_INFLIGHT,
-                    "idle_ttl_s": 86400,
-                    "start_timeout_s": 600,
-                    "max_restarts": 0,  # a backend that fails to start fails the run, visibly
-                }
-            },
+        config, api_url, api = await serve_embedded_model(
+            processes,
+            workdir,
+            settings,
+            report,
+            model,
+            {"max_inflight": MAX_INFLIGHT},
             max_queue_wait_s=QUEUE_WAIT_S,  # the first request waits while vLLM loads
             request_timeout_s=REQUEST_TIMEOUT_S,
         )
-        print("hotq serve", flush=True)
-        port = free_port()
-        api = processes.start(
-            "hotq-api",
-            [sys.executable, "-m", "ops.cli", "serve", "--config", str(config), "--port", str(port)],
-            env=child_env(),
-        )
-        api_url = f"http://127.0.0.1:{port}/v1"
-        await wait_http_ok(api_url + "/models", api, API_START_TIMEOUT_S)
-        await wait_until_quiet({api.pid}, settings.max_wait_busy, report.notes)
         report.environment["loadavg_before_agent"] = os.getloadavg()
 
         print("start-up: hotq agent + one request waiting in the queue", flush=True)
@@ -818,32 +842,15 @@ async def run(settings: argparse.Namespace, processes: Processes, workdir: Path,
 
         print(f"throughput: {settings.concurrency} concurrent, {settings.max_tokens} tokens each", flush=True)
         await measure_throughput(stack, settings, report)
-        check_logs(
-            {
-                "hotq-api": processes.log_path("hotq-api"),
-                "hotq-agent": processes.log_path("hotq-agent"),
-                "vllm": stack.backend_log,
-            },
-            report,
-        )
+        check_stack_logs(processes, stack, report.notes)
         if settings.keep_logs:
-            kept = RESULTS_DIR / f"agent_vllm-{report.started_at}-logs"
-            kept.mkdir(parents=True, exist_ok=True)
-            for path in (processes.log_path("hotq-api"), processes.log_path("hotq-agent"), stack.backend_log):
-                if path.exists():
-                    shutil.copy(path, kept / path.name)
-            report.settings["logs"] = str(kept.relative_to(ROOT))
-        await stop_stack(processes, stack, report)
+            keep_stack_logs(processes, stack, report, "agent_vllm")
+        report.shutdown = await stop_stack(processes, stack, report.notes)
     finally:
-        # An interrupted or failed run: stop the agent (it stops vLLM), then make sure vLLM is gone.
-        backend_pid = stack.backend_pid if stack is not None else _logged_backend_pid(processes.log_path("hotq-agent"))
-        await asyncio.to_thread(processes.stop, "hotq-agent", AGENT_STOP_TIMEOUT_S)
-        if backend_pid is not None and _alive(backend_pid):
-            _kill_group(backend_pid)
-        try:
-            await delete_queues(settings.amqp_url, queues)
-        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real error
-            print(f"could not delete the queues {queues}: {exc!r}", file=sys.stderr)
+        await stop_agent(processes, stack)
+        await delete_queues(settings.amqp_url, request_queues(model))
+    report.summary = summarise(report)
+    note_problems(report, settings.max_tokens)
 
 
 # ---------------------------------------------------------------------------
@@ -887,8 +894,7 @@ def print_report(report: Report, json_path: Path) -> None:
             f"{'p50 s':>8}{'max s':>8}"
             f"{'ttft s':>8}{'cpu vllm':>9}{'api':>6}{'agent':>6}{'rmq':>6}{'gen':>6}{'busy':>6}{'noise':>6}"
         )
-        print(header)
-        print("-" * len(header))
+        print_header(header)
         for r in report.rounds:
             cpu = r.cpu_s
             print(
@@ -900,10 +906,7 @@ def print_report(report: Report, json_path: Path) -> None:
                 f"{fmt(r.machine_busy_cores):>6}{fmt(r.unaccounted_cores):>6}"
                 + ("  disturbed" if r.disturbed_by else "")
             )
-        print(
-            "  (cpu vllm..gen: CPU seconds during the round; busy: cores the whole machine kept busy;"
-            " noise: busy cores not used by the measured processes)"
-        )
+        print_cpu_legend("cpu vllm..gen", "round")
     if report.summary is not None:
         m = report.summary
         print()
@@ -924,15 +927,19 @@ def print_report(report: Report, json_path: Path) -> None:
                 f"hotq {fmt(m.stream_hotq_mean_tps, 1)}; hotq/direct {m.stream_ratio:.1%}"
             )
         print("(means over undisturbed rounds only)")
-    if report.shutdown:
-        sd = report.shutdown
+    print_shutdown(report.shutdown)
+    print_notes(report.notes, json_path)
+
+
+def print_shutdown(shutdown: dict[str, Any]) -> None:
+    """How the stack stopped (`stop_stack`), if it got that far."""
+    if shutdown:
         print()
         print(
-            f"shutdown: agent exit code {sd.get('agent_returncode')} after {sd.get('agent_stop_s')} s, "
-            f"vLLM stopped: {sd.get('backend_stopped') is not None}, "
-            f"pgrep vllm.entrypoints: {sd.get('pgrep_vllm_entrypoints') or 'nothing'}"
+            f"shutdown: agent exit code {shutdown.get('agent_returncode')} after {shutdown.get('agent_stop_s')} s, "
+            f"vLLM stopped: {shutdown.get('backend_stopped') is not None}, "
+            f"pgrep vllm.entrypoints: {shutdown.get('pgrep_vllm_entrypoints') or 'nothing'}"
         )
-    print_notes(report.notes, json_path)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -947,14 +954,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--stream-rounds", type=int, default=1, help="streaming rounds per target after the others (0: none) [1]"
     )
-    parser.add_argument(
-        "--max-wait-busy",
-        type=float,
-        default=1800.0,
-        help="how long to wait for another vLLM or pytest to finish before measuring anyway [1800 s]",
-    )
-    parser.add_argument("--keep-logs", action="store_true", help="copy the API, agent and vLLM logs next to the JSON")
-    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    add_shared_options(parser, max_wait_busy=True, keep_logs="copy the API, agent and vLLM logs next to the JSON")
     args = parser.parse_args(argv)
     if args.concurrency < 1 or args.max_tokens < 1 or args.rounds < 1 or args.stream_rounds < 0:
         parser.error("--concurrency, --max-tokens and --rounds must be at least 1, --stream-rounds at least 0")
@@ -963,9 +963,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
-    started_at = time.strftime("%Y%m%d-%H%M%S")
     report = Report(
-        started_at=started_at,
         settings={
             "concurrency": settings.concurrency,
             "max_tokens": settings.max_tokens,
@@ -978,21 +976,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             "temperature": 0,
             "ignore_eos": True,
         },
-        environment=environment(),
     )
-    json_path = RESULTS_DIR / f"agent_vllm-{started_at}.json"
-    if code := run_bench(
-        lambda processes, workdir: run(settings, processes, workdir, report),
-        "hotq-bench-agent-",
-        logs=lambda workdir: sorted(workdir.rglob("*.log")),
-    ):
-        return code
-    report.summary = summarise(report)
-    note_problems(report, settings.max_tokens)
-    report.environment["loadavg_at_end"] = os.getloadavg()
-    write_json(report, json_path)
-    print_report(report, json_path)
-    return 0
+    return run_bench(
+        run, settings, report, "agent_vllm", print_report, logs=lambda workdir: sorted(workdir.rglob("*.log"))
+    )
 
 
 if __name__ == "__main__":

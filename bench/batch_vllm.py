@@ -20,9 +20,9 @@ input file (``custom_id`` ``r-<i>``). Three targets:
 
 (a) ``batch-api``: hotq's Batch API through the official ``openai`` client (async):
     upload the file (``files.create``, purpose ``batch``; not timed), ``batches.create``,
-    ``batches.retrieve`` until ``completed`` (every ``POLL_SLOW_S`` while less than
-    ``POLL_FAST_FROM`` of the lines are done, then every ``POLL_FAST_S``: polling costs CPU
-    that vLLM would otherwise use, yet the end must be seen promptly), then the output
+    ``batches.retrieve`` until ``completed`` (``POLLING``: every 1 s while less than 90 % of
+    the lines are done, then every 0.05 s: polling costs CPU that vLLM would otherwise use,
+    yet the end must be seen promptly), then the output
     file. Wall time: from just before ``create`` to the poll that saw ``completed`` (so it
     includes dispatch, collection, writing the output file and up to one fast poll
     interval). Tokens:
@@ -65,11 +65,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 import uuid
@@ -83,42 +79,46 @@ import aiohttp
 import openai
 
 from bench.agent_vllm import (
-    AGENT_STOP_TIMEOUT_S,
-    BadAnswer,
+    AGENT_READY_TIMEOUT_S,
+    DISTURBED_RETRIES,
     DisturbanceWatch,
-    EventTail,
+    Round,
     Stack,
-    _alive,
-    _kill_group,
-    _logged_backend_pid,
     chat,
-    check_logs,
+    check_stack_logs,
     is_event,
+    keep_stack_logs,
+    note_round_problems,
+    print_shutdown,
     prompts,
+    serve_embedded_model,
+    start_agent,
+    stop_agent,
+    stop_stack,
     wait_until_quiet,
 )
 from bench.common import (
-    DEFAULT_AMQP_URL,
     OTHER,
-    RESULTS_DIR,
-    ROOT,
+    BatchPolling,
+    BenchReport,
     Processes,
-    child_env,
+    add_shared_options,
+    batch_records,
+    children_cpu_s,
     delete_queues,
-    environment,
+    error_kind,
     fmt,
     http_session,
     machine_busy_s,
+    print_cpu_legend,
+    print_header,
     print_notes,
+    request_queues,
     round_or_none,
     run_bench,
-    wait_http_ok,
-    write_json,
+    run_hotq_submit,
 )
 from broker import topology
-from broker.messages import Lane
-from hpc_agents.embedded_model import ensure_embedded_model
-from tests.stack import free_port, write_config
 
 DEFAULT_REQUESTS: Final = 500
 DEFAULT_MAX_TOKENS: Final = 32
@@ -130,15 +130,9 @@ TARGET_RATIO: Final = 0.97  # a batch path's tokens/s over direct tokens/s
 TARGETS: Final = ("direct", "batch-api", "submit")
 ENDPOINT: Final = "/v1/chat/completions"
 
-POLL_SLOW_S: Final = 1.0  # how often the batch is retrieved while most of it is still to do ...
-POLL_FAST_S: Final = 0.05  # ... and once this share of its lines is done:
-POLL_FAST_FROM: Final = 0.9
-API_START_TIMEOUT_S: Final = 60.0
-AGENT_READY_TIMEOUT_S: Final = 900.0
+POLLING: Final = BatchPolling(slow_s=1.0, fast_s=0.05, fast_from=0.9)
 REQUEST_TIMEOUT_S: Final = 600.0
 ROUND_TIMEOUT_S: Final = 900.0  # a batch (or submit) that has not completed by then fails the run
-DISTURBED_RETRIES: Final = 2
-LOG_POLL_S: Final = 0.02
 
 
 def batch_lines(model: str, texts: Sequence[str], max_tokens: int) -> list[dict[str, Any]]:
@@ -201,17 +195,9 @@ class Outcome:
 
 
 @dataclass
-class RoundResult:
-    target: str  # "direct" | "batch-api" | "submit"
-    kind: str  # "warm-up" | "measured"
-    index: int
-    requests: int
-    ok: int
-    errors: dict[str, int]
-    completion_tokens: int
-    exact_tokens: int  # answers with exactly max_tokens completion tokens
-    wall_s: float
-    tokens_per_s: float
+class RoundResult(Round):
+    """A round of this benchmark: target "direct" | "batch-api" | "submit", kind "warm-up" | "measured"."""
+
     extra: dict[str, Any] = field(default_factory=dict)
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds during the round, by process
     machine_busy_cores: float | None = None  # all cores, from /proc/stat
@@ -231,10 +217,7 @@ class Summary:
 
 
 @dataclass
-class Report:
-    started_at: str
-    settings: dict[str, Any]
-    environment: dict[str, Any]
+class Report(BenchReport):
     startup: dict[str, Any] = field(default_factory=dict)
     rounds: list[RoundResult] = field(default_factory=list)
     summary: Summary | None = None
@@ -291,7 +274,7 @@ async def run_direct(
             try:
                 answer = await chat(session, url, body)
             except Exception as exc:  # noqa: BLE001 - every failure is a data point
-                errors[str(exc)[:120] if isinstance(exc, BadAnswer) else type(exc).__name__] += 1
+                errors[error_kind(exc)] += 1
             else:
                 tokens.append(answer.completion_tokens)
 
@@ -314,35 +297,12 @@ async def run_batch_api(
     batch = await client.batches.create(input_file_id=upload.id, endpoint=ENDPOINT, completion_window="24h")
     created_s = time.perf_counter() - started
     batch_ids.append(batch.id)
-    first_result_s: float | None = None
-    all_results_s: float | None = None
-    polls = 0
-    while batch.status != "completed":
-        if batch.status not in ("validating", "in_progress", "finalizing"):
-            raise RuntimeError(f"batch {batch.id} ended {batch.status}: {batch}")
-        if time.perf_counter() - started > ROUND_TIMEOUT_S:
-            raise TimeoutError(f"batch {batch.id} still {batch.status} after {ROUND_TIMEOUT_S:g} s: {batch}")
-        counts = batch.request_counts
-        done = 0 if counts is None else counts.completed + counts.failed
-        nearly = counts is not None and done >= POLL_FAST_FROM * counts.total
-        await asyncio.sleep(POLL_FAST_S if nearly else POLL_SLOW_S)
-        batch = await client.batches.retrieve(batch.id)
-        polls += 1
-        now = time.perf_counter() - started
-        counts = batch.request_counts
-        done = 0 if counts is None else counts.completed + counts.failed
-        if first_result_s is None and done > 0:
-            first_result_s = now
-        if all_results_s is None and counts is not None and done >= counts.total:
-            all_results_s = now
+    polled = await POLLING.until_completed(client, batch, started, ROUND_TIMEOUT_S)
     wall = time.perf_counter() - started
+    batch = polled.batch
 
     fetch_started = time.perf_counter()
-    records: list[dict[str, Any]] = []
-    for file_id in (batch.output_file_id, batch.error_file_id):
-        if file_id is not None:
-            text = (await client.files.content(file_id)).text
-            records += [json.loads(line) for line in text.splitlines() if line]
+    records = await batch_records(client, batch)
     fetch_s = time.perf_counter() - fetch_started
     outcome = check_records(records, workload.custom_ids, max_tokens)
     outcome.wall_s = wall
@@ -350,11 +310,11 @@ async def run_batch_api(
         "batch_id": batch.id,
         "upload_s": round(upload_s, 3),
         "create_call_s": round(created_s, 3),
-        "first_result_s": round_or_none(first_result_s),
-        "all_results_s": round_or_none(all_results_s),  # every line counted (the batch may still be finalizing)
+        "first_result_s": round_or_none(polled.first_result_s),
+        "all_results_s": round_or_none(polled.all_results_s),  # every line counted (the batch may still be finalizing)
         "completed_s": round(wall, 3),
         "fetch_output_s": round(fetch_s, 3),
-        "polls": polls,
+        "polls": polled.polls,
         "request_counts": None if batch.request_counts is None else batch.request_counts.model_dump(),
     }
     return outcome
@@ -366,37 +326,20 @@ async def run_submit(
     """`hotq submit FILE --out OUT` as a subprocess, timed from its start to its exit."""
     job_id = f"batch_bench_{uuid.uuid4().hex[:12]}"
     out = workdir / f"{name}.out.jsonl"
-    log_path = processes.log_path(name)
-    argv = [sys.executable, "-m", "ops.cli", "submit", str(workload.path), "--config", str(config)]
-    argv += ["--model", model, "--out", str(out), "--job-id", job_id]
-    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    started = time.perf_counter()
-    process = processes.start(name, argv, env=child_env())
-    stored_s: float | None = None
-    while process.poll() is None:
-        if stored_s is None and f"job {job_id}:" in log_path.read_text(errors="replace"):
-            stored_s = time.perf_counter() - started
-        if time.perf_counter() - started > ROUND_TIMEOUT_S:
-            processes.stop(name)
-            raise TimeoutError(f"hotq submit did not finish within {ROUND_TIMEOUT_S:g} s")
-        await asyncio.sleep(LOG_POLL_S)
-    wall = time.perf_counter() - started
-    processes.stop(name)  # reaps it (and anything it left in its group)
-    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if process.returncode != 0:
-        raise RuntimeError(f"hotq submit exited with {process.returncode}:\n{processes.log_tail(name)}")
+    children_before = children_cpu_s()
+    submitted = await run_hotq_submit(
+        processes, name, workload.path, config, model, job_id, ["--out", str(out)], ROUND_TIMEOUT_S
+    )
     records = [json.loads(line) for line in out.read_text().splitlines() if line]
     outcome = check_records(records, workload.custom_ids, max_tokens)
-    outcome.wall_s = wall
-    cpu = (children_after.ru_utime - children_before.ru_utime) + (children_after.ru_stime - children_before.ru_stime)
-    outcome.extra_cpu_s = {"hotq-submit": cpu}
+    outcome.wall_s = submitted.wall_s
+    outcome.extra_cpu_s = {"hotq-submit": children_cpu_s() - children_before}
+    net = submitted.after_stored_s
     outcome.extra = {
         "job_id": job_id,
-        "job_stored_s": round_or_none(stored_s),  # process start -> "job ...: N requests" on stderr
-        "net_wall_s": round_or_none(wall - stored_s if stored_s is not None else None),
-        "net_tokens_per_s": round(outcome.completion_tokens / (wall - stored_s), 1)
-        if stored_s is not None and wall > stored_s
-        else None,
+        "job_stored_s": round_or_none(submitted.stored_s),  # process start -> "job ...: N requests" on stderr
+        "net_wall_s": round_or_none(net),
+        "net_tokens_per_s": round(outcome.completion_tokens / net, 1) if net else None,
     }
     return outcome
 
@@ -519,16 +462,6 @@ def summarise(report: Report, targets: Sequence[str]) -> Summary:
     )
 
 
-def note_problems(report: Report, max_tokens: int) -> None:
-    for r in report.rounds:
-        if r.errors or r.ok < r.requests:
-            report.notes.append(f"{r.kind} {r.index} {r.target}: {r.ok}/{r.requests} ok, errors {r.errors}")
-        if r.exact_tokens < r.ok:
-            report.notes.append(
-                f"{r.kind} {r.index} {r.target}: only {r.exact_tokens}/{r.ok} answers had exactly {max_tokens} tokens"
-            )
-
-
 # ---------------------------------------------------------------------------
 # The stack
 # ---------------------------------------------------------------------------
@@ -537,85 +470,26 @@ def note_problems(report: Report, max_tokens: int) -> None:
 async def start_stack(
     settings: argparse.Namespace, processes: Processes, workdir: Path, model: str, report: Report
 ) -> tuple[Stack, Path]:
-    print("embedded model", flush=True)
-    model_path = await asyncio.to_thread(ensure_embedded_model)
-    report.settings["model_path"] = str(model_path)
-    config = write_config(
-        workdir / "hotq.toml",
-        settings.amqp_url,
-        {
-            model: {
-                "model_path": str(model_path),
-                "max_inflight": settings.max_inflight,
-                "reserved_interactive": settings.reserved_interactive,
-                "idle_ttl_s": 86400,
-                "start_timeout_s": 600,
-                "max_restarts": 0,  # a backend that fails to start fails the run, visibly
-            }
-        },
-        request_timeout_s=REQUEST_TIMEOUT_S,
+    limits = {"max_inflight": settings.max_inflight, "reserved_interactive": settings.reserved_interactive}
+    config, api_url, api = await serve_embedded_model(
+        processes, workdir, settings, report, model, limits, request_timeout_s=REQUEST_TIMEOUT_S
     )
-    cli = [sys.executable, "-m", "ops.cli"]
-    print("hotq serve", flush=True)
-    port = free_port()
-    api = processes.start("hotq-api", [*cli, "serve", "--config", str(config), "--port", str(port)], env=child_env())
-    api_url = f"http://127.0.0.1:{port}/v1"
-    await wait_http_ok(api_url + "/models", api, API_START_TIMEOUT_S)
-    await wait_until_quiet({api.pid}, settings.max_wait_busy, report.notes)
 
     print("hotq agent (starts vLLM)", flush=True)
     started = time.monotonic()
-    agent = processes.start("hotq-agent", [*cli, "agent", "--config", str(config), "--model", model], env=child_env())
-    events = EventTail(processes.log_path("hotq-agent"))
-    events.start()
-    backend = await events.wait_for(is_event("backend_started"), agent, AGENT_READY_TIMEOUT_S, "backend_started")
+    agent, events = start_agent(processes, config, model)
+    await events.wait_for(is_event("backend_started"), agent, AGENT_READY_TIMEOUT_S, "backend_started")
     ready = await events.wait_for(is_event("backend_ready"), agent, AGENT_READY_TIMEOUT_S, "backend_ready")
     await events.wait_for(is_event("agent_state", state="hot"), agent, 60, "agent_state hot")
     hot_s = time.monotonic() - started
     print(f"  hot after {hot_s:.1f} s; vLLM at {ready.fields['url']}", flush=True)
     report.startup = {"agent_hot_s": round(hot_s, 2), "backend_ready_reported_s": ready.fields.get("seconds")}
-    stack = Stack(
-        model=model,
-        api_url=api_url,
-        direct_url=str(ready.fields["url"]).rstrip("/") + "/v1",
-        api=api,
-        agent=agent,
-        backend_pid=int(backend.fields["pid"]),
-        backend_log=Path(str(backend.fields.get("log", workdir / "backend.log"))),
-        events=events,
-    )
-    return stack, config
-
-
-async def stop_stack(processes: Processes, stack: Stack, report: Report) -> None:
-    """SIGTERM the agent (it drains and stops vLLM), then the API; check that vLLM is gone."""
-    print("stopping: SIGTERM to the agent (drains, stops vLLM), then the API", flush=True)
-    started = time.monotonic()
-    returncode = await asyncio.to_thread(processes.stop, "hotq-agent", AGENT_STOP_TIMEOUT_S)
-    agent_stop_s = time.monotonic() - started
-    await stack.events.stop()
-    backend_alive = _alive(stack.backend_pid)
-    if backend_alive:
-        report.notes.append(f"vLLM (pid {stack.backend_pid}) outlived its agent: killed its process group")
-        _kill_group(stack.backend_pid)
-    api_returncode = processes.stop("hotq-api")
-    leftover = subprocess.run(["pgrep", "-af", "vllm.entrypoints"], capture_output=True, text=True).stdout.strip()
-    report.shutdown = {
-        "agent_returncode": returncode,
-        "agent_stop_s": round(agent_stop_s, 2),
-        "backend_stopped": stack.events.find(is_event("backend_stopped")) is not None,
-        "backend_outlived_agent": backend_alive,
-        "api_returncode": api_returncode,
-        "pgrep_vllm_entrypoints": leftover.splitlines(),
-    }
-    if returncode not in (0, None):
-        report.notes.append(f"the agent exited with {returncode}")
+    return Stack.started(model, api_url, api, agent, events, workdir), config
 
 
 async def run(settings: argparse.Namespace, processes: Processes, workdir: Path, report: Report) -> None:
     model = f"smollm-batch-{uuid.uuid4().hex[:8]}"  # unique: this run's queues are its own
     report.settings["model"] = model
-    queues = [topology.request_queue_name(model, lane) for lane in Lane]
     targets = [t for t in TARGETS if not (t == "submit" and settings.skip_submit)]
     batch_ids: list[str] = []
     stack: Stack | None = None
@@ -642,38 +516,19 @@ async def run(settings: argparse.Namespace, processes: Processes, workdir: Path,
                 for target in order(index, targets):
                     await one_round(bench, target, "measured", index)
         await client.close()
-        check_logs(
-            {
-                "hotq-api": processes.log_path("hotq-api"),
-                "hotq-agent": processes.log_path("hotq-agent"),
-                "vllm": stack.backend_log,
-                **{
-                    log.stem: log
-                    for log in sorted(workdir.glob("hotq-submit-*.log"))  # Processes names logs <name>.log
-                },
-            },
-            report,  # type: ignore[arg-type]  # only its notes are used
-        )
+        submits = {log.stem: log for log in sorted(workdir.glob("hotq-submit-*.log"))}  # Processes: <name>.log
+        check_stack_logs(processes, stack, report.notes, more=submits)
         if settings.keep_logs:
-            kept = RESULTS_DIR / f"batch_vllm-{report.started_at}-logs"
-            kept.mkdir(parents=True, exist_ok=True)
-            for path in (processes.log_path("hotq-api"), processes.log_path("hotq-agent"), stack.backend_log):
-                if path.exists():
-                    shutil.copy(path, kept / path.name)
-            report.settings["logs"] = str(kept.relative_to(ROOT))
-        await stop_stack(processes, stack, report)
+            keep_stack_logs(processes, stack, report, "batch_vllm")
+        report.shutdown = await stop_stack(processes, stack, report.notes)
     finally:
-        backend_pid = stack.backend_pid if stack is not None else _logged_backend_pid(processes.log_path("hotq-agent"))
-        await asyncio.to_thread(processes.stop, "hotq-agent", AGENT_STOP_TIMEOUT_S)
-        if backend_pid is not None and _alive(backend_pid):
-            _kill_group(backend_pid)
+        await stop_agent(processes, stack)
         # A finished batch deletes its own results queue; an interrupted one leaves it behind.
-        leftovers = queues + [topology.results_queue_name(b) for b in batch_ids]
+        leftovers = request_queues(model) + [topology.results_queue_name(b) for b in batch_ids]
         leftovers += [topology.results_queue_name(r.extra["job_id"]) for r in report.rounds if "job_id" in r.extra]
-        try:
-            await delete_queues(settings.amqp_url, leftovers)
-        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real error
-            print(f"could not delete the queues {leftovers}: {exc!r}", file=sys.stderr)
+        await delete_queues(settings.amqp_url, leftovers)
+    report.summary = summarise(report, targets)
+    note_round_problems(report.rounds, settings.max_tokens, report.notes)
 
 
 # ---------------------------------------------------------------------------
@@ -692,8 +547,7 @@ def print_report(report: Report, json_path: Path) -> None:
         f"{'round':<12}{'target':<11}{'ok/n':>8}{'exact':>6}{'tokens':>7}{'wall s':>8}{'tok/s':>8}"
         f"{'cpu vllm':>9}{'api':>6}{'agent':>6}{'rmq':>6}{'submit':>7}{'gen':>6}{'busy':>6}{'noise':>6}  detail"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in report.rounds:
         cpu = r.cpu_s
         detail = ""
@@ -714,10 +568,7 @@ def print_report(report: Report, json_path: Path) -> None:
             f"{fmt(r.machine_busy_cores):>6}{fmt(r.unaccounted_cores):>6}  {detail}"
             + ("  disturbed" if r.disturbed_by else "")
         )
-    print(
-        "  (cpu vllm..gen: CPU seconds during the round; busy: cores the whole machine kept busy;"
-        " noise: busy cores not used by the measured processes)"
-    )
+    print_cpu_legend("cpu vllm..gen", "round")
     if report.summary is not None:
         m = report.summary
         print()
@@ -732,14 +583,7 @@ def print_report(report: Report, json_path: Path) -> None:
                 f"{m.submit_net_mean_tps:.1f} tok/s, {m.submit_net_ratio:.1%} of direct"
             )
         print("(means over undisturbed measured rounds only)")
-    if report.shutdown:
-        sd = report.shutdown
-        print()
-        print(
-            f"shutdown: agent exit code {sd.get('agent_returncode')} after {sd.get('agent_stop_s')} s, "
-            f"vLLM stopped: {sd.get('backend_stopped')}, "
-            f"pgrep vllm.entrypoints: {sd.get('pgrep_vllm_entrypoints') or 'nothing'}"
-        )
+    print_shutdown(report.shutdown)
     print_notes(report.notes, json_path)
 
 
@@ -770,14 +614,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the agent's max_inflight; vLLM runs at most 32 sequences at once either way [32]",
     )
     parser.add_argument("--skip-submit", action="store_true", help="leave out the `hotq submit` target")
-    parser.add_argument(
-        "--max-wait-busy",
-        type=float,
-        default=1800.0,
-        help="how long to wait for another vLLM or pytest to finish before measuring anyway [1800 s]",
-    )
-    parser.add_argument("--keep-logs", action="store_true", help="copy the API, agent and vLLM logs next to the JSON")
-    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    add_shared_options(parser, max_wait_busy=True, keep_logs="copy the API, agent and vLLM logs next to the JSON")
     args = parser.parse_args(argv)
     if min(args.requests, args.max_tokens, args.concurrency, args.rounds) < 1:
         parser.error("--requests, --max-tokens, --concurrency and --rounds must be at least 1")
@@ -790,9 +627,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
-    started_at = time.strftime("%Y%m%d-%H%M%S")
     report = Report(
-        started_at=started_at,
         settings={
             "requests": settings.requests,
             "max_tokens": settings.max_tokens,
@@ -803,27 +638,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             "reserved_interactive": settings.reserved_interactive,
             "vllm_max_num_seqs": 32,
             "skip_submit": settings.skip_submit,
-            "poll_s": {"slow": POLL_SLOW_S, "fast": POLL_FAST_S, "fast_from_done": POLL_FAST_FROM},
+            "poll_s": POLLING.settings(),
             "temperature": 0,
             "ignore_eos": True,
             "amqp_url": settings.amqp_url,
         },
-        environment=environment(),
     )
-    json_path = RESULTS_DIR / f"batch_vllm-{started_at}.json"
-    if code := run_bench(
-        lambda processes, workdir: run(settings, processes, workdir, report),
-        "hotq-bench-batch-",
-        logs=lambda workdir: sorted(workdir.rglob("*.log")),
-    ):
-        return code
-    targets = [t for t in TARGETS if not (t == "submit" and settings.skip_submit)]
-    report.summary = summarise(report, targets)
-    note_problems(report, settings.max_tokens)
-    report.environment["loadavg_at_end"] = os.getloadavg()
-    write_json(report, json_path)
-    print_report(report, json_path)
-    return 0
+    return run_bench(
+        run, settings, report, "batch_vllm", print_report, logs=lambda workdir: sorted(workdir.rglob("*.log"))
+    )
 
 
 if __name__ == "__main__":

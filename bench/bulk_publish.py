@@ -33,8 +33,8 @@ at the end, and every process started is stopped.
      backend's own counter must show each request served exactly once.
    - ``batch-api``: the same requests as OpenAI batch lines through ``hotq serve``'s Batch API
      (official ``openai`` client: upload, ``batches.create``, ``batches.retrieve`` until
-     ``completed``, every ``POLL_SLOW_S`` until ``POLL_FAST_FROM`` of the lines are done, then
-     every ``POLL_FAST_S``; then the output file), timed from create to completed.
+     ``completed``, as ``POLLING`` says: every 0.5 s until 90 % of the lines are done, then
+     every 0.05 s; then the output file), timed from create to completed.
 
    One small warm-up run per target (``--e2e-warmup``), then ``--e2e-repeats`` each,
    alternating. Each run records the CPU seconds of every process involved.
@@ -50,8 +50,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import resource
 import statistics
 import sys
 import time
@@ -66,25 +64,29 @@ import httpx
 import openai
 
 from bench.common import (
-    DEFAULT_AMQP_URL,
     OTHER,
-    RESULTS_DIR,
+    BatchPolling,
+    BenchReport,
     CpuMeter,
     Processes,
-    child_env,
+    add_shared_options,
+    batch_records,
+    check_logs,
+    children_cpu_s,
     delete_queues,
-    environment,
-    find_process,
     fmt,
     machine_busy_s,
+    print_cpu_legend,
+    print_header,
     print_notes,
+    request_queues,
     round_or_none,
     run_bench,
-    wait_for_line,
-    wait_http_ok,
-    write_json,
+    run_hotq_submit,
+    start_api,
+    start_fake_backend,
+    start_worker,
 )
-from bench.core_path import _check_logs
 from broker import topology
 from broker.connection import connect
 from broker.jobstore import AsyncJobStore, JobStore
@@ -92,7 +94,7 @@ from broker.logs import configure_logging
 from broker.messages import Endpoint, Lane
 from producers import bulk
 from tests.fake_backend import reply_text
-from tests.stack import free_port, write_config
+from tests.stack import write_config
 
 DEFAULT_PUBLISH_LINES: Final = 50_000
 DEFAULT_PUBLISH_REPEATS: Final = 3
@@ -102,12 +104,8 @@ DEFAULT_E2E_WARMUP: Final = 1_000
 DEFAULT_MAX_INFLIGHT: Final = 64
 ENDPOINT: Final = "/v1/chat/completions"
 
-POLL_SLOW_S: Final = 0.5  # batch polls while most of the batch is still to do (polling costs CPU) ...
-POLL_FAST_S: Final = 0.05  # ... and once this share of its lines is done:
-POLL_FAST_FROM: Final = 0.9
-STARTUP_TIMEOUT_S: Final = 60.0
+POLLING: Final = BatchPolling(slow_s=0.5, fast_s=0.05, fast_from=0.9)
 RUN_TIMEOUT_S: Final = 600.0
-LOG_POLL_S: Final = 0.02
 
 
 def chat_request(model: str | None, i: int) -> dict[str, Any]:
@@ -117,9 +115,12 @@ def chat_request(model: str | None, i: int) -> dict[str, Any]:
     return body
 
 
-def plain_jsonl(n: int) -> bytes:
-    """Plain request bodies without a model (`hotq submit --model` fills it in); custom_id = line number."""
-    return "".join(json.dumps(chat_request(None, i)) + "\n" for i in range(n)).encode()
+def plain_jsonl(path: Path, n: int) -> Path:
+    """`n` plain request bodies without a model (`hotq submit --model` fills it in; custom_id = line number)
+    at `path`, written once: the repeats reuse it."""
+    if not path.exists():
+        path.write_bytes("".join(json.dumps(chat_request(None, i)) + "\n" for i in range(n)).encode())
+    return path
 
 
 def batch_jsonl(model: str, n: int) -> bytes:
@@ -153,10 +154,7 @@ class RunResult:
 
 
 @dataclass
-class Report:
-    started_at: str
-    settings: dict[str, Any]
-    environment: dict[str, Any]
+class Report(BenchReport):
     runs: list[RunResult] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -166,15 +164,12 @@ class Measured:
     """CPU and machine-busy accounting around one run."""
 
     def __init__(self, groups: dict[str, int]) -> None:
-        pids = {"bench (producer/load-gen)": os.getpid()}
-        if (broker := find_process("beam.smp")) is not None:
-            pids["rabbitmq"] = broker
-        self.meter = CpuMeter(pids, groups)
+        self.meter = CpuMeter.of(groups, load_gen="bench (producer/load-gen)")
 
     def __enter__(self) -> Measured:
         self._before = self.meter.read()
         self._busy = machine_busy_s()
-        self._children = _children_cpu()
+        self._children = children_cpu_s()
         self.started = time.perf_counter()
         return self
 
@@ -183,21 +178,33 @@ class Measured:
         self.busy_s = machine_busy_s() - self._busy
         self.cpu_s = self.meter.read().since(self._before)
         self.cpu_s.pop(OTHER, None)
-        children = _children_cpu() - self._children  # subprocesses that started and ended within the run
+        children = children_cpu_s() - self._children  # subprocesses that started and ended within the run
         if children > 0.005:
             self.cpu_s["hotq submit"] = children
 
-    def fill(self, result: RunResult) -> RunResult:
+    def result(
+        self,
+        part: str,
+        target: str,
+        kind: str,
+        index: int,
+        lines: int,
+        ok: int,
+        errors: Counter[str],
+        extra: dict[str, Any],
+        per: int,
+        wall_s: float | None = None,
+    ) -> RunResult:
+        """The run's result with this measurement's CPU seconds and busy cores: `per` (lines published, or
+        answers) per second of `wall_s` (by default the measured wall time)."""
+        wall = self.wall_s if wall_s is None else wall_s
+        per_s = round(per / wall, 1)
+        result = RunResult(part, target, kind, index, lines, ok, dict(errors), round(wall, 3), per_s, extra)
         result.cpu_s = {name: round(seconds, 2) for name, seconds in self.cpu_s.items()}
         if result.wall_s > 0:
             result.machine_busy_cores = round(self.busy_s / self.wall_s, 2)
             result.unaccounted_cores = round(max(0.0, self.busy_s - sum(self.cpu_s.values())) / self.wall_s, 2)
         return result
-
-
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _show(result: RunResult) -> None:
@@ -208,39 +215,6 @@ def _show(result: RunResult) -> None:
         f"  machine busy {fmt(result.machine_busy_cores)} cores",
         flush=True,
     )
-
-
-# ---------------------------------------------------------------------------
-# Subprocess helper: `hotq submit`
-# ---------------------------------------------------------------------------
-
-
-@dataclass
-class Submitted:
-    wall_s: float
-    stored_s: float | None  # process start -> its "job <id>: N requests" line
-    returncode: int
-
-
-async def run_submit(processes: Processes, name: str, argv: Sequence[str], job_id: str) -> Submitted:
-    log_path = processes.log_path(name)
-    started = time.perf_counter()
-    process = processes.start(name, argv, env=child_env())
-    stored_s: float | None = None
-    while process.poll() is None:
-        if stored_s is None and f"job {job_id}:" in log_path.read_text(errors="replace"):
-            stored_s = time.perf_counter() - started
-        if time.perf_counter() - started > RUN_TIMEOUT_S:
-            processes.stop(name)
-            raise TimeoutError(f"{name} did not finish within {RUN_TIMEOUT_S:g} s")
-        await asyncio.sleep(LOG_POLL_S)
-    wall = time.perf_counter() - started
-    if stored_s is None and f"job {job_id}:" in log_path.read_text(errors="replace"):
-        stored_s = wall  # (logged in the last poll interval)
-    processes.stop(name)  # reaps it
-    if process.returncode != 0:
-        raise RuntimeError(f"{name} exited with {process.returncode}:\n{processes.log_tail(name)}")
-    return Submitted(wall, stored_s, process.returncode)
 
 
 # ---------------------------------------------------------------------------
@@ -293,24 +267,13 @@ async def publish_dispatch(amqp_url: str, workdir: Path, model: str, lines: int,
     steady = None
     if len(chunks) >= 2:
         steady = sum(n for _, n in chunks[1:]) / (chunks[-1][0] - chunks[0][0])
-    result = RunResult(
-        part="publish",
-        target="dispatch",
-        kind="measured",
-        index=index,
-        lines=lines,
-        ok=depth,
-        errors=dict(errors),
-        wall_s=round(measured.wall_s, 3),
-        per_s=round(lines / measured.wall_s, 1),
-        extra={
-            "store_lines_s": round(stored_s, 3),
-            "first_chunk_confirmed_s": round(chunks[0][0] - measured.started, 3) if chunks else None,
-            "steady_lines_per_s": round_or_none(steady, 1),
-            "chunk": bulk.PUBLISH_CHUNK,
-        },
-    )
-    return measured.fill(result)
+    extra = {
+        "store_lines_s": round(stored_s, 3),
+        "first_chunk_confirmed_s": round(chunks[0][0] - measured.started, 3) if chunks else None,
+        "steady_lines_per_s": round_or_none(steady, 1),
+        "chunk": bulk.PUBLISH_CHUNK,
+    }
+    return measured.result("publish", "dispatch", "measured", index, lines, depth, errors, extra, per=lines)
 
 
 async def publish_submit_detach(
@@ -321,14 +284,12 @@ async def publish_submit_detach(
     own.mkdir(exist_ok=True)
     config = write_config(own / "hotq.toml", amqp_url, {model: {"backend_url": "http://127.0.0.1:9"}})
     data_dir = own / "data"  # write_config's data_dir
-    source = workdir / "publish.jsonl"
-    if not source.exists():
-        source.write_bytes(plain_jsonl(lines))
+    source = plain_jsonl(workdir / "publish.jsonl", lines)
     job_id = f"batch_bench_detach_{uuid.uuid4().hex[:12]}"
-    argv = [sys.executable, "-m", "ops.cli", "submit", str(source), "--config", str(config)]
-    argv += ["--model", model, "--detach", "--job-id", job_id]
     with Measured({}) as measured:
-        submitted = await run_submit(processes, f"submit-detach-{index}", argv, job_id)
+        submitted = await run_hotq_submit(
+            processes, f"submit-detach-{index}", source, config, model, job_id, ["--detach"], RUN_TIMEOUT_S
+        )
     connection = await connect(amqp_url, "bench-bulk-publish")
     try:
         depth = await _depth_then_delete(connection, model, job_id)
@@ -344,24 +305,15 @@ async def publish_submit_detach(
         errors[f"queue depth {depth} afterwards"] += 1
     if published != lines:
         errors[f"{published} lines marked published"] += 1
-    publish_s = submitted.wall_s - submitted.stored_s if submitted.stored_s is not None else None
-    result = RunResult(
-        part="publish",
-        target="submit --detach",
-        kind="measured",
-        index=index,
-        lines=lines,
-        ok=depth,
-        errors=dict(errors),
-        wall_s=round(submitted.wall_s, 3),
-        per_s=round(lines / submitted.wall_s, 1),
-        extra={
-            "job_stored_s": round_or_none(submitted.stored_s),
-            "publish_s": round_or_none(publish_s),  # job stored -> exit: connect, publish with confirms, close
-            "publish_lines_per_s": round(lines / publish_s, 1) if publish_s else None,
-        },
+    publish_s = submitted.after_stored_s  # connect, publish with confirms, close
+    extra = {
+        "job_stored_s": round_or_none(submitted.stored_s),
+        "publish_s": round_or_none(publish_s),
+        "publish_lines_per_s": round(lines / publish_s, 1) if publish_s else None,
+    }
+    return measured.result(
+        "publish", "submit --detach", "measured", index, lines, depth, errors, extra, per=lines, wall_s=submitted.wall_s
     )
-    return measured.fill(result)
 
 
 async def _depth_then_delete(connection: Any, model: str, batch_id: str) -> int:
@@ -390,34 +342,18 @@ class E2EStack:
 
 
 async def start_e2e_stack(settings: argparse.Namespace, processes: Processes, workdir: Path, model: str) -> E2EStack:
-    port = free_port()
-    backend = processes.start(
-        "fake-backend",
-        [sys.executable, "-m", "tests.fake_backend", "--port", str(port), "--model", model],
-        env=child_env(),
-    )
-    backend_url = f"http://127.0.0.1:{port}"
-    await wait_http_ok(backend_url + "/health", backend, STARTUP_TIMEOUT_S)
+    backend_url, backend = await start_fake_backend(processes, model)
     config = write_config(
         workdir / "hotq.toml",
         settings.amqp_url,
         {model: {"backend_url": backend_url, "max_inflight": settings.max_inflight}},
     )
-    cli = [sys.executable, "-m", "ops.cli"]
     groups = {"fake-backend": backend.pid}
     api_url = None
     if not settings.skip_api:
-        api_port = free_port()
-        api = processes.start(
-            "hotq-api", [*cli, "serve", "--config", str(config), "--port", str(api_port)], env=child_env()
-        )
-        api_url = f"http://127.0.0.1:{api_port}/v1"
-        await wait_http_ok(api_url + "/models", api, STARTUP_TIMEOUT_S)
+        api_url, api = await start_api(processes, config)
         groups["hotq-api"] = api.pid
-    worker = processes.start(
-        "hotq-worker", [*cli, "worker", "--config", str(config), "--model", model], env=child_env()
-    )
-    await wait_for_line(processes.log_path("hotq-worker"), "worker_started", worker, STARTUP_TIMEOUT_S)
+    worker = await start_worker(processes, config, model)
     groups["hotq-worker"] = worker.pid
     return E2EStack(config, model, backend_url, api_url, groups)
 
@@ -458,16 +394,21 @@ def check_answers(records: Sequence[dict[str, Any]], custom_id_of: dict[str, int
 async def e2e_submit(
     processes: Processes, stack: E2EStack, workdir: Path, lines: int, kind: str, index: int
 ) -> RunResult:
-    source = workdir / f"e2e-plain-{lines}.jsonl"
-    if not source.exists():
-        source.write_bytes(plain_jsonl(lines))
+    source = plain_jsonl(workdir / f"e2e-plain-{lines}.jsonl", lines)
     out = workdir / f"e2e-{kind}-{index}.out.jsonl"
     job_id = f"batch_bench_e2e_{uuid.uuid4().hex[:12]}"
-    argv = [sys.executable, "-m", "ops.cli", "submit", str(source), "--config", str(stack.config)]
-    argv += ["--model", stack.model, "--out", str(out), "--job-id", job_id]
     httpx.post(stack.backend_url + "/_reset")
     with Measured(stack.groups) as measured:
-        submitted = await run_submit(processes, f"submit-e2e-{kind}-{index}", argv, job_id)
+        submitted = await run_hotq_submit(
+            processes,
+            f"submit-e2e-{kind}-{index}",
+            source,
+            stack.config,
+            stack.model,
+            job_id,
+            ["--out", str(out)],
+            RUN_TIMEOUT_S,
+        )
     served = httpx.get(stack.backend_url + "/_stats").json()["started"]
     records = [json.loads(line) for line in out.read_text().splitlines() if line]
     ok, errors = check_answers(records, {str(n): n - 1 for n in range(1, lines + 1)})
@@ -475,26 +416,15 @@ async def e2e_submit(
         errors["OUT not in input order"] += 1
     if served != lines:
         errors[f"backend served {served} requests"] += 1
-    net_s = submitted.wall_s - submitted.stored_s if submitted.stored_s is not None else None
-    result = RunResult(
-        part="e2e",
-        target="submit",
-        kind=kind,
-        index=index,
-        lines=lines,
-        ok=ok,
-        errors=dict(errors),
-        wall_s=round(submitted.wall_s, 3),
-        per_s=round(ok / submitted.wall_s, 1),
-        extra={
-            "job_id": job_id,
-            "job_stored_s": round_or_none(submitted.stored_s),
-            "net_s": round_or_none(net_s),
-            "net_per_s": round(ok / net_s, 1) if net_s else None,
-            "backend_served": served,
-        },
-    )
-    return measured.fill(result)
+    net_s = submitted.after_stored_s
+    extra = {
+        "job_id": job_id,
+        "job_stored_s": round_or_none(submitted.stored_s),
+        "net_s": round_or_none(net_s),
+        "net_per_s": round(ok / net_s, 1) if net_s else None,
+        "backend_served": served,
+    }
+    return measured.result("e2e", "submit", kind, index, lines, ok, errors, extra, per=ok, wall_s=submitted.wall_s)
 
 
 async def e2e_batch_api(
@@ -505,48 +435,22 @@ async def e2e_batch_api(
     upload = await client.files.create(file=("bench.jsonl", data), purpose="batch")
     upload_s = time.perf_counter() - upload_started
     httpx.post(stack.backend_url + "/_reset")
-    all_results_s: float | None = None
     with Measured(stack.groups) as measured:
         batch = await client.batches.create(input_file_id=upload.id, endpoint=ENDPOINT, completion_window="24h")
         batch_ids.append(batch.id)
-        while batch.status != "completed":
-            if batch.status not in ("validating", "in_progress", "finalizing"):
-                raise RuntimeError(f"batch {batch.id} ended {batch.status}: {batch}")
-            if time.perf_counter() - measured.started > RUN_TIMEOUT_S:
-                raise TimeoutError(f"batch {batch.id} still {batch.status} after {RUN_TIMEOUT_S:g} s")
-            counts = batch.request_counts
-            nearly = counts is not None and counts.completed + counts.failed >= POLL_FAST_FROM * counts.total
-            await asyncio.sleep(POLL_FAST_S if nearly else POLL_SLOW_S)
-            batch = await client.batches.retrieve(batch.id)
-            counts = batch.request_counts
-            if all_results_s is None and counts is not None and counts.completed + counts.failed >= counts.total:
-                all_results_s = time.perf_counter() - measured.started
+        polled = await POLLING.until_completed(client, batch, measured.started, RUN_TIMEOUT_S)
     served = httpx.get(stack.backend_url + "/_stats").json()["started"]
-    records: list[dict[str, Any]] = []
-    for file_id in (batch.output_file_id, batch.error_file_id):
-        if file_id is not None:
-            records += [json.loads(line) for line in (await client.files.content(file_id)).text.splitlines() if line]
+    records = await batch_records(client, polled.batch)
     ok, errors = check_answers(records, {f"r-{i}": i for i in range(lines)})
     if served != lines:
         errors[f"backend served {served} requests"] += 1
-    result = RunResult(
-        part="e2e",
-        target="batch-api",
-        kind=kind,
-        index=index,
-        lines=lines,
-        ok=ok,
-        errors=dict(errors),
-        wall_s=round(measured.wall_s, 3),
-        per_s=round(ok / measured.wall_s, 1),
-        extra={
-            "batch_id": batch.id,
-            "upload_s": round(upload_s, 3),
-            "all_results_s": round_or_none(all_results_s),
-            "backend_served": served,
-        },
-    )
-    return measured.fill(result)
+    extra = {
+        "batch_id": batch.id,
+        "upload_s": round(upload_s, 3),
+        "all_results_s": round_or_none(polled.all_results_s),
+        "backend_served": served,
+    }
+    return measured.result("e2e", "batch-api", kind, index, lines, ok, errors, extra, per=ok)
 
 
 # ---------------------------------------------------------------------------
@@ -559,7 +463,6 @@ async def run(settings: argparse.Namespace, processes: Processes, workdir: Path,
     publish_model = f"bench-bulk-publish-{tag}"  # no consumer: the queue depth counts the publishes
     e2e_model = f"bench-bulk-e2e-{tag}"
     report.settings["models"] = {"publish": publish_model, "e2e": e2e_model}
-    queues = [topology.request_queue_name(m, lane) for m in (publish_model, e2e_model) for lane in Lane]
     batch_ids: list[str] = []
     try:
         if settings.publish_repeats:
@@ -609,15 +512,14 @@ async def run(settings: argparse.Namespace, processes: Processes, workdir: Path,
                 await client.close()
             names = ["fake-backend", "hotq-worker", *(["hotq-api"] if stack.api_url else [])]
             names += sorted(p.stem for p in workdir.glob("submit-*.log"))
-            _check_logs(processes, names, report)  # type: ignore[arg-type]  # only its notes are used
+            check_logs(processes.log_paths(names), report.notes)
     finally:
         processes.stop_all()
-        leftovers = queues + [topology.results_queue_name(b) for b in batch_ids]
+        leftovers = request_queues(publish_model, e2e_model) + [topology.results_queue_name(b) for b in batch_ids]
         leftovers += [topology.results_queue_name(r.extra["job_id"]) for r in report.runs if "job_id" in r.extra]
-        try:
-            await delete_queues(settings.amqp_url, leftovers)
-        except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real error
-            print(f"could not delete the queues {leftovers}: {exc!r}", file=sys.stderr)
+        await delete_queues(settings.amqp_url, leftovers)
+    report.summary = summarise(report)
+    note_problems(report)
 
 
 def summarise(report: Report) -> dict[str, Any]:
@@ -663,8 +565,7 @@ def print_report(report: Report, json_path: Path) -> None:
         f"{'part':<8}{'target':<17}{'run':<12}{'ok/lines':>13}{'wall s':>8}{'per s':>9}"
         f"{'bench':>7}{'rmq':>6}{'submit':>7}{'api':>6}{'worker':>7}{'backend':>8}{'busy':>6}{'noise':>6}  detail"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for r in report.runs:
         cpu = r.cpu_s
         e = r.extra
@@ -683,10 +584,7 @@ def print_report(report: Report, json_path: Path) -> None:
             f"{fmt(cpu.get('hotq-worker'), 1):>7}{fmt(cpu.get('fake-backend'), 1):>8}"
             f"{fmt(r.machine_busy_cores):>6}{fmt(r.unaccounted_cores):>6}  {detail}"
         )
-    print(
-        "  (bench..backend: CPU seconds during the run; busy: cores the whole machine kept busy;"
-        " noise: busy cores not used by the measured processes)"
-    )
+    print_cpu_legend("bench..backend", "run")
     print()
     for name, entry in report.summary.items():
         unit = "lines/s" if name.startswith("publish") else "req/s"
@@ -720,7 +618,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-inflight", type=int, default=DEFAULT_MAX_INFLIGHT, help="the worker's max_inflight [64]")
     parser.add_argument("--skip-api", action="store_true", help="end to end: leave out the Batch API target")
-    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    add_shared_options(parser)
     args = parser.parse_args(argv)
     if min(args.publish_lines, args.e2e_lines, args.max_inflight) < 1:
         parser.error("--publish-lines, --e2e-lines and --max-inflight must be at least 1")
@@ -732,9 +630,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     configure_logging("warning")  # the dispatcher runs in this process: keep its info lines off the table
-    started_at = time.strftime("%Y%m%d-%H%M%S")
     report = Report(
-        started_at=started_at,
         settings={
             "publish_lines": settings.publish_lines,
             "publish_repeats": settings.publish_repeats,
@@ -745,23 +641,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_inflight": settings.max_inflight,
             "reserved_interactive": 4,  # the config's default
             "skip_api": settings.skip_api,
-            "poll_s": {"slow": POLL_SLOW_S, "fast": POLL_FAST_S, "fast_from_done": POLL_FAST_FROM},
+            "poll_s": POLLING.settings(),
             "amqp_url": settings.amqp_url,
         },
-        environment=environment(),
     )
-    json_path = RESULTS_DIR / f"bulk_publish-{started_at}.json"
-    if code := run_bench(
-        lambda processes, workdir: run(settings, processes, workdir, report),
-        "hotq-bench-bulk-",
-    ):
-        return code
-    report.summary = summarise(report)
-    note_problems(report)
-    report.environment["loadavg_at_end"] = os.getloadavg()
-    write_json(report, json_path)
-    print_report(report, json_path)
-    return 0
+    return run_bench(run, settings, report, "bulk_publish", print_report)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Helpers the benchmarks share: subprocesses, waiting, CPU from /proc, the JSON report.
+"""Helpers the benchmarks share: subprocesses, waiting, requests, CPU from /proc, the JSON report.
 
 Every benchmark in ``bench/`` starts its stack (RabbitMQ is already running; the API, workers,
 agents and backends are subprocesses in their own process groups), measures, stops everything and
@@ -7,30 +7,45 @@ writes one JSON file to ``bench/results``. What they all need for that lives her
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib.metadata
 import json
+import math
 import os
 import platform
+import resource
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import aio_pika
 import aiohttp
 import uvloop
 
+from broker import topology
+from broker.messages import Lane
+from tests.stack import free_port
+
+if TYPE_CHECKING:
+    import openai
+    from openai.types import Batch
+
 ROOT: Final = Path(__file__).resolve().parent.parent
 RESULTS_DIR: Final = ROOT / "bench" / "results"
 DEFAULT_AMQP_URL: Final = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+HOTQ_CLI: Final = (sys.executable, "-m", "ops.cli")  # `hotq`, run by this Python from the work tree
 STOP_TIMEOUT_S: Final = 15.0
+STARTUP_TIMEOUT_S: Final = 60.0  # a process that is not ready by then fails the run
+LOG_POLL_S: Final = 0.02  # how often a log is read for the line a benchmark waits for
 
 
 # ---------------------------------------------------------------------------
@@ -72,6 +87,9 @@ class Processes:
     def log_path(self, name: str) -> Path:
         return self.log_dir / f"{name}.log"
 
+    def log_paths(self, names: Iterable[str]) -> dict[str, Path]:
+        return {name: self.log_path(name) for name in names}
+
     def log_tail(self, name: str, lines: int = 25) -> str:
         try:
             return "\n".join(self.log_path(name).read_text(errors="replace").splitlines()[-lines:])
@@ -83,13 +101,14 @@ class Processes:
         process = self._running.pop(name, None)
         if process is None:
             return None
-        _signal_group(process, signal.SIGTERM)
+        # pgid == pid thanks to start_new_session
+        signal_group(process.pid, signal.SIGTERM)
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            _signal_group(process, signal.SIGKILL)
+            signal_group(process.pid, signal.SIGKILL)
             process.wait()
-        _signal_group(process, signal.SIGKILL)  # anything it started and left behind
+        signal_group(process.pid, signal.SIGKILL)  # anything it started and left behind
         return process.returncode
 
     def stop_all(self) -> None:
@@ -97,9 +116,10 @@ class Processes:
             self.stop(name)
 
 
-def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+def signal_group(pgid: int, signum: int) -> None:
+    """Send `signum` to process group `pgid`, if it is still there."""
     try:
-        os.killpg(process.pid, signum)  # pgid == pid thanks to start_new_session
+        os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -142,16 +162,192 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+async def start_fake_backend(processes: Processes, model: str) -> tuple[str, subprocess.Popen[bytes]]:
+    """The deterministic fake backend (`tests.fake_backend`) as "fake-backend", once healthy: its URL and process."""
+    port = free_port()
+    backend = processes.start(
+        "fake-backend",
+        [sys.executable, "-m", "tests.fake_backend", "--port", str(port), "--model", model],
+        env=child_env(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    await wait_http_ok(url + "/health", backend, STARTUP_TIMEOUT_S)
+    return url, backend
+
+
+async def start_api(processes: Processes, config: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """`hotq serve` as "hotq-api" on a free port, once it lists its models: its URL (ending in /v1) and process."""
+    port = free_port()
+    api = processes.start(
+        "hotq-api", [*HOTQ_CLI, "serve", "--config", str(config), "--port", str(port)], env=child_env()
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    await wait_http_ok(url + "/models", api, STARTUP_TIMEOUT_S)
+    return url, api
+
+
+async def start_worker(processes: Processes, config: Path, model: str) -> subprocess.Popen[bytes]:
+    """`hotq worker` for `model` as "hotq-worker", once it consumes."""
+    worker = processes.start(
+        "hotq-worker", [*HOTQ_CLI, "worker", "--config", str(config), "--model", model], env=child_env()
+    )
+    await wait_for_line(processes.log_path("hotq-worker"), "worker_started", worker, STARTUP_TIMEOUT_S)
+    return worker
+
+
+@dataclass(frozen=True)
+class Submitted:
+    wall_s: float  # process start -> exit
+    stored_s: float | None  # process start -> its "job <id>: N requests" line (the job is stored)
+
+    @property
+    def after_stored_s(self) -> float | None:
+        """The job stored -> exit: the part after starting Python, validating and storing the file."""
+        return None if self.stored_s is None else self.wall_s - self.stored_s
+
+
+async def run_hotq_submit(
+    processes: Processes,
+    name: str,
+    jsonl: Path,
+    config: Path,
+    model: str,
+    job_id: str,
+    options: Sequence[str],
+    timeout_s: float,
+) -> Submitted:
+    """`hotq submit JSONL --model M OPTIONS` as job `job_id`, a subprocess timed from its start to its exit."""
+    argv = [*HOTQ_CLI, "submit", str(jsonl), "--config", str(config), "--model", model, *options, "--job-id", job_id]
+    log_path = processes.log_path(name)
+    started = time.perf_counter()
+    process = processes.start(name, argv, env=child_env())
+    stored_s: float | None = None
+    while process.poll() is None:
+        if stored_s is None and f"job {job_id}:" in log_path.read_text(errors="replace"):
+            stored_s = time.perf_counter() - started
+        if time.perf_counter() - started > timeout_s:
+            processes.stop(name)
+            raise TimeoutError(f"{name} did not finish within {timeout_s:g} s")
+        await asyncio.sleep(LOG_POLL_S)
+    wall = time.perf_counter() - started
+    if stored_s is None and f"job {job_id}:" in log_path.read_text(errors="replace"):
+        stored_s = wall  # (logged in the last poll interval)
+    processes.stop(name)  # reaps it (and anything it left in its group)
+    if process.returncode != 0:
+        raise RuntimeError(f"{name} exited with {process.returncode}:\n{processes.log_tail(name)}")
+    return Submitted(wall, stored_s)
+
+
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of this process's children that have exited and been reaped."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def request_queues(*models: str) -> list[str]:
+    """The request queues (every lane) of these models."""
+    return [topology.request_queue_name(model, lane) for model in models for lane in Lane]
+
+
 async def delete_queues(amqp_url: str, names: Sequence[str]) -> None:
-    """Delete these queues if they exist (each delete on a fresh channel: a failed one closes it)."""
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        for name in names:
-            channel = await connection.channel()  # a failed delete closes its channel
-            try:
-                await channel.queue_delete(name)
-            except aio_pika.exceptions.AMQPError:
-                pass
+    """Delete these queues if they exist; a failure is printed, not raised: cleanup must not hide the real error."""
+    try:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            for name in names:
+                channel = await connection.channel()  # a failed delete closes its channel
+                try:
+                    await channel.queue_delete(name)
+                except aio_pika.exceptions.AMQPError:
+                    pass
+    except Exception as exc:  # noqa: BLE001 - cleanup must not hide the real error
+        print(f"could not delete the queues {list(names)}: {exc!r}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------
+
+
+class BadAnswer(Exception):
+    """An answer that is not the expected one: an HTTP error, a malformed body, the wrong content."""
+
+
+def error_kind(exc: BaseException) -> str:
+    """How a failed request is counted: a bad answer by what was wrong, anything else by its type."""
+    return str(exc)[:120] if isinstance(exc, BadAnswer) else type(exc).__name__
+
+
+async def sse_data(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """The JSON of each ``data:`` event of a server-sent event stream, as it arrives."""
+    buffer = bytearray()
+    async for piece in response.content.iter_any():
+        buffer += piece
+        while (end := buffer.find(b"\n\n")) >= 0:
+            event = bytes(buffer[:end])
+            del buffer[: end + 2]
+            if not event.startswith(b"data: ") or event == b"data: [DONE]":
+                continue  # keep-alive comments, the end marker
+            yield json.loads(event[6:])
+
+
+@dataclass(frozen=True)
+class PolledBatch:
+    batch: Batch  # completed
+    first_result_s: float | None  # since the start: the first poll that counted a finished line ...
+    all_results_s: float | None  # ... and the first that counted them all (the batch may still be finalizing)
+    polls: int
+
+
+@dataclass(frozen=True)
+class BatchPolling:
+    """How a batch is watched: every `slow_s` while less than `fast_from` of its lines are done (polling
+    costs CPU the work would otherwise use), then every `fast_s` (the end must be seen promptly)."""
+
+    slow_s: float
+    fast_s: float
+    fast_from: float
+
+    def settings(self) -> dict[str, float]:
+        return {"slow": self.slow_s, "fast": self.fast_s, "fast_from_done": self.fast_from}
+
+    async def until_completed(
+        self, client: openai.AsyncOpenAI, batch: Batch, started: float, timeout_s: float
+    ) -> PolledBatch:
+        """Retrieve `batch` until it is completed; fail if it ends otherwise or is still running `timeout_s`
+        after `started` (a `time.perf_counter()`)."""
+        first_result_s: float | None = None
+        all_results_s: float | None = None
+        polls = 0
+        while batch.status != "completed":
+            if batch.status not in ("validating", "in_progress", "finalizing"):
+                raise RuntimeError(f"batch {batch.id} ended {batch.status}: {batch}")
+            if time.perf_counter() - started > timeout_s:
+                raise TimeoutError(f"batch {batch.id} still {batch.status} after {timeout_s:g} s: {batch}")
+            counts = batch.request_counts
+            done = 0 if counts is None else counts.completed + counts.failed
+            nearly = counts is not None and done >= self.fast_from * counts.total
+            await asyncio.sleep(self.fast_s if nearly else self.slow_s)
+            batch = await client.batches.retrieve(batch.id)
+            polls += 1
+            now = time.perf_counter() - started
+            counts = batch.request_counts
+            done = 0 if counts is None else counts.completed + counts.failed
+            if first_result_s is None and done > 0:
+                first_result_s = now
+            if all_results_s is None and counts is not None and done >= counts.total:
+                all_results_s = now
+        return PolledBatch(batch, first_result_s, all_results_s, polls)
+
+
+async def batch_records(client: openai.AsyncOpenAI, batch: Batch) -> list[dict[str, Any]]:
+    """The lines of a finished batch's output and error files."""
+    records: list[dict[str, Any]] = []
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if file_id is not None:
+            text = (await client.files.content(file_id)).text
+            records += [json.loads(line) for line in text.splitlines() if line]
+    return records
 
 
 # ---------------------------------------------------------------------------
@@ -170,11 +366,12 @@ class CpuMeter:
     groups: dict[str, int]
 
     @classmethod
-    def base(cls, backend_pgid: int) -> CpuMeter:
-        pids = {"load-gen": os.getpid()}
+    def of(cls, groups: dict[str, int], load_gen: str = "load-gen") -> CpuMeter:
+        """This process (named `load_gen`), a local RabbitMQ if there is one, and these process groups."""
+        pids = {load_gen: os.getpid()}
         if (broker := find_process("beam.smp")) is not None:
             pids["rabbitmq"] = broker  # a local RabbitMQ: its CPU counts too (all its traffic)
-        return cls(pids, {"backend": backend_pgid})
+        return cls(pids, groups)
 
     def plus(self, groups: dict[str, int]) -> CpuMeter:
         return CpuMeter(self.pids, {**self.groups, **groups})
@@ -322,12 +519,65 @@ def environment() -> dict[str, Any]:
     }
 
 
+@dataclass
+class BenchReport:
+    """What every benchmark's JSON starts with; each benchmark's report adds its results and notes."""
+
+    started_at: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
+    settings: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=environment)
+
+
+def keep_logs(report: BenchReport, name: str, logs: Iterable[Path]) -> Path:
+    """Copy the logs that exist to ``bench/results/<name>-<started_at>-logs``: the work dir goes with the run."""
+    kept = RESULTS_DIR / f"{name}-{report.started_at}-logs"
+    kept.mkdir(parents=True, exist_ok=True)
+    for path in logs:
+        if path.exists():
+            shutil.copy(path, kept / path.name)
+    return kept
+
+
 BAD_LOG_WORDS: Final = ("Traceback", '"level": "error"', "ERROR", '"level": "warning"')
 
 
 def bad_log_lines(lines: Iterable[str]) -> list[str]:
     """The lines that show an error or a warning (the processes under test should log none)."""
     return [line for line in lines if any(word in line for word in BAD_LOG_WORDS)]
+
+
+def check_logs(logs: Mapping[str, Path], notes: list[str], lost_connections: bool = False) -> None:
+    """Note the error and warning lines in each named log (the processes under test should log none), and
+    with `lost_connections` each RabbitMQ connection a process lost (a test suite may force-close them)."""
+    for name, path in logs.items():
+        try:
+            lines = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        bad = bad_log_lines(lines)
+        if bad:
+            notes.append(f"{name} logged {len(bad)} error/warning line(s), first: {bad[0][:300]}")
+        if lost_connections and (
+            lost := [line for line in lines if "Unexpected connection close" in line or "CONNECTION_FORCED" in line]
+        ):
+            notes.append(
+                f"{name} lost its RabbitMQ connection {len(lost)} time(s) (someone closed it; it reconnected): "
+                f"{lost[0][:200]}"
+            )
+
+
+def print_header(header: str) -> None:
+    """A table's header line, underlined."""
+    print(header)
+    print("-" * len(header))
+
+
+def print_cpu_legend(columns: str, during: str) -> None:
+    """What the CPU columns (`columns`, e.g. "bench..backend"), busy and noise of a table mean."""
+    print(
+        f"  ({columns}: CPU seconds during the {during}; busy: cores the whole machine kept busy;"
+        " noise: busy cores not used by the measured processes)"
+    )
 
 
 def print_notes(notes: Sequence[str], json_path: Path) -> None:
@@ -338,12 +588,6 @@ def print_notes(notes: Sequence[str], json_path: Path) -> None:
     print(f"JSON: {json_path}")
 
 
-def write_json(report: Any, path: Path) -> None:
-    """Write a report dataclass to `path` as indented JSON (anything else as its str)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")
-
-
 def fmt(value: float | None, digits: int = 2) -> str:
     """`value` with `digits` decimals, or "-" for None (for the printed tables)."""
     return "-" if value is None else f"{value:.{digits}f}"
@@ -352,6 +596,13 @@ def fmt(value: float | None, digits: int = 2) -> str:
 def round_or_none(value: float | None, digits: int = 3) -> float | None:
     """`value` rounded to `digits`, None stays None (for the JSON)."""
     return None if value is None else round(value, digits)
+
+
+def nearest_rank(ordered: Sequence[float], q: float) -> float | None:
+    """The `q`-th percentile (nearest rank) of the sorted values `ordered`; None when there are none."""
+    if not ordered:
+        return None
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 # ---------------------------------------------------------------------------
@@ -373,15 +624,40 @@ def print_log_tails(logs: Iterable[Path], lines: int = 25, unreadable: str = "(u
         print(f"--- {log.name}\n{tail}", file=sys.stderr)
 
 
+def add_shared_options(
+    parser: argparse.ArgumentParser, *, max_wait_busy: bool = False, keep_logs: str | None = None
+) -> None:
+    """The options several benchmarks take, after their own: ``--max-wait-busy`` (if it waits for a quiet
+    machine), ``--keep-logs`` (if given: its help, which logs), ``--amqp-url``."""
+    if max_wait_busy:
+        parser.add_argument(
+            "--max-wait-busy",
+            type=float,
+            default=1800.0,
+            help="how long to wait for another vLLM or pytest to finish before measuring anyway [1800 s]",
+        )
+    if keep_logs is not None:
+        parser.add_argument("--keep-logs", action="store_true", help=keep_logs)
+    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+
+
+AnySettings = TypeVar("AnySettings")
+AnyReport = TypeVar("AnyReport", bound=BenchReport)
+
+
 def run_bench(
-    bench: Callable[[Processes, Path], Coroutine[Any, Any, None]],
-    tmp_prefix: str,
+    run: Callable[[AnySettings, Processes, Path, AnyReport], Coroutine[Any, Any, None]],
+    settings: AnySettings,
+    report: AnyReport,
+    name: str,
+    print_report: Callable[[AnyReport, Path], None],
     logs: Callable[[Path], Iterable[Path]] = lambda workdir: sorted(workdir.glob("*.log")),
     tail_lines: int = 25,
     unreadable: str = "(unreadable)",
     cleanup: Callable[[Path], None] | None = None,
 ) -> int:
-    """Run ``bench(processes, workdir)`` under uvloop in a fresh temporary directory.
+    """The benchmark `name`: ``run(settings, processes, workdir, report)`` under uvloop in a fresh temporary
+    directory, then the report as JSON (``bench/results/<name>-<started_at>.json``) and printed.
 
     SIGTERM and SIGINT unwind like Ctrl-C. Every process started through ``processes`` is
     stopped on the way out, then ``cleanup(workdir)`` runs (if given), while the directory
@@ -390,11 +666,11 @@ def run_bench(
     """
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored
-    with tempfile.TemporaryDirectory(prefix=tmp_prefix) as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"hotq-bench-{name}-") as tmp:
         workdir = Path(tmp)
         processes = Processes(workdir)
         try:
-            uvloop.run(bench(processes, workdir))
+            uvloop.run(run(settings, processes, workdir, report))
         except KeyboardInterrupt:
             print("\ninterrupted: stopping everything", file=sys.stderr)
             return 130
@@ -406,6 +682,11 @@ def run_bench(
             processes.stop_all()
             if cleanup is not None:
                 cleanup(workdir)
+    report.environment["loadavg_at_end"] = os.getloadavg()
+    json_path = RESULTS_DIR / f"{name}-{report.started_at}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(asdict(report), indent=2, default=str) + "\n")  # what JSON lacks: as its str
+    print_report(report, json_path)
     return 0
 
 

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -68,26 +67,33 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
 from bench import amqp_echo
 from bench.common import (
-    DEFAULT_AMQP_URL,
     OTHER,
     RESULTS_DIR,
     ROOT,
+    STARTUP_TIMEOUT_S,
+    BadAnswer,
+    BenchReport,
     CpuMeter,
     Processes,
-    bad_log_lines,
+    add_shared_options,
+    check_logs,
     child_env,
     delete_queues,
-    environment,
+    error_kind,
     fmt,
     http_session,
+    nearest_rank,
+    print_header,
     print_notes,
+    request_queues,
     run_bench,
+    sse_data,
+    start_api,
+    start_fake_backend,
+    start_worker,
     wait_for_line,
     wait_http_ok,
-    write_json,
 )
-from broker import topology
-from broker.messages import Lane
 from tests.fake_backend import expected_chat_tokens
 from tests.stack import free_port, write_config
 
@@ -103,7 +109,6 @@ LITELLM_MASTER_KEY: Final = "sk-bench-" + "0" * 32  # LiteLLM refuses to start w
 
 REQUEST_TIMEOUT_S: Final = 30.0
 CASE_TIME_LIMIT_S: Final = 120.0  # a case stops early (and says so) past this
-STARTUP_TIMEOUT_S: Final = 60.0
 LITELLM_STARTUP_TIMEOUT_S: Final = 180.0
 
 Call = Callable[[], Awaitable[None]]  # one request; raises if the answer is not the expected one
@@ -158,10 +163,6 @@ CPU_COLUMNS: Final = ("load-gen", "backend", "hotq-api", "hotq-worker", "amqp-ec
 # ---------------------------------------------------------------------------
 
 
-class BadAnswer(Exception):
-    """An answer that is not the expected one (wrong status or content)."""
-
-
 @dataclass
 class LoadRun:
     latencies_s: list[float]
@@ -185,7 +186,7 @@ async def run_load(call: Call, total: int, concurrency: int, time_limit_s: float
             try:
                 await call()
             except Exception as exc:  # noqa: BLE001 - every failure is a data point
-                errors[str(exc) if isinstance(exc, BadAnswer) else type(exc).__name__] += 1
+                errors[error_kind(exc)] += 1
             else:
                 latencies.append(time.perf_counter() - started)
 
@@ -281,9 +282,8 @@ class AmqpRpcClient:
 
 def percentile_ms(sorted_s: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile, in milliseconds."""
-    if not sorted_s:
-        return None
-    return sorted_s[max(0, math.ceil(q / 100 * len(sorted_s)) - 1)] * 1000
+    seconds = nearest_rank(sorted_s, q)
+    return None if seconds is None else seconds * 1000
 
 
 @dataclass
@@ -372,10 +372,7 @@ class ProfileResult:
 
 
 @dataclass
-class Report:
-    started_at: str
-    settings: dict[str, Any]
-    environment: dict[str, Any]
+class Report(BenchReport):
     cases: list[CaseResult] = field(default_factory=list)
     streams: list[StreamResult] = field(default_factory=list)
     profiles: list[ProfileResult] = field(default_factory=list)
@@ -438,7 +435,7 @@ async def bench_stream(
                 if content != expected:
                     raise BadAnswer("wrong content")
             except Exception as exc:  # noqa: BLE001
-                errors[str(exc) if isinstance(exc, BadAnswer) else type(exc).__name__] += 1
+                errors[error_kind(exc)] += 1
                 continue
             if attempt > 0:
                 ttfts.append(ttft)
@@ -469,25 +466,18 @@ async def _one_stream(
     started = time.perf_counter()
     first: float | None = None
     parts: list[str] = []
-    buffer = bytearray()
     events = 0
     async with session.post(url, data=body, headers=headers) as response:
         if response.status != 200:
             raise BadAnswer(f"HTTP {response.status}")
-        async for piece in response.content.iter_any():
-            buffer += piece
-            while (end := buffer.find(b"\n\n")) >= 0:
-                event = bytes(buffer[:end])
-                del buffer[: end + 2]
-                if not event.startswith(b"data: ") or event == b"data: [DONE]":
-                    continue  # keep-alive comments, the end marker
-                choices = json.loads(event[6:]).get("choices") or [{}]
-                content = (choices[0].get("delta") or {}).get("content")
-                if content:
-                    if first is None:
-                        first = time.perf_counter()
-                    parts.append(content)
-                    events += 1
+        async for data in sse_data(response):
+            choices = data.get("choices") or [{}]
+            content = (choices[0].get("delta") or {}).get("content")
+            if content:
+                if first is None:
+                    first = time.perf_counter()
+                parts.append(content)
+                events += 1
     finished = time.perf_counter()
     if first is None:
         raise BadAnswer("no content")
@@ -529,16 +519,9 @@ async def start_hotq(
     config = write_config(
         workdir / "hotq.toml", amqp_url, {model: {"backend_url": backend_url, "max_inflight": HOTQ_MAX_INFLIGHT}}
     )
-    port = free_port()
-    cli = [sys.executable, "-m", "ops.cli"]
-    api = processes.start("hotq-api", [*cli, "serve", "--config", str(config), "--port", str(port)], env=child_env())
-    url = f"http://127.0.0.1:{port}"
-    await wait_http_ok(url + "/v1/models", api, STARTUP_TIMEOUT_S)
-    worker = processes.start(
-        "hotq-worker", [*cli, "worker", "--config", str(config), "--model", model], env=child_env()
-    )
-    await wait_for_line(processes.log_path("hotq-worker"), "worker_started", worker, STARTUP_TIMEOUT_S)
-    return url + "/v1", api, worker
+    url, api = await start_api(processes, config)
+    worker = await start_worker(processes, config, model)
+    return url, api, worker
 
 
 def ensure_litellm_venv(venv: Path) -> Path:
@@ -803,20 +786,12 @@ async def profile_hotq(
 
 async def run(settings: Settings, processes: Processes, workdir: Path, report: Report) -> None:
     model = f"bench-core-{uuid.uuid4().hex[:8]}"  # unique: this run's queues are its own
-    hotq_queues = [topology.request_queue_name(model, lane) for lane in Lane]
     rpc_queues: list[str] = []
     report.settings["model"] = model
     try:
         print("fake backend", flush=True)
-        port = free_port()
-        backend = processes.start(
-            "fake-backend",
-            [sys.executable, "-m", "tests.fake_backend", "--port", str(port), "--model", model],
-            env=child_env(),
-        )
-        backend_url = f"http://127.0.0.1:{port}"
-        await wait_http_ok(backend_url + "/health", backend, STARTUP_TIMEOUT_S)
-        cpu = CpuMeter.base(backend.pid)
+        backend_url, backend = await start_fake_backend(processes, model)
+        cpu = CpuMeter.of({"backend": backend.pid})
 
         print("(a) direct", flush=True)
         report.cases += await bench_http("direct", backend_url + "/v1", model, settings, cpu)
@@ -840,7 +815,7 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
             report.profiles += await profile_hotq(
                 processes, settings, hotq_url, model, {"hotq-api": api.pid, "hotq-worker": worker.pid}, out_dir
             )
-        _check_logs(processes, ("hotq-api", "hotq-worker"), report)
+        check_logs(processes.log_paths(["hotq-api", "hotq-worker"]), report.notes)
         processes.stop("hotq-worker")
         processes.stop("hotq-api")
 
@@ -854,26 +829,13 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
                 "litellm", litellm_url, model, settings, cpu.plus({"litellm": litellm.pid}), auth
             )
             report.streams.append(await bench_stream("litellm", litellm_url, model, settings.stream_repeats, auth))
-            _check_logs(processes, ("litellm",), report)
+            check_logs(processes.log_paths(["litellm"]), report.notes)
             processes.stop("litellm")
-        _check_logs(processes, ("fake-backend",), report)
+        check_logs(processes.log_paths(["fake-backend"]), report.notes)
     finally:
-        try:
-            await delete_queues(settings.amqp_url, [*hotq_queues, *rpc_queues])
-        except (OSError, aio_pika.exceptions.AMQPError) as exc:
-            print(f"could not delete the queues {[*hotq_queues, *rpc_queues]}: {exc!r}", file=sys.stderr)
-
-
-def _check_logs(processes: Processes, names: Sequence[str], report: Report) -> None:
-    """Note error lines the processes under test logged (they should log none)."""
-    for name in names:
-        try:
-            lines = processes.log_path(name).read_text(errors="replace").splitlines()
-        except OSError:
-            continue
-        bad = bad_log_lines(lines)
-        if bad:
-            report.notes.append(f"{name} logged {len(bad)} error/warning line(s), first: {bad[0][:300]}")
+        await delete_queues(settings.amqp_url, [*request_queues(model), *rpc_queues])
+    add_overheads(report.cases)
+    note_failures(report)
 
 
 def note_failures(report: Report) -> None:
@@ -909,8 +871,7 @@ def print_report(report: Report, json_path: Path) -> None:
         f"{'target':<24}{'conc':>5}{'ok/n':>11}{'err':>5}{'req/s':>9}"
         f"{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'added p50':>11}{'added p99':>11}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for c in cases:
         print(
             f"{c.target:<24}{c.concurrency:>5}{f'{c.ok}/{c.requests}':>11}{sum(c.errors.values()):>5}{c.rps:>9.1f}"
@@ -924,8 +885,7 @@ def print_report(report: Report, json_path: Path) -> None:
         + "".join(f"{name:>12}" for name in CPU_COLUMNS)
         + f"{'total':>9}{'other cores':>13}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for c in cases:
         used = c.cpu_ms_per_request
         print(
@@ -937,8 +897,7 @@ def print_report(report: Report, json_path: Path) -> None:
         print()
         print(f"One stream ({STREAM_MAX_TOKENS} tokens, no delay; median of {report.streams[0].repeats})")
         header = f"{'target':<24}{'ok':>4}{'ttft ms':>10}{'total ms':>10}{'tokens/s':>11}{'events':>8}"
-        print(header)
-        print("-" * len(header))
+        print_header(header)
         for s in report.streams:
             print(
                 f"{s.target:<24}{s.ok:>4}{fmt(s.ttft_ms):>10}{fmt(s.total_ms):>10}"
@@ -978,27 +937,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--litellm-venv", default=str(DEFAULT_LITELLM_VENV), help="venv with litellm[proxy] (created if missing)"
     )
-    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    add_shared_options(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_args(parse_args(argv))
-    started_at = time.strftime("%Y%m%d-%H%M%S")
-    report = Report(started_at=started_at, settings=_settings_json(settings), environment=environment())
-    json_path = RESULTS_DIR / f"core_path-{started_at}.json"
-    if code := run_bench(
-        lambda processes, workdir: run(settings, processes, workdir, report),
-        "hotq-bench-",
-        unreadable="(no log)",
-    ):
-        return code
-    add_overheads(report.cases)
-    note_failures(report)
-    report.environment["loadavg_at_end"] = os.getloadavg()
-    write_json(report, json_path)
-    print_report(report, json_path)
-    return 0
+    report = Report(settings=_settings_json(settings))
+    return run_bench(run, settings, report, "core_path", print_report, unreadable="(no log)")
 
 
 def _settings_json(settings: Settings) -> dict[str, Any]:

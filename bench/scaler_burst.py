@@ -85,28 +85,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import aio_pika
 import aiohttp
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 
 from bench.common import (
     CLOCK_TICKS,
-    DEFAULT_AMQP_URL,
-    RESULTS_DIR,
     ROOT,
+    BenchReport,
     Processes,
+    add_shared_options,
     bad_log_lines,
-    child_env,
     delete_queues,
-    environment,
     find_process,
     foreign_heavy_processes,
+    keep_logs,
     machine_busy_s,
+    nearest_rank,
+    print_header,
     print_notes,
+    request_queues,
     round_or_none,
     run_bench,
-    wait_http_ok,
-    write_json,
+    start_api,
 )
 from broker import messages, topology
 from broker.config import Config, load_config
@@ -120,13 +120,12 @@ from hpc_agents.launchers import Launch
 from hpc_agents.launchers.local import LocalLauncher
 from hpc_agents.scaler import Scaler
 from tests.fake_backend import expected_chat_tokens
-from tests.stack import free_port, write_config
+from tests.stack import write_config
 
 CLUSTER: Final = "local"
 FAKE_COMMAND: Final = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
 SUPERVISE_INTERVAL_S: Final = 0.25  # hpc_agents.agent: how often an agent checks whether it is idle
 
-STARTUP_TIMEOUT_S: Final = 60.0
 REQUEST_TIMEOUT_S: Final = 150.0
 QUEUE_WAIT_S: Final = 120.0  # the API's max_queue_wait_s: requests outlive the agents' cold start
 AGENTS_GONE_TIMEOUT_S: Final = 120.0  # per phase: answers in and agents gone, else the run stops
@@ -545,10 +544,7 @@ class PhaseResult:
 
 
 @dataclass
-class Report:
-    started_at: str
-    settings: dict[str, Any]
-    environment: dict[str, Any]
+class Report(BenchReport):
     phases: list[PhaseResult] = field(default_factory=list)
     agents: list[AgentResult] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
@@ -631,14 +627,6 @@ def agent_results(
     return results
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
-
-
 def measured_agent_rps(agents: list[AgentResult]) -> float | None:
     """Per-agent throughput while busy: served / busy seconds, over agents that served in bursts."""
     busy = [
@@ -687,7 +675,7 @@ def phase_results(
         )
         ids = {t.agent_id for t in in_phase}
         first_sent = min((r.sent for r in run.requests), default=None)
-        latencies = [r.done - r.sent for r in run.requests if r.error is None]
+        latencies = sorted(r.done - r.sent for r in run.requests if r.error is None)
         errors = Counter(r.error for r in run.requests if r.error is not None)
         lag = tick_wait = tick = missed = None
         missed_at: list[float] = []
@@ -730,8 +718,8 @@ def phase_results(
                 ok=len(latencies),
                 errors=dict(errors),
                 completion_s=_diff(run.answered, first_sent) if run.requests else None,
-                latency_p50_s=round_or_none(percentile(latencies, 50)),
-                latency_p90_s=round_or_none(percentile(latencies, 90)),
+                latency_p50_s=round_or_none(nearest_rank(latencies, 50)),
+                latency_p90_s=round_or_none(nearest_rank(latencies, 90)),
                 latency_max_s=round_or_none(max(latencies, default=None)),
                 launch_lag_s=round_or_none(lag),
                 launch_tick_wait_s=round_or_none(tick_wait),
@@ -852,9 +840,8 @@ def changed_sources(before: dict[str, float]) -> list[str]:
 
 
 def model_queues(model: str) -> list[str]:
-    names = [topology.request_queue_name(model, lane) for lane in Lane]
-    names.append(topology.request_queue_name(model, Lane.INTERACTIVE, CLUSTER))  # the scaler probes it
-    return names
+    # the cluster's own interactive queue too: the scaler probes it
+    return [*request_queues(model), topology.request_queue_name(model, Lane.INTERACTIVE, CLUSTER)]
 
 
 async def run(settings: Settings, processes: Processes, workdir: Path, report: Report) -> None:
@@ -885,13 +872,7 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
     runs: list[PhaseRun] = []
     try:
         print("hotq serve", flush=True)
-        port = free_port()
-        cli = [sys.executable, "-m", "ops.cli"]
-        api = processes.start(
-            "hotq-api", [*cli, "serve", "--config", str(config_path), "--port", str(port)], env=child_env()
-        )
-        base = f"http://127.0.0.1:{port}"
-        await wait_http_ok(base + "/v1/models", api, STARTUP_TIMEOUT_S)
+        api_url, _ = await start_api(processes, config_path)
 
         connection = await connect(settings.amqp_url, "bench-scaler-burst")
         connection.reconnect_callbacks.add(lambda *_: observer.reconnects.append(time.monotonic()))
@@ -918,7 +899,7 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
             for phase in settings.phases:
                 runs.append(
                     await run_phase(
-                        phase, session, base + "/v1/chat/completions", model, observer, settings, rabbitmq_pid
+                        phase, session, api_url + "/chat/completions", model, observer, settings, rabbitmq_pid
                     )
                 )
                 for task in background:
@@ -941,10 +922,7 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
         if connection is not None:
             await connection.close()
         processes.stop_all()
-        try:
-            await delete_queues(settings.amqp_url, model_queues(model))
-        except (OSError, aio_pika.exceptions.AMQPError) as exc:
-            print(f"could not delete the queues {model_queues(model)}: {exc!r}", file=sys.stderr)
+        await delete_queues(settings.amqp_url, model_queues(model))
         record_environment(report, observer)
 
 
@@ -1113,8 +1091,7 @@ def print_report(report: Report, json_path: Path) -> None:
         f"{'miss':>5}{'launched':>10}{'needed':>8}{'+cold':>7}{'peak':>6}{'idle0':>7}{'churn':>7}"
         f"{'machine':>9}{'ours':>6}{'rmq':>6}{'other':>7}{'load':>6}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for p in report.phases:
         cpu = p.cpu_cores
         print(
@@ -1139,8 +1116,7 @@ def print_report(report: Report, json_path: Path) -> None:
         f"{'agent':<30}{'phase':<9}{'launch':>8}{'->hot':>7}{'->1st':>7}{'served':>8}{'rps':>7}"
         f"{'last':>8}{'->drain':>9}{'err':>7}{'->exit':>8}{'exit':>7}"
     )
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     never_hot = [a for a in report.agents if a.hot_s is None]
     for a in report.agents:
         if a.hot_s is None and len(never_hot) > 8:
@@ -1164,8 +1140,7 @@ def print_report(report: Report, json_path: Path) -> None:
     print()
     print("Scaler decisions (t in s since the profile started)")
     header = f"{'t':>7}{'backlog':>9}{'rps':>7}{'desired':>9}{'launched':>10}{'hot':>5}{'start':>7}{'pend':>6}"
-    print(header)
-    print("-" * len(header))
+    print_header(header)
     for d in report.decisions:
         print(
             f"{d['at_s']:>7.2f}{d['backlog']:>9}{d['throughput_rps']:>7.2f}{d['desired']:>9}{d['launched']:>10}"
@@ -1217,8 +1192,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--tick-s", type=float, default=1.0, help="the scaler's tick, as `hotq scale` [1]")
     parser.add_argument("--poll-s", type=float, default=0.1, help="backend /_stats polling interval [0.1]")
     parser.add_argument("--settle-s", type=float, default=2.0, help="idle after the agents left, per phase [2]")
-    parser.add_argument("--keep-logs", action="store_true", help="keep the API/agent/backend logs in bench/results")
-    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    add_shared_options(parser, keep_logs="keep the API/agent/backend logs in bench/results")
     return parser.parse_args(argv)
 
 
@@ -1266,33 +1240,25 @@ def _logs(workdir: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_args(parse_args(argv))
     configure_logging("warning", force_json=True)  # the in-process scaler logs every decision at info
-    started_at = time.strftime("%Y%m%d-%H%M%S")
-    settings_json = asdict(settings) | {"fake_command": FAKE_COMMAND, "max_queue_wait_s": QUEUE_WAIT_S}
-    report = Report(started_at=started_at, settings=settings_json, environment=environment())
-    json_path = RESULTS_DIR / f"scaler_burst-{started_at}.json"
+    report = Report(settings=asdict(settings) | {"fake_command": FAKE_COMMAND, "max_queue_wait_s": QUEUE_WAIT_S})
 
     def cleanup(workdir: Path) -> None:
         leftovers = kill_leftovers()
         if leftovers:
             print(f"killed leftover processes {leftovers}", file=sys.stderr)
         if settings.keep_logs:
-            logs = RESULTS_DIR / f"scaler_burst-{started_at}-logs"
-            logs.mkdir(parents=True, exist_ok=True)
-            for log in _logs(workdir):
-                shutil.copy(log, logs / log.name)
+            keep_logs(report, "scaler_burst", _logs(workdir))
 
-    if code := run_bench(
-        lambda processes, workdir: run(settings, processes, workdir, report),
-        "hotq-bench-scaler-",
+    return run_bench(
+        run,
+        settings,
+        report,
+        "scaler_burst",
+        print_report,
         logs=lambda workdir: sorted(_logs(workdir)),
         tail_lines=15,
         cleanup=cleanup,
-    ):
-        return code
-    report.environment["loadavg_at_end"] = os.getloadavg()
-    write_json(report, json_path)
-    print_report(report, json_path)
-    return 0
+    )
 
 
 if __name__ == "__main__":
