@@ -26,9 +26,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Awaitable, Callable
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from broker.messages import Lane
 
@@ -171,6 +178,19 @@ async def bind_reply_queue(channel: AbstractChannel, queue: AbstractQueue) -> No
     """Make `queue` reachable by consumers' replies: bound to ``hotq.replies`` under its own name."""
     exchange = await channel.declare_exchange(REPLY_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
     await queue.bind(exchange, routing_key=queue.name)
+
+
+async def consume_agent_events(
+    connection: AbstractRobustConnection, on_message: Callable[[AbstractIncomingMessage], Awaitable[None]]
+) -> None:
+    """Hand every agent announcement from now on to `on_message`, through a queue of this
+    process's own that goes away with its connection."""
+    channel = await connection.channel()
+    await declare_exchanges(channel)
+    events = await channel.get_exchange(EVENTS_EXCHANGE)
+    queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+    await queue.bind(events, routing_key="agent.#")
+    await queue.consume(on_message, no_ack=True)
 
 
 def usage_queue_arguments() -> dict[str, object]:

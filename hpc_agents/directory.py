@@ -26,12 +26,7 @@ class AgentDirectory:
         self._agents: dict[str, tuple[AgentStatus, float]] = {}  # agent_id -> (status, received at)
 
     async def subscribe(self, connection: AbstractRobustConnection) -> None:
-        channel = await connection.channel()
-        await topology.declare_exchanges(channel)
-        events = await channel.get_exchange(topology.EVENTS_EXCHANGE)
-        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(events, routing_key="agent.#")
-        await queue.consume(self._on_status, no_ack=True)
+        await topology.consume_agent_events(connection, self._on_status)
 
     async def _on_status(self, message: AbstractIncomingMessage) -> None:
         try:
