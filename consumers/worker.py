@@ -72,6 +72,7 @@ class Worker:
         self._usage: UsageReporter | None = None
         self._consumer_tags: list[tuple[AbstractQueue, str]] = []
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._settling: set[asyncio.Future[None]] = set()  # settlements of deliveries cancelled before they ran
         self._cancelled_by_client: set[str] = set()
         self._cancelled_unseen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._stopping = False
@@ -130,6 +131,7 @@ class Worker:
             for task in unfinished:
                 task.cancel()  # _serve_envelope requeues a request cancelled this way
             await asyncio.gather(*unfinished, return_exceptions=True)
+        await asyncio.gather(*self._settling, return_exceptions=True)
         if self._usage is not None:
             await self._usage.close()
         for channel in self._channels:
@@ -153,6 +155,15 @@ class Worker:
             if self._inflight.get(key) is finished:  # a redelivery of the same id may have replaced it
                 del self._inflight[key]
             self.last_active = time.monotonic()
+            if finished.cancelled() and not message.processed:
+                # Cancelled before its first step (a client's cancel or a stop came first), so
+                # nothing in `_serve` ran to settle it; unsettled, it would hold a prefetch place
+                # (a backend slot) for ever.
+                by_client = key in self._cancelled_by_client
+                self._cancelled_by_client.discard(key)
+                settling = asyncio.ensure_future(_settle(message, requeue=not by_client))
+                self._settling.add(settling)
+                settling.add_done_callback(self._settling.discard)
 
         task.add_done_callback(done)
 

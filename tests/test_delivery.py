@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import subprocess
 import threading
@@ -9,10 +10,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aio_pika
 import httpx
 import openai
 import pytest
 
+from broker import topology
+from broker.messages import Lane
 from tests.fake_backend import expected_chat_tokens, running_fake_backend
 from tests.stack import Stack, write_config
 
@@ -183,3 +187,64 @@ def _expired_request_is_not_computed(stack: Stack, model: str, fake_backend_url:
         assert answer.choices[0].message.content == "echo: ni emit"
     finally:
         stack.close()
+
+
+def _ready_messages(amqp_url: str, model: str) -> int:
+    """Requests waiting in the model's interactive queue (exact, unlike RabbitMQ's sampled stats)."""
+
+    async def depth() -> int:
+        connection = await aio_pika.connect_robust(amqp_url)
+        async with connection:
+            ready, _ = await topology.queue_depth(await connection.channel(), model, Lane.INTERACTIVE)
+            return ready
+
+    return asyncio.run(depth())
+
+
+def test_requests_cancelled_before_they_start_give_their_slots_back(
+    tmp_path: Path, amqp_url: str, session_tag: str, delete_test_queues: list[str]
+) -> None:
+    """Issue 15 §1: a cancel that reaches the worker before the request's handler has started
+    must still settle the delivery, or each such request holds one of `max_inflight` for ever."""
+    model = f"early-cancel-{session_tag}"
+    delete_test_queues.append(model)
+    with running_fake_backend([model]) as fake_backend_url:
+        config = write_config(
+            tmp_path / "hotq.toml", amqp_url, {model: {"backend_url": fake_backend_url, "max_inflight": 2}}
+        )
+        stack = Stack(config, tmp_path)
+        try:
+            stack.start_api()
+            worker = stack.start_worker(model)
+            body = {"model": model, "messages": [{"role": "user", "content": "never mind"}]}
+            for left in (1, 2):
+                worker.send_signal(signal.SIGSTOP)  # the delivery and the cancel both wait for it
+                with pytest.raises(httpx.TimeoutException):
+                    httpx.post(stack.url + "/v1/chat/completions", json=body, timeout=0.3)
+                _wait_until(lambda left=left: stack.log("api.log").count('"status": 499') >= left, timeout=60)
+                worker.send_signal(signal.SIGCONT)
+            # Both slots serve again: two slow requests run in the backend at once.
+            httpx.post(fake_backend_url + "/_reset")
+            client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            calls = [
+                threading.Thread(
+                    target=lambda: client.chat.completions.create(
+                        model=model,
+                        messages=[{"role": "user", "content": "both at once"}],
+                        extra_body={"fake_delay_ms": 3000},
+                    )
+                )
+                for _ in range(2)
+            ]
+            for call in calls:
+                call.start()
+            _wait_until(lambda: _stats(fake_backend_url)["active"] == 2, timeout=60)
+            for call in calls:
+                call.join(timeout=120)
+            assert _stats(fake_backend_url)["completed"] == 2
+            # Every delivery was settled: a worker that leaves hands nothing back.
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(timeout=60) == 0
+            assert _ready_messages(amqp_url, model) == 0
+        finally:
+            stack.close()
