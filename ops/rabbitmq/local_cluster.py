@@ -271,7 +271,9 @@ class LocalCluster:
         _progress(f"killing {node.name} (pid {pid}) with SIGKILL")
         os.kill(pid, signal.SIGKILL)
         deadline = time.monotonic() + self.timeout_s
-        while self.pid(node) is not None:
+        # Until its ports are closed too: while its threads exit, a killed VM still holds its listening
+        # socket, which accepts a connection and then resets it.
+        while not (_process_gone(pid) and port_is_free(node.amqp_port) and port_is_free(node.distribution_port)):
             if time.monotonic() > deadline:
                 raise ClusterError(f"{node.name} (pid {pid}) still runs {self.timeout_s:.0f} s after SIGKILL")
             time.sleep(0.1)
@@ -364,6 +366,14 @@ class LocalCluster:
                 lines.append(f"  {queue.vhost} {queue.name}: leader {queue.leader or '(none)'}, {online}")
         lines.append("urls: " + ",".join(self.urls))
         return "\n".join(lines)
+
+
+def _process_gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # a zombie nobody reaps yet
 
 
 def port_is_free(port: int) -> bool:
