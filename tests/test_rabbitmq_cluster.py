@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import subprocess
+from pathlib import Path
 
 import aio_pika
 import pytest
 
 from ops.rabbitmq.local_cluster import LocalCluster, Node
 from tests.rabbitmq_cluster import PATIENCE_S, wait_for_leader
+
+SCRIPT = Path(__file__).resolve().parent.parent / "ops" / "rabbitmq" / "local_cluster.py"
 
 # Starting the cluster (on the first test that needs it) takes ~30 s here, maybe minutes on a slow machine.
 pytestmark = pytest.mark.timeout(900)
@@ -72,4 +77,33 @@ async def test_quorum_queue_keeps_its_messages_when_its_leader_is_killed(
     connection = await aio_pika.connect(survivor.url)
     async with connection:
         channel = await connection.channel()
+        await channel.queue_delete(queue_name)
+
+
+async def test_command_line_shows_nodes_leaders_and_urls(
+    rabbitmq_cluster: LocalCluster, session_tag: str, tmp_path: Path
+) -> None:
+    """What an operator runs: the script with the system's python3, outside the repository and the venv."""
+    cluster = rabbitmq_cluster
+    queue_name = f"hotq.test.status-{session_tag}"
+    connection = await aio_pika.connect(cluster.nodes[1].url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue_name, durable=True, arguments={"x-queue-type": "quorum"})
+
+        def run(*command: str) -> str:
+            python = shutil.which("python3") or "python3"
+            arguments = [python, str(SCRIPT), "--dir", str(cluster.directory), *command]
+            done = subprocess.run(arguments, cwd=tmp_path, capture_output=True, text=True, timeout=PATIENCE_S)
+            assert done.returncode == 0, done.stderr
+            return done.stdout
+
+        status = await asyncio.to_thread(run, "status")
+        for node in cluster.nodes:
+            assert f"{node.name}" in status and f"{node.amqp_port}" in status
+        assert status.count("running (pid") == 3
+        leader = await asyncio.to_thread(cluster.leader, queue_name)
+        assert leader is not None
+        assert f"/ {queue_name}: leader {leader.name}, 3/3 members online" in status
+        assert (await asyncio.to_thread(run, "urls")).strip() == ",".join(cluster.urls)
         await channel.queue_delete(queue_name)
