@@ -264,7 +264,8 @@ class LocalCluster:
         self.rabbitmqctl(node, "stop", str(self._pid_file(node)))
 
     def kill(self, node: Node) -> None:
-        """kill -9: a crash, as when a host loses power. Returns once the process is gone."""
+        """kill -9: the node crashes (its peers and clients see its sockets close at once). Returns once
+        the process and its ports are gone."""
         pid = self.pid(node)
         if pid is None:
             raise ClusterError(f"{node.name} is not running")
