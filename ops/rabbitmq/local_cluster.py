@@ -212,15 +212,21 @@ class LocalCluster:
     # -- one node ---------------------------------------------------------------------------------
 
     def pid(self, node: Node) -> int | None:
-        """The node's OS process id while its Erlang VM runs (whether or not RabbitMQ is up in it)."""
-        try:
-            pid = int(self._pid_file(node).read_text().strip())
-            environment = Path(f"/proc/{pid}/environ").read_bytes()
-        except (FileNotFoundError, PermissionError, ProcessLookupError, ValueError):
-            return None
-        # A pid file left by a crash may name a pid that the system has since given to another process;
-        # the VM's command line does not name the node, the environment we started it with does.
-        return pid if f"RABBITMQ_NODENAME={node.name}\0".encode() in environment else None
+        """The node's OS process id while its Erlang VM runs (whether or not RabbitMQ is up in it).
+
+        Found by the environment we started it with, not by its pid file: the file appears only some
+        way into the boot, and one left by a crash may name a pid the system has given to another
+        process. The VM's command line does not name the node.
+        """
+        ours = f"RABBITMQ_PID_FILE={self._pid_file(node)}\0".encode()
+        for process in Path("/proc").iterdir():
+            try:
+                if process.name.isdigit() and (process / "comm").read_text().strip() == "beam.smp":
+                    if ours in (process / "environ").read_bytes():
+                        return int(process.name)
+            except OSError:  # gone meanwhile, or another user's
+                continue
+        return None
 
     def is_running(self, node: Node) -> bool:
         return self.pid(node) is not None
@@ -317,9 +323,12 @@ class LocalCluster:
                 process.wait(timeout=max(deadline - time.monotonic(), 1))
             except subprocess.TimeoutExpired:
                 process.kill()
-        still_running = [node.name for node in self.nodes if self.is_running(node)]
-        if still_running:
-            raise ClusterError(f"still running after stop: {', '.join(still_running)}")
+        # A node that could not stop cleanly (still booting, hung) is killed rather than left behind.
+        refused = [node for node in self.nodes if self.is_running(node)]
+        for node in refused:
+            self.kill(node)
+        if refused:
+            raise ClusterError(f"killed after no clean stop: {', '.join(node.name for node in refused)}")
 
     def running_nodes(self) -> list[Node]:
         return [node for node in self.nodes if self.is_running(node)]
