@@ -18,6 +18,8 @@ from tests.fake_backend import running_fake_backend
 from tests.stack import Stack, api_and_worker
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@localhost:5672/")
+# The private three-node cluster's fixtures, for the tests that need one.
+pytest_plugins = ["tests.rabbitmq_cluster"]
 
 
 def _rabbitmq_up() -> bool:
