@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import pytest
 
 from broker import topology
 from broker.messages import Lane
+from tests import rabbitmq_roles
 from tests.fake_backend import expected_chat_tokens, running_fake_backend
 from tests.stack import Stack, write_config
 
@@ -106,13 +106,15 @@ def test_killed_worker_mid_stream_gives_error_event(stack: Stack, fake_model: st
     del first
 
 
-def test_request_succeeds_after_broker_connections_are_closed(stack: Stack, fake_model: str) -> None:
+def test_request_succeeds_after_broker_connections_are_closed(stack: Stack, fake_model: str, amqp_url: str) -> None:
     stack.start_worker(fake_model)
     client = _client(stack)
     assert client.chat.completions.create(model=fake_model, messages=[{"role": "user", "content": "before"}])
-    subprocess.run(["rabbitmqctl", "close_all_connections", "hotq test: forced close"], check=True, capture_output=True)
+    rabbitmq_roles.close_connections(amqp_url, "hotq test: forced close")
     answer = client.chat.completions.create(model=fake_model, messages=[{"role": "user", "content": "after it"}])
     assert answer.choices[0].message.content == "echo: retfa ti"
+    for log in ("api.log", "worker1.log"):  # both really lost their connections, and came back
+        assert "CONNECTION_FORCED - hotq test: forced close" in stack.log(log)
 
 
 def test_client_disconnect_cancels_backend_call_within_a_second(
