@@ -21,10 +21,10 @@ import pytest
 from broker import messages, topology
 from broker.messages import AgentState, AgentStatus
 from hpc_agents.agent import run_agent
-from tests.fake_backend import expected_chat_tokens
-from tests.stack import Stack, write_config
+from ops.testing.fake_backend import expected_chat_tokens
+from ops.testing.stack import Stack, write_config
 
-FAKE_COMMAND = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
+FAKE_COMMAND = ["{python}", "-m", "ops.testing.fake_backend", "--port", "{port}", "--model", "{model}"]
 ROOT = Path(__file__).resolve().parent.parent
 
 

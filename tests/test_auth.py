@@ -34,8 +34,8 @@ from api.auth import ApiKeyAuthenticator
 from broker.config import load_config
 from broker.errors import AuthenticationError
 from broker.jobstore import AsyncJobStore, JobStore
-from tests.fake_backend import running_fake_backend
-from tests.stack import Stack, free_port, write_config
+from ops.testing.fake_backend import running_fake_backend
+from ops.testing.stack import Stack, free_port, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT_ID = "5d6a2b36-7d4e-4c4c-9a55-000000000001"

@@ -14,8 +14,8 @@ import httpx
 import openai
 import pytest
 
-from tests.fake_backend import expected_embedding, reply_text, running_fake_backend
-from tests.stack import Stack, api_and_worker
+from ops.testing.fake_backend import expected_embedding, reply_text, running_fake_backend
+from ops.testing.stack import Stack, api_and_worker
 
 WINDOW_S = 8  # every batch in this module expires this long after it is created
 

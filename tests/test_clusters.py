@@ -18,9 +18,9 @@ from broker.messages import AgentState, AgentStatus
 from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers.local import LocalLauncher
 from hpc_agents.scaler import Scaler
-from tests.stack import Stack, write_config
+from ops.testing.stack import Stack, write_config
 
-FAKE_COMMAND = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
+FAKE_COMMAND = ["{python}", "-m", "ops.testing.fake_backend", "--port", "{port}", "--model", "{model}"]
 
 
 class OfflineLauncher(LocalLauncher):

@@ -16,9 +16,9 @@ import pytest
 
 from broker import topology
 from broker.messages import Lane
+from ops.testing.fake_backend import expected_chat_tokens, running_fake_backend
+from ops.testing.stack import Stack, write_config
 from tests import rabbitmq_roles
-from tests.fake_backend import expected_chat_tokens, running_fake_backend
-from tests.stack import Stack, write_config
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from tests.stack import Stack, free_port, write_config
+from ops.testing.stack import Stack, free_port, write_config
 
 
 @pytest.fixture(scope="module")

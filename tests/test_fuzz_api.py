@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.stack import Stack
+from ops.testing.stack import Stack
 
 SETTINGS = settings(
     max_examples=200,

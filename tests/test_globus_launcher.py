@@ -26,9 +26,9 @@ from broker.config import Config, config_from_mapping
 from hpc_agents.agent import run_agent
 from hpc_agents.launchers import globus_compute
 from hpc_agents.launchers.globus_compute import GlobusComputeLauncher
-from tests.stack import Stack, write_config
+from ops.testing.stack import Stack, write_config
 
-FAKE_COMMAND = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
+FAKE_COMMAND = ["{python}", "-m", "ops.testing.fake_backend", "--port", "{port}", "--model", "{model}"]
 CLUSTER = "test-gc"
 ENDPOINT_ID = "8a0c4f5e-0000-4000-8000-000000000001"
 

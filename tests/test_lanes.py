@@ -16,9 +16,9 @@ import pytest
 from broker import topology
 from broker.jobstore import AsyncJobStore, JobStore
 from broker.messages import Endpoint, Lane
+from ops.testing.fake_backend import running_fake_backend
+from ops.testing.stack import Stack, api_and_worker
 from producers import bulk
-from tests.fake_backend import running_fake_backend
-from tests.stack import Stack, api_and_worker
 
 DELAY_MS = 50  # the fake backend's fixed delay: per request (batch), before each token (streams)
 BACKLOG = 10_000

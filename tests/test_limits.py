@@ -25,9 +25,9 @@ from broker import messages
 from broker.config import parse_config
 from broker.errors import RateLimited
 from broker.messages import Abandoned, Final
+from ops.testing.fake_backend import running_fake_backend
+from ops.testing.stack import Stack
 from producers.request_client import RequestClient
-from tests.fake_backend import running_fake_backend
-from tests.stack import Stack
 
 ROOT = Path(__file__).resolve().parent.parent
 DELAY_MS = 300  # the fake backend's time per request in the fair-share tests

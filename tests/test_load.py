@@ -7,8 +7,8 @@ import asyncio
 import httpx
 import openai
 
-from tests.fake_backend import expected_chat_tokens
-from tests.stack import Stack
+from ops.testing.fake_backend import expected_chat_tokens
+from ops.testing.stack import Stack
 
 STREAMS = 500
 

@@ -8,8 +8,8 @@ import struct
 import openai
 import pytest
 
-from tests.fake_backend import expected_chat_tokens, expected_completion_tokens, expected_embedding
-from tests.stack import Stack
+from ops.testing.fake_backend import expected_chat_tokens, expected_completion_tokens, expected_embedding
+from ops.testing.stack import Stack
 
 
 @pytest.fixture(scope="module")

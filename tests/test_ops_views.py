@@ -32,11 +32,11 @@ from broker import topology
 from broker.messages import Lane
 from hpc_agents.decisions import Decision, DecisionLog, decision_log_path
 from ops.metrics import ApiMetrics, ScalerMetrics
-from tests.fake_backend import expected_chat_tokens
-from tests.stack import Stack, write_config
+from ops.testing.fake_backend import expected_chat_tokens
+from ops.testing.stack import Stack, write_config
 
 ROOT = Path(__file__).resolve().parent.parent
-FAKE_COMMAND = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
+FAKE_COMMAND = ["{python}", "-m", "ops.testing.fake_backend", "--port", "{port}", "--model", "{model}"]
 PARKED = {Lane.INTERACTIVE: 3, Lane.BATCH: 2}  # requests waiting in the unserved model's lanes
 REASON = "ops test: backlog 5 needs 1 agent"
 # The /ops page's series colours (api/ops_page.py).
@@ -95,14 +95,8 @@ def ops_stack(
     agent_id = f"ops-agent-{session_tag}"
     try:
         stack.start_api()
-        log = workdir / "agent.log"
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "agent", "--config", str(config), "--model", served],
-            stdout=subprocess.DEVNULL,
-            stderr=open(log, "wb"),
-            cwd=ROOT,
-        )
-        stack.workers.append(agent)  # stopped (drained) with the stack
+        agent = stack.start_agent(served)  # stopped (drained) with the stack
+        log = agent.log_path
         deadline = time.monotonic() + 60
         while not any(e.get("event") == "agent_state" and e.get("state") == "hot" for e in _log_events(log)):
             assert agent.poll() is None and time.monotonic() < deadline, log.read_text()

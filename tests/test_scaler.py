@@ -22,10 +22,10 @@ from hpc_agents.decisions import Decision, DecisionLog
 from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers.local import LocalLauncher
 from hpc_agents.scaler import Scaler
-from tests.fake_backend import expected_chat_tokens
-from tests.stack import Stack, write_config
+from ops.testing.fake_backend import expected_chat_tokens
+from ops.testing.stack import Stack, write_config
 
-FAKE_COMMAND = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
+FAKE_COMMAND = ["{python}", "-m", "ops.testing.fake_backend", "--port", "{port}", "--model", "{model}"]
 
 
 @dataclass

@@ -18,9 +18,9 @@ import pytest
 from broker import topology
 from broker.jobstore import AsyncJobStore, JobStore
 from broker.messages import Endpoint, Lane
+from ops.testing.fake_backend import reply_text, running_fake_backend
+from ops.testing.stack import Stack, api_and_worker
 from producers import bulk
-from tests.fake_backend import reply_text, running_fake_backend
-from tests.stack import Stack, api_and_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 LINES = 20_000

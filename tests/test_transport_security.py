@@ -27,8 +27,8 @@ from broker.connection import ssl_context
 from broker.errors import ConfigError
 from broker.jobstore import JobStore
 from broker.messages import Lane
+from ops.testing.stack import Stack, write_config
 from tests import rabbitmq_roles
-from tests.stack import Stack, write_config
 
 pytestmark = pytest.mark.skipif(not rabbitmq_roles.have_rabbitmqctl(), reason="needs rabbitmqctl on this machine")
 
@@ -201,19 +201,6 @@ async def test_api_cannot_consume_request_queues(as_role: dict, model: str) -> N
         await exchange.publish(aio_pika.Message(b"a request"), routing_key=queue)
 
 
-class _DebugStack(Stack):
-    """hotq processes at debug level; the worker connects with its own config (the agent's role)."""
-
-    def __init__(self, config: Path, worker_config: Path, workdir: Path) -> None:
-        super().__init__(config, workdir)
-        self.worker_config = worker_config
-
-    def _spawn(self, args: list[str], log_name: str):  # type: ignore[no-untyped-def]
-        if args[0] == "worker":
-            args = [args[0], "--config", str(self.worker_config), *args[3:]]
-        return super()._spawn(["--log-level", "debug", *args], log_name)
-
-
 def test_roles_serve_requests_and_logs_keep_no_secrets(
     tmp_path: Path, roles: rabbitmq_roles.RoleBroker, model: str, fake_backend_url: str, fake_model: str
 ) -> None:
@@ -231,10 +218,10 @@ def test_roles_serve_requests_and_logs_keep_no_secrets(
             await _declare_as_scaler(connection, fake_model)
 
     asyncio.run(scaler_declares())
-    stack = _DebugStack(api_config, worker_config, tmp_path)
+    stack = Stack(api_config, tmp_path, log_level="debug")
     try:
         stack.start_api()
-        stack.start_worker(fake_model)
+        stack.start_worker(fake_model, config=worker_config)  # the agent's role
         headers = {"Authorization": f"Bearer {token}", "X-Private": secret}
         chat = {"model": fake_model, "messages": [{"role": "user", "content": f"please tell {secret} nothing"}]}
         with httpx.Client(base_url=stack.url, headers=headers, timeout=30) as client:

@@ -22,9 +22,9 @@ import pytest
 
 from broker.jobstore import JobStore, Result, since_day
 from broker.messages import UsageRow
+from ops.testing.fake_backend import running_fake_backend
+from ops.testing.stack import Stack, api_and_worker
 from tests import rabbitmq_roles
-from tests.fake_backend import running_fake_backend
-from tests.stack import Stack, api_and_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "ops-admin"

@@ -9,6 +9,7 @@ and through the Batch API too.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import openai
 import pytest
 
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
-from tests.stack import free_port
+from ops.testing.stack import free_port
 
 STARTUP_TIMEOUT_S = 600
 BATCH_TIMEOUT_S = 120
@@ -34,6 +35,7 @@ def smollm(tmp_path_factory: pytest.TempPathFactory, amqp_url: str) -> Iterator[
     up = subprocess.Popen(
         [sys.executable, "-m", "ops.cli", "up", "--port", str(port), "--data-dir", str(workdir / ".hotq")],
         cwd=workdir,  # no hotq.toml there: the embedded default
+        env=os.environ | {"HOTQ_AMQP_URL": amqp_url},  # no config file: this says which broker and vhost
         stdout=open(output, "wb"),
         stderr=subprocess.STDOUT,
     )
