@@ -382,7 +382,9 @@ def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]
             break
     n = _opt_int(body, "n", 1) or 1
     stream_options = body.get("stream_options")
-    include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+    if not isinstance(stream_options, dict):
+        stream_options = {}
+    include_usage = bool(stream_options.get("include_usage"))
     continuous_usage = include_usage and bool(stream_options.get("continuous_usage_stats"))
     delay = body.get("fake_delay_ms", 0)
     if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:

@@ -16,7 +16,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -44,15 +44,16 @@ def run_hotq(config: Path, *args: str, timeout_s: float = EVENTUALLY_S) -> subpr
 def create_key(config: Path, user: str, *extra: str) -> str:
     """A new API key of `user` (`hotq keys create EXTRA`)."""
     done = run_hotq(config, "keys", "create", "--user", user, *extra)
-    assert done.returncode == 0, done.stderr
+    if done.returncode != 0:
+        raise RuntimeError(f"hotq keys create failed: {done.stderr}")
     return done.stdout.strip().splitlines()[-1]  # the key is the last line
 
 
 def write_config(
     path: Path,
     amqp_url: str,
-    models: dict[str, dict[str, object]],
-    clusters: dict[str, dict[str, object]] | None = None,
+    models: Mapping[str, Mapping[str, object]],
+    clusters: Mapping[str, Mapping[str, object]] | None = None,
     **top: object,
 ) -> Path:
     """A hotq.toml at `path` (its data directory beside it) with these [models], [clusters] and top-level keys."""
@@ -187,10 +188,10 @@ class Stack:
 
 @contextlib.contextmanager
 def api_and_worker(
-    workdir: Path, amqp_url: str, model: str, table: dict[str, object], **top: object
+    workdir: Path, amqp_url: str, model: str, table: Mapping[str, object], **top: object
 ) -> Iterator[Stack]:
     """An API and one worker serving `model` with the [models] `table`: what most tests need."""
-    stack = Stack(write_config(workdir / "hotq.toml", amqp_url, {model: table}, **top), workdir)
+    stack = Stack(write_config(workdir / "hotq.toml", amqp_url, {model: table}, None, **top), workdir)
     try:
         stack.start_api()
         stack.start_worker(model)
@@ -201,7 +202,7 @@ def api_and_worker(
 
 @contextlib.contextmanager
 def api_and_worker_on_a_fake_backend(
-    workdir: Path, amqp_url: str, model: str, table: dict[str, object], **top: object
+    workdir: Path, amqp_url: str, model: str, table: Mapping[str, object], **top: object
 ) -> Iterator[Stack]:
     """`api_and_worker`, the model served by a fake backend of its own (`stack.backend_url`)."""
     with running_fake_backend([model]) as backend_url:
