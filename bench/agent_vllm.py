@@ -92,12 +92,12 @@ from bench.common import (
     request_queues,
     round_or_none,
     run_bench,
-    signal_group,
     sse_data,
     start_api,
 )
 from hpc_agents.embedded_model import ensure_embedded_model
-from tests.stack import write_config
+from ops.processes import signal_group
+from ops.testing.stack import write_config
 
 DEFAULT_CONCURRENCY: Final = 64
 DEFAULT_MAX_TOKENS: Final = 64

@@ -22,7 +22,7 @@ at the end, and every process started is stopped.
      start-up, validating and storing the file, publishing); ``publish`` is from its
      ``job ...`` line on stderr (the job is stored) to exit.
 
-2. A batch end to end (requests/s): the fake backend (``tests.fake_backend``, instant
+2. A batch end to end (requests/s): the fake backend (``ops.testing.fake_backend``, instant
    answers) behind one ``hotq worker`` (``max_inflight`` ``--max-inflight``, 64; the config's
    default ``reserved_interactive``, 4, so batch work takes 60 slots), ``--e2e-lines`` chat
    requests:
@@ -92,9 +92,9 @@ from broker.connection import connect
 from broker.jobstore import AsyncJobStore, JobStore
 from broker.logs import configure_logging
 from broker.messages import Endpoint, Lane
+from ops.testing.fake_backend import reply_text
+from ops.testing.stack import write_config
 from producers import bulk
-from tests.fake_backend import reply_text
-from tests.stack import write_config
 
 DEFAULT_PUBLISH_LINES: Final = 50_000
 DEFAULT_PUBLISH_REPEATS: Final = 3

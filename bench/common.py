@@ -33,7 +33,8 @@ import uvloop
 
 from broker import topology
 from broker.messages import Lane
-from tests.stack import free_port
+from hpc_agents.backend import free_port
+from ops.processes import Child, Children, wait_until_async
 
 if TYPE_CHECKING:
     import openai
@@ -53,39 +54,25 @@ LOG_POLL_S: Final = 0.02  # how often a log is read for the line a benchmark wai
 # ---------------------------------------------------------------------------
 
 
-class Processes:
-    """Starts subprocesses in their own sessions (process groups), logs to files, stops them all."""
+class Processes(Children):
+    """The benchmark's children (`ops.processes`): run from the repository, stopped after STOP_TIMEOUT_S."""
 
     def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self._running: dict[str, subprocess.Popen[bytes]] = {}
+        super().__init__(log_dir, STOP_TIMEOUT_S)
 
     def start(
-        self, name: str, argv: Sequence[str], env: dict[str, str] | None = None, cwd: Path = ROOT
-    ) -> subprocess.Popen[bytes]:
-        with open(self.log_path(name), "wb") as log:
-            process = subprocess.Popen(
-                list(argv),
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: no stray children survive us
-            )
-        self._running[name] = process
-        return process
+        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = ROOT
+    ) -> Child:
+        return super().start(name, argv, env=env, cwd=cwd)
 
     async def wait(self, name: str, timeout: float) -> None:
         """Wait for a process that ends by itself, then make sure its group is gone."""
-        process = self._running.get(name)
-        deadline = time.monotonic() + timeout
-        while process is not None and process.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        child = self[name]
+        try:
+            await wait_until_async(lambda: child.poll() is not None, timeout, f"{name} to end")
+        except TimeoutError:
+            pass  # stopped below
         self.stop(name)
-
-    def log_path(self, name: str) -> Path:
-        return self.log_dir / f"{name}.log"
 
     def log_paths(self, names: Iterable[str]) -> dict[str, Path]:
         return {name: self.log_path(name) for name in names}
@@ -96,61 +83,26 @@ class Processes:
         except OSError:
             return "(no log)"
 
-    def stop(self, name: str, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM the process group, SIGKILL it if it outlives `timeout`; return the exit code."""
-        process = self._running.pop(name, None)
-        if process is None:
-            return None
-        # pgid == pid thanks to start_new_session
-        signal_group(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            signal_group(process.pid, signal.SIGKILL)
-            process.wait()
-        signal_group(process.pid, signal.SIGKILL)  # anything it started and left behind
-        return process.returncode
 
-    def stop_all(self) -> None:
-        for name in reversed(list(self._running)):
-            self.stop(name)
-
-
-def signal_group(pgid: int, signum: int) -> None:
-    """Send `signum` to process group `pgid`, if it is still there."""
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-async def wait_http_ok(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+async def wait_http_ok(url: str, process: Child, timeout: float) -> None:
     """Poll `url` until it answers 200; fail if `process` exits first or `timeout` passes."""
-    deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"{process.args!r} exited with {process.returncode} before {url} answered")
+
+        async def answers_200() -> bool:
             try:
                 async with session.get(url) as response:
-                    if response.status == 200:
-                        return
+                    return response.status == 200
             except (aiohttp.ClientError, TimeoutError):
-                pass
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer 200 within {timeout:.0f} s")
+                return False
+
+        await wait_until_async(answers_200, timeout, f"200 from {url}", process, poll_s=0.1)
 
 
-async def wait_for_line(path: Path, needle: str, process: subprocess.Popen[bytes], timeout: float) -> None:
+async def wait_for_line(path: Path, needle: str, process: Child, timeout: float) -> None:
     """Wait until the log at `path` contains `needle`; fail if `process` exits first or `timeout` passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if needle in path.read_text(errors="replace"):
-            return
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args!r} exited with {process.returncode} before logging {needle!r}")
-        await asyncio.sleep(0.05)
-    raise TimeoutError(f"{needle!r} not logged in {path} within {timeout:.0f} s")
+    await wait_until_async(
+        lambda: needle in path.read_text(errors="replace"), timeout, f"{needle!r} in {path}", process
+    )
 
 
 def child_env(**extra: str) -> dict[str, str]:
@@ -162,12 +114,13 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-async def start_fake_backend(processes: Processes, model: str) -> tuple[str, subprocess.Popen[bytes]]:
-    """The deterministic fake backend (`tests.fake_backend`) as "fake-backend", once healthy: its URL and process."""
+async def start_fake_backend(processes: Processes, model: str) -> tuple[str, Child]:
+    """The deterministic fake backend (`ops.testing.fake_backend`) as "fake-backend", once healthy: its URL and
+    process."""
     port = free_port()
     backend = processes.start(
         "fake-backend",
-        [sys.executable, "-m", "tests.fake_backend", "--port", str(port), "--model", model],
+        [sys.executable, "-m", "ops.testing.fake_backend", "--port", str(port), "--model", model],
         env=child_env(),
     )
     url = f"http://127.0.0.1:{port}"
@@ -175,7 +128,7 @@ async def start_fake_backend(processes: Processes, model: str) -> tuple[str, sub
     return url, backend
 
 
-async def start_api(processes: Processes, config: Path) -> tuple[str, subprocess.Popen[bytes]]:
+async def start_api(processes: Processes, config: Path) -> tuple[str, Child]:
     """`hotq serve` as "hotq-api" on a free port, once it lists its models: its URL (ending in /v1) and process."""
     port = free_port()
     api = processes.start(
@@ -186,7 +139,7 @@ async def start_api(processes: Processes, config: Path) -> tuple[str, subprocess
     return url, api
 
 
-async def start_worker(processes: Processes, config: Path, model: str) -> subprocess.Popen[bytes]:
+async def start_worker(processes: Processes, config: Path, model: str) -> Child:
     """`hotq worker` for `model` as "hotq-worker", once it consumes."""
     worker = processes.start(
         "hotq-worker", [*HOTQ_CLI, "worker", "--config", str(config), "--model", model], env=child_env()

@@ -8,7 +8,7 @@ Everything runs on this machine (RabbitMQ at ``--amqp-url``, all HTTP on 127.0.0
 One run measures non-streaming chat completions (a small fixed prompt, ``max_tokens``
 16) at concurrency 1 and 50 against:
 
-(a) ``direct``: the deterministic fake backend (``tests.fake_backend``) over HTTP;
+(a) ``direct``: the deterministic fake backend (``ops.testing.fake_backend``) over HTTP;
 (b) ``hotq``: the same backend behind ``hotq serve`` + one ``hotq worker`` (subprocesses,
     a temporary config with ``max_inflight`` 64 and the default ``stream_flush_ms``, a model
     name unique to the run; its queues are deleted at the end);
@@ -94,8 +94,9 @@ from bench.common import (
     wait_for_line,
     wait_http_ok,
 )
-from tests.fake_backend import expected_chat_tokens
-from tests.stack import free_port, write_config
+from hpc_agents.backend import free_port
+from ops.testing.fake_backend import expected_chat_tokens
+from ops.testing.stack import write_config
 
 DEFAULT_LITELLM_VENV: Final = ROOT / "bench" / ".venv-litellm"
 

@@ -9,7 +9,7 @@ One run, everything on this machine (RabbitMQ at ``--amqp-url``, all HTTP on 127
 does it (``Scaler.run``: a tick, then ``--tick-s`` of waiting; the first tick after
 ``heartbeat_s`` + 0.5 s) with one `LocalLauncher` (cluster "local", ``max_nodes`` =
 ``max_agents``). Agents run the deterministic fake backend
-(``["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]``) and
+(``ops.testing.fake_backend.FAKE_BACKEND_COMMAND``) and
 every request asks it for ``fake_delay_ms`` (100 ms) per answer, so agents have real work.
 The model (``bench-burst-<hex>``, unique to the run; its queues are deleted at the end) has
 ``max_inflight`` 4, ``max_agents`` 4, ``min_hot`` 0, ``target_drain_s`` 5, ``idle_ttl_s`` 3,
@@ -119,11 +119,10 @@ from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers import Launch
 from hpc_agents.launchers.local import LocalLauncher
 from hpc_agents.scaler import Scaler
-from tests.fake_backend import expected_chat_tokens
-from tests.stack import write_config
+from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, expected_chat_tokens
+from ops.testing.stack import write_config
 
 CLUSTER: Final = "local"
-FAKE_COMMAND: Final = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
 SUPERVISE_INTERVAL_S: Final = 0.25  # hpc_agents.agent: how often an agent checks whether it is idle
 
 REQUEST_TIMEOUT_S: Final = 150.0
@@ -843,7 +842,7 @@ async def run(settings: Settings, processes: Processes, workdir: Path, report: R
     model = f"bench-burst-{uuid.uuid4().hex[:8]}"
     report.settings["model"] = model
     table = {
-        "command": FAKE_COMMAND,
+        "command": FAKE_BACKEND_COMMAND,
         "max_inflight": settings.max_inflight,
         "max_agents": settings.max_agents,
         "min_hot": 0,
@@ -1235,7 +1234,9 @@ def _logs(workdir: Path) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings.from_args(parse_args(argv))
     configure_logging("warning", force_json=True)  # the in-process scaler logs every decision at info
-    report = Report(settings=asdict(settings) | {"fake_command": FAKE_COMMAND, "max_queue_wait_s": QUEUE_WAIT_S})
+    report = Report(
+        settings=asdict(settings) | {"fake_command": FAKE_BACKEND_COMMAND, "max_queue_wait_s": QUEUE_WAIT_S}
+    )
 
     def cleanup(workdir: Path) -> None:
         leftovers = kill_leftovers()

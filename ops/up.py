@@ -3,10 +3,11 @@
 Without a config file it converts the embedded SmolLM2 model once (cached),
 writes a config for it under the data directory, then starts the API and the
 scaler (`hotq scale`, with the local launcher unless the config names clusters)
-as child processes, shows the agents' progress, and prints how to call the API
-once every model is being served. Models with `min_hot = 0` are served on
-demand: their first request waits in the queue while an agent starts. Ctrl-C
-or SIGTERM stops everything, the agents draining first.
+as child processes (`ops.processes`), shows the agents' progress, and prints how
+to call the API once every model is being served. Models with `min_hot = 0` are
+served on demand: their first request waits in the queue while an agent starts.
+Ctrl-C, SIGTERM or SIGHUP (the terminal closed) stops everything: the scaler
+first, so its agents drain while the API still takes their answers, then the API.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,8 +22,10 @@ from pathlib import Path
 import httpx
 
 from broker.config import DEFAULT_CONFIG_PATH, Config, load_config
+from ops.processes import Child, Children
 
 READY_POLL_S = 0.5
+STOP_TIMEOUT_S = 150.0  # the scaler drains its agents (vLLM included) before it exits
 # Agent log events worth showing while the stack starts, as a person would say them.
 _PROGRESS = {
     "backend_started": "starting the model server (vLLM loads in about 30 s on a CPU)",
@@ -77,27 +79,20 @@ class Stack:
         self.port = port
         self.url = f"http://{host}:{port}"
         self.logs = Path(config.data_dir) / "logs"
-        self.api: subprocess.Popen[bytes] | None = None
-        self.scaler: subprocess.Popen[bytes] | None = None
+        self.children = Children(self.logs, STOP_TIMEOUT_S, append_logs=True)  # each run adds to the logs
         self._log_offsets: dict[Path, int] = {}
 
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
-        self.logs.mkdir(parents=True, exist_ok=True)
-        with open(self.logs / log_name, "ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "ops.cli", *args, "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
+    def _start(self, name: str, args: list[str]) -> Child:
+        return self.children.start(name, [sys.executable, "-m", "ops.cli", *args, "--config", str(self.config_path)])
 
     def start(self) -> None:
-        _say(f"starting the API on {self.url} (log: {self.logs / 'api.log'})")
-        self.api = self._spawn(["serve", "--host", self.host, "--port", str(self.port)], "api.log")
-        _say(f"starting the scaler (log: {self.logs / 'scaler.log'}; agents log to {self.logs}/agent-*.log)")
-        self.scaler = self._spawn(["scale"], "scaler.log")
+        self.logs.mkdir(parents=True, exist_ok=True)
         for path in self.logs.glob("*.log"):  # only what this run writes is news
             self._log_offsets[path] = path.stat().st_size
+        _say(f"starting the API on {self.url} (log: {self.logs / 'api.log'})")
+        self._start("api", ["serve", "--host", self.host, "--port", str(self.port)])
+        _say(f"starting the scaler (log: {self.logs / 'scaler.log'}; agents log to {self.logs}/agent-*.log)")
+        self._start("scaler", ["scale"])
 
     def show_progress(self) -> None:
         """Print the notable events the scaler and agents logged since the last call."""
@@ -132,20 +127,14 @@ class Stack:
         return bool(models) and all((m.get("hotq") or {}).get("consumers") for m in models if m["id"] in kept_hot)
 
     def exited(self) -> str | None:
-        for name, process in (("API", self.api), ("scaler", self.scaler)):
-            if process is not None and process.poll() is not None:
-                return f"the {name} exited with {process.returncode}; see {self.logs}"
+        for child in self.children:
+            if child.poll() is not None:
+                return f"the {child.name} exited with {child.returncode}; see {child.log_path}"
         return None
 
     def stop(self) -> None:
         _say("stopping: the scaler drains its agents, then the API stops")
-        for process in (self.scaler, self.api):  # the scaler first: agents still reach the API's replies
-            if process is not None and process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=150)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+        self.children.stop_all()  # the last started first: the scaler, while the API takes the agents' answers
         self.show_progress()
 
 
@@ -181,7 +170,8 @@ def run_up(config_path: str | None, host: str, port: int, data_dir: Path) -> int
         stopping = True
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # the children, in sessions of their own, get neither
+        signal.signal(signum, on_signal)
     started = time.monotonic()
     stack.start()
     try:

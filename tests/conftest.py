@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 import uuid
 from collections.abc import Iterator
 
@@ -14,8 +13,10 @@ import pytest
 
 from broker import topology
 from broker.messages import Lane
-from tests.fake_backend import running_fake_backend
-from tests.stack import Stack, api_and_worker
+from ops.processes import wait_until
+from ops.testing.deadlines import STARTUP_S
+from ops.testing.fake_backend import running_fake_backend
+from ops.testing.stack import Stack, api_and_worker
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 # The private three-node cluster's fixtures, for the tests that need one.
@@ -30,14 +31,24 @@ def _rabbitmq_up() -> bool:
         return False
 
 
+@pytest.fixture(scope="session", autouse=True)
+def config_files_name_the_broker() -> Iterator[None]:
+    """$HOTQ_AMQP_URL (the suite's vhost) overrides the amqp_url of every config hotq reads. The
+    tests write it into their configs themselves, and some on purpose name another broker (a dead
+    port, a vhost or RabbitMQ user of their own): while the suite runs, only the files say."""
+    saved = os.environ.pop("HOTQ_AMQP_URL", None)
+    yield
+    if saved is not None:
+        os.environ["HOTQ_AMQP_URL"] = saved
+
+
 @pytest.fixture(scope="session")
 def amqp_url() -> str:
     """RabbitMQ must be real; `make test` starts it, this only checks."""
-    deadline = time.monotonic() + 30
-    while not _rabbitmq_up():
-        if time.monotonic() > deadline:
-            pytest.fail("RabbitMQ is not listening on 127.0.0.1:5672 (make test starts it)")
-        time.sleep(0.5)
+    try:
+        wait_until(_rabbitmq_up, STARTUP_S, "RabbitMQ listening on 127.0.0.1:5672 (make test starts it)", poll_s=0.5)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
     return AMQP_URL
 
 

@@ -32,6 +32,16 @@ def rabbitmqctl(*args: str, timeout: float = 60) -> str:
     return done.stdout
 
 
+def vhost_of(amqp_url: str) -> str:
+    """The vhost an AMQP URL names, as rabbitmqctl spells it ("/" when the URL's path is empty)."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(amqp_url).path[1:]) or "/"
+
+
+def close_connections(amqp_url: str, reason: str) -> None:
+    """Force-close every connection to the vhost of `amqp_url`, and no other: the broker is shared."""
+    rabbitmqctl("close_all_connections", "--vhost", vhost_of(amqp_url), reason)
+
+
 def password_hash(password: str) -> str:
     """RabbitMQ's rabbit_password_hashing_sha256: base64(salt + sha256(salt + password))."""
     salt = os.urandom(4)

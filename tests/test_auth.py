@@ -34,10 +34,12 @@ from api.auth import ApiKeyAuthenticator
 from broker.config import load_config
 from broker.errors import AuthenticationError
 from broker.jobstore import AsyncJobStore, JobStore
-from tests.fake_backend import running_fake_backend
-from tests.stack import Stack, free_port, write_config
+from hpc_agents.backend import free_port
+from ops.processes import wait_until
+from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S, STOP_S
+from ops.testing.fake_backend import running_fake_backend
+from ops.testing.stack import Stack, create_key, run_hotq, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENT_ID = "5d6a2b36-7d4e-4c4c-9a55-000000000001"
 AUDIENCE = "hotq.example.org"
 SCOPE = "https://auth.globus.org/scopes/hotq.example.org/inference"
@@ -175,10 +177,7 @@ class InProcessApi:
 
     def start(self) -> None:
         self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline, "the API did not start"
-            time.sleep(0.05)
+        wait_until(lambda: self.server.started, STARTUP_S, "the in-process API started")
         gateway = self.app.state.gateway
         submit = gateway.client.submit
 
@@ -190,7 +189,7 @@ class InProcessApi:
 
     def close(self) -> None:
         self.server.should_exit = True
-        self.thread.join(timeout=20)
+        self.thread.join(timeout=STOP_S)
 
 
 @pytest.fixture(scope="module")
@@ -257,7 +256,7 @@ def api(config_path: Path, workers: Stack) -> Iterator[InProcessApi]:
 
 
 def _client(api: InProcessApi, credential: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api.url + "/v1", api_key=credential, max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=api.url + "/v1", api_key=credential, max_retries=0, timeout=EVENTUALLY_S)
 
 
 def _chat(client: openai.OpenAI, model: str) -> str:
@@ -265,20 +264,19 @@ def _chat(client: openai.OpenAI, model: str) -> str:
     return answer.choices[0].message.content or ""
 
 
-def _hotq(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ops.cli", *args, "--config", str(config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+def _refused(call: Callable[[], object], what: str) -> openai.AuthenticationError:
+    """The error `call` fails with once it fails authentication (a change takes effect soon, not at once)."""
+    refused: list[openai.AuthenticationError] = []
 
+    def fails() -> bool:
+        try:
+            call()
+        except openai.AuthenticationError as error:
+            refused.append(error)
+        return bool(refused)
 
-def _new_key(config: Path, user: str, *extra: str) -> str:
-    done = _hotq(config, "keys", "create", "--user", user, *extra)
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip().splitlines()[-1]  # the key is the last line
+    wait_until(fails, EVENTUALLY_S, what, poll_s=0.2)
+    return refused[0]
 
 
 # -- Globus tokens ---------------------------------------------------------------
@@ -312,14 +310,14 @@ def test_bad_globus_tokens_are_401(api: InProcessApi, models: dict[str, str], to
 def test_missing_or_malformed_credentials_are_401(api: InProcessApi, models: dict[str, str]) -> None:
     body = {"model": models["open"], "messages": [{"role": "user", "content": "hi"}]}
     for headers in ({}, {"Authorization": "Basic dXNlcjpwdw=="}, {"Authorization": "Bearer"}):
-        response = httpx.post(api.url + "/v1/chat/completions", json=body, headers=headers)
+        response = httpx.post(api.url + "/v1/chat/completions", json=body, headers=headers, timeout=EVENTUALLY_S)
         assert response.status_code == 401, headers
         assert response.headers["www-authenticate"] == "Bearer"
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
-    assert httpx.get(api.url + "/v1/models").status_code == 401
-    assert httpx.get(api.url + "/v1/files").status_code == 401
-    assert httpx.get(api.url + "/v1/batches").status_code == 401
-    assert httpx.get(api.url + "/metrics").status_code == 200  # operators' endpoints stay open
+    assert httpx.get(api.url + "/v1/models", timeout=EVENTUALLY_S).status_code == 401
+    assert httpx.get(api.url + "/v1/files", timeout=EVENTUALLY_S).status_code == 401
+    assert httpx.get(api.url + "/v1/batches", timeout=EVENTUALLY_S).status_code == 401
+    assert httpx.get(api.url + "/metrics", timeout=EVENTUALLY_S).status_code == 200  # operators' endpoints stay open
 
 
 def test_group_policy(api: InProcessApi, models: dict[str, str]) -> None:
@@ -387,13 +385,13 @@ def test_globus_down_is_503_not_cached(api: InProcessApi, models: dict[str, str]
 
 
 def test_api_key_lifecycle(api: InProcessApi, config_path: Path, models: dict[str, str]) -> None:
-    key = _new_key(config_path, "carol")
+    key = create_key(config_path, "carol")
     assert key.startswith("hotq_")
     client = _client(api, key)
     before = len(api.callers)
     assert _chat(client, models["users"])  # carol is in the model's allow_users
     assert api.callers[before:] == ["carol"]
-    listed = _hotq(config_path, "keys", "list")
+    listed = run_hotq(config_path, "keys", "list")
     assert "carol" in listed.stdout and key not in listed.stdout  # only the hash is stored
     # The database and its WAL, read by another process: closing a file descriptor of jobs.db here
     # would drop the in-process API's sqlite locks (POSIX locks are per process).
@@ -404,23 +402,17 @@ def test_api_key_lifecycle(api: InProcessApi, config_path: Path, models: dict[st
     assert subprocess.run([sys.executable, "-c", scan, key, str(config_path.parent / "data")]).returncode == 0
 
     key_id = next(line.split()[0] for line in listed.stdout.splitlines() if "carol" in line)
-    revoked = _hotq(config_path, "keys", "revoke", key_id)
+    revoked = run_hotq(config_path, "keys", "revoke", key_id)
     assert revoked.returncode == 0, revoked.stderr
-    deadline = time.monotonic() + 10  # the API reloads keys every key_refresh_s (0.5 s here)
-    while True:
-        try:
-            _chat(client, models["users"])
-        except openai.AuthenticationError as error:
-            assert error.status_code == 401 and "revoked" in error.message
-            break
-        assert time.monotonic() < deadline, "the revoked key still works"
-        time.sleep(0.2)
-    everything = _hotq(config_path, "keys", "list", "--all").stdout
+    # The API reloads keys every key_refresh_s (0.5 s here).
+    error = _refused(lambda: _chat(client, models["users"]), "the revoked key refused")
+    assert error.status_code == 401 and "revoked" in error.message
+    everything = run_hotq(config_path, "keys", "list", "--all").stdout
     assert next(line for line in everything.splitlines() if key_id in line).split()[-1] != "-"  # revoked at
 
 
 def test_api_key_policy_and_models(api: InProcessApi, config_path: Path, models: dict[str, str]) -> None:
-    client = _client(api, _new_key(config_path, "frank@anl.gov"))  # a key user's domain is their name's
+    client = _client(api, create_key(config_path, "frank@anl.gov"))  # a key user's domain is their name's
     assert {model.id for model in client.models.list()} == {models["open"], models["domain"]}
     assert _chat(client, models["domain"])
     with pytest.raises(openai.PermissionDeniedError):
@@ -431,7 +423,7 @@ def test_api_key_policy_and_models(api: InProcessApi, config_path: Path, models:
 
 def test_files_and_batches_belong_to_their_user(api: InProcessApi, config_path: Path, models: dict[str, str]) -> None:
     """Another user's files and batches are as unknown as ones that do not exist (404, not listed)."""
-    ann, ben = _client(api, _new_key(config_path, "ann")), _client(api, _new_key(config_path, "ben"))
+    ann, ben = _client(api, create_key(config_path, "ann")), _client(api, create_key(config_path, "ben"))
     line = {"custom_id": "1", "method": "POST", "url": "/v1/chat/completions"}
     body = {"model": models["open"], "messages": [{"role": "user", "content": "hi"}]}
     upload = ann.files.create(file=("mine.jsonl", json.dumps(line | {"body": body}).encode()), purpose="batch")
@@ -453,33 +445,25 @@ def test_files_and_batches_belong_to_their_user(api: InProcessApi, config_path: 
     assert upload.id in [file.id for file in ann.files.list()]
     assert batch.id in [listed.id for listed in ann.batches.list(limit=100)]
     # Files and batches made with authentication off belong to "anonymous": no key may take that name.
-    refused = _hotq(config_path, "keys", "create", "--user", "anonymous")
+    refused = run_hotq(config_path, "keys", "create", "--user", "anonymous")
     assert refused.returncode != 0 and "reserved" in refused.stderr
 
 
 def test_revoke_by_key_expiry_and_unknown_keys(api: InProcessApi, config_path: Path, models: dict[str, str]) -> None:
-    key = _new_key(config_path, "gina")
+    key = create_key(config_path, "gina")
     assert _chat(_client(api, key), models["open"])
-    assert _hotq(config_path, "keys", "revoke", key).returncode == 0  # by the key itself
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            _chat(_client(api, key), models["open"])
-        except openai.AuthenticationError:
-            break
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    assert run_hotq(config_path, "keys", "revoke", key).returncode == 0  # by the key itself
+    _refused(lambda: _chat(_client(api, key), models["open"]), "the revoked key refused")
 
-    short = _new_key(config_path, "hank", "--expires", "2s")
+    # A key works until it expires (5 s: enough for one request however slow the machine), then not.
+    short = create_key(config_path, "hank", "--expires", "5s")
     assert _chat(_client(api, short), models["open"])
-    time.sleep(2.2)
-    with pytest.raises(openai.AuthenticationError) as caught:
-        _chat(_client(api, short), models["open"])
-    assert "expired" in caught.value.message
+    error = _refused(lambda: _chat(_client(api, short), models["open"]), "the expired key refused")
+    assert "expired" in error.message
 
     with pytest.raises(openai.AuthenticationError):
         _chat(_client(api, "hotq_" + "x" * 43), models["open"])
-    assert _hotq(config_path, "keys", "revoke", "key_nosuchkey").returncode != 0
+    assert run_hotq(config_path, "keys", "revoke", "key_nosuchkey").returncode != 0
 
 
 async def test_a_cached_key_never_touches_the_store(tmp_path: Path) -> None:
@@ -500,8 +484,8 @@ async def test_a_cached_key_never_touches_the_store(tmp_path: Path) -> None:
         started = time.perf_counter()
         for _ in range(10_000):
             assert (await keys.authenticate(key)).user == "ivan"
-        per_check_us = (time.perf_counter() - started) / 10_000 * 1e6
-        assert calls == 0 and per_check_us < 50, per_check_us
+        print(f"\n{(time.perf_counter() - started) / 10_000 * 1e6:.1f} µs per cached key check")
+        assert calls == 0  # what keeps a check cheap: it never waits for the store
         for _ in range(3):  # an unknown key is looked up once, then refused from memory
             with pytest.raises(AuthenticationError):
                 await keys.authenticate("hotq_unknown")
@@ -515,7 +499,7 @@ async def test_a_cached_key_never_touches_the_store(tmp_path: Path) -> None:
 
 def test_serve_refuses_non_loopback_without_auth(tmp_path: Path, amqp_url: str) -> None:
     config = write_config(tmp_path / "hotq.toml", amqp_url, {})
-    done = _hotq(config, "serve", "--host", "0.0.0.0", "--port", str(free_port()))
+    done = run_hotq(config, "serve", "--host", "0.0.0.0", "--port", str(free_port()))
     assert done.returncode != 0 and "refusing to serve 0.0.0.0 without an [auth] table" in done.stderr
 
 
@@ -523,13 +507,13 @@ def test_auth_none_warns_and_refuses_non_loopback(tmp_path: Path, amqp_url: str)
     config = write_config(tmp_path / "hotq.toml", amqp_url, {})
     with config.open("a") as out:
         out.write('[auth]\nmodes = ["none"]\n')
-    done = _hotq(config, "serve", "--host", "0.0.0.0", "--port", str(free_port()))
+    done = run_hotq(config, "serve", "--host", "0.0.0.0", "--port", str(free_port()))
     assert done.returncode != 0 and 'modes = ["none"]' in done.stderr
     stack = Stack(config, tmp_path)
     try:
         stack.start_api()  # loopback: serves, loudly
         assert "AUTHENTICATION IS OFF" in stack.log("api.log")
-        assert httpx.get(stack.url + "/v1/models").status_code == 200
+        assert httpx.get(stack.url + "/v1/models", timeout=EVENTUALLY_S).status_code == 200
     finally:
         stack.close()
 
@@ -545,12 +529,14 @@ def test_hotq_serve_with_auth(config_path: Path, workers: Stack, models: dict[st
         os.environ.clear()
         os.environ.update(saved)
     try:
-        assert httpx.get(stack.url + "/v1/models").status_code == 401
-        client = openai.OpenAI(base_url=stack.url + "/v1", api_key="hotq_" + "x" * 43, max_retries=0, timeout=30)
+        assert httpx.get(stack.url + "/v1/models", timeout=EVENTUALLY_S).status_code == 401
+        client = openai.OpenAI(
+            base_url=stack.url + "/v1", api_key="hotq_" + "x" * 43, max_retries=0, timeout=EVENTUALLY_S
+        )
         with pytest.raises(openai.AuthenticationError):
             client.models.list()
         client = openai.OpenAI(
-            base_url=stack.url + "/v1", api_key=_new_key(config_path, "judy"), max_retries=0, timeout=30
+            base_url=stack.url + "/v1", api_key=create_key(config_path, "judy"), max_retries=0, timeout=EVENTUALLY_S
         )
         assert _chat(client, models["open"])
         assert {model.id for model in client.models.list()} == {models["open"]}

@@ -1,23 +1,33 @@
 """Issue 5 acceptance 1, 2 and 5: the OpenAI Files and Batches API through the official client.
 
-A stack (API + one worker on the fake backend) of its own, with a dedicated model,
-and a short batch window so expiry can be tested.
+A stack (API + one worker on the fake backend) of its own, with a dedicated model and
+the default 24 h batch window; the expiry test runs a stack of its own with a short one.
+Batch lines that must not finish before the test says so are held in the fake backend
+(`Hold`), not slowed down: how long work takes is never what a test relies on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
+import aio_pika
 import httpx
 import openai
 import pytest
 
-from tests.fake_backend import expected_embedding, reply_text, running_fake_backend
-from tests.stack import Stack, api_and_worker
+from broker import topology
+from ops.processes import wait_until
+from ops.testing.deadlines import EVENTUALLY_S
+from ops.testing.fake_backend import Hold, expected_embedding, reply_text
+from ops.testing.stack import Stack, api_and_worker_on_a_fake_backend
 
-WINDOW_S = 8  # every batch in this module expires this long after it is created
+MODEL_TABLE = {"max_inflight": 16, "reserved_interactive": 2}
+# test_expiry's window: its quick lines must be answered within it on any machine (they take
+# milliseconds here), and its held lines cannot be (they are released only after the window).
+EXPIRY_WINDOW_S = 10
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +39,18 @@ def batch_model(session_tag: str, delete_test_queues: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def batch_stack(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, batch_model: str) -> Iterator[Stack]:
-    table = {"max_inflight": 16, "reserved_interactive": 2}
-    with running_fake_backend([batch_model]) as backend_url, api_and_worker(
-        tmp_path_factory.mktemp("batch-api"), amqp_url, batch_model, {**table, "backend_url": backend_url},
-        batch_window_s=WINDOW_S,
-    ) as stack:  # fmt: skip
+    workdir = tmp_path_factory.mktemp("batch-api")
+    with api_and_worker_on_a_fake_backend(workdir, amqp_url, batch_model, MODEL_TABLE) as stack:
         yield stack
+
+
+def _client_of(stack: Stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
 
 
 @pytest.fixture(scope="module")
 def client(batch_stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=batch_stack.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return _client_of(batch_stack)
 
 
 def _line(custom_id: str, body: dict[str, object], url: str = "/v1/chat/completions") -> dict[str, object]:
@@ -54,14 +65,31 @@ def _upload(client: openai.OpenAI, lines: list[object]) -> str:
     return client.files.create(file=("input.jsonl", _jsonl(lines)), purpose="batch").id
 
 
-def _wait(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = 60):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
+def _wait(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = EVENTUALLY_S):  # type: ignore[no-untyped-def]
+    """The batch once its status is one of `statuses`."""
+    batch = client.batches.retrieve(batch_id)
+
+    def reached() -> bool:
+        nonlocal batch
         batch = client.batches.retrieve(batch_id)
-        if batch.status in statuses:
-            return batch
-        assert time.monotonic() < deadline, f"batch still {batch.status}: {batch}"
-        time.sleep(0.2)
+        return batch.status in statuses
+
+    wait_until(reached, timeout, f"batch {batch_id} {' or '.join(statuses)}", poll_s=0.2)
+    return batch
+
+
+def _wait_for_completed(client: openai.OpenAI, batch_id: str, count: int, timeout: float = EVENTUALLY_S) -> int:
+    """How many lines of the batch are completed, once at least `count` are."""
+    completed = 0
+
+    def enough() -> bool:
+        nonlocal completed
+        counts = client.batches.retrieve(batch_id).request_counts
+        completed = 0 if counts is None else counts.completed
+        return completed >= count
+
+    wait_until(enough, timeout, f"{count} lines of batch {batch_id} completed", poll_s=0.05)
+    return completed
 
 
 def _records(client: openai.OpenAI, file_id: str | None) -> list[dict[str, object]]:
@@ -201,7 +229,7 @@ def test_invalid_batch_files_fail_with_line_numbers(
 
 
 def _batch_queue_depth(stack: Stack) -> int:
-    models = httpx.get(stack.url + "/v1/models").json()["data"]
+    models = httpx.get(stack.url + "/v1/models", timeout=EVENTUALLY_S).json()["data"]
     return sum(m["hotq"]["queue_depth"] or 0 for m in models)
 
 
@@ -217,49 +245,61 @@ def test_bad_create_requests(client: openai.OpenAI) -> None:
         client.batches.cancel("batch_nope")
 
 
-def test_cancel(client: openai.OpenAI, batch_model: str) -> None:
-    slow = {"model": batch_model, "messages": [{"role": "user", "content": "slow one"}], "fake_delay_ms": 300}
-    input_id = _upload(client, [_line(f"c{i}", slow) for i in range(200)])
+def _quick_then_held(model: str, prefix: str, quick: int, held: int, hold: Hold) -> list[object]:
+    """`quick` lines the backend answers at once, then `held` lines it holds until `hold` is released."""
+    body = {"model": model, "messages": [{"role": "user", "content": "a line"}]}
+    return [_line(f"{prefix}{i}", body) for i in range(quick)] + [
+        _line(f"{prefix}{i}", body | hold.field) for i in range(quick, quick + held)
+    ]
+
+
+def test_cancel(client: openai.OpenAI, batch_model: str, tmp_path: Path) -> None:
+    hold = Hold(tmp_path / "release")
+    quick, held = 20, 180
+    input_id = _upload(client, _quick_then_held(batch_model, "c", quick, held, hold))
     batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
-    _wait_for_some_completed(client, batch.id)
-    cancelling = client.batches.cancel(batch.id)
-    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
-    done = _wait(client, batch.id, ("cancelled",), timeout=30)
+    try:
+        assert _wait_for_completed(client, batch.id, quick) == quick  # the rest are held: it cannot finish
+        cancelling = client.batches.cancel(batch.id)
+        assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+        done = _wait(client, batch.id, ("cancelled",))
+    finally:
+        hold.release()  # the held lines in flight finish, too late to count; the queued ones are dropped
     assert done.cancelled_at and done.completed_at is None
     counts = done.request_counts
-    assert counts is not None and 0 < counts.completed < 200
+    assert counts is not None and counts.completed == quick
     outputs = _records(client, done.output_file_id)
-    assert len(outputs) == counts.completed == len({r["custom_id"] for r in outputs})  # partial, no duplicates
+    assert sorted(r["custom_id"] for r in outputs) == sorted(f"c{i}" for i in range(quick))  # partial, no duplicates
     with pytest.raises(openai.ConflictError):
         client.batches.cancel(_wait(client, _tiny_batch(client, batch_model), ("completed",)).id)
 
 
-def test_expiry(client: openai.OpenAI, batch_model: str) -> None:
-    slow = {"model": batch_model, "messages": [{"role": "user", "content": "slow one"}], "fake_delay_ms": 400}
-    input_id = _upload(client, [_line(f"x{i}", slow) for i in range(400)])
-    batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
-    assert batch.expires_at is not None and batch.expires_at - batch.created_at <= WINDOW_S
-    done = _wait(client, batch.id, ("expired",), timeout=WINDOW_S + 30)
+def test_expiry(tmp_path: Path, amqp_url: str, session_tag: str, delete_test_queues: list[str]) -> None:
+    """A stack of its own, whose batches expire EXPIRY_WINDOW_S after they are created."""
+    model = f"test-org/batch-expiry-{session_tag}"
+    delete_test_queues.append(model)
+    hold = Hold(tmp_path / "release")
+    quick, held = 5, 95
+    with api_and_worker_on_a_fake_backend(
+        tmp_path, amqp_url, model, MODEL_TABLE, batch_window_s=EXPIRY_WINDOW_S
+    ) as stack:
+        client = _client_of(stack)
+        input_id = _upload(client, _quick_then_held(model, "x", quick, held, hold))
+        batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
+        assert batch.expires_at is not None and batch.expires_at - batch.created_at <= EXPIRY_WINDOW_S
+        try:
+            done = _wait(client, batch.id, ("expired",), timeout=EXPIRY_WINDOW_S + EVENTUALLY_S)
+        finally:
+            hold.release()
+        outputs = _records(client, done.output_file_id)
+        errors = _records(client, done.error_file_id)
     assert done.expired_at and done.completed_at is None
-    outputs = _records(client, done.output_file_id)
-    errors = _records(client, done.error_file_id)
-    assert 0 < len(outputs) < 400
-    assert len(outputs) + len(errors) == 400
-    assert len({r["custom_id"] for r in outputs + errors}) == 400
+    assert sorted(r["custom_id"] for r in outputs) == sorted(f"x{i}" for i in range(quick))
+    assert len(errors) == held and len({r["custom_id"] for r in outputs + errors}) == quick + held
     expired = [r for r in errors if r["error"] is not None]
     assert expired and all(r["response"] is None and r["error"]["code"] == "batch_expired" for r in expired)  # type: ignore[index]
     counts = done.request_counts
-    assert counts is not None and (counts.completed, counts.failed) == (len(outputs), len(errors))
-
-
-def _wait_for_some_completed(client: openai.OpenAI, batch_id: str) -> None:
-    deadline = time.monotonic() + 30
-    while True:
-        counts = client.batches.retrieve(batch_id).request_counts
-        if counts is not None and counts.completed >= 10:
-            return
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    assert counts is not None and (counts.completed, counts.failed) == (quick, held)
 
 
 def _tiny_batch(client: openai.OpenAI, model: str) -> str:
@@ -267,8 +307,21 @@ def _tiny_batch(client: openai.OpenAI, model: str) -> str:
     return client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h").id
 
 
+def _results_waiting(amqp_url: str, batch_id: str) -> int:
+    """Answers waiting in the batch's results queue."""
+
+    async def count() -> int:
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(topology.results_queue_name(batch_id), passive=True)
+            return queue.declaration_result.message_count or 0
+
+    return asyncio.run(count())
+
+
 def test_api_killed_mid_batch_loses_and_duplicates_nothing(
-    client: openai.OpenAI, batch_stack: Stack, batch_model: str
+    client: openai.OpenAI, batch_stack: Stack, batch_model: str, amqp_url: str
 ) -> None:
     """Acceptance 3: SIGKILL the API (and so its collector) half-way through 5,000 lines; restart it."""
     lines: list[object] = [
@@ -278,17 +331,15 @@ def test_api_killed_mid_batch_loses_and_duplicates_nothing(
     batch = client.batches.create(
         input_file_id=_upload(client, lines), endpoint="/v1/chat/completions", completion_window="24h"
     )
-    deadline = time.monotonic() + 60
-    while (counts := client.batches.retrieve(batch.id).request_counts) is None or counts.completed < 1000:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    completed = _wait_for_completed(client, batch.id, 1000)
     assert batch_stack.api is not None
     batch_stack.api.kill()
     batch_stack.api.wait()
-    assert counts.completed < 5000, "the batch finished before the API was killed"
-    time.sleep(1.0)  # answers keep arriving in the durable results queue meanwhile
+    assert completed < 5000, "the batch finished before the API was killed"
+    # Answers keep arriving in the batch's durable results queue while no API collects them.
+    wait_until(lambda: _results_waiting(amqp_url, batch.id) > 0, EVENTUALLY_S, "answers queued while the API is down")
     batch_stack.start_api()
-    done = _wait(client, batch.id, ("completed",), timeout=90)
+    done = _wait(client, batch.id, ("completed",))
     assert done.request_counts is not None
     assert (done.request_counts.completed, done.request_counts.failed) == (5000, 0)
     outputs = _records(client, done.output_file_id)
@@ -300,5 +351,5 @@ def test_api_killed_mid_batch_loses_and_duplicates_nothing(
 def test_batch_create_body_over_the_limit_is_413(batch_stack: Stack) -> None:
     """Batch creation reads its body through the same size limit as every other route."""
     huge = {"input_file_id": "file-x", "endpoint": "/v1/chat/completions", "metadata": {"pad": "x" * (11 << 20)}}
-    response = httpx.post(batch_stack.url + "/v1/batches", json=huge, timeout=30)
+    response = httpx.post(batch_stack.url + "/v1/batches", json=huge, timeout=EVENTUALLY_S)
     assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"

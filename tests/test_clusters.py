@@ -4,7 +4,6 @@ an offline cluster is skipped. Local launchers stand in for the clusters (one st
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,9 +17,12 @@ from broker.messages import AgentState, AgentStatus
 from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers.local import LocalLauncher
 from hpc_agents.scaler import Scaler
-from tests.stack import Stack, write_config
+from ops.processes import wait_until_async
+from ops.testing.deadlines import EVENTUALLY_S
+from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold
+from ops.testing.stack import Stack, write_config
 
-FAKE_COMMAND = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
+BETA_START_DELAY_S = 1.5  # beta's stand-in for a batch scheduler's queue wait
 
 
 class OfflineLauncher(LocalLauncher):
@@ -32,7 +34,7 @@ class OfflineLauncher(LocalLauncher):
 
 def _cluster_tables(path: Path, amqp_url: str, model: str) -> Path:
     table = {
-        "command": FAKE_COMMAND,
+        "command": FAKE_BACKEND_COMMAND,
         "clusters": ["gamma", "alpha", "beta"],
         "max_agents": 2,
         "target_drain_s": 1,
@@ -61,7 +63,7 @@ async def federation(
     launchers = {
         "gamma": OfflineLauncher("gamma", config, log_dir=logs),
         "alpha": LocalLauncher("alpha", config, log_dir=logs),
-        "beta": LocalLauncher("beta", config, log_dir=logs, start_delay_s=1.5),
+        "beta": LocalLauncher("beta", config, log_dir=logs, start_delay_s=BETA_START_DELAY_S),
     }
     connection = await connect(amqp_url, "test-scaler")
     directory = AgentDirectory(config.heartbeat_s)
@@ -81,8 +83,10 @@ async def federation(
         stack.close()
 
 
-async def _ask_many(stack: Stack, model: str, count: int, headers: dict[str, str] | None = None) -> None:
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=count + 5), timeout=120)
+async def _ask_many(
+    stack: Stack, model: str, count: int, headers: dict[str, str] | None = None, hold: Hold | None = None
+) -> None:
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=count + 5), timeout=EVENTUALLY_S)
     client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, http_client=http)
     try:
         answers = await asyncio.gather(
@@ -90,7 +94,7 @@ async def _ask_many(stack: Stack, model: str, count: int, headers: dict[str, str
                 client.chat.completions.create(
                     model=model,
                     messages=[{"role": "user", "content": f"shared work {i}"}],
-                    extra_body={"fake_delay_ms": 100},
+                    extra_body=None if hold is None else hold.field,
                     extra_headers=headers or {},
                 )
                 for i in range(count)
@@ -110,24 +114,42 @@ def _served_by_cluster(scaler: Scaler, model: str) -> dict[str, int]:
 
 
 async def _settle(scaler: Scaler, model: str, expected_total: int) -> dict[str, int]:
-    deadline = time.monotonic() + 10
-    while sum(_served_by_cluster(scaler, model).values()) < expected_total:
-        if time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.2)
+    """What each cluster's agents served, once their heartbeats count `expected_total` in all."""
+
+    def counted() -> bool:
+        return sum(_served_by_cluster(scaler, model).values()) >= expected_total
+
+    await wait_until_async(counted, EVENTUALLY_S, f"heartbeats counting {expected_total} served", poll_s=0.2)
     return _served_by_cluster(scaler, model)
 
 
+def _busy_clusters(scaler: Scaler, model: str) -> set[str]:
+    """The clusters with a hot agent whose slots are all taken (max_inflight = 2)."""
+    latest: dict[str, AgentStatus] = {a.agent_id: a for a in scaler.directory.agents(model) if a.heartbeat}
+    return {status.cluster for status in latest.values() if status.state is AgentState.HOT and status.inflight == 2}
+
+
 async def test_two_clusters_share_work_pinned_requests_stay_and_offline_is_skipped(
-    federation: tuple[Scaler, Stack, str],
+    federation: tuple[Scaler, Stack, str], tmp_path: Path
 ) -> None:
     scaler, stack, model = federation
-    await _ask_many(stack, model, 60)
+    # The backends hold the work until both clusters' agents are busy with it: however fast or slow
+    # the machine, the cluster that starts later (beta) gets its share.
+    hold = Hold(tmp_path / "release")
+    asking = asyncio.create_task(_ask_many(stack, model, 60, hold=hold))
+    try:
+        await wait_until_async(
+            lambda: _busy_clusters(scaler, model) == {"alpha", "beta"}, EVENTUALLY_S, "both clusters busy"
+        )
+    finally:
+        hold.release()
+    await asking
     launched_to = sorted(launch.cluster for launch in scaler.launches.values())
     assert launched_to == ["alpha", "beta"]  # gamma offline; each of the others at its max_nodes
     served = await _settle(scaler, model, 60)
     assert served.get("alpha", 0) > 0 and served.get("beta", 0) > 0 and sum(served.values()) == 60
-    assert scaler.cold_start_s["beta"] > scaler.cold_start_s["alpha"]  # the slower start was measured
+    # The slower start was measured: beta's cold start includes its queue wait.
+    assert scaler.cold_start_s["beta"] >= BETA_START_DELAY_S and scaler.cold_start_s["alpha"] > 0
 
     await _ask_many(stack, model, 10, headers={"X-Hotq-Cluster": "alpha"})
     after = await _settle(scaler, model, 70)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +16,16 @@ import pytest
 
 from broker import topology
 from broker.messages import Lane
-from tests.fake_backend import expected_chat_tokens, running_fake_backend
-from tests.stack import Stack, write_config
+from ops.processes import wait_until
+from ops.testing.deadlines import EVENTUALLY_S, STOP_S
+from ops.testing.fake_backend import Hold, expected_chat_tokens, fake_stats, running_fake_backend
+from ops.testing.stack import Stack, wait_for_event, write_config
+from tests import rabbitmq_roles
+
+# The client leaving must reach the backend in about a second on a quiet machine (acceptance 7);
+# the bound checked here is five times that, so that a loaded or slow machine passes, while a
+# cancel that does not propagate still fails: the stream it cuts would run for 20 s.
+CANCEL_REACHES_BACKEND_S = 5.0
 
 
 @pytest.fixture
@@ -39,47 +46,40 @@ def stack(
     stack.close()
 
 
-def _stats(backend_url: str) -> dict[str, object]:
-    return httpx.get(backend_url + "/_stats").json()
-
-
-def _wait_until(condition: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met")
-        time.sleep(0.02)
-
-
 def _client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
+
+
+def _backend_sees(backend_url: str, what: str, condition: object) -> None:
+    wait_until(lambda: condition(fake_stats(backend_url)), EVENTUALLY_S, what)  # type: ignore[operator]
 
 
 def test_killed_worker_non_streaming_request_is_answered_once_by_another(
-    stack: Stack, fake_model: str, fake_backend_url: str
+    stack: Stack, fake_model: str, fake_backend_url: str, tmp_path: Path
 ) -> None:
     first = stack.start_worker(fake_model)
-    httpx.post(fake_backend_url + "/_reset")
+    httpx.post(fake_backend_url + "/_reset", timeout=EVENTUALLY_S)
+    hold = Hold(tmp_path / "release")  # the backend answers only once both workers have called it
     answers: list[object] = []
     call = threading.Thread(
         target=lambda: answers.append(
             _client(stack).chat.completions.create(
-                model=fake_model,
-                messages=[{"role": "user", "content": "survive this"}],
-                extra_body={"fake_delay_ms": 1500},
+                model=fake_model, messages=[{"role": "user", "content": "survive this"}], extra_body=hold.field
             )
         )
     )
     call.start()
-    _wait_until(lambda: _stats(fake_backend_url)["active"] == 1)  # the first worker holds it
+    _backend_sees(fake_backend_url, "the first worker's call", lambda stats: stats["active"] == 1)
     stack.start_worker(fake_model)
     first.send_signal(signal.SIGKILL)
-    call.join(timeout=30)
+    _backend_sees(fake_backend_url, "the redelivery's call", lambda stats: stats["started"] == 2)
+    hold.release()
+    call.join(timeout=EVENTUALLY_S)
     assert not call.is_alive()
     assert len(answers) == 1
     tokens, _ = expected_chat_tokens("survive this", None)
     assert answers[0].choices[0].message.content == "".join(tokens)  # type: ignore[attr-defined]
-    assert _stats(fake_backend_url)["started"] == 2  # computed twice, answered once
+    assert fake_stats(fake_backend_url)["started"] == 2  # computed twice, answered once
 
 
 def test_killed_worker_mid_stream_gives_error_event(stack: Stack, fake_model: str) -> None:
@@ -106,23 +106,24 @@ def test_killed_worker_mid_stream_gives_error_event(stack: Stack, fake_model: st
     del first
 
 
-def test_request_succeeds_after_broker_connections_are_closed(stack: Stack, fake_model: str) -> None:
+def test_request_succeeds_after_broker_connections_are_closed(stack: Stack, fake_model: str, amqp_url: str) -> None:
     stack.start_worker(fake_model)
     client = _client(stack)
     assert client.chat.completions.create(model=fake_model, messages=[{"role": "user", "content": "before"}])
-    subprocess.run(["rabbitmqctl", "close_all_connections", "hotq test: forced close"], check=True, capture_output=True)
+    rabbitmq_roles.close_connections(amqp_url, "hotq test: forced close")
     answer = client.chat.completions.create(model=fake_model, messages=[{"role": "user", "content": "after it"}])
     assert answer.choices[0].message.content == "echo: retfa ti"
+    for log in ("api.log", "worker1.log"):  # both really lost their connections, and came back
+        assert "CONNECTION_FORCED - hotq test: forced close" in stack.log(log)
 
 
-def test_client_disconnect_cancels_backend_call_within_a_second(
-    stack: Stack, fake_model: str, fake_backend_url: str
-) -> None:
+def test_client_disconnect_cancels_backend_call(stack: Stack, fake_model: str, fake_backend_url: str) -> None:
     stack.start_worker(fake_model)
-    httpx.post(fake_backend_url + "/_reset")
+    httpx.post(fake_backend_url + "/_reset", timeout=EVENTUALLY_S)
+    words = 400  # 20 s of generation at 50 ms a token
     stream = _client(stack).chat.completions.create(
         model=fake_model,
-        messages=[{"role": "user", "content": " ".join(["slow"] * 200)}],
+        messages=[{"role": "user", "content": " ".join(["slow"] * words)}],
         stream=True,
         extra_body={"fake_delay_ms": 50, "fake_tag": "walk-away"},
     )
@@ -130,22 +131,27 @@ def test_client_disconnect_cancels_backend_call_within_a_second(
         if index == 3:
             break
     stream.close()
-    closed_at = time.time()
-    _wait_until(lambda: "walk-away" in _stats(fake_backend_url)["cancelled_tags"], timeout=5)  # type: ignore[operator]
-    cancelled_at = _stats(fake_backend_url)["cancelled_tags"]["walk-away"]  # type: ignore[index]
-    assert cancelled_at - closed_at < 1.0
+    closed_at = time.monotonic()  # CLOCK_MONOTONIC: the fake backend's process reads the same clock
+    _backend_sees(fake_backend_url, "the call cancelled", lambda stats: "walk-away" in stats["cancelled_tags"])
+    stats = fake_stats(fake_backend_url)
+    assert stats["completed"] == 0 and stats["cancelled_after_tokens"]["walk-away"] < words  # cut, not run out
+    took_s = stats["cancelled_tags_monotonic"]["walk-away"] - closed_at
+    print(f"\nthe backend saw the client leave {took_s * 1000:.0f} ms after it closed the stream")
+    assert took_s < CANCEL_REACHES_BACKEND_S
 
 
-def test_worker_sigterm_finishes_in_flight_then_exits_zero(stack: Stack, fake_model: str) -> None:
+def test_worker_sigterm_finishes_in_flight_then_exits_zero(
+    stack: Stack, fake_model: str, fake_backend_url: str, tmp_path: Path
+) -> None:
     worker = stack.start_worker(fake_model)
+    httpx.post(fake_backend_url + "/_reset", timeout=EVENTUALLY_S)
+    hold = Hold(tmp_path / "release")
     answers: list[str] = []
     call = threading.Thread(
         target=lambda: answers.append(
             _client(stack)
             .chat.completions.create(
-                model=fake_model,
-                messages=[{"role": "user", "content": "finish me"}],
-                extra_body={"fake_delay_ms": 1000},
+                model=fake_model, messages=[{"role": "user", "content": "finish me"}], extra_body=hold.field
             )
             .choices[0]
             .message.content
@@ -153,10 +159,12 @@ def test_worker_sigterm_finishes_in_flight_then_exits_zero(stack: Stack, fake_mo
         )
     )
     call.start()
-    time.sleep(0.5)
+    _backend_sees(fake_backend_url, "the request in flight", lambda stats: stats["active"] == 1)
     worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=30) == 0
-    call.join(timeout=30)
+    assert wait_for_event(worker, "worker_draining")["inflight"] == 1
+    hold.release()  # only now can the request in flight finish
+    assert worker.wait(timeout=STOP_S) == 0
+    call.join(timeout=EVENTUALLY_S)
     assert answers == ["echo: hsinif em"]
 
 
@@ -166,8 +174,10 @@ def test_request_expired_in_queue_is_never_computed(
     model = f"expiring-{session_tag}"
     delete_test_queues.append(model)
     with running_fake_backend([model]) as fake_backend_url:
+        # The first request waits for a worker longer than this, in vain; the second, sent once one
+        # runs, must start within it however slow the machine.
         config = write_config(
-            tmp_path / "hotq.toml", amqp_url, {model: {"backend_url": fake_backend_url}}, max_queue_wait_s=1
+            tmp_path / "hotq.toml", amqp_url, {model: {"backend_url": fake_backend_url}}, max_queue_wait_s=5
         )
         _expired_request_is_not_computed(Stack(config, tmp_path), model, fake_backend_url)
 
@@ -179,12 +189,13 @@ def _expired_request_is_not_computed(stack: Stack, model: str, fake_backend_url:
         with pytest.raises(openai.InternalServerError) as caught:
             client.chat.completions.create(model=model, messages=[{"role": "user", "content": "too late"}])
         assert caught.value.status_code == 503
-        httpx.post(fake_backend_url + "/_reset")
+        httpx.post(fake_backend_url + "/_reset", timeout=EVENTUALLY_S)
         stack.start_worker(model)
-        time.sleep(1.0)
-        assert _stats(fake_backend_url)["started"] == 0
         answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "in time"}])
         assert answer.choices[0].message.content == "echo: ni emit"
+        # The expired request was ahead of it in the queue, so the worker decided on it first: dropped.
+        assert fake_stats(fake_backend_url)["started"] == 1
+        wait_for_event(stack.workers[0], "request_dropped")
     finally:
         stack.close()
 
@@ -219,32 +230,37 @@ def test_requests_cancelled_before_they_start_give_their_slots_back(
             body = {"model": model, "messages": [{"role": "user", "content": "never mind"}]}
             for left in (1, 2):
                 worker.send_signal(signal.SIGSTOP)  # the delivery and the cancel both wait for it
+                # The worker is stopped, so no answer can come: the client gives up (and the API logs 499).
                 with pytest.raises(httpx.TimeoutException):
                     httpx.post(stack.url + "/v1/chat/completions", json=body, timeout=0.3)
-                _wait_until(lambda left=left: stack.log("api.log").count('"status": 499') >= left, timeout=60)
+                wait_until(
+                    lambda left=left: stack.log("api.log").count('"status": 499') >= left,
+                    EVENTUALLY_S,
+                    f"{left} request(s) logged as left by their client",
+                )
                 worker.send_signal(signal.SIGCONT)
-            # Both slots serve again: two slow requests run in the backend at once.
-            httpx.post(fake_backend_url + "/_reset")
-            client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+            # Both slots serve again: two requests are in the backend at once.
+            httpx.post(fake_backend_url + "/_reset", timeout=EVENTUALLY_S)
+            hold = Hold(tmp_path / "release")
+            client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
             calls = [
                 threading.Thread(
                     target=lambda: client.chat.completions.create(
-                        model=model,
-                        messages=[{"role": "user", "content": "both at once"}],
-                        extra_body={"fake_delay_ms": 3000},
+                        model=model, messages=[{"role": "user", "content": "both at once"}], extra_body=hold.field
                     )
                 )
                 for _ in range(2)
             ]
             for call in calls:
                 call.start()
-            _wait_until(lambda: _stats(fake_backend_url)["active"] == 2, timeout=60)
+            _backend_sees(fake_backend_url, "both requests in the backend", lambda stats: stats["active"] == 2)
+            hold.release()
             for call in calls:
-                call.join(timeout=120)
-            assert _stats(fake_backend_url)["completed"] == 2
+                call.join(timeout=EVENTUALLY_S)
+            assert fake_stats(fake_backend_url)["completed"] == 2
             # Every delivery was settled: a worker that leaves hands nothing back.
             worker.send_signal(signal.SIGTERM)
-            assert worker.wait(timeout=60) == 0
+            assert worker.wait(timeout=STOP_S) == 0
             assert _ready_messages(amqp_url, model) == 0
         finally:
             stack.close()

@@ -10,12 +10,14 @@ import httpx
 import openai
 import pytest
 
-from tests.stack import Stack, free_port, write_config
+from hpc_agents.backend import free_port
+from ops.testing.deadlines import EVENTUALLY_S
+from ops.testing.stack import Stack, write_config
 
 
 @pytest.fixture(scope="module")
 def client(fake_stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fake_stack.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=fake_stack.url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
 
 
 def _error(response: httpx.Response, status: int) -> dict[str, object]:
@@ -31,7 +33,9 @@ def _chat(model: str, content: object = "hi", **extra: object) -> dict[str, obje
 
 
 def test_malformed_json_is_400(fake_stack: Stack) -> None:
-    response = httpx.post(fake_stack.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [')
+    response = httpx.post(
+        fake_stack.url + "/v1/chat/completions", content=b'{"model": "x", "messages": [', timeout=EVENTUALLY_S
+    )
     assert _error(response, 400)["type"] == "invalid_request_error"
 
 
@@ -51,7 +55,7 @@ def test_schema_violations_are_400_naming_the_field(
 ) -> None:
     if body.get("model") == "M":
         body["model"] = fake_model
-    error = _error(httpx.post(fake_stack.url + "/v1/chat/completions", json=body), 400)
+    error = _error(httpx.post(fake_stack.url + "/v1/chat/completions", json=body, timeout=EVENTUALLY_S), 400)
     assert error["param"] == param
 
 
@@ -71,13 +75,16 @@ def test_unknown_model_is_404_model_not_found(client: openai.OpenAI) -> None:
 
 def test_body_over_limit_is_413(fake_stack: Stack, fake_model: str) -> None:
     huge = "x" * (10 * 1024 * 1024 + 1)
-    response = httpx.post(fake_stack.url + "/v1/chat/completions", json=_chat(fake_model, huge), timeout=30)
+    response = httpx.post(fake_stack.url + "/v1/chat/completions", json=_chat(fake_model, huge), timeout=EVENTUALLY_S)
     assert _error(response, 413)["code"] == "payload_too_large"
 
 
 def test_unknown_route_404_and_wrong_method_405(fake_stack: Stack) -> None:
-    assert _error(httpx.post(fake_stack.url + "/v1/nothing/here", json={}), 404)["code"] == "not_found"
-    response = httpx.get(fake_stack.url + "/v1/chat/completions")
+    assert (
+        _error(httpx.post(fake_stack.url + "/v1/nothing/here", json={}, timeout=EVENTUALLY_S), 404)["code"]
+        == "not_found"
+    )
+    response = httpx.get(fake_stack.url + "/v1/chat/completions", timeout=EVENTUALLY_S)
     assert _error(response, 405)["code"] == "method_not_allowed"
     assert response.headers["allow"] == "POST"
 
@@ -96,28 +103,29 @@ def test_backend_failures_keep_their_status(client: openai.OpenAI, fake_model: s
 def test_errors_lose_nothing(fake_stack: Stack, client: openai.OpenAI, fake_model: str) -> None:
     """After a burst of bad requests the good one still works and no request is left queued."""
     for bad in (b"{", b"[]", json.dumps({"model": fake_model}).encode()):
-        assert httpx.post(fake_stack.url + "/v1/chat/completions", content=bad).status_code == 400
+        assert httpx.post(fake_stack.url + "/v1/chat/completions", content=bad, timeout=EVENTUALLY_S).status_code == 400
     answer = client.chat.completions.create(model=fake_model, messages=[{"role": "user", "content": "still here"}])
     assert answer.choices[0].message.content == "echo: llits ereh"
     models = client.models.list().data
     assert models[0].model_extra["hotq"]["queue_depth"] == 0  # type: ignore[index]
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def lonely_stack(
-    tmp_path: Path, amqp_url: str, session_tag: str, delete_test_queues: list[str]
+    tmp_path_factory: pytest.TempPathFactory, amqp_url: str, session_tag: str, delete_test_queues: list[str]
 ) -> Iterator[tuple[Stack, str]]:
     """A model with no consumer at all, and a short maximum queue wait."""
+    workdir = tmp_path_factory.mktemp("lonely")
     model = f"lonely-{session_tag}"
     delete_test_queues.append(model)
     config = write_config(
-        tmp_path / "hotq.toml",
+        workdir / "hotq.toml",
         amqp_url,
         {model: {"backend_url": "http://127.0.0.1:9"}},
         max_queue_wait_s=1.5,
         keepalive_s=0.4,
     )
-    stack = Stack(config, tmp_path)
+    stack = Stack(config, workdir)
     stack.start_api()
     yield stack, model
     stack.close()
@@ -135,7 +143,7 @@ def test_no_consumer_gives_503_with_retry_after(lonely_stack: tuple[Stack, str])
 def test_waiting_stream_sends_keepalives_then_error_event(lonely_stack: tuple[Stack, str]) -> None:
     stack, model = lonely_stack
     with httpx.stream(
-        "POST", stack.url + "/v1/chat/completions", json=_chat(model, stream=True), timeout=10
+        "POST", stack.url + "/v1/chat/completions", json=_chat(model, stream=True), timeout=EVENTUALLY_S
     ) as response:
         assert response.status_code == 200
         text = response.read().decode()
@@ -160,7 +168,7 @@ def test_rabbitmq_unreachable_is_503(tmp_path: Path, session_tag: str) -> None:
     stack = Stack(config, tmp_path)
     try:
         stack.start_api()
-        response = httpx.post(stack.url + "/v1/chat/completions", json=_chat(f"m-{session_tag}"))
+        response = httpx.post(stack.url + "/v1/chat/completions", json=_chat(f"m-{session_tag}"), timeout=EVENTUALLY_S)
         assert _error(response, 503)["type"] == "service_unavailable"
         assert "retry-after" in response.headers
     finally:

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import struct
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.fake_backend import (
+from ops.processes import wait_until
+from ops.testing.deadlines import EVENTUALLY_S
+from ops.testing.fake_backend import (
+    Hold,
     expected_chat_tokens,
     expected_completion_tokens,
     expected_embedding,
+    fake_stats,
     running_fake_backend,
 )
 
@@ -42,7 +48,7 @@ def test_expected_tokens_rule() -> None:
 
 
 def test_health_and_models(backend_url: str, client: openai.OpenAI) -> None:
-    assert httpx.get(backend_url + "/health").status_code == 200
+    assert httpx.get(backend_url + "/health", timeout=EVENTUALLY_S).status_code == 200
     assert [m.id for m in client.models.list()] == [MODEL, "other-model"]
 
 
@@ -132,7 +138,11 @@ def test_embeddings(backend_url: str, client: openai.OpenAI) -> None:
         assert item.embedding == pytest.approx(expected_embedding(text), abs=1e-6)
     assert resp.usage.prompt_tokens == 3
 
-    raw = httpx.post(backend_url + "/v1/embeddings", json={"model": MODEL, "input": "x", "encoding_format": "base64"})
+    raw = httpx.post(
+        backend_url + "/v1/embeddings",
+        json={"model": MODEL, "input": "x", "encoding_format": "base64"},
+        timeout=EVENTUALLY_S,
+    )
     decoded = struct.unpack("<8f", base64.b64decode(raw.json()["data"][0]["embedding"]))
     assert list(decoded) == pytest.approx(expected_embedding("x"), abs=1e-6)
     floats = client.embeddings.create(model=MODEL, input="x", encoding_format="float")
@@ -151,7 +161,8 @@ def test_errors(client: openai.OpenAI) -> None:
 
 
 def test_cancel_is_counted(backend_url: str, client: openai.OpenAI) -> None:
-    httpx.post(backend_url + "/_reset").raise_for_status()
+    httpx.post(backend_url + "/_reset", timeout=EVENTUALLY_S).raise_for_status()
+    sent_at, sent_at_monotonic = time.time(), time.monotonic()
     stream = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": " ".join(["w"] * 50)}],
@@ -164,13 +175,47 @@ def test_cancel_is_counted(backend_url: str, client: openai.OpenAI) -> None:
         if seen == 2:
             break
     stream.close()
-    closed_at = time.time()
 
-    deadline = time.monotonic() + 1.0
-    stats = httpx.get(backend_url + "/_stats").json()
-    while stats["cancelled"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
-        stats = httpx.get(backend_url + "/_stats").json()
+    wait_until(lambda: fake_stats(backend_url)["cancelled"] >= 1, EVENTUALLY_S, "the cancel counted")
+    stats = fake_stats(backend_url)
     assert stats["cancelled"] == 1 and stats["started"] == 1 and stats["completed"] == 0
     assert stats["active"] == 0
-    assert closed_at - 1.0 < stats["cancelled_tags"]["t-cancel"] < closed_at + 1.0
+    # When the backend saw it: a time between the request and now, on both clocks.
+    assert sent_at <= stats["cancelled_tags"]["t-cancel"] <= time.time()
+    assert sent_at_monotonic <= stats["cancelled_tags_monotonic"]["t-cancel"] <= time.monotonic()
+    assert stats["started_order"] == {"t-cancel": 1}
+
+
+def test_a_held_request_waits_for_its_file(backend_url: str, client: openai.OpenAI, tmp_path: Path) -> None:
+    httpx.post(backend_url + "/_reset", timeout=EVENTUALLY_S).raise_for_status()
+    hold = Hold(tmp_path / "release")
+
+    def ask(stream: bool) -> str:
+        messages = [{"role": "user", "content": "wait for it"}]
+        extra = hold.field | {"fake_tag": f"held-{stream}"}
+        if not stream:
+            answer = client.chat.completions.create(model=MODEL, messages=messages, extra_body=extra)  # type: ignore[arg-type]
+            return answer.choices[0].message.content or ""
+        chunks = client.chat.completions.create(model=MODEL, messages=messages, stream=True, extra_body=extra)  # type: ignore[arg-type]
+        return "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(ask, stream) for stream in (False, True)]
+        try:
+            wait_until(lambda: fake_stats(backend_url)["active"] == 2, EVENTUALLY_S, "both requests in the backend")
+            assert not any(future.done() for future in held)  # neither answer has ended
+        finally:
+            hold.release()
+        assert [future.result(timeout=EVENTUALLY_S) for future in held] == ["echo: tiaw rof ti"] * 2
+    stats = fake_stats(backend_url)
+    assert (stats["completed"], stats["active"]) == (2, 0)
+    assert sorted(stats["started_order"].values()) == [1, 2]
+
+
+def test_a_held_request_whose_client_leaves_is_cancelled(backend_url: str, tmp_path: Path) -> None:
+    httpx.post(backend_url + "/_reset", timeout=EVENTUALLY_S).raise_for_status()
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "never"}], "fake_tag": "gone"}
+    with pytest.raises(httpx.TimeoutException):  # nobody releases it: the client gives up
+        httpx.post(backend_url + "/v1/chat/completions", json=body | Hold(tmp_path / "never").field, timeout=0.5)
+    wait_until(lambda: "gone" in fake_stats(backend_url)["cancelled_tags"], EVENTUALLY_S, "the held request cancelled")
+    assert fake_stats(backend_url)["active"] == 0

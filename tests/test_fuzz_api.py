@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.stack import Stack
+from ops.testing.deadlines import EVENTUALLY_S
+from ops.testing.stack import Stack
 
 SETTINGS = settings(
     max_examples=200,
@@ -141,7 +142,7 @@ def _check(stack: Stack, response: httpx.Response, seen: collections.Counter[int
 
 @pytest.fixture(scope="module")
 def client(fake_stack: Stack) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=fake_stack.url, timeout=30) as http:
+    with httpx.Client(base_url=fake_stack.url, timeout=EVENTUALLY_S) as http:
         yield http
 
 
@@ -216,7 +217,8 @@ def test_fuzz_raw_http(fake_stack: Stack, client: httpx.Client) -> None:
         if chunked:
             lines.append(b"Transfer-Encoding: chunked")
         request = b"\r\n".join(lines) + b"\r\n\r\n" + body
-        with socket.create_connection(("127.0.0.1", fake_stack.port), timeout=2) as sock:
+        # Bounded, not generous: the server may rightly wait for a body that never comes.
+        with socket.create_connection(("127.0.0.1", fake_stack.port), timeout=10) as sock:
             sock.sendall(request)
             sock.shutdown(socket.SHUT_WR)
             answer = b""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,11 @@ from broker.config import Config, config_from_mapping
 from hpc_agents.agent import run_agent
 from hpc_agents.launchers import globus_compute
 from hpc_agents.launchers.globus_compute import GlobusComputeLauncher
-from tests.stack import Stack, write_config
+from ops.processes import wait_until
+from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S
+from ops.testing.fake_backend import FAKE_BACKEND_COMMAND
+from ops.testing.stack import Stack, write_config
 
-FAKE_COMMAND = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
 CLUSTER = "test-gc"
 ENDPOINT_ID = "8a0c4f5e-0000-4000-8000-000000000001"
 
@@ -37,13 +38,6 @@ def _config(endpoint_id: str = ENDPOINT_ID, **top: Any) -> Config:
     return config_from_mapping(
         {**top, "clusters": {CLUSTER: {"launcher": "globus-compute", "endpoint_id": endpoint_id, "max_nodes": 2}}}
     )
-
-
-def _wait_for(condition: Any, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 # (a) A launch runs the real agent through the executor and returns its summary.
@@ -58,7 +52,7 @@ def model(session_tag: str, delete_test_queues: list[str]) -> str:
 
 @pytest.fixture
 def api(tmp_path: Path, amqp_url: str, model: str) -> Iterator[Stack]:
-    stack = Stack(write_config(tmp_path / "hotq.toml", amqp_url, {model: {"command": FAKE_COMMAND}}), tmp_path)
+    stack = Stack(write_config(tmp_path / "hotq.toml", amqp_url, {model: {"command": FAKE_BACKEND_COMMAND}}), tmp_path)
     stack.start_api()
     yield stack
     stack.close()
@@ -70,22 +64,23 @@ def test_launch_runs_an_agent_that_serves_and_returns_its_summary(
     config = _config(
         amqp_url=amqp_url,
         data_dir=str(tmp_path / "data"),
-        models={model: {"command": FAKE_COMMAND, "idle_ttl_s": 1.5, "max_inflight": 2}},
+        models={model: {"command": FAKE_BACKEND_COMMAND, "idle_ttl_s": 1.5, "max_inflight": 2}},
     )
     # What Globus Compute does on a node: run the function in another Python process.
     pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     launcher = GlobusComputeLauncher(CLUSTER, config, executor=pool)
     try:
         launch = launcher.launch(model)
-        client = openai.OpenAI(base_url=api.url + "/v1", api_key="unused", max_retries=0, timeout=90)
+        client = openai.OpenAI(base_url=api.url + "/v1", api_key="unused", max_retries=0, timeout=STARTUP_S)
         answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "via globus"}])
         assert answer.choices[0].message.content == "echo: aiv subolg"
-        summary = launch.future.result(timeout=60)
+        summary = launch.future.result(timeout=EVENTUALLY_S)
     finally:
         launcher.shutdown()
     assert summary["exit_reason"] == "idle" and summary["served"] == 1
     assert summary["agent_id"] == launch.agent_id and summary["cluster"] == CLUSTER
-    _wait_for(lambda: list(launcher.summaries) == [summary])  # done callbacks run after result() wakes
+    # Done callbacks run after result() wakes.
+    wait_until(lambda: list(launcher.summaries) == [summary], EVENTUALLY_S, "the summary recorded")
 
 
 # (b) Endpoint status through the Compute API, mocked at the HTTP layer.

@@ -3,6 +3,8 @@
 Users are API keys made with `hotq keys create`; each model carries its own `limits = {...}`, so
 every test runs against the one limit it is about. The fake backend sleeps `fake_delay_ms` before
 answering, and the fair-share model's worker takes at most two requests at once (max_inflight = 2).
+Fair share is measured by queue position, not by time: how many requests the backend started
+between another user's request being sent and it starting.
 """
 
 from __future__ import annotations
@@ -10,27 +12,40 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
 import pytest
 
 from api.limits import Limiter
-from broker import messages
+from broker import messages, topology
 from broker.config import parse_config
 from broker.errors import RateLimited
-from broker.messages import Abandoned, Final
+from broker.jobstore import JobStore
+from broker.messages import Abandoned, Final, Lane
+from ops.processes import wait_until
+from ops.testing.deadlines import EVENTUALLY_S
+from ops.testing.fake_backend import Hold, fake_stats, running_fake_backend
+from ops.testing.stack import Stack, create_key, ready_messages
 from producers.request_client import RequestClient
-from tests.fake_backend import running_fake_backend
-from tests.stack import Stack
 
-ROOT = Path(__file__).resolve().parent.parent
 DELAY_MS = 300  # the fake backend's time per request in the fair-share tests
+FLOODERS = 10  # threads of one user resending as fast as answers and refusals come back
+# With fair share a flooding user has one request in flight, so only a few of theirs can start
+# between another user's request being sent and it starting; without, the whole flood does.
+FAIR_AHEAD_AT_MOST = 4
+FLOOD_AHEAD = 20  # the control's flood, sent before the other user's request
+
+
+@dataclass(frozen=True)
+class LimitsStack:
+    stack: Stack
+    backend: str  # the fake backend's URL
+    amqp_url: str
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +56,7 @@ def models(session_tag: str, delete_test_queues: list[str]) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, models: dict[str, str]) -> Iterator[Stack]:
+def limits(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, models: dict[str, str]) -> Iterator[LimitsStack]:
     workdir = tmp_path_factory.mktemp("limits")
     limits = {
         "rpm": "{ requests_per_minute = 3 }",
@@ -63,27 +78,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, models: dict[
             stack.start_api()
             for name in models.values():
                 stack.start_worker(name)
-            yield stack
+            yield LimitsStack(stack, backend, amqp_url)
         finally:
             stack.close()
 
 
+@pytest.fixture(scope="module")
+def stack(limits: LimitsStack) -> Stack:
+    return limits.stack
+
+
 def _client(stack: Stack, user: str) -> openai.OpenAI:
-    done = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "keys", "create", "--user", user, "--config", str(stack.config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
+    key = create_key(stack.config, user)
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0, timeout=EVENTUALLY_S)
+
+
+def _chat(client: openai.OpenAI, model: str, text: str = "hi", delay_ms: int = 0, **extra: object) -> str:
+    fields = ({"fake_delay_ms": delay_ms} if delay_ms else {}) | extra
+    answer = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], extra_body=fields or None
     )
-    assert done.returncode == 0, done.stderr
-    key = done.stdout.strip().splitlines()[-1]
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key=key, max_retries=0, timeout=60)
-
-
-def _chat(client: openai.OpenAI, model: str, text: str = "hi", delay_ms: int = 0) -> str:
-    extra = {"fake_delay_ms": delay_ms} if delay_ms else None
-    answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], extra_body=extra)
     return answer.choices[0].message.content or ""
 
 
@@ -136,22 +150,35 @@ def test_a_stream_left_mid_way_is_charged_what_was_generated(stack: Stack, model
         if chunk.choices and chunk.choices[0].delta.content:
             break  # the first token is enough
     stream.close()
-    time.sleep(1.5)  # the cancel reaches the consumer, its report of the cut comes back
+    # The consumer sends the API its count at the cut (the frame the charge comes from) just before
+    # its usage report, which the API then records: once the record is there, the charge is in.
+    wait_until(lambda: _cancelled_recorded(stack, "frank-tpm"), EVENTUALLY_S, "frank's cut stream recorded")
     with pytest.raises(openai.RateLimitError) as caught:
         _chat(frank, models["tpm"])
     assert _retry_after(caught.value) >= 1
 
 
-def test_concurrent_requests(stack: Stack, models: dict[str, str]) -> None:
-    erin = _client(stack, "erin-conc")
+def _cancelled_recorded(stack: Stack, user: str) -> bool:
+    store = JobStore(stack.workdir / "data")
+    try:
+        return any(row["cancelled"] for row in store.usage(user=user))
+    finally:
+        store.close()
+
+
+def test_concurrent_requests(limits: LimitsStack, models: dict[str, str], tmp_path: Path) -> None:
+    erin = _client(limits.stack, "erin-conc")
+    hold = Hold(tmp_path / "release")
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        slow = pool.submit(_chat, erin, models["fair"], "slow", 1500)
-        time.sleep(0.5)  # the slow one is in flight
-        started = time.monotonic()
-        with pytest.raises(openai.RateLimitError) as caught:
-            _chat(erin, models["fair"])
-        assert time.monotonic() - started < 0.5  # refused at once, not queued
-        assert _retry_after(caught.value) == 1
+        slow = pool.submit(_chat, erin, models["fair"], "slow", **hold.field)
+        try:
+            wait_until(lambda: fake_stats(limits.backend)["active"] == 1, EVENTUALLY_S, "the first one in flight")
+            with pytest.raises(openai.RateLimitError) as caught:
+                _chat(erin, models["fair"])
+            assert not slow.done()  # refused while the first was still in flight: not queued behind it
+            assert _retry_after(caught.value) == 1
+        finally:
+            hold.release()
         assert slow.result()
     assert _chat(erin, models["fair"])  # counted out when it finished
 
@@ -167,50 +194,68 @@ def _flood(client: openai.OpenAI, model: str, stop: threading.Event, served: lis
             time.sleep(0.05)
 
 
-def _latencies(client: openai.OpenAI, model: str, count: int) -> list[float]:
-    latencies = []
-    for _ in range(count):
-        started = time.monotonic()
-        assert _chat(client, model, "mine", DELAY_MS)
-        latencies.append(time.monotonic() - started)
-    return latencies
+@dataclass(frozen=True)
+class Measured:
+    seconds: float  # sent -> answered (printed: timing is not what the tests check)
+    ahead: int  # requests the backend started between this one being sent and it starting
 
 
-def test_fair_share(stack: Stack, models: dict[str, str]) -> None:
-    """40 flooding threads of one user; another user's requests still take about one backend delay."""
-    flooder, patient = _client(stack, "frank-flood"), _client(stack, "grace-patient")
-    single = statistics.median(_latencies(patient, models["fair"], 3))
-    assert single < 3 * DELAY_MS / 1000
+def _measure(client: openai.OpenAI, model: str, backend: str, tag: str) -> Measured:
+    before = fake_stats(backend)["started"]
+    started = time.monotonic()
+    assert _chat(client, model, "mine", DELAY_MS, fake_tag=tag)
+    seconds = time.monotonic() - started
+    return Measured(seconds, fake_stats(backend)["started_order"][tag] - before - 1)
+
+
+def _requests(client: openai.OpenAI, model: str, backend: str, name: str, count: int) -> list[Measured]:
+    return [_measure(client, model, backend, f"{name}-{i}") for i in range(count)]
+
+
+def test_fair_share(limits: LimitsStack, models: dict[str, str]) -> None:
+    """A user flooding from FLOODERS threads; another user's requests are still served next."""
+    flooder, patient = _client(limits.stack, "frank-flood"), _client(limits.stack, "grace-patient")
+    alone = _requests(patient, models["fair"], limits.backend, "grace-alone", 3)
     stop, served, refused = threading.Event(), [], []
     threads = [
-        threading.Thread(target=_flood, args=(flooder, models["fair"], stop, served, refused)) for _ in range(40)
+        threading.Thread(target=_flood, args=(flooder, models["fair"], stop, served, refused)) for _ in range(FLOODERS)
     ]
     for thread in threads:
         thread.start()
     try:
-        time.sleep(1)  # the flood is on
-        latencies = _latencies(patient, models["fair"], 8)
+        wait_until(lambda: served and len(refused) >= FLOODERS, EVENTUALLY_S, "the flood on")
+        flooded = _requests(patient, models["fair"], limits.backend, "grace-flooded", 8)
     finally:
         stop.set()
         for thread in threads:
-            thread.join(timeout=30)
+            thread.join(timeout=EVENTUALLY_S)
     assert served and len(refused) > len(served)  # the flood ran, mostly refused with 429
-    shown = [round(x, 3) for x in latencies]
-    print(f"fair share: single {single:.3f} s, under flood {shown}, served {len(served)}, refused {len(refused)}")
-    assert max(latencies) <= 3 * single, (single, latencies)
+    print(
+        f"fair share: alone {statistics.median(m.seconds for m in alone):.3f} s,"
+        f" under flood {[round(m.seconds, 3) for m in flooded]} s with {[m.ahead for m in flooded]} started ahead;"
+        f" flood served {len(served)}, refused {len(refused)}"
+    )
+    assert max(m.ahead for m in flooded) <= FAIR_AHEAD_AT_MOST, flooded
 
 
-def test_without_fair_share_a_flood_starves_others(stack: Stack, models: dict[str, str]) -> None:
+def test_without_fair_share_a_flood_starves_others(limits: LimitsStack, models: dict[str, str]) -> None:
     """The control: the same worker shape without limits; one request waits behind the whole flood."""
-    flooder, patient = _client(stack, "heidi-flood"), _client(stack, "ivan-patient")
-    single = statistics.median(_latencies(patient, models["open"], 3))
-    with concurrent.futures.ThreadPoolExecutor(20) as pool:
-        flood = [pool.submit(_chat, flooder, models["open"], "flood", DELAY_MS) for _ in range(20)]
-        time.sleep(0.5)  # all 20 queued ahead
-        waited = _latencies(patient, models["open"], 1)[0]
+    flooder, patient = _client(limits.stack, "heidi-flood"), _client(limits.stack, "ivan-patient")
+    alone = _requests(patient, models["open"], limits.backend, "ivan-alone", 3)
+    queue = topology.request_queue_name(models["open"], Lane.INTERACTIVE)
+    with concurrent.futures.ThreadPoolExecutor(FLOOD_AHEAD) as pool:
+        flood = [pool.submit(_chat, flooder, models["open"], "flood", DELAY_MS) for _ in range(FLOOD_AHEAD)]
+        queued = FLOOD_AHEAD - 2  # the worker takes two at a time (max_inflight = 2)
+        wait_until(
+            lambda: ready_messages(limits.amqp_url, queue) == queued, EVENTUALLY_S, f"{queued} flood requests queued"
+        )
+        behind = _measure(patient, models["open"], limits.backend, "ivan-behind")
         assert all(f.result() for f in flood)
-    print(f"no limits: single {single:.3f} s, waited {waited:.3f} s")
-    assert waited > 3 * single, (single, waited)  # 20 requests / 2 slots × 0.3 s ahead of it
+    print(
+        f"no limits: alone {statistics.median(m.seconds for m in alone):.3f} s,"
+        f" behind the flood {behind.seconds:.3f} s with {behind.ahead} started ahead"
+    )
+    assert behind.ahead >= queued > FAIR_AHEAD_AT_MOST  # everything queued before it went first
 
 
 def test_limiter_refills_and_counts_out_once() -> None:

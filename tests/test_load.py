@@ -7,8 +7,9 @@ import asyncio
 import httpx
 import openai
 
-from tests.fake_backend import expected_chat_tokens
-from tests.stack import Stack
+from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S
+from ops.testing.fake_backend import expected_chat_tokens
+from ops.testing.stack import Stack
 
 STREAMS = 500
 
@@ -32,8 +33,8 @@ async def test_500_concurrent_streams_complete_in_order(
 ) -> None:
     if len(fake_stack.workers) < 2:
         fake_stack.start_worker(fake_model)
-    httpx.post(fake_backend_url + "/_reset")
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=STREAMS + 10), timeout=120)
+    httpx.post(fake_backend_url + "/_reset", timeout=EVENTUALLY_S)
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=STREAMS + 10), timeout=LONG_WORK_S)
     client = openai.AsyncOpenAI(base_url=fake_stack.url + "/v1", api_key="unused", max_retries=0, http_client=http)
     try:
         results = await asyncio.gather(*(_one_stream(client, fake_model, i) for i in range(STREAMS)))
@@ -43,5 +44,5 @@ async def test_500_concurrent_streams_complete_in_order(
         expected, expected_finish = expected_chat_tokens(text, None)
         assert tokens == expected  # complete, in order, nothing from another stream
         assert finish == expected_finish
-    stats = httpx.get(fake_backend_url + "/_stats").json()
+    stats = httpx.get(fake_backend_url + "/_stats", timeout=EVENTUALLY_S).json()
     assert stats["started"] == STREAMS  # none lost, none computed twice

@@ -8,13 +8,14 @@ import struct
 import openai
 import pytest
 
-from tests.fake_backend import expected_chat_tokens, expected_completion_tokens, expected_embedding
-from tests.stack import Stack
+from ops.testing.deadlines import EVENTUALLY_S
+from ops.testing.fake_backend import expected_chat_tokens, expected_completion_tokens, expected_embedding
+from ops.testing.stack import Stack
 
 
 @pytest.fixture(scope="module")
 def client(fake_stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=fake_stack.url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    return openai.OpenAI(base_url=fake_stack.url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
 
 
 def test_chat_non_streaming(client: openai.OpenAI, fake_model: str) -> None:

@@ -15,11 +15,10 @@ import re
 import shutil
 import struct
 import subprocess
-import sys
-import time
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import httpx
@@ -32,11 +31,11 @@ from broker import topology
 from broker.messages import Lane
 from hpc_agents.decisions import Decision, DecisionLog, decision_log_path
 from ops.metrics import ApiMetrics, ScalerMetrics
-from tests.fake_backend import expected_chat_tokens
-from tests.stack import Stack, write_config
+from ops.processes import wait_until
+from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S
+from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, expected_chat_tokens
+from ops.testing.stack import ROOT, Stack, hotq_command, wait_for_event, write_config
 
-ROOT = Path(__file__).resolve().parent.parent
-FAKE_COMMAND = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
 PARKED = {Lane.INTERACTIVE: 3, Lane.BATCH: 2}  # requests waiting in the unserved model's lanes
 REASON = "ops test: backlog 5 needs 1 agent"
 # The /ops page's series colours (api/ops_page.py).
@@ -49,16 +48,6 @@ class OpsStack:
     served: str  # served by one agent on cluster "local"
     waiting: str  # no consumer: its parked requests stay ready
     agent_id: str
-
-
-def _log_events(path: Path) -> list[dict[str, object]]:
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except ValueError:
-            pass
-    return events
 
 
 async def _park_requests(amqp_url: str, model: str) -> None:
@@ -82,7 +71,10 @@ def ops_stack(
     config = write_config(
         workdir / "hotq.toml",
         amqp_url,
-        {served: {"command": FAKE_COMMAND, "max_inflight": 8, "reserved_interactive": 1}, waiting: {"max_agents": 2}},
+        {
+            served: {"command": FAKE_BACKEND_COMMAND, "max_inflight": 8, "reserved_interactive": 1},
+            waiting: {"max_agents": 2},
+        },
         heartbeat_s=0.5,
         ops_sample_s=0.3,
         max_queue_wait_s=30,
@@ -92,23 +84,11 @@ def ops_stack(
     )
     asyncio.run(_park_requests(amqp_url, waiting))
     stack = Stack(config, workdir)
-    agent_id = f"ops-agent-{session_tag}"
     try:
         stack.start_api()
-        log = workdir / "agent.log"
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "ops.cli", "agent", "--config", str(config), "--model", served],
-            stdout=subprocess.DEVNULL,
-            stderr=open(log, "wb"),
-            cwd=ROOT,
-        )
-        stack.workers.append(agent)  # stopped (drained) with the stack
-        deadline = time.monotonic() + 60
-        while not any(e.get("event") == "agent_state" and e.get("state") == "hot" for e in _log_events(log)):
-            assert agent.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
-        agent_id = next(str(e["agent_id"]) for e in _log_events(log) if e.get("agent_id"))
-        yield OpsStack(stack, served, waiting, agent_id)
+        agent = stack.start_agent(served)  # stopped (drained) with the stack
+        hot = wait_for_event(agent, "agent_state", timeout_s=STARTUP_S, state="hot")
+        yield OpsStack(stack, served, waiting, str(hot["agent_id"]))
     finally:
         stack.close()
 
@@ -125,12 +105,12 @@ def _table_rows(output: str) -> list[list[str]]:
 def test_watch_once_shows_depth_agents_and_decisions(ops_stack: OpsStack) -> None:
     env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}  # as a script would run it
     result = subprocess.run(
-        [sys.executable, "-m", "ops.cli", "watch", "--config", str(ops_stack.stack.config), "--once"],
+        hotq_command("watch", "--config", str(ops_stack.stack.config), "--once"),
         capture_output=True,
         text=True,
         cwd=ROOT,
         env=env,
-        timeout=60,
+        timeout=EVENTUALLY_S,
     )
     assert result.returncode == 0, result.stderr
     rows = _table_rows(result.stdout)
@@ -151,7 +131,7 @@ def test_watch_once_shows_depth_agents_and_decisions(ops_stack: OpsStack) -> Non
 
 
 def _samples(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    text = httpx.get(url + "/metrics", timeout=5).text
+    text = httpx.get(url + "/metrics", timeout=EVENTUALLY_S).text
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(text)
@@ -165,7 +145,7 @@ def _value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: 
 
 def test_metrics_count_requests_tokens_and_queues(ops_stack: OpsStack) -> None:
     url, model = ops_stack.stack.url, ops_stack.served
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
     text = "hello metrics world"
     messages = [{"role": "user", "content": text}]
     for _ in range(3):
@@ -183,8 +163,14 @@ def test_metrics_count_requests_tokens_and_queues(ops_stack: OpsStack) -> None:
             expected_chat_tokens(text, None)[0]
         )
 
-    samples = _samples(url)
     chat = {"model": model, "endpoint": "chat/completions"}
+    # A stream is counted once it has ended on the server, which may be just after its last bytes arrived.
+    wait_until(
+        lambda: _value(_samples(url), "hotq_request_duration_seconds_count", **chat, stream="true") == 2,
+        EVENTUALLY_S,
+        "both streams counted",
+    )
+    samples = _samples(url)
     assert _value(samples, "hotq_request_duration_seconds_count", **chat, stream="false") == 4
     assert _value(samples, "hotq_request_duration_seconds_count", **chat, stream="true") == 2
     assert _value(samples, "hotq_request_duration_seconds_bucket", **chat, stream="true", le="+Inf") == 2
@@ -203,22 +189,22 @@ def test_metrics_count_requests_tokens_and_queues(ops_stack: OpsStack) -> None:
 
     # The fleet gauges follow the sampler (every 0.3 s here).
     waiting = ops_stack.waiting
-    deadline = time.monotonic() + 10
-    while True:
+    expected = {"interactive": 3, "batch": 2, "served": 0, "consumers": 1, "waiting_consumers": 0, "hot": 1}
+    fleet: dict[str, float | None] = {}
+
+    def sampled() -> bool:
         samples = _samples(url)
-        fleet = {
-            "interactive": _value(samples, "hotq_queue_depth", model=waiting, lane="interactive"),
-            "batch": _value(samples, "hotq_queue_depth", model=waiting, lane="batch"),
-            "served": _value(samples, "hotq_queue_depth", model=model, lane="interactive"),
-            "consumers": _value(samples, "hotq_queue_consumers", model=model, lane="interactive"),
-            "waiting_consumers": _value(samples, "hotq_queue_consumers", model=waiting, lane="interactive"),
-            "hot": _value(samples, "hotq_agents", model=model, state="hot", cluster="local"),
-        }
-        expected = {"interactive": 3, "batch": 2, "served": 0, "consumers": 1, "waiting_consumers": 0, "hot": 1}
-        if fleet == expected or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert fleet == expected
+        fleet.update(
+            interactive=_value(samples, "hotq_queue_depth", model=waiting, lane="interactive"),
+            batch=_value(samples, "hotq_queue_depth", model=waiting, lane="batch"),
+            served=_value(samples, "hotq_queue_depth", model=model, lane="interactive"),
+            consumers=_value(samples, "hotq_queue_consumers", model=model, lane="interactive"),
+            waiting_consumers=_value(samples, "hotq_queue_consumers", model=waiting, lane="interactive"),
+            hot=_value(samples, "hotq_agents", model=model, state="hot", cluster="local"),
+        )
+        return fleet == expected
+
+    wait_until(sampled, EVENTUALLY_S, f"the fleet gauges at {expected} (last seen {fleet})", poll_s=0.2)
 
 
 def _png_rgb(data: bytes) -> tuple[int, int, list[bytes]]:
@@ -288,7 +274,7 @@ def _chromium(chromium: str, profile: Path, *args: str) -> subprocess.CompletedP
         "--window-size=1200,800",
         "--virtual-time-budget=5000",
     ]
-    return subprocess.run([chromium, *flags, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([chromium, *flags, *args], capture_output=True, text=True, timeout=STARTUP_S)
 
 
 def test_ops_page_charts_the_sampled_history(ops_stack: OpsStack, tmp_path: Path) -> None:
@@ -296,13 +282,13 @@ def test_ops_page_charts_the_sampled_history(ops_stack: OpsStack, tmp_path: Path
     if chromium is None:
         pytest.skip("chromium is not installed (`make test` installs it with ops/ensure_chromium.sh, via apt-get)")
     url, waiting, served = ops_stack.stack.url, ops_stack.waiting, ops_stack.served
-    deadline = time.monotonic() + 20
-    while True:  # some history: the page should draw lines, not points
-        data = httpx.get(url + "/ops/data", timeout=5).json()
-        if len(data["series"][waiting]["t"]) >= 10 and data["series"][served]["agents_hot"][-1] == 1:
-            break
-        assert time.monotonic() < deadline, data
-        time.sleep(0.3)
+    data: dict[str, Any] = {}
+
+    def some_history() -> bool:  # the page should draw lines, not points
+        data.update(httpx.get(url + "/ops/data", timeout=EVENTUALLY_S).json())
+        return len(data["series"][waiting]["t"]) >= 10 and data["series"][served]["agents_hot"][-1] == 1
+
+    wait_until(some_history, EVENTUALLY_S, "ten samples of history", poll_s=0.3)
     assert data["sample_s"] == 0.3
     depth = data["series"][waiting]
     assert len(depth["t"]) == len(depth["depth_interactive"]) == len(depth["depth_batch"]) >= 10

@@ -7,8 +7,8 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -22,10 +22,12 @@ from hpc_agents.decisions import Decision, DecisionLog
 from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers.local import LocalLauncher
 from hpc_agents.scaler import Scaler
-from tests.fake_backend import expected_chat_tokens
-from tests.stack import Stack, write_config
+from ops.processes import wait_until_async
+from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S
+from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, expected_chat_tokens
+from ops.testing.stack import Stack, write_config
 
-FAKE_COMMAND = ["{python}", "-m", "tests.fake_backend", "--port", "{port}", "--model", "{model}"]
+QUIET_TICKS = 8  # how long "nothing happens" is watched: this many more scaler ticks
 
 
 @dataclass
@@ -33,8 +35,17 @@ class Running:
     scaler: Scaler
     stack: Stack
     model: str
-    decisions: list[Decision]
     config: Config
+    decisions: list[Decision] = field(default_factory=list)
+    ticks: int = 0  # how many times the scaler has looked so far
+
+    async def wait(self, condition: Callable[[], object], what: str, timeout_s: float = EVENTUALLY_S) -> None:
+        await wait_until_async(condition, timeout_s, what, poll_s=0.1)
+
+    async def watch_quietly(self) -> None:
+        """Let the scaler look QUIET_TICKS more times (a scaler that would act has then acted)."""
+        until = self.ticks + QUIET_TICKS
+        await self.wait(lambda: self.ticks >= until, f"{QUIET_TICKS} more scaler ticks")
 
 
 @pytest.fixture
@@ -45,7 +56,7 @@ async def running(
     assert marker is not None
     model = f"scaled-{request.node.name[5:25]}-{session_tag}"
     delete_test_queues.append(model)
-    table = {"command": FAKE_COMMAND, "max_inflight": 4, **marker.kwargs}
+    table = {"command": FAKE_BACKEND_COMMAND, "max_inflight": 4, **marker.kwargs}
     path = write_config(tmp_path / "hotq.toml", amqp_url, {model: table}, heartbeat_s=0.3, max_queue_wait_s=120)
     config = load_config(path)
     stack = Stack(path, tmp_path)
@@ -56,17 +67,18 @@ async def running(
     channel = await connection.channel()
     launcher = LocalLauncher("local", config, max_nodes=4, log_dir=tmp_path / "logs")
     scaler = Scaler(config, {"local": launcher}, directory, tick_s=0.25)
-    decisions: list[Decision] = []
+    running = Running(scaler, stack, model, config)
     stop = asyncio.Event()
 
     async def loop() -> None:
         while not stop.is_set():
-            decisions.extend(await scaler.tick(channel))
+            running.decisions.extend(await scaler.tick(channel))
+            running.ticks += 1
             await asyncio.sleep(scaler.tick_s)
 
     ticking = asyncio.create_task(loop())
     try:
-        yield Running(scaler, stack, model, decisions, config)
+        yield running
     finally:
         stop.set()
         await ticking
@@ -75,19 +87,11 @@ async def running(
         stack.close()
 
 
-async def _wait(condition: object, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise TimeoutError("condition not met in time")
-        await asyncio.sleep(0.1)
-
-
 @pytest.mark.model(min_hot=0, max_agents=3, target_drain_s=2, idle_ttl_s=2.0)
 async def test_cold_start_burst_then_back_to_zero(running: Running) -> None:
     scaler, model = running.scaler, running.model
     assert scaler.directory.agents(model) == [] and not scaler.launches
-    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=250), timeout=120)
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=250), timeout=STARTUP_S + EVENTUALLY_S)
     client = openai.AsyncOpenAI(base_url=running.stack.url + "/v1", api_key="x", max_retries=0, http_client=http)
     texts = [f"burst {i}" for i in range(200)]
     started = time.monotonic()
@@ -113,8 +117,8 @@ async def test_cold_start_burst_then_back_to_zero(running: Running) -> None:
     assert first.backlog > 0 and "backlog" in first.reason
 
     # Idle agents leave on their own; the model goes back to zero and nothing is relaunched.
-    await _wait(lambda: not scaler.launches and not scaler.directory.agents(model), timeout=60)
-    await asyncio.sleep(1.0)
+    await running.wait(lambda: not scaler.launches and not scaler.directory.agents(model), "every agent gone")
+    await running.watch_quietly()
     assert not scaler.launches and sum(d.launched for d in running.decisions) == launched
     assert all(s["exit_reason"] == "idle" for s in scaler.summaries)
     assert sum(int(s["served"]) for s in scaler.summaries) == 200  # type: ignore[call-overload]
@@ -128,12 +132,12 @@ async def test_min_hot_agent_is_replaced_and_exactly_one_stays(running: Running)
     def hot() -> list[str]:
         return [a.agent_id for a in scaler.directory.agents(model) if a.state is AgentState.HOT]
 
-    await _wait(lambda: len(hot()) == 1, timeout=30)
+    await running.wait(lambda: len(hot()) == 1, "one hot agent", STARTUP_S)
     first = hot()[0]
     pid = int(subprocess.check_output(["pgrep", "-f", "--", f"--agent-id {first}"]).split()[0])
     os.kill(pid, signal.SIGKILL)
-    await _wait(lambda: hot() and hot()[0] != first, timeout=30)
-    await asyncio.sleep(2.0)  # no load: it stays at exactly one
+    await running.wait(lambda: hot() and hot()[0] != first, "a new hot agent", STARTUP_S)
+    await running.watch_quietly()  # no load: it stays at exactly one
     assert len(hot()) == 1 and len(scaler.launches) == 1
     assert sum(d.launched for d in running.decisions) == 2
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,11 +16,12 @@ import pytest
 from broker import topology
 from broker.jobstore import AsyncJobStore, JobStore
 from broker.messages import Endpoint, Lane
+from ops.processes import Child, wait_until
+from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S
+from ops.testing.fake_backend import fake_stats, reply_text
+from ops.testing.stack import ROOT, Stack, api_and_worker_on_a_fake_backend, hotq_command, run_hotq
 from producers import bulk
-from tests.fake_backend import reply_text, running_fake_backend
-from tests.stack import Stack, api_and_worker
 
-ROOT = Path(__file__).resolve().parent.parent
 LINES = 20_000
 
 
@@ -34,28 +33,17 @@ def submit_model(session_tag: str, delete_test_queues: list[str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def backend_url(submit_model: str) -> Iterator[str]:
-    with running_fake_backend([submit_model]) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def submit_stack(
-    tmp_path_factory: pytest.TempPathFactory, amqp_url: str, submit_model: str, backend_url: str
-) -> Iterator[Stack]:
+def submit_stack(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, submit_model: str) -> Iterator[Stack]:
     """An API (to see bulk jobs in GET /v1/batches) and one worker; `hotq submit` runs beside them."""
-    table = {"backend_url": backend_url, "max_inflight": 64}
-    with api_and_worker(tmp_path_factory.mktemp("submit"), amqp_url, submit_model, table) as stack:
+    workdir = tmp_path_factory.mktemp("submit")
+    with api_and_worker_on_a_fake_backend(workdir, amqp_url, submit_model, {"max_inflight": 64}) as stack:
         yield stack
 
 
-def _hotq(stack: Stack, *args: str, log: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", *args, "--config", str(stack.config)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=open(stack.workdir / log, "wb"),
-    )
+def _submit(stack: Stack, name: str, *args: str) -> Child:
+    """`hotq submit ARGS` running, its output in `<name>.log` in the stack's directory."""
+    command = hotq_command("submit", *args, "--config", str(stack.config))
+    return Child(name, command, stack.workdir / f"{name}.log", cwd=ROOT)
 
 
 def _collected(stack: Stack, job_id: str) -> int:
@@ -67,37 +55,34 @@ def _collected(stack: Stack, job_id: str) -> int:
         store.close()
 
 
-def test_submit_20000_lines_killed_and_resumed(submit_stack: Stack, submit_model: str, backend_url: str) -> None:
-    workdir = submit_stack.workdir
+def test_submit_20000_lines_killed_and_resumed(submit_stack: Stack, submit_model: str) -> None:
+    workdir, backend_url = submit_stack.workdir, str(submit_stack.backend_url)
     source = workdir / "prompts.jsonl"
     # Plain request bodies (custom_id = line number) and no model: --model fills it in.
     source.write_text(
         "".join(json.dumps({"messages": [{"role": "user", "content": f"p {i}"}]}) + "\n" for i in range(LINES))
     )
-    httpx.post(backend_url + "/_reset")
+    httpx.post(backend_url + "/_reset", timeout=EVENTUALLY_S)
     out = workdir / "results.jsonl"
     job_id = "batch_submit_test_job"
-    args = ["submit", str(source), "--model", submit_model, "--out", str(out), "--job-id", job_id]
+    args = [str(source), "--model", submit_model, "--out", str(out), "--job-id", job_id]
 
     started = time.monotonic()
-    first = _hotq(submit_stack, *args, log="submit1.log")
-    deadline = time.monotonic() + 60
-    while _collected(submit_stack, job_id) < LINES // 4:
-        assert first.poll() is None, (workdir / "submit1.log").read_text()
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    first = _submit(submit_stack, "submit1", *args)
+    wait_until(
+        lambda: _collected(submit_stack, job_id) >= LINES // 4, LONG_WORK_S, "a quarter of the lines collected", first
+    )
     first.send_signal(signal.SIGKILL)
     first.wait()
     collected_at_kill = _collected(submit_stack, job_id)
     assert collected_at_kill < LINES, "the job finished before it was killed"
-    listed = httpx.get(submit_stack.url + "/v1/batches").json()["data"]
+    listed = httpx.get(submit_stack.url + "/v1/batches", timeout=EVENTUALLY_S).json()["data"]
     assert job_id in [b["id"] for b in listed]  # a bulk job is a batch like any other
 
-    second = _hotq(submit_stack, *args, log="submit2.log")
-    assert second.wait(timeout=120) == 0, (workdir / "submit2.log").read_text()
+    second = _submit(submit_stack, "submit2", *args)
+    assert second.wait(timeout=LONG_WORK_S) == 0, second.log_text()
     elapsed = time.monotonic() - started
-    log = (workdir / "submit2.log").read_text()
-    assert f"resuming job {job_id}" in log
+    assert f"resuming job {job_id}" in second.log_text()
 
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(records) == LINES
@@ -107,9 +92,9 @@ def test_submit_20000_lines_killed_and_resumed(submit_stack: Stack, submit_model
         assert record["error"] is None and record["response"]["status_code"] == 200
         content = record["response"]["body"]["choices"][0]["message"]["content"]
         assert content == reply_text([{"role": "user", "content": f"p {number - 1}"}], None)
-    stats = httpx.get(backend_url + "/_stats").json()
+    stats = fake_stats(backend_url)
     assert stats["started"] == LINES  # every line served once: nothing was published twice
-    batch = httpx.get(f"{submit_stack.url}/v1/batches/{job_id}").json()
+    batch = httpx.get(f"{submit_stack.url}/v1/batches/{job_id}", timeout=EVENTUALLY_S).json()
     assert batch["status"] == "completed" and batch["request_counts"]["completed"] == LINES
     print(f"\nsubmit: {LINES} lines end to end in {elapsed:.1f} s ({LINES / elapsed:,.0f}/s incl. the kill)")
 
@@ -117,10 +102,9 @@ def test_submit_20000_lines_killed_and_resumed(submit_stack: Stack, submit_model
 def test_submit_rejects_invalid_file(submit_stack: Stack, submit_model: str) -> None:
     bad = submit_stack.workdir / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n{oops\n{"prompt": "y", "model": "other"}\n')
-    process = _hotq(submit_stack, "submit", str(bad), "--model", submit_model, "--out", "x.jsonl", log="bad.log")
-    assert process.wait(timeout=30) == 1
-    log = (submit_stack.workdir / "bad.log").read_text()
-    assert "line 2: invalid_json_line" in log and "line 3: mismatched_endpoint" in log
+    done = run_hotq(submit_stack.config, "submit", str(bad), "--model", submit_model, "--out", "x.jsonl")
+    assert done.returncode == 1
+    assert "line 2: invalid_json_line" in done.stderr and "line 3: mismatched_endpoint" in done.stderr
 
 
 def test_detach_then_fetch(submit_stack: Stack, submit_model: str) -> None:
@@ -135,18 +119,17 @@ def test_detach_then_fetch(submit_stack: Stack, submit_model: str) -> None:
         for i in range(50)
     ]
     source.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    detached = _hotq(submit_stack, "submit", str(source), "--model", submit_model, "--detach", log="detach.log")
-    stdout, _ = detached.communicate(timeout=30)
-    assert detached.returncode == 0, (submit_stack.workdir / "detach.log").read_text()
-    job_id = stdout.decode().strip().splitlines()[-1]
+    detached = run_hotq(submit_stack.config, "submit", str(source), "--model", submit_model, "--detach")
+    assert detached.returncode == 0, detached.stderr
+    job_id = detached.stdout.strip().splitlines()[-1]
     assert job_id.startswith("batch_")
     out = submit_stack.workdir / "fetched.jsonl"
-    fetch = _hotq(submit_stack, "jobs", "fetch", job_id, "--out", str(out), log="fetch.log")
-    assert fetch.wait(timeout=60) == 0, (submit_stack.workdir / "fetch.log").read_text()
+    fetch = run_hotq(submit_stack.config, "jobs", "fetch", job_id, "--out", str(out))
+    assert fetch.returncode == 0, fetch.stderr
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["custom_id"] for r in records] == [f"d{i}" for i in range(50)]
-    status = _hotq(submit_stack, "jobs", "status", job_id, log="status.log")
-    assert json.loads(status.communicate(timeout=30)[0])["status"] == "completed"
+    status = run_hotq(submit_stack.config, "jobs", "status", job_id)
+    assert json.loads(status.stdout)["status"] == "completed"
 
 
 async def test_dispatch_resumes_without_republishing(tmp_path: Path, amqp_url: str, session_tag: str) -> None:

@@ -11,7 +11,6 @@ import asyncio
 import json
 import re
 import ssl
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -27,8 +26,10 @@ from broker.connection import ssl_context
 from broker.errors import ConfigError
 from broker.jobstore import JobStore
 from broker.messages import Lane
+from ops.processes import wait_until
+from ops.testing.deadlines import EVENTUALLY_S
+from ops.testing.stack import Stack, write_config
 from tests import rabbitmq_roles
-from tests.stack import Stack, write_config
 
 pytestmark = pytest.mark.skipif(not rabbitmq_roles.have_rabbitmqctl(), reason="needs rabbitmqctl on this machine")
 
@@ -167,7 +168,7 @@ async def test_agent_cannot_consume_another_process_s_replies(as_role: dict, mod
     channel = await agent.channel(publisher_confirms=True, on_return_raises=True)
     replies = await channel.get_exchange(topology.REPLY_EXCHANGE)
     await replies.publish(aio_pika.Message(b"a reply frame"), routing_key=name, mandatory=True)
-    received = await reply_queue.get(timeout=5)
+    received = await reply_queue.get(timeout=EVENTUALLY_S)
     assert received.body == b"a reply frame"
     await api_channel.queue_delete(name)
 
@@ -193,25 +194,12 @@ async def test_api_cannot_consume_request_queues(as_role: dict, model: str) -> N
 
     # The agent's role takes it; the scaler's role cannot publish requests.
     channel = await as_role["agent"].channel()
-    taken = await (await channel.get_queue(queue)).get(timeout=5)
+    taken = await (await channel.get_queue(queue)).get(timeout=EVENTUALLY_S)
     await taken.ack()
     channel = await as_role["scaler"].channel()
     exchange = await channel.get_exchange(topology.REQUEST_EXCHANGE)
     with pytest.raises(Refused, match="access to exchange 'hotq.requests'"):
         await exchange.publish(aio_pika.Message(b"a request"), routing_key=queue)
-
-
-class _DebugStack(Stack):
-    """hotq processes at debug level; the worker connects with its own config (the agent's role)."""
-
-    def __init__(self, config: Path, worker_config: Path, workdir: Path) -> None:
-        super().__init__(config, workdir)
-        self.worker_config = worker_config
-
-    def _spawn(self, args: list[str], log_name: str):  # type: ignore[no-untyped-def]
-        if args[0] == "worker":
-            args = [args[0], "--config", str(self.worker_config), *args[3:]]
-        return super()._spawn(["--log-level", "debug", *args], log_name)
 
 
 def test_roles_serve_requests_and_logs_keep_no_secrets(
@@ -231,13 +219,13 @@ def test_roles_serve_requests_and_logs_keep_no_secrets(
             await _declare_as_scaler(connection, fake_model)
 
     asyncio.run(scaler_declares())
-    stack = _DebugStack(api_config, worker_config, tmp_path)
+    stack = Stack(api_config, tmp_path, log_level="debug")
     try:
         stack.start_api()
-        stack.start_worker(fake_model)
+        stack.start_worker(fake_model, config=worker_config)  # the agent's role
         headers = {"Authorization": f"Bearer {token}", "X-Private": secret}
         chat = {"model": fake_model, "messages": [{"role": "user", "content": f"please tell {secret} nothing"}]}
-        with httpx.Client(base_url=stack.url, headers=headers, timeout=30) as client:
+        with httpx.Client(base_url=stack.url, headers=headers, timeout=EVENTUALLY_S) as client:
             answer = client.post("/v1/chat/completions", json=chat)
             assert answer.status_code == 200, answer.text
             with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as streamed:
@@ -254,10 +242,12 @@ def test_roles_serve_requests_and_logs_keep_no_secrets(
         # The agent's role may send usage reports and the API's may record them: the four requests
         # that reached the backend are counted.
         store = JobStore(tmp_path / "data")
-        deadline = time.monotonic() + 15
-        while sum(row["requests"] for row in store.usage(model=fake_model)) < 4:
-            assert time.monotonic() < deadline, f"usage not recorded: {store.usage(model=fake_model)}"
-            time.sleep(0.2)
+        wait_until(
+            lambda: sum(row["requests"] for row in store.usage(model=fake_model)) >= 4,
+            EVENTUALLY_S,
+            "the four requests' usage recorded",
+            poll_s=0.2,
+        )
         assert sum(row["requests"] for row in store.usage(model=fake_model)) == 4
     finally:
         stack.close()

@@ -8,9 +8,6 @@ another test module must not record this module's reports in its own job store.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,11 +19,12 @@ import pytest
 
 from broker.jobstore import JobStore, Result, since_day
 from broker.messages import UsageRow
+from ops.processes import wait_until
+from ops.testing.deadlines import EVENTUALLY_S
+from ops.testing.fake_backend import fake_stats
+from ops.testing.stack import Stack, api_and_worker_on_a_fake_backend, create_key, run_hotq
 from tests import rabbitmq_roles
-from tests.fake_backend import running_fake_backend
-from tests.stack import Stack, api_and_worker
 
-ROOT = Path(__file__).resolve().parent.parent
 ADMIN = "ops-admin"
 
 
@@ -48,28 +46,13 @@ def model(session_tag: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def backend(model: str) -> Iterator[str]:
-    with running_fake_backend([model]) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, vhost_url: str, model: str, backend: str) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, vhost_url: str, model: str) -> Iterator[Stack]:
     auth = {"modes": ["api_key"], "admins": [ADMIN]}
-    table = {"backend_url": backend}
     workdir = tmp_path_factory.mktemp("usage")
-    with api_and_worker(workdir, vhost_url, model, table, max_queue_wait_s=30, stream_flush_ms=20, auth=auth) as stack:
+    with api_and_worker_on_a_fake_backend(
+        workdir, vhost_url, model, {}, max_queue_wait_s=30, stream_flush_ms=20, auth=auth
+    ) as stack:
         yield stack
-
-
-def _hotq(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "ops.cli", *args, "--config", str(stack.config)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
 
 
 _keys: dict[str, str] = {}
@@ -77,40 +60,39 @@ _keys: dict[str, str] = {}
 
 def _key(stack: Stack, user: str) -> str:
     if user not in _keys:
-        done = _hotq(stack, "keys", "create", "--user", user)
-        assert done.returncode == 0, done.stderr
-        _keys[user] = done.stdout.strip().splitlines()[-1]
+        _keys[user] = create_key(stack.config, user)
     return _keys[user]
 
 
 def _client(stack: Stack, user: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key=_key(stack, user), max_retries=0, timeout=60)
+    return openai.OpenAI(base_url=stack.url + "/v1", api_key=_key(stack, user), max_retries=0, timeout=EVENTUALLY_S)
 
 
 def _usage(stack: Stack, **params: str) -> httpx.Response:
     headers = {"Authorization": f"Bearer {_key(stack, ADMIN)}"}
-    return httpx.get(stack.url + "/v1/usage", params=params, headers=headers, timeout=10)
+    return httpx.get(stack.url + "/v1/usage", params=params, headers=headers, timeout=EVENTUALLY_S)
 
 
 def _rows_when(stack: Stack, ready: Callable[[list[dict[str, Any]]], bool], **params: str) -> list[dict[str, Any]]:
     """The usage rows once `ready` says they are complete (reports arrive about once a second)."""
-    deadline = time.monotonic() + 15
-    while True:
+    rows: list[dict[str, Any]] = []
+
+    def complete() -> bool:
         answer = _usage(stack, **params)
         assert answer.status_code == 200, answer.text
-        rows = answer.json()["data"]
-        if ready(rows) or time.monotonic() > deadline:
-            return rows
-        time.sleep(0.2)
+        rows[:] = answer.json()["data"]
+        return ready(rows)
+
+    wait_until(complete, EVENTUALLY_S, f"usage rows for {params}", poll_s=0.2)
+    return rows
 
 
 def _words(count: int) -> str:
     return " ".join(f"w{n}" for n in range(count))
 
 
-def test_a_stream_cancelled_mid_way_is_recorded_with_the_backend_s_counts(
-    stack: Stack, model: str, backend: str
-) -> None:
+def test_a_stream_cancelled_mid_way_is_recorded_with_the_backend_s_counts(stack: Stack, model: str) -> None:
+    backend = str(stack.backend_url)
     alice = _client(stack, "alice")
     prompt_words = 40  # the fake backend answers a token per word, and counts a prompt token per word
     stream = alice.chat.completions.create(
@@ -127,11 +109,12 @@ def test_a_stream_cancelled_mid_way_is_recorded_with_the_backend_s_counts(
             break
     stream.close()  # alice leaves mid-way
 
-    deadline = time.monotonic() + 10
-    while "usage-walk-away" not in (cancels := httpx.get(backend + "/_stats").json()["cancelled_after_tokens"]):
-        assert time.monotonic() < deadline, "the backend never saw the stream cancelled"
-        time.sleep(0.05)
-    generated = cancels["usage-walk-away"]
+    wait_until(
+        lambda: "usage-walk-away" in fake_stats(backend)["cancelled_after_tokens"],
+        EVENTUALLY_S,
+        "the backend seeing the stream cancelled",
+    )
+    generated = fake_stats(backend)["cancelled_after_tokens"]["usage-walk-away"]
     assert generated < prompt_words + 1  # cut short, not run to its end
 
     (row,) = _rows_when(stack, lambda rows: bool(rows), user="alice")
@@ -171,7 +154,7 @@ def test_every_kind_of_request_counts_against_its_user(stack: Stack, model: str)
     requests = stack.workdir / "carol.jsonl"
     requests.write_text("\n".join(lines) + "\n")
     out = stack.workdir / "carol-out.jsonl"
-    done = _hotq(stack, "submit", str(requests), "--model", model, "--out", str(out), "--user", "carol")
+    done = run_hotq(stack.config, "submit", str(requests), "--model", model, "--out", str(out), "--user", "carol")
     assert done.returncode == 0, done.stderr
     usages = [json.loads(line)["response"]["body"]["usage"] for line in out.read_text().splitlines()]
     (row,) = _rows_when(stack, lambda rows: bool(rows) and rows[0]["requests"] >= 3, user="carol")
@@ -180,10 +163,10 @@ def test_every_kind_of_request_counts_against_its_user(stack: Stack, model: str)
     assert row["completion_tokens"] == sum(u["completion_tokens"] for u in usages)
 
     # The operator's view: the same rows from the CLI, as JSON and as a table.
-    listed = _hotq(stack, "usage", "--user", "carol", "--json")
+    listed = run_hotq(stack.config, "usage", "--user", "carol", "--json")
     assert listed.returncode == 0, listed.stderr
     assert json.loads(listed.stdout)["data"] == [row]
-    table = _hotq(stack, "usage", "--since", "7d")
+    table = run_hotq(stack.config, "usage", "--since", "7d")
     assert table.returncode == 0, table.stderr
     for user in ("alice", "bob", "carol"):
         assert user in table.stdout
@@ -191,10 +174,12 @@ def test_every_kind_of_request_counts_against_its_user(stack: Stack, model: str)
 
 
 def test_usage_is_for_admins_only(stack: Stack, model: str) -> None:
-    denied = httpx.get(stack.url + "/v1/usage", headers={"Authorization": f"Bearer {_key(stack, 'bob')}"})
+    denied = httpx.get(
+        stack.url + "/v1/usage", headers={"Authorization": f"Bearer {_key(stack, 'bob')}"}, timeout=EVENTUALLY_S
+    )
     assert denied.status_code == 403
     assert denied.json()["error"]["code"] == "permission_denied"
-    assert httpx.get(stack.url + "/v1/usage").status_code == 401
+    assert httpx.get(stack.url + "/v1/usage", timeout=EVENTUALLY_S).status_code == 401
     bad = _usage(stack, since="last tuesday")
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "since"
     assert _usage(stack, since="2999-01-01").json() == {"object": "list", "data": []}

@@ -9,53 +9,59 @@ and through the Batch API too.
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
 import pytest
 
+from hpc_agents.backend import free_port
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
-from tests.stack import free_port
+from ops.processes import Child, wait_until
+from ops.testing.deadlines import EVENTUALLY_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
+from ops.testing.stack import hotq_command
 
-STARTUP_TIMEOUT_S = 600
-BATCH_TIMEOUT_S = 120
+# The whole module shares one `hotq up`; its first test also waits for it to start.
+pytestmark = pytest.mark.timeout(VLLM_STARTUP_S + 2 * VLLM_EVENTUALLY_S)
 
 
 @pytest.fixture(scope="module")
 def smollm(tmp_path_factory: pytest.TempPathFactory, amqp_url: str) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("make-run")
     port = free_port()
-    output = workdir / "up.log"
-    up = subprocess.Popen(
-        [sys.executable, "-m", "ops.cli", "up", "--port", str(port), "--data-dir", str(workdir / ".hotq")],
-        cwd=workdir,  # no hotq.toml there: the embedded default
-        stdout=open(output, "wb"),
-        stderr=subprocess.STDOUT,
-    )
+    command = hotq_command("up", "--port", str(port), "--data-dir", str(workdir / ".hotq"))
+    env = os.environ | {"HOTQ_AMQP_URL": amqp_url}  # no config file: this says which broker and vhost
+    up = Child("hotq up", command, workdir / "up.log", env=env, cwd=workdir)  # no hotq.toml there: the default
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while "is serving" not in output.read_text():
-            if up.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"hotq up did not become ready:\n{output.read_text()}")
-            time.sleep(0.5)
+        up.wait_for_log("is serving", VLLM_STARTUP_S)
         yield f"http://127.0.0.1:{port}/v1"
     finally:
-        up.send_signal(signal.SIGTERM)
-        try:
-            up.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            up.kill()
-    assert up.returncode == 0, output.read_text()
+        returncode = up.stop(VLLM_EVENTUALLY_S)  # the agent drains, vLLM stops
+    assert returncode == 0, up.log_tail()
+
+
+class ServedCounter:
+    """Counts the requests this module's client got a 200 for: what the usage records must reach."""
+
+    def __init__(self) -> None:
+        self.served = 0
+
+    def __call__(self, response: httpx.Response) -> None:
+        if response.request.method == "POST" and response.request.url.path.endswith("completions"):
+            self.served += response.status_code == 200
 
 
 @pytest.fixture(scope="module")
-def client(smollm: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=smollm, api_key="unused", max_retries=0, timeout=120)
+def served() -> ServedCounter:
+    return ServedCounter()
+
+
+@pytest.fixture(scope="module")
+def client(smollm: str, served: ServedCounter) -> Iterator[openai.OpenAI]:
+    http = httpx.Client(timeout=VLLM_EVENTUALLY_S, event_hooks={"response": [served]})
+    with openai.OpenAI(base_url=smollm, api_key="unused", max_retries=0, http_client=http) as client:
+        yield client
 
 
 def test_progress_was_shown(smollm: str, tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -139,12 +145,14 @@ def test_small_batch_through_vllm(client: openai.OpenAI) -> None:
     content = "".join(json.dumps(line) + "\n" for line in lines).encode()
     upload = client.files.create(file=("questions.jsonl", content), purpose="batch")
     batch = client.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions", completion_window="24h")
-    deadline = time.monotonic() + BATCH_TIMEOUT_S
-    while batch.status != "completed":
-        assert batch.status in ("validating", "in_progress", "finalizing"), batch
-        assert time.monotonic() < deadline, f"batch still {batch.status} after {BATCH_TIMEOUT_S} s: {batch}"
-        time.sleep(0.5)
+
+    def completed() -> bool:
+        nonlocal batch
         batch = client.batches.retrieve(batch.id)
+        assert batch.status in ("validating", "in_progress", "finalizing", "completed"), batch
+        return batch.status == "completed"
+
+    wait_until(completed, VLLM_EVENTUALLY_S, f"batch {batch.id} completed", poll_s=0.5)
     counts = batch.request_counts
     assert counts is not None and (counts.total, counts.completed, counts.failed) == (5, 5, 0)
     assert batch.output_file_id is not None and batch.error_file_id is None
@@ -164,23 +172,34 @@ def test_small_batch_through_vllm(client: openai.OpenAI) -> None:
 
 
 def _usage_totals(smollm: str) -> dict[str, int]:
-    """The usage `hotq up` recorded for its (unauthenticated, loopback) caller, summed over the rows."""
-    answer = httpx.get(smollm + "/usage", params={"user": "anonymous"}, timeout=10)
+    """The usage `hotq up` recorded for its (unauthenticated, loopback) caller's interactive requests."""
+    answer = httpx.get(smollm + "/usage", params={"user": "anonymous"}, timeout=EVENTUALLY_S)
     assert answer.status_code == 200, answer.text
+    rows = [row for row in answer.json()["data"] if row["lane"] == "interactive"]
     keys = ("requests", "cancelled", "prompt_tokens", "completion_tokens")
-    return {key: sum(row[key] for row in answer.json()["data"]) for key in keys}
+    return {key: sum(row[key] for row in rows) for key in keys}
 
 
-def test_cancelled_stream_is_recorded_with_vllm_s_counts(client: openai.OpenAI, smollm: str) -> None:
+def _usage_when(smollm: str, ready: Callable[[dict[str, int]], bool], what: str) -> dict[str, int]:
+    """The usage totals once `ready` says they are in (consumers report about once a second)."""
+    totals: dict[str, int] = {}
+
+    def recorded() -> bool:
+        totals.update(_usage_totals(smollm))
+        return ready(totals)
+
+    wait_until(recorded, VLLM_EVENTUALLY_S, what, poll_s=0.2)
+    return totals
+
+
+def test_cancelled_stream_is_recorded_with_vllm_s_counts(
+    client: openai.OpenAI, smollm: str, served: ServedCounter
+) -> None:
     """Issue 6 acceptance 5 through real vLLM: the consumer asks vLLM for running usage, keeps it
     out of the client's stream, and records what vLLM had counted when the client left."""
     messages = [{"role": "user", "content": "Count from one to two hundred in words, one number per line."}]
-    before = _usage_totals(smollm)
-    for _ in range(20):  # until earlier tests' usage is all in (consumers report once a second)
-        time.sleep(1.5)
-        if (now := _usage_totals(smollm)) == before:
-            break
-        before = now
+    # Every request this module was served so far is recorded (the batch's lines count on their lane).
+    before = _usage_when(smollm, lambda totals: totals["requests"] == served.served, "earlier tests' usage")
     reference = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages, max_tokens=1)
     assert reference.usage is not None
     stream = client.chat.completions.create(
@@ -194,10 +213,11 @@ def test_cancelled_stream_is_recorded_with_vllm_s_counts(client: openai.OpenAI, 
             break
     stream.close()
 
-    deadline = time.monotonic() + 20
-    while (after := _usage_totals(smollm))["cancelled"] == before["cancelled"]:
-        assert time.monotonic() < deadline, "the cancelled stream was never recorded"
-        time.sleep(0.2)
+    after = _usage_when(
+        smollm,
+        lambda totals: totals["cancelled"] > before["cancelled"] and totals["requests"] >= served.served,
+        "the reference request and the cancelled stream recorded",
+    )
     assert after["requests"] - before["requests"] == 2 and after["cancelled"] - before["cancelled"] == 1
     # The same prompt, counted by vLLM for both requests.
     assert after["prompt_tokens"] - before["prompt_tokens"] == 2 * reference.usage.prompt_tokens

@@ -1,11 +1,12 @@
 """Deterministic fake OpenAI-compatible backend (stands in for vLLM in tests/benchmarks).
 
-Run:  python -m tests.fake_backend --port PORT [--host 127.0.0.1] [--model NAME ...]
+Run:  python -m ops.testing.fake_backend --port PORT [--host 127.0.0.1] [--model NAME ...]
 (``--port 0`` picks a free port). On startup it prints one stdout line
 ``FAKE_BACKEND_URL http://HOST:PORT`` before serving. Default model: ``fake-model``.
+As a model's ``command`` (what an agent starts): ``FAKE_BACKEND_COMMAND``.
 
 In tests prefer ``running_fake_backend(models)`` (context manager: subprocess on a free
-port, waits for /health, yields the base URL *without* ``/v1``, terminates on exit) or
+port, waits for /health, yields the base URL *without* ``/v1``, stops it on exit) or
 ``create_app(models)`` for in-process use.
 
 Deterministic behaviour
@@ -40,7 +41,10 @@ Deterministic behaviour
   client asks for base64 by default). usage: prompt_tokens = total words, total = same.
 * Extension fields in the request body (send via ``extra_body``):
   ``fake_delay_ms``: sleep that long before every streamed content token (after the role
-  chunk) and once before a non-stream answer. ``fake_tag``: label for cancel records.
+  chunk) and once before a non-stream answer. ``fake_tag``: label for the records below.
+  ``fake_hold_file``: a path; the request is held before anything of its answer is sent
+  until that file exists (or the client leaves), so a test decides when held work ends
+  instead of guessing how long it takes.
 * Error injection: chat last-user-message / completion prompt / any embedding input that
   starts with ``"FAIL <status>"`` (400..599) -> that status with
   ``{"error": {"message": "fake backend failure", "type": T, "param": null,
@@ -55,7 +59,8 @@ Deterministic behaviour
   delay). ``POST /_reset`` zeroes the counters; "active" is always the true in-flight
   count, and requests started before a reset are not counted when they end.
   ``"cancelled_after_tokens": {tag: n}``: how many tokens (of each choice) a tagged stream
-  had written when it was cancelled.
+  had written when it was cancelled. ``"started_order": {tag: n}``: a tagged request was
+  the n-th one started (the value "started" had right after it started).
 """
 
 from __future__ import annotations
@@ -68,11 +73,10 @@ import hashlib
 import json
 import os
 import re
-import selectors
 import socket
 import struct
-import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -88,9 +92,15 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from ops.processes import Child
+from ops.testing.deadlines import STARTUP_S, STOP_S
+
 DEFAULT_MODEL: Final = "fake-model"
 EMBEDDING_DIM: Final = 8
 URL_LINE_PREFIX: Final = "FAKE_BACKEND_URL "
+HOLD_POLL_S: Final = 0.02  # how often a held request looks for its file (and its client)
+# A model's `command` that makes agents run this backend instead of vLLM.
+FAKE_BACKEND_COMMAND: Final = ["{python}", "-m", "ops.testing.fake_backend", "--port", "{port}", "--model", "{model}"]
 
 JsonObj = dict[str, Any]
 
@@ -200,6 +210,28 @@ def _check_fail_injection(text: str) -> None:
     raise _ApiError(status, "fake backend failure", err_type, f"fake_{status}")
 
 
+@dataclass(frozen=True)
+class Hold:
+    """Requests sent with `hold.field` in their body wait in the backend until `release()`."""
+
+    path: Path  # the file whose existence releases them
+
+    @property
+    def field(self) -> JsonObj:
+        return {"fake_hold_file": str(self.path)}
+
+    def release(self) -> None:
+        self.path.touch()
+
+
+def fake_stats(url: str) -> JsonObj:
+    """The counters of the fake backend at `url` (``GET /_stats``)."""
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never a proxy
+    with no_proxy.open(url + "/_stats", timeout=30) as response:
+        stats: JsonObj = json.load(response)
+        return stats
+
+
 # ---------------------------------------------------------------------------
 # Per-app stats (cancellation observability)
 # ---------------------------------------------------------------------------
@@ -215,6 +247,7 @@ class FakeStats:
     cancelled_tags: dict[str, float] = field(default_factory=dict)
     cancelled_tags_monotonic: dict[str, float] = field(default_factory=dict)
     cancelled_after_tokens: dict[str, int] = field(default_factory=dict)
+    started_order: dict[str, int] = field(default_factory=dict)
 
     def reset(self) -> None:
         # "active" is left alone: it counts real in-flight requests, which a reset can't end.
@@ -222,6 +255,7 @@ class FakeStats:
         self.cancelled_tags.clear()
         self.cancelled_tags_monotonic.clear()
         self.cancelled_after_tokens.clear()
+        self.started_order.clear()
         self.generation += 1
 
     def as_json(self) -> JsonObj:
@@ -233,6 +267,7 @@ class FakeStats:
             "cancelled_tags": dict(self.cancelled_tags),
             "cancelled_tags_monotonic": dict(self.cancelled_tags_monotonic),
             "cancelled_after_tokens": dict(self.cancelled_after_tokens),
+            "started_order": dict(self.started_order),
         }
 
 
@@ -247,6 +282,8 @@ class _Call:
         self.tokens_sent = 0  # stream positions written so far (each choice's tokens up to it)
         stats.started += 1
         stats.active += 1
+        if tag is not None:
+            stats.started_order[tag] = stats.started
 
     def end(self, *, cancelled: bool) -> None:
         if not self._open:
@@ -280,6 +317,30 @@ class _Common:
     n: int
     max_tokens: int | None
     delay_s: float
+    hold_file: str | None
+
+
+class _Answer:
+    """What every object of one answer shares: an id, a creation time, the model; and in a stream
+    that asked for usage, ``"usage": null`` in each chunk before the usage-only one."""
+
+    def __init__(self, id_prefix: str, common: _Common) -> None:
+        self.id = f"{id_prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = common.model
+        self.include_usage = common.include_usage
+
+    def part(self, object_type: str, choices: list[JsonObj]) -> JsonObj:
+        part: JsonObj = {
+            "id": self.id,
+            "object": object_type,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            part["usage"] = None
+        return part
 
 
 async def _read_json(request: Request) -> JsonObj:
@@ -321,13 +382,25 @@ def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]
             break
     n = _opt_int(body, "n", 1) or 1
     stream_options = body.get("stream_options")
-    include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
+    if not isinstance(stream_options, dict):
+        stream_options = {}
+    include_usage = bool(stream_options.get("include_usage"))
     continuous_usage = include_usage and bool(stream_options.get("continuous_usage_stats"))
     delay = body.get("fake_delay_ms", 0)
     if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
         raise _bad_request("'fake_delay_ms' must be a non-negative number", "fake_delay_ms")
+    hold_file = body.get("fake_hold_file")
+    if hold_file is not None and not isinstance(hold_file, str):
+        raise _bad_request("'fake_hold_file' must be a path", "fake_hold_file")
     return _Common(
-        model, bool(body.get("stream")), include_usage, continuous_usage, n, max_tokens, float(delay) / 1000.0
+        model,
+        bool(body.get("stream")),
+        include_usage,
+        continuous_usage,
+        n,
+        max_tokens,
+        float(delay) / 1000.0,
+        hold_file,
     )
 
 
@@ -404,13 +477,24 @@ def create_app(models: list[str] | None = None) -> Starlette:
             if not handed_off:
                 call.end(cancelled=False)  # no-op if already ended as cancelled
 
+    async def released(request: Request, common: _Common) -> bool:
+        """Hold the request until its hold file exists (if it has one); False if its client left first."""
+        while common.hold_file is not None and not os.path.exists(common.hold_file):
+            if await request.is_disconnected():
+                return False
+            await asyncio.sleep(HOLD_POLL_S)
+        return True
+
     async def delay_then_check_disconnect(request: Request, common: _Common, call: _Call) -> Response | None:
+        if not await released(request, common):
+            call.end(cancelled=True)
+            return Response(status_code=499)  # nobody reads it; just stop
         if common.delay_s <= 0:
             return None
         await asyncio.sleep(common.delay_s)
         if await request.is_disconnected():
             call.end(cancelled=True)
-            return Response(status_code=499)  # nobody reads it; just stop
+            return Response(status_code=499)
         return None
 
     def stream_response(
@@ -432,6 +516,8 @@ def create_app(models: list[str] | None = None) -> Starlette:
         async def events() -> AsyncIterator[bytes]:
             done = False
             try:
+                if not await released(request, common):
+                    return
                 for chunk in head:
                     yield _sse(counted(chunk, 0))
                 last = len(tokens) - 1
@@ -466,8 +552,7 @@ def create_app(models: list[str] | None = None) -> Starlette:
         tokens, finish = expected_chat_tokens(user_text, common.max_tokens)
         prompt_tokens = sum(_word_count(content_text(m.get("content"))) for m in messages)
         usage = _usage(prompt_tokens, len(tokens) * common.n)
-        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+        answer = _Answer("chatcmpl", common)
 
         if not common.stream:
             early = await delay_then_check_disconnect(request, common, call)
@@ -483,28 +568,10 @@ def create_app(models: list[str] | None = None) -> Starlette:
                 }
                 for i in range(common.n)
             ]
-            return JSONResponse(
-                {
-                    "id": completion_id,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": common.model,
-                    "choices": choices,
-                    "usage": usage,
-                }
-            )
+            return JSONResponse(answer.part("chat.completion", choices) | {"usage": usage})
 
         def chunk(choices: list[JsonObj]) -> JsonObj:
-            obj: JsonObj = {
-                "id": completion_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": common.model,
-                "choices": choices,
-            }
-            if common.include_usage:
-                obj["usage"] = None
-            return obj
+            return answer.part("chat.completion.chunk", choices)
 
         def per_token(index: int, token: str, is_last: bool) -> JsonObj:
             choice = {
@@ -534,18 +601,10 @@ def create_app(models: list[str] | None = None) -> Starlette:
         _check_fail_injection(prompt)
         tokens, finish = expected_completion_tokens(prompt, common.max_tokens)
         usage = _usage(_word_count(prompt), len(tokens) * common.n)
-        completion_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
+        answer = _Answer("cmpl", common)
 
         def chunk(choices: list[JsonObj]) -> JsonObj:
-            obj: JsonObj = {
-                "id": completion_id,
-                "object": "text_completion",
-                "created": created,
-                "model": common.model,
-                "choices": choices,
-            }
-            return obj
+            return answer.part("text_completion", choices)
 
         if not common.stream:
             early = await delay_then_check_disconnect(request, common, call)
@@ -556,12 +615,9 @@ def create_app(models: list[str] | None = None) -> Starlette:
             return JSONResponse(chunk(choices) | {"usage": usage})
 
         def per_token(index: int, token: str, is_last: bool) -> JsonObj:
-            obj = chunk(
+            return chunk(
                 [{"index": index, "text": token, "finish_reason": finish if is_last else None, "logprobs": None}]
             )
-            if common.include_usage:
-                obj["usage"] = None
-            return obj
 
         final = chunk([]) | {"usage": usage}
         return stream_response(request, common, call, [], per_token, tokens, final)
@@ -661,7 +717,7 @@ def serve(models: list[str], host: str, port: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.fake_backend", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m ops.testing.fake_backend", description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--model", dest="models", action="extend", nargs="+", default=[], metavar="NAME")
@@ -669,74 +725,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     serve(args.models or [DEFAULT_MODEL], args.host, args.port)
 
 
-def _read_url_line(proc: subprocess.Popen[str], deadline: float) -> str:
-    assert proc.stdout is not None
-    with selectors.DefaultSelector() as selector:
-        selector.register(proc.stdout, selectors.EVENT_READ)
-        while time.monotonic() < deadline:
-            if not selector.select(timeout=max(0.0, min(0.1, deadline - time.monotonic()))):
-                if proc.poll() is not None:
-                    break
-                continue
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith(URL_LINE_PREFIX):
-                return line[len(URL_LINE_PREFIX) :].strip()
-    raise RuntimeError(f"fake backend did not announce its URL (exit code {proc.poll()})")
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[str], deadline: float) -> None:
-    # Empty ProxyHandler: never route loopback health checks through an env proxy.
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"fake backend exited early with code {proc.returncode}")
-        try:
-            with opener.open(f"{url}/health", timeout=1.0) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.02)
-    raise RuntimeError(f"fake backend at {url} not healthy in time")
-
-
 @contextlib.contextmanager
 def running_fake_backend(
-    models: Sequence[str] | None = None,
-    *,
-    host: str = "127.0.0.1",
-    port: int = 0,
-    startup_timeout: float = 15.0,
+    models: Sequence[str] | None = None, *, host: str = "127.0.0.1", port: int = 0
 ) -> Iterator[str]:
     """Run the fake backend in a subprocess; yield its base URL (no ``/v1`` suffix).
 
     A subprocess (not a thread) so tests can also SIGKILL it and so its event loop never
     competes with the code under test.
     """
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = os.environ.copy()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    cmd = [sys.executable, "-m", "tests.fake_backend", "--host", host, "--port", str(port)]
+    argv = [sys.executable, "-m", "ops.testing.fake_backend", "--host", host, "--port", str(port)]
     if models:
-        cmd += ["--model", *models]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + startup_timeout
-        url = _read_url_line(proc, deadline)
-        _wait_healthy(url, proc, deadline)
-        yield url
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        argv += ["--model", *models]
+    with tempfile.TemporaryDirectory(prefix="hotq-fake-backend-") as logs:
+        backend = Child("fake backend", argv, Path(logs) / "fake-backend.log", env=env, cwd=root)
+        try:
+            backend.wait_for_log(URL_LINE_PREFIX, STARTUP_S)
+            announced = next(line for line in backend.log_text().splitlines() if line.startswith(URL_LINE_PREFIX))
+            url = announced.removeprefix(URL_LINE_PREFIX).strip()
+            backend.wait_for_http(url + "/health", STARTUP_S, accept=lambda status: status == 200)
+            yield url
+        finally:
+            backend.stop(STOP_S)
 
 
 if __name__ == "__main__":

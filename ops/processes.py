@@ -1,0 +1,212 @@
+"""Child processes with a log file each: started, waited for, stopped and reaped.
+
+`hotq up` runs the API and the scaler this way; the test suite (`ops.testing`) and the
+benchmarks (`bench/`) run their stacks this way too. Each child starts in a session of
+its own, so that
+
+- a terminal's Ctrl-C reaches only the parent, which stops its children in the order
+  it chooses (`hotq up`: the scaler first, while the API still takes the agents' replies);
+- stopping a child reaches whatever it started: SIGTERM lets the child stop its own
+  children gracefully, and what is still alive in its process group after that (or
+  after the timeout) gets SIGKILL.
+
+Waiting is for a condition with a deadline, never for a fixed time, and gives up at
+once, with the end of the child's log, when the child it waits on has exited.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+
+POLL_S = 0.05  # how often a condition is looked at again
+LOG_TAIL_LINES = 40  # how much of a child's log an error shows
+
+# Loopback checks must never go through a proxy from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class ProcessExited(RuntimeError):
+    """A child ended while something that needs it running was awaited."""
+
+
+class Child(subprocess.Popen[bytes]):
+    """A process whose stdout and stderr go to `log_path`, in a session (process group) of its own."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        append: bool = False,
+    ) -> None:
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab" if append else "wb") as log:
+            super().__init__(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=None if env is None else dict(env),
+                cwd=cwd,
+                start_new_session=True,  # its own process group: see the module's docstring
+            )
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def ensure_running(self, waiting_for: str) -> None:
+        """Raise `ProcessExited` (with the end of the log) if the child has ended."""
+        if self.poll() is not None:
+            raise ProcessExited(
+                f"{self.name} exited with {self.returncode} while waiting for {waiting_for};"
+                f" the end of {self.log_path}:\n{self.log_tail()}"
+            )
+
+    def wait_for_log(self, needle: str, timeout_s: float) -> None:
+        """Wait until the log holds `needle`."""
+        wait_until(lambda: needle in self.log_text(), timeout_s, f"{needle!r} in its log", self)
+
+    def wait_for_http(self, url: str, timeout_s: float, accept: Callable[[int], bool] = lambda status: True) -> None:
+        """Wait until `url` answers with a status `accept` takes (by default any answer at all)."""
+
+        def answered() -> bool:
+            status = http_status(url)
+            return status is not None and accept(status)
+
+        wait_until(answered, timeout_s, f"answer from {url}", self)
+
+    def stop(self, timeout_s: float) -> int:
+        """SIGTERM the child; SIGKILL its process group once it exited or `timeout_s` passed; reap it."""
+        if self.poll() is None:
+            self.send_signal(signal.SIGTERM)
+            try:
+                self.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                pass
+        signal_group(self.pid, signal.SIGKILL)  # pgid == pid: the child, if still there, and what it left
+        return self.wait()
+
+
+class Children:
+    """Named children logging to `<log_dir>/<name>.log`; `stop_all` stops the last started first."""
+
+    def __init__(self, log_dir: Path, stop_timeout_s: float, *, append_logs: bool = False) -> None:
+        self.log_dir = log_dir
+        self.stop_timeout_s = stop_timeout_s
+        self._append_logs = append_logs
+        self._running: dict[str, Child] = {}
+
+    def start(
+        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+    ) -> Child:
+        if name in self._running:
+            raise ValueError(f"a child named {name!r} is running already")
+        child = Child(name, argv, self.log_path(name), env=env, cwd=cwd, append=self._append_logs)
+        self._running[name] = child
+        return child
+
+    def __getitem__(self, name: str) -> Child:
+        return self._running[name]
+
+    def __iter__(self) -> Iterator[Child]:
+        return iter(list(self._running.values()))
+
+    def log_path(self, name: str) -> Path:
+        return self.log_dir / f"{name}.log"
+
+    def stop(self, name: str, timeout_s: float | None = None) -> int | None:
+        """Stop the child `name` (see `Child.stop`) and forget it; its exit code, None if there was none."""
+        child = self._running.pop(name, None)
+        if child is None:
+            return None
+        return child.stop(self.stop_timeout_s if timeout_s is None else timeout_s)
+
+    def stop_all(self) -> None:
+        for name in reversed(list(self._running)):
+            self.stop(name)
+
+
+def signal_group(pgid: int, signum: int) -> None:
+    """Send `signum` to process group `pgid`, if it is still there."""
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def http_status(url: str, timeout_s: float = 2.0) -> int | None:
+    """The HTTP status a GET of `url` answers with; None when nothing answered."""
+    try:
+        with _NO_PROXY.open(url, timeout=timeout_s) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)
+    except (OSError, ValueError):
+        return None
+
+
+class Deadline:
+    """A wait for `what` that may last `timeout_s`, and only while `child` (if any) runs."""
+
+    def __init__(self, timeout_s: float, what: str, child: Child | None = None) -> None:
+        self.timeout_s = timeout_s
+        self.what = what
+        self.child = child
+        self._ends_at = time.monotonic() + timeout_s
+
+    def check(self) -> None:
+        """Raise `ProcessExited` if the child ended, `TimeoutError` if the time is up."""
+        if self.child is not None:
+            self.child.ensure_running(self.what)
+        if time.monotonic() > self._ends_at:
+            tail = "" if self.child is None else f"; the end of {self.child.log_path}:\n{self.child.log_tail()}"
+            raise TimeoutError(f"no {self.what} within {self.timeout_s:g} s{tail}")
+
+
+def wait_until(
+    condition: Callable[[], object], timeout_s: float, what: str, child: Child | None = None, poll_s: float = POLL_S
+) -> None:
+    """Return once `condition()` is true; raise when `timeout_s` passed or `child` exited first."""
+    deadline = Deadline(timeout_s, what, child)
+    while not condition():
+        deadline.check()
+        time.sleep(poll_s)
+
+
+async def wait_until_async(
+    condition: Callable[[], object | Awaitable[object]],
+    timeout_s: float,
+    what: str,
+    child: Child | None = None,
+    poll_s: float = POLL_S,
+) -> None:
+    """`wait_until` for an event loop: `condition` may be a plain or an async function."""
+    deadline = Deadline(timeout_s, what, child)
+    while True:
+        met = condition()
+        if inspect.isawaitable(met):
+            met = await met
+        if met:
+            return
+        deadline.check()
+        await asyncio.sleep(poll_s)
