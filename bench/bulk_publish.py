@@ -157,7 +157,6 @@ class RunResult:
 class Report(BenchReport):
     runs: list[RunResult] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 class Measured:
@@ -365,7 +364,7 @@ def expected_content(i: int) -> str:
 def check_answers(records: Sequence[dict[str, Any]], custom_id_of: dict[str, int]) -> tuple[int, Counter[str]]:
     """(correct answers, errors): every input line answered once, 200, with the fake backend's exact reply."""
     errors: Counter[str] = Counter()
-    seen: Counter[str] = Counter(r.get("custom_id") for r in records)
+    seen: Counter[str | None] = Counter(r.get("custom_id") for r in records)
     if missing := len(set(custom_id_of) - set(seen)):
         errors["missing custom_id"] += missing
     if extra := sum(n - 1 if cid in custom_id_of else n for cid, n in seen.items() if n > 1 or cid not in custom_id_of):

@@ -377,7 +377,6 @@ class Report(BenchReport):
     cases: list[CaseResult] = field(default_factory=list)
     streams: list[StreamResult] = field(default_factory=list)
     profiles: list[ProfileResult] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------

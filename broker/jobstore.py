@@ -105,7 +105,7 @@ class JobStore:
 
     def _create_tables(self) -> None:
         db = self.db
-        db["files"].create(
+        db.table("files").create(
             {
                 "id": str,
                 "bytes": int,
@@ -120,7 +120,7 @@ class JobStore:
             if_not_exists=True,
         )
         self._add_missing_column("files", "owner", "TEXT")  # a job store from before files had owners
-        db["batches"].create(
+        db.table("batches").create(
             {
                 "id": str,
                 "endpoint": str,
@@ -214,7 +214,7 @@ class JobStore:
             "path": str(path),
             "owner": owner,
         }
-        self.db["files"].upsert(row, pk="id")
+        self.db.table("files").upsert(row, pk="id")
         return _file_object(row)
 
     def get_file(self, file_id: str, owner: str | None = None) -> dict[str, Any] | None:
@@ -379,9 +379,7 @@ class JobStore:
             )
 
     def published_count(self, batch_id: str) -> int:
-        return self.db.execute(
-            "SELECT count(*) FROM lines WHERE batch_id = ? AND published = 1", [batch_id]
-        ).fetchone()[0]
+        return self._count("SELECT count(*) FROM lines WHERE batch_id = ? AND published = 1", batch_id)
 
     def lines_for(self, request_ids: list[str]) -> dict[str, tuple[str, int, str]]:
         """request_id -> (batch_id, line, custom_id)."""
@@ -452,7 +450,11 @@ class JobStore:
         return [row[0] for row in cursor.fetchall()]
 
     def result_count(self, batch_id: str) -> int:
-        return self.db.execute("SELECT count(*) FROM results WHERE batch_id = ?", [batch_id]).fetchone()[0]
+        return self._count("SELECT count(*) FROM results WHERE batch_id = ?", batch_id)
+
+    def _count(self, query: str, batch_id: str) -> int:
+        (count,) = self.db.execute(query, [batch_id]).fetchone()
+        return int(count)
 
     # -- API keys --------------------------------------------------------------
 

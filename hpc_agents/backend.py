@@ -97,10 +97,10 @@ class BackendProcess:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             for path in ("/health", "/v1/models"):
                 while True:
-                    if self.exited():
+                    if self.process is not None and self.process.poll() is not None:
                         raise BackendFailed(
                             f"the backend exited with {self.process.returncode} while loading; see {self.log_path}"
-                        )  # type: ignore[union-attr]
+                        )
                     if time.monotonic() > deadline:
                         raise BackendFailed(f"the backend was not ready within {timeout_s:g} s; see {self.log_path}")
                     try:

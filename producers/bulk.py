@@ -68,6 +68,7 @@ async def dispatch(
             if not lines:
                 break
             underlay = await channel.get_underlay_channel()
+            assert isinstance(underlay, aiormq.Channel)  # the frames go through its internals
             confirmed = await _publish_chunk(
                 underlay, lines, model, endpoint, expires_at, caller, routing_key, reply_to
             )
@@ -90,7 +91,7 @@ async def dispatch(
 
 
 async def _publish_chunk(
-    channel: aiormq.abc.AbstractChannel,
+    channel: aiormq.Channel,
     lines: list[Line],
     model: str,
     endpoint: Endpoint,
@@ -155,7 +156,7 @@ async def _publish_chunk(
 
 
 async def _publish_chunk_plainly(
-    channel: aiormq.abc.AbstractChannel, lines: list[Line], bodies: list[bytes], routing_key: str, reply_to: str
+    channel: aiormq.Channel, lines: list[Line], bodies: list[bytes], routing_key: str, reply_to: str
 ) -> list[int]:
     """Through aiormq's own `basic_publish` (it splits large bodies into frames), still pipelined."""
     pending = [

@@ -72,7 +72,7 @@ class RequestClient:
         )
         self._pending: dict[str, asyncio.Queue[ReplyItem]] = {}
         # Abandoned requests whose token count is awaited: (since, callback), oldest first.
-        self._on_abandoned: collections.OrderedDict[str, tuple[float, Callable[[dict[str, int] | None], None]]] = (
+        self._on_abandoned: collections.OrderedDict[str, tuple[float, Callable[[dict[str, int] | None], object]]] = (
             collections.OrderedDict()
         )
         self._channel: AbstractChannel | None = None
@@ -95,7 +95,7 @@ class RequestClient:
         client = cls(await connect(amqp_url, "api", tls), models, pinned)
         try:
             await client._start()
-        except aio_pika.exceptions.ChannelAccessRefused as exc:
+        except aiormq.exceptions.ChannelAccessRefused as exc:
             await client._connection.close()
             # The api role may not create request queues (RabbitMQ wants read permission on a
             # queue to declare it with a dead-letter exchange): the scaler's role creates them.
@@ -202,7 +202,7 @@ class RequestClient:
     def release(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
 
-    def abandon(self, request_id: str, on_usage: Callable[[dict[str, int] | None], None] | None) -> None:
+    def abandon(self, request_id: str, on_usage: Callable[[dict[str, int] | None], object] | None) -> None:
         """Release a request whose caller left before its answer was relayed. `on_usage` gets the
         backend's token count: from the `Final` if the answer came after all (already queued, or
         still on its way), else from the consumer's `Abandoned` once `cancel` has reached it."""

@@ -145,7 +145,7 @@ def _calls(path: str, **form: str) -> int:
     """How many HTTP calls went to a Globus path (with these form fields)."""
     count = 0
     for call in responses.calls:
-        if not urllib.parse.urlparse(call.request.url).path.endswith(path):
+        if not urllib.parse.urlparse(call.request.url or "").path.endswith(path):
             continue
         if all(_form_has(field, value)(call.request)[0] for field, value in form.items()):
             count += 1
@@ -156,7 +156,7 @@ def _group_calls(token: str) -> int:
     return sum(
         1
         for call in responses.calls
-        if call.request.url.split("?")[0].endswith("/groups/my_groups")
+        if (call.request.url or "").split("?")[0].endswith("/groups/my_groups")
         and call.request.headers.get("Authorization") == f"Bearer groups-{token}"
     )
 
