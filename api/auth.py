@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api.errors import error_response
 from broker.config import AuthConfig, Config, GlobusAuthConfig
 from broker.errors import AuthenticationError, ConfigError, HotqError, PermissionDenied, ServiceUnavailable
-from broker.jobstore import ANONYMOUS_USER, API_KEY_PREFIX, AsyncJobStore, hash_api_key
+from broker.jobstore import ANONYMOUS_USER, API_KEY_PREFIX, ApiKey, AsyncJobStore, hash_api_key
 
 log = structlog.get_logger("hotq.auth")
 
@@ -127,8 +127,8 @@ class ApiKeyAuthenticator:
         )  # hashes the store does not know (or revoked), until the next refresh
 
     async def refresh(self) -> None:
-        rows = await self._store.call(self._store.store.api_key_hashes)
-        self._keys = {row["key_hash"]: self._entry(row) for row in rows}
+        keys = await self._store.run(lambda db: db.keys.list(include_revoked=False))
+        self._keys = {key.key_hash: self._entry(key) for key in keys}
 
     async def run(self) -> None:
         """Reload the keys every `refresh_s`, so revocations by `hotq keys revoke` take effect."""
@@ -140,10 +140,9 @@ class ApiKeyAuthenticator:
             await asyncio.sleep(self._refresh_s)
 
     @staticmethod
-    def _entry(row: dict[str, Any]) -> tuple[Identity, float | None]:
-        user = row["user"]
-        domain = _domain(user)
-        return Identity(user=user, method="api_key", domains=frozenset([domain] if domain else [])), row["expires_at"]
+    def _entry(key: ApiKey) -> tuple[Identity, float | None]:
+        domain = _domain(key.user)
+        return Identity(user=key.user, method="api_key", domains=frozenset([domain] if domain else [])), key.expires_at
 
     async def authenticate(self, key: str) -> Identity:
         key_hash = hash_api_key(key)
@@ -158,12 +157,12 @@ class ApiKeyAuthenticator:
     async def _lookup(self, key_hash: str) -> tuple[Identity, float | None]:
         if (message := self._rejected.get(key_hash)) is not None:
             raise AuthenticationError(message)
-        row = await self._store.call(self._store.store.find_api_key, key_hash)
-        if row is None or row["revoked_at"] is not None:
-            message = "the API key has been revoked" if row is not None else "the API key is not valid"
+        found = await self._store.run(lambda db: db.keys.find(key_hash))
+        if found is None or found.revoked_at is not None:
+            message = "the API key has been revoked" if found is not None else "the API key is not valid"
             self._rejected.put(key_hash, message, self._refresh_s)
             raise AuthenticationError(message)
-        entry = self._entry(row)
+        entry = self._entry(found)
         self._keys[key_hash] = entry
         return entry
 

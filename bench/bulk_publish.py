@@ -93,6 +93,7 @@ from broker.jobstore import AsyncJobStore, JobStore
 from broker.logs import configure_logging
 from broker.messages import Endpoint, Lane
 from ops.testing.fake_backend import reply_text
+from ops.testing.jobs import store_submitted_batch
 from ops.testing.stack import write_config
 from producers import bulk
 
@@ -227,18 +228,7 @@ async def publish_dispatch(amqp_url: str, workdir: Path, model: str, lines: int,
     batch_id = f"batch_bench_dispatch_{uuid.uuid4().hex[:12]}"
     bodies = [json.dumps(chat_request(model, i)).encode() for i in range(lines)]
     stored_started = time.perf_counter()
-    await store.call(
-        store.store.create_batch,
-        batch_id=batch_id,
-        endpoint=ENDPOINT,
-        model=model,
-        input_file_id="file-bench",
-        window_s=3600,
-        metadata=None,
-        source="submit",
-        owner="bench",
-        lines=[(n, str(n), body) for n, body in enumerate(bodies, start=1)],
-    )
+    await store.run(lambda db: store_submitted_batch(db, batch_id, model, ENDPOINT, bodies, "bench"))
     stored_s = time.perf_counter() - stored_started
     connection = await connect(amqp_url, "bench-bulk-publish")
     chunks: list[tuple[float, int]] = []
@@ -296,7 +286,7 @@ async def publish_submit_detach(
         await connection.close()
     store = JobStore(data_dir)
     try:
-        published = store.published_count(job_id)
+        published = store.lines.published_count(job_id)
     finally:
         store.close()
     errors: Counter[str] = Counter()

@@ -467,20 +467,21 @@ def test_revoke_by_key_expiry_and_unknown_keys(api: InProcessApi, config_path: P
 
 
 async def test_a_cached_key_never_touches_the_store(tmp_path: Path) -> None:
-    store = AsyncJobStore(JobStore(tmp_path))
+    db = JobStore(tmp_path)
+    store = AsyncJobStore(db)
     try:
-        _, key = store.store.create_api_key("ivan")
+        _, key = db.keys.create("ivan")
         keys = ApiKeyAuthenticator(store, refresh_s=60)
         await keys.refresh()
         calls = 0
-        real_call = store.call
+        real_run = store.run
 
-        async def counting_call(*args: Any, **kwargs: Any) -> Any:
+        async def counting_run(work: Any) -> Any:
             nonlocal calls
             calls += 1
-            return await real_call(*args, **kwargs)
+            return await real_run(work)
 
-        store.call = counting_call  # type: ignore[method-assign]
+        store.run = counting_run  # type: ignore[method-assign]
         started = time.perf_counter()
         for _ in range(10_000):
             assert (await keys.authenticate(key)).user == "ivan"

@@ -163,7 +163,7 @@ def test_a_stream_left_mid_way_is_charged_what_was_generated(stack: Stack, model
 def _cancelled_recorded(stack: Stack, user: str) -> bool:
     store = JobStore(stack.workdir / "data")
     try:
-        return any(row["cancelled"] for row in store.usage(user=user))
+        return any(row["cancelled"] for row in store.usage.totals(user=user))
     finally:
         store.close()
 

@@ -245,12 +245,12 @@ def test_roles_serve_requests_and_logs_keep_no_secrets(
         # that reached the backend are counted.
         store = JobStore(tmp_path / "data")
         wait_until(
-            lambda: sum(row["requests"] for row in store.usage(model=fake_model)) >= 4,
+            lambda: sum(row["requests"] for row in store.usage.totals(model=fake_model)) >= 4,
             EVENTUALLY_S,
             "the four requests' usage recorded",
             poll_s=0.2,
         )
-        assert sum(row["requests"] for row in store.usage(model=fake_model)) == 4
+        assert sum(row["requests"] for row in store.usage.totals(model=fake_model)) == 4
     finally:
         stack.close()
     logs = {name: stack.log(name) for name in ("api.log", "worker1.log")}
