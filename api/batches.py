@@ -24,8 +24,7 @@ from api.files import FileNotFound, int_param, list_response
 from api.routes import read_body
 from broker.batch_input import parse_batch_file
 from broker.config import Config
-from broker.connection import connect
-from broker.errors import BrokerUnavailable, HotqError, InvalidRequest
+from broker.errors import HotqError, InvalidRequest
 from broker.jobstore import AsyncJobStore, new_id
 from broker.messages import Endpoint
 from broker.openai_objects import batch_object
@@ -34,7 +33,7 @@ from consumers.collector import BatchRunner
 log = structlog.get_logger("hotq.api")
 
 ENDPOINTS = {endpoint.path: endpoint for endpoint in Endpoint}
-BROKER_RETRY_S = 2.0
+RUNNER_RETRY_S = 2.0  # before a runner that failed (a lost connection) starts again
 
 
 class BatchNotFound(HotqError):
@@ -44,7 +43,7 @@ class BatchNotFound(HotqError):
 
 
 class BatchManager:
-    """The batch runners of this API process, on a connection of their own."""
+    """The batch runners of this API process (each on a channel of the process's connection)."""
 
     def __init__(self, config: Config, store: AsyncJobStore) -> None:
         self.config = config
@@ -52,14 +51,9 @@ class BatchManager:
         self.connection: AbstractRobustConnection | None = None
         self._runners: dict[str, asyncio.Task[Any]] = {}
 
-    async def start(self) -> None:
-        """Connect (retrying while RabbitMQ is down) and resume this API's unfinished batches."""
-        while self.connection is None:
-            try:
-                self.connection = await connect(self.config.amqp_url, "api-batches", self.config.amqp_tls)
-            except BrokerUnavailable as exc:
-                log.warning("batches_broker_unreachable_retrying", error=exc.message)
-                await asyncio.sleep(BROKER_RETRY_S)
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Run batches on `connection` from now on, starting with this API's unfinished ones."""
+        self.connection = connection
         for batch_id in await self.store.run(lambda db: db.batches.active("api")):
             log.info("batch_resumed", batch_id=batch_id)
             self.run(batch_id)
@@ -81,15 +75,13 @@ class BatchManager:
                 raise
             except Exception:
                 log.exception("batch_runner_failed_restarting", batch_id=runner.batch_id)
-                await asyncio.sleep(BROKER_RETRY_S)
+                await asyncio.sleep(RUNNER_RETRY_S)
 
     async def close(self) -> None:
         for task in list(self._runners.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self.connection is not None:
-            await self.connection.close()
 
 
 class Batches:
