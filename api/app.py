@@ -52,10 +52,9 @@ def create_app(config: Config) -> Starlette:
     serving = asyncio.Event()  # the request client is open
 
     async def open_client(connection: AbstractRobustConnection) -> None:
-        pinned = {name: model.clusters or list(config.clusters) for name, model in config.models.items()}
         while True:
             try:
-                gateway.client = await RequestClient.open(connection, list(config.models), pinned)
+                gateway.client = await RequestClient.open(connection, list(config.models), config.pinned_clusters())
                 break
             except BrokerUnavailable as exc:
                 log.warning("request_client_refused_retrying", error=exc.message, retry_in_s=CLIENT_RETRY_S)

@@ -33,8 +33,7 @@ import uvloop
 
 from broker import topology
 from broker.messages import Lane
-from hpc_agents.backend import free_port
-from ops.processes import Child, Children, wait_until_async
+from ops.processes import Child, Children, free_port, wait_until_async
 
 if TYPE_CHECKING:
     import openai

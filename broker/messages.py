@@ -31,6 +31,11 @@ import msgpack
 from broker.errors import WireError
 
 WIRE_VERSION = 1
+CONTENT_TYPE = "application/x-msgpack"  # every hotq record's AMQP content type
+
+# The server-sent event that ends an OpenAI stream: a consumer relays it from the backend
+# (or leaves it out of a relayed body), the API writes it after the last chunk.
+DONE_EVENT = b"data: [DONE]\n\n"
 
 # A consumer sends `Started` only if its answer takes longer than this: a fast
 # answer's first frame says as much, and costs one reply message instead of two.

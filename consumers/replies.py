@@ -67,7 +67,7 @@ class ReplySender:
     async def _publish(self, frame: ReplyFrame | Abandoned) -> None:
         message = aio_pika.Message(
             body=messages.encode(frame),
-            content_type="application/x-msgpack",
+            content_type=messages.CONTENT_TYPE,
             correlation_id=self._request_id,
         )
         try:

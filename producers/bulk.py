@@ -184,7 +184,7 @@ async def _publish_chunk_plainly(
 
 
 _MAX_INLINE_BODY = 120_000  # one body frame: below RabbitMQ's default frame_max (131,072) minus framing
-_CONTENT_TYPE = b"application/x-msgpack"
+_CONTENT_TYPE = messages.CONTENT_TYPE.encode()
 # Header properties: content_type, delivery_mode, correlation_id, reply_to, message_id.
 _PROPERTY_FLAGS = (1 << 15) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 7)
 

@@ -155,7 +155,7 @@ class RequestClient:
         self._pending[envelope.request_id] = replies
         message = aio_pika.Message(
             body=messages.encode(envelope),
-            content_type="application/x-msgpack",
+            content_type=messages.CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             correlation_id=envelope.request_id,
             message_id=envelope.request_id,

@@ -34,8 +34,7 @@ from api.auth import ApiKeyAuthenticator
 from broker.config import load_config
 from broker.errors import AuthenticationError
 from broker.jobstore import AsyncJobStore, JobStore
-from hpc_agents.backend import free_port
-from ops.processes import wait_until
+from ops.processes import free_port, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S, STOP_S
 from ops.testing.fake_backend import running_fake_backend
 from ops.testing.stack import Stack, create_key, run_hotq, write_config

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from hpc_agents.backend import free_port
+from ops.processes import free_port
 from ops.testing.deadlines import EVENTUALLY_S
 from ops.testing.stack import Stack, write_config
 

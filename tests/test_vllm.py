@@ -17,9 +17,8 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
-from hpc_agents.backend import free_port
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
-from ops.processes import Child, wait_until
+from ops.processes import Child, free_port, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
 from ops.testing.stack import hotq_command
 
