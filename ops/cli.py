@@ -196,7 +196,7 @@ def submit(
 
     from broker.jobstore import JobStore
     from broker.openai_objects import batch_object
-    from producers.bulk import SubmitError, create_job, run_job, write_results
+    from ops.submit import SubmitError, create_job, run_job, write_results
 
     config = _load(config_path)
     if not detach and out_path is None:
@@ -263,7 +263,7 @@ def jobs_fetch(config_path: str | None, job_id: str, out_path: str) -> None:
     from pathlib import Path
 
     from broker.jobstore import TERMINAL_STATUSES, JobStore
-    from producers.bulk import run_job, write_results
+    from ops.submit import run_job, write_results
 
     config = _load(config_path)
     store = JobStore(config.data_dir)
@@ -283,7 +283,7 @@ def jobs_fetch(config_path: str | None, job_id: str, out_path: str) -> None:
 def jobs_cancel(config_path: str | None, job_id: str) -> None:
     """Stop dispatching a job; it ends `cancelled` with the results it has."""
     from broker.jobstore import JobStore
-    from producers.bulk import SubmitError, cancel_job
+    from ops.submit import SubmitError, cancel_job
 
     config = _load(config_path)
     try:
