@@ -13,9 +13,10 @@ import structlog
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from api.auth import AccessPolicy, identity_of
+from api.auth import AccessPolicy
 from api.disconnect import ClientDisconnected, unless_disconnected
 from api.errors import error_response
+from api.identity import identity_of
 from api.limits import Limiter
 from api.relay import ReplyRelay
 from api.schemas import validate
