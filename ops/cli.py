@@ -94,7 +94,7 @@ def worker(config_path: str | None, model: str, backend_url: str | None, grace_s
 @cli.command()
 @config_option
 @click.option("--model", required=True, help="the configured model to serve on this node")
-@click.option("--cluster", default="local", show_default=True, help="the cluster name reported to the registry")
+@click.option("--cluster", default="local", show_default=True, help="the cluster name the agent announces")
 @click.option("--agent-id", default=None, help="the id to announce (a launcher sets it)")
 @click.option("--summary-file", default=None, help="write the exit summary here as JSON")
 def agent(config_path: str | None, model: str, cluster: str, agent_id: str | None, summary_file: str | None) -> None:
