@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from api.auth import identity_of, owner_filter
 from broker.errors import HotqError, InvalidRequest
 from broker.jobstore import AsyncJobStore
+from broker.openai_objects import file_object
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 PURPOSES = ("batch",)  # what hotq accepts uploads for
@@ -77,39 +78,37 @@ class Files:
                 f"files are limited to {MAX_FILE_BYTES} bytes", status=413, error_type="invalid_request_error"
             )
         owner = identity_of(request).user
-        file = await self._store.call(self._store.store.create_file, filename, purpose, content, owner)
-        return JSONResponse(file)
+        file = await self._store.run(lambda db: db.files.create(filename, purpose, content, owner))
+        return JSONResponse(file_object(file))
 
     async def list(self, request: Request) -> Response:
         order = request.query_params.get("order", "desc")
         if order not in ("asc", "desc"):
             raise InvalidRequest("`order` must be asc or desc", param="order")
-        items, has_more = await self._store.call(
-            self._store.store.list_files,
-            request.query_params.get("purpose"),
-            request.query_params.get("after"),
-            int_param(request, "limit", 10000, 1, 10000),
-            order,
-            owner_filter(request),
-        )
-        return list_response(items, has_more)
+        purpose, after = request.query_params.get("purpose"), request.query_params.get("after")
+        limit, owner = int_param(request, "limit", 10000, 1, 10000), owner_filter(request)
+        files, has_more = await self._store.run(lambda db: db.files.page(purpose, after, limit, order, owner))
+        return list_response([file_object(file) for file in files], has_more)
 
     async def retrieve(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
-        file = await self._store.call(self._store.store.get_file, file_id, owner_filter(request))
+        owner = owner_filter(request)
+        file = await self._store.run(lambda db: db.files.get(file_id, owner))
         if file is None:
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
-        return JSONResponse(file)
+        return JSONResponse(file_object(file))
 
     async def content(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
-        content = await self._store.call(self._store.store.file_content, file_id, owner_filter(request))
+        owner = owner_filter(request)
+        content = await self._store.run(lambda db: db.files.content(file_id, owner))
         if content is None:
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
         return Response(content, media_type="application/octet-stream")
 
     async def delete(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
-        if not await self._store.call(self._store.store.delete_file, file_id, owner_filter(request)):
+        owner = owner_filter(request)
+        if not await self._store.run(lambda db: db.files.delete(file_id, owner)):
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})

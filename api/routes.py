@@ -110,7 +110,7 @@ class Gateway:
         cluster = request.headers.get(CLUSTER_HEADER)
         if cluster is None:
             return None
-        allowed = self.config.models[model].clusters or list(self.config.clusters)
+        allowed = self.config.clusters_of(model)
         if cluster not in allowed:
             known = ", ".join(allowed) or "none"
             raise InvalidRequest(

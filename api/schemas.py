@@ -81,7 +81,7 @@ def validate(endpoint: Endpoint, body: bytes) -> ChatCompletionRequest | Complet
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        request = _decoder(endpoint).decode(body)
+        request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest = _decoder(endpoint).decode(body)
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _WHERE.search(message)
