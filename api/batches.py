@@ -19,8 +19,9 @@ from aio_pika.abc import AbstractRobustConnection
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.auth import AccessPolicy, identity_of, owner_filter
+from api.auth import AccessPolicy
 from api.files import FileNotFound, int_param, list_response
+from api.identity import identity_of, owner_filter
 from api.routes import read_body
 from broker.batch_input import parse_batch_file
 from broker.config import Config

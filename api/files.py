@@ -10,7 +10,7 @@ from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.auth import identity_of, owner_filter
+from api.identity import identity_of, owner_filter
 from broker.errors import HotqError, InvalidRequest
 from broker.jobstore import AsyncJobStore
 from broker.openai_objects import file_object

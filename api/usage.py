@@ -13,7 +13,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.auth import AccessPolicy, identity_of
+from api.auth import AccessPolicy
+from api.identity import identity_of
 from broker.errors import InvalidRequest
 from broker.jobstore import AsyncJobStore, since_day
 

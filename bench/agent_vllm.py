@@ -102,7 +102,7 @@ from ops.testing.stack import write_config
 DEFAULT_CONCURRENCY: Final = 64
 DEFAULT_MAX_TOKENS: Final = 64
 DEFAULT_ROUNDS: Final = 3
-MAX_INFLIGHT: Final = 32  # the agent's prefetch; vLLM runs 32 sequences at once (hpc_agents.vllm_backend)
+MAX_INFLIGHT: Final = 32  # the agent's prefetch; vLLM runs 32 sequences at once (hpc_agents.vllm_command)
 TARGET_RATIO: Final = 0.97  # hotq tokens/s over direct tokens/s
 
 FIRST_PROMPT: Final = "List three primary colours."

@@ -30,7 +30,9 @@ import msgpack
 
 from broker.errors import WireError
 
-WIRE_VERSION = 1
+# Version 2 added `Abandoned` and `UsageReport`, which a version-1 peer knows nothing of; `decode`
+# refuses a record of another version by name (tests/test_wire_versions.py).
+WIRE_VERSION = 2
 CONTENT_TYPE = "application/x-msgpack"  # every hotq record's AMQP content type
 
 # The server-sent event that ends an OpenAI stream: a consumer relays it from the backend

@@ -20,7 +20,7 @@ import structlog
 
 from broker.errors import BackendError, DeadlineExceeded, HotqError
 from broker.messages import DONE_EVENT, ChunkBatch, ErrorReply, Final, RequestEnvelope
-from consumers.backend import BackendClient
+from consumers.backend_client import BackendClient
 from consumers.replies import ReplySender
 from consumers.stream_usage import StreamUsage, backend_request
 

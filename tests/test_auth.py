@@ -29,8 +29,8 @@ import uvicorn
 from globus_sdk.testing import RegisteredResponse
 from responses import matchers
 
+from api.api_keys import ApiKeyAuthenticator
 from api.app import create_app
-from api.auth import ApiKeyAuthenticator
 from broker.config import load_config
 from broker.errors import AuthenticationError
 from broker.jobstore import AsyncJobStore, JobStore

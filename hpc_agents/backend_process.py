@@ -22,7 +22,7 @@ import aiohttp
 import structlog
 
 from broker.config import ModelConfig
-from hpc_agents.vllm_backend import vllm_command, vllm_environment
+from hpc_agents.vllm_command import vllm_command, vllm_environment
 from ops.processes import signal_group
 
 log = structlog.get_logger("hotq.agent")
