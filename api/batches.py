@@ -28,6 +28,7 @@ from broker.connection import connect
 from broker.errors import BrokerUnavailable, HotqError, InvalidRequest
 from broker.jobstore import AsyncJobStore, new_id
 from broker.messages import Endpoint
+from broker.schemas import too_deep
 from consumers.collector import BatchRunner
 
 log = structlog.get_logger("hotq.api")
@@ -103,6 +104,8 @@ class Batches:
             params = json.loads(await read_body(request, self._config.max_body_bytes))
         except ValueError:
             raise InvalidRequest("the request body is not valid JSON") from None
+        except RecursionError:
+            raise too_deep() from None
         if not isinstance(params, dict):
             raise InvalidRequest("the request body must be a JSON object")
         input_file_id = params.get("input_file_id")
@@ -121,7 +124,9 @@ class Batches:
         if file["purpose"] != "batch":
             raise InvalidRequest("the input file must have been uploaded with purpose `batch`", param="input_file_id")
         content = await self._store.call(db.file_content, input_file_id, owner_filter(request)) or b""
-        parsed = await asyncio.to_thread(parse_batch_file, content, ENDPOINTS[endpoint], self._config.models)
+        parsed = await asyncio.to_thread(
+            parse_batch_file, content, ENDPOINTS[endpoint], self._config.models, self._config.max_body_bytes
+        )
         if self.policy is not None and parsed.model:
             await self.policy.require(identity_of(request), parsed.model)
         batch = await self._store.call(

@@ -18,7 +18,7 @@ from api.disconnect import ClientDisconnected, unless_disconnected
 from api.errors import error_response
 from api.limits import Limiter
 from api.relay import ReplyRelay
-from api.schemas import validate
+from broker.schemas import validate
 from api.sse import EventStreamResponse
 from broker.config import Config
 from broker.errors import BrokerUnavailable, HotqError, InvalidRequest, ModelNotFound, PayloadTooLarge

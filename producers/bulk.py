@@ -5,7 +5,10 @@ confirmed, as a `RequestEnvelope` on the batch lane, whose answers go to the
 batch's results queue. Publishes are pipelined (a whole chunk in flight, confirms
 awaited together), and a chunk's lines are marked published only after their
 confirms, so a dispatcher killed at any point and started again re-publishes only
-lines RabbitMQ never confirmed (at most one chunk), and never a confirmed one.
+lines RabbitMQ never confirmed (at most one chunk), and never a confirmed one. A line
+RabbitMQ refuses for its size (over the broker's `max_message_size`) is not tried again:
+it fails alone, with a 413 in the batch's error file, answered through the results queue
+like any failed request.
 
 `hotq submit` stores a JSONL file as a job (a batch with source "submit", so it is
 listed by GET /v1/batches too), then runs it here with a progress bar: the same
@@ -15,16 +18,18 @@ listed by GET /v1/batches too), then runs it here with a progress bar: the same
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import aiormq
 import pamqp.frame
 import structlog
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 from aiormq.abc import ChannelFrame
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
@@ -34,7 +39,7 @@ from broker.batch_input import parse_batch_file
 from broker.config import Config
 from broker.connection import connect
 from broker.jobstore import AsyncJobStore, JobStore, Line, new_id
-from broker.messages import Endpoint, Lane, RequestEnvelope
+from broker.messages import Endpoint, ErrorReply, Lane, RequestEnvelope
 
 log = structlog.get_logger("hotq.bulk")
 
@@ -68,9 +73,15 @@ async def dispatch(
             if not lines:
                 break
             underlay = await channel.get_underlay_channel()
-            confirmed = await _publish_chunk(
+            confirmed, too_large = await _publish_chunk(
                 underlay, lines, model, endpoint, expires_at, caller, routing_key, reply_to
             )
+            if too_large:  # RabbitMQ closed the channel refusing them: answer them as failed, on a new one
+                if not channel.is_closed:
+                    await channel.close()
+                channel = await connection.channel(publisher_confirms=True)
+                confirmed += await _fail_too_large(channel, too_large, reply_to)
+                log.warning("batch_lines_too_large", batch_id=batch_id, lines=[line.line for line, _ in too_large])
             await store.call(store.store.mark_published, batch_id, confirmed)
             published += len(confirmed)
             if on_published is not None:
@@ -98,8 +109,9 @@ async def _publish_chunk(
     caller: str,
     routing_key: str,
     reply_to: str,
-) -> list[int]:
-    """Publish a chunk with every confirm in flight at once; the line numbers RabbitMQ confirmed.
+) -> tuple[list[int], list[tuple[Line, int]]]:
+    """Publish a chunk with every confirm in flight at once; the line numbers RabbitMQ confirmed,
+    and the lines (with their message sizes) it refused as larger than it takes.
 
     aiormq's `basic_publish` costs a coroutine, a lock round and a full pamqp marshal per
     message, which caps one producer well below 20,000/s. Every message of a batch has
@@ -151,12 +163,12 @@ async def _publish_chunk(
         if buffer:
             await channel.write_queue.put(ChannelFrame(payload=bytes(buffer), should_close=False))
     outcomes = await asyncio.gather(*confirmations, return_exceptions=True)
-    return [line.line for line, outcome in zip(lines, outcomes) if isinstance(outcome, aiormq.spec.Basic.Ack)]
+    return [line.line for line, outcome in zip(lines, outcomes) if isinstance(outcome, aiormq.spec.Basic.Ack)], []
 
 
 async def _publish_chunk_plainly(
     channel: aiormq.abc.AbstractChannel, lines: list[Line], bodies: list[bytes], routing_key: str, reply_to: str
-) -> list[int]:
+) -> tuple[list[int], list[tuple[Line, int]]]:
     """Through aiormq's own `basic_publish` (it splits large bodies into frames), still pipelined."""
     pending = [
         asyncio.ensure_future(
@@ -177,7 +189,42 @@ async def _publish_chunk_plainly(
         for line, body in zip(lines, bodies)
     ]
     outcomes = await asyncio.gather(*pending, return_exceptions=True)
-    return [line.line for line, outcome in zip(lines, outcomes) if isinstance(outcome, aiormq.spec.Basic.Ack)]
+    confirmed = [line.line for line, outcome in zip(lines, outcomes) if isinstance(outcome, aiormq.spec.Basic.Ack)]
+    limit = _broker_max_size(outcomes)
+    if limit is None:
+        return confirmed, []
+    return confirmed, [(line, len(body)) for line, body in zip(lines, bodies) if len(body) > limit]
+
+
+_REFUSED_SIZE = re.compile(r"larger than configured max size (\d+)")
+
+
+def _broker_max_size(outcomes: list[object]) -> int | None:
+    """RabbitMQ's max_message_size, if it closed the channel over a message larger than that."""
+    for outcome in outcomes:
+        if isinstance(outcome, aiormq.exceptions.ChannelPreconditionFailed):
+            match = _REFUSED_SIZE.search(str(outcome))
+            if match:
+                return int(match.group(1))
+    return None
+
+
+async def _fail_too_large(channel: AbstractChannel, too_large: list[tuple[Line, int]], reply_to: str) -> list[int]:
+    """Answer each refused line with a 413 on the batch's results queue; the lines so answered."""
+    answered = []
+    for line, size in too_large:
+        error = ErrorReply(
+            request_id=line.request_id,
+            attempt="publish",
+            status=413,
+            error_type="invalid_request_error",
+            message=f"the request's message is {size} bytes, more than RabbitMQ accepts (its max_message_size)",
+            code="message_too_large",
+            param=None,
+        )
+        await channel.default_exchange.publish(aio_pika.Message(messages.encode(error)), routing_key=reply_to)
+        answered.append(line.line)
+    return answered
 
 
 _MAX_INLINE_BODY = 120_000  # one body frame: below RabbitMQ's default frame_max (131,072) minus framing
@@ -216,7 +263,7 @@ def create_job(
 ) -> dict[str, Any]:
     """Validate the input file and store it as `owner`'s batch (source "submit"); raise SubmitError if invalid."""
     data = path.read_bytes()
-    parsed = parse_batch_file(data, None, config.models, default_model=model, allow_plain=True)
+    parsed = parse_batch_file(data, None, config.models, config.max_body_bytes, default_model=model, allow_plain=True)
     if parsed.errors:
         problems = "\n".join(f"  line {e['line']}: {e['code']}: {e['message']}" for e in parsed.errors[:20])
         more = f"\n  ... and {len(parsed.errors) - 20} more" if len(parsed.errors) > 20 else ""

@@ -1,9 +1,10 @@
-"""What hotq checks in an OpenAI request body before queueing it.
+"""What hotq checks in an OpenAI request body before queueing it (interactive or a batch line).
 
-Only the fields hotq itself relies on are declared; every other field passes
-through to the backend untouched (the body is forwarded as the client's bytes,
-never re-encoded). Validation errors name the offending field as OpenAI's
-`param`.
+Only the fields hotq itself relies on, and the numbers a backend could choke on,
+are declared; every other field passes through to the backend untouched (the body
+is forwarded as the client's bytes, never re-encoded). Validation errors name the
+offending field as OpenAI's `param`. A body nested deeper than `MAX_JSON_DEPTH`
+is refused before any parser recurses that far (here, in a consumer or a backend).
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ import msgspec
 from broker.errors import InvalidRequest
 from broker.messages import Endpoint
 
+MAX_JSON_DEPTH = 64  # arrays and objects inside each other; real requests (tool schemas included) stay far below
+MAX_CHOICES = 128  # OpenAI's own limit on `n`
+MAX_TOKENS = 2**31 - 1  # backends count tokens in 32-bit integers
 Role = Literal["system", "user", "assistant", "tool", "function", "developer"]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)]
+Choices = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
+# Sampling numbers: any finite value passes (the backend judges its own range); 1e999 does not.
+Finite = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
 
 
 class ChatMessage(msgspec.Struct):
@@ -32,14 +39,19 @@ class StreamOptions(msgspec.Struct):
 class _Common(msgspec.Struct):
     model: str
     stream: bool = False
-    n: PositiveInt = 1
+    n: Choices = 1
+    best_of: Choices | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: PositiveInt | None = None
+    max_tokens: Count | None = None
+    temperature: Finite | None = None
+    top_p: Finite | None = None
+    presence_penalty: Finite | None = None
+    frequency_penalty: Finite | None = None
 
 
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=list)
-    max_completion_tokens: PositiveInt | None = None
+    max_completion_tokens: Count | None = None
 
 
 class CompletionRequest(_Common):
@@ -82,6 +94,9 @@ def validate(endpoint: Endpoint, body: bytes) -> ChatCompletionRequest | Complet
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
         request = _decoder(endpoint).decode(body)
+        check_depth(body)
+    except RecursionError:
+        raise too_deep() from None
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _WHERE.search(message)
@@ -97,3 +112,26 @@ def validate(endpoint: Endpoint, body: bytes) -> ChatCompletionRequest | Complet
     if value is None or value == [] or value == "" and endpoint is not Endpoint.COMPLETIONS:
         raise InvalidRequest(f"`{required}` is required and must not be empty", param=required)
     return request
+
+
+def too_deep() -> InvalidRequest:
+    return InvalidRequest(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep", code="json_too_deep")
+
+
+_STRINGS = re.compile(rb'"(?:[^"\\]+|\\.)*"')
+_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
+_AS_SQUARE = bytes.maketrans(b"{}", b"[]")  # in valid JSON only the nesting matters, not the kind
+
+
+def check_depth(document: bytes) -> None:
+    """Raise RecursionError if a (valid) JSON document nests arrays and objects past MAX_JSON_DEPTH.
+
+    Cheap for ordinary bodies: strings and everything but brackets are dropped in C, and each
+    pass removes the innermost pairs, so a body MAX_JSON_DEPTH levels deep takes that many passes."""
+    brackets = _STRINGS.sub(b"", document).translate(_AS_SQUARE, _NOT_BRACKETS)
+    for _ in range(MAX_JSON_DEPTH):
+        if not brackets:
+            return
+        brackets = brackets.replace(b"[]", b"")
+    if brackets:
+        raise RecursionError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
