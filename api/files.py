@@ -6,16 +6,21 @@ owner): with authentication on, others get 404 for it and do not see it listed.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Message
 
 from api.auth import identity_of, owner_filter
-from broker.errors import HotqError, InvalidRequest
+from api.routes import discard_body
+from broker.config import Config
+from broker.errors import HotqError, InvalidRequest, PayloadTooLarge
 from broker.jobstore import AsyncJobStore
 
-MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 PURPOSES = ("batch",)  # what hotq accepts uploads for
+MULTIPART_SLACK = 64 * 1024  # the form's boundaries and fields around the file itself
 
 
 class FileNotFound(HotqError):
@@ -49,18 +54,39 @@ def int_param(request: Request, name: str, default: int, low: int, high: int) ->
     return value
 
 
+class QuotaExceeded(HotqError):
+    status = 413
+    error_type = "invalid_request_error"
+    code = "storage_quota_exceeded"
+
+
 class Files:
-    def __init__(self, store: AsyncJobStore) -> None:
+    """Uploads stream through a spooled temporary file (a megabyte in memory, the rest on disk) into the
+    job store, copied in a thread: memory stays bounded and the event loop free whatever the size."""
+
+    def __init__(self, config: Config, store: AsyncJobStore) -> None:
         self._store = store
+        self._max_bytes = config.max_file_bytes
+        self._quota = config.user_storage_bytes
 
     async def create(self, request: Request) -> Response:
+        owner = identity_of(request).user
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_FILE_BYTES + 65536:
-            raise HotqError(
-                f"files are limited to {MAX_FILE_BYTES} bytes", status=413, error_type="invalid_request_error"
-            )
-        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-            raise InvalidRequest("upload a file as multipart/form-data with `file` and `purpose`")
+        size = int(declared) if declared is not None and declared.isdigit() else None
+        try:
+            if size is not None and size > self._max_bytes + MULTIPART_SLACK:
+                raise self._too_large()
+            if size is not None:
+                await self._check_quota(owner, size - MULTIPART_SLACK)
+            if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+                raise InvalidRequest("upload a file as multipart/form-data with `file` and `purpose`")
+            file = await self._receive(Request(request.scope, self._counted(request)), owner)
+        except (PayloadTooLarge, QuotaExceeded):
+            await discard_body(Request(request.scope, request.receive))  # so that every client reads the 413
+            raise
+        return JSONResponse(file)
+
+    async def _receive(self, request: Request, owner: str) -> dict[str, object]:
         async with request.form(max_files=1, max_fields=10) as form:
             purpose = form.get("purpose")
             upload = form.get("file")
@@ -70,15 +96,47 @@ class Files:
                 raise InvalidRequest(f"`purpose` must be one of {', '.join(PURPOSES)}", param="purpose")
             if not isinstance(upload, UploadFile):
                 raise InvalidRequest("`file` is required", param="file")
-            content = await upload.read()
+            if upload.size is not None and upload.size > self._max_bytes:
+                raise self._too_large()
+            await self._check_quota(owner, upload.size or 0)
+            await upload.seek(0)
+            db = self._store.store
             filename = upload.filename or "upload.jsonl"
-        if len(content) > MAX_FILE_BYTES:
-            raise HotqError(
-                f"files are limited to {MAX_FILE_BYTES} bytes", status=413, error_type="invalid_request_error"
-            )
-        owner = identity_of(request).user
-        file = await self._store.call(self._store.store.create_file, filename, purpose, content, owner)
-        return JSONResponse(file)
+            file = await self._store.call(db.create_file_from, filename, purpose, upload.file, owner)
+        if self._quota is not None and await self._store.call(db.stored_bytes, owner) > self._quota:
+            await self._store.call(db.delete_file, str(file["id"]))  # a concurrent upload took the room
+            raise self._over_quota(owner, 0)
+        return file
+
+    def _counted(self, request: Request) -> Callable[[], Awaitable[Message]]:
+        """The request's receive, refusing a body (chunked, or lying about its length) past the file limit."""
+        received = 0
+
+        async def receive() -> Message:
+            nonlocal received
+            message = await request.receive()
+            received += len(message.get("body", b""))
+            if received > self._max_bytes + MULTIPART_SLACK:
+                raise self._too_large()
+            return message
+
+        return receive
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"files are limited to {self._max_bytes} bytes (max_file_bytes)")
+
+    async def _check_quota(self, owner: str, adding: int) -> None:
+        if self._quota is None:
+            return
+        used = await self._store.call(self._store.store.stored_bytes, owner)
+        if used + adding > self._quota:
+            raise self._over_quota(owner, used)
+
+    def _over_quota(self, owner: str, used: int) -> QuotaExceeded:
+        held = f" (your files hold {used} bytes)" if used else ""
+        return QuotaExceeded(
+            f"{owner}'s files may take {self._quota} bytes in all{held}; delete files to make room"
+        )
 
     async def list(self, request: Request) -> Response:
         order = request.query_params.get("order", "desc")

@@ -113,8 +113,9 @@ class Gateway:
         allowed = self.config.models[model].clusters or list(self.config.clusters)
         if cluster not in allowed:
             known = ", ".join(allowed) or "none"
+            shown = cluster if len(cluster) <= 64 else cluster[:64] + "..."  # never echo a huge header back whole
             raise InvalidRequest(
-                f"cluster {cluster!r} does not serve model {model!r} (clusters: {known})", param=CLUSTER_HEADER
+                f"cluster {shown!r} does not serve model {model!r} (clusters: {known})", param=CLUSTER_HEADER
             )
         return cluster
 
@@ -209,19 +210,43 @@ class Gateway:
         task.add_done_callback(self._background.discard)
 
 
+DISCARD_MAX_BYTES = 64 * 1024 * 1024  # how much of a refused body is read (and dropped) so clients read the 413
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, refused with 413 past `limit` bytes (before reading it all when declared)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
+        await discard_body(request)
         raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
+            await discard_body(request)
             raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def discard_body(request: Request) -> None:
+    """Read what is left of a body being refused, up to DISCARD_MAX_BYTES.
+
+    A client still sending when the server answers and closes (urllib, http.client, requests)
+    gets a connection reset instead of the answer; reading the rest first lets it read the 413.
+    """
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > DISCARD_MAX_BYTES:
+        return  # too much to read for nothing: this client gets the reset
+    dropped = 0
+    try:
+        async for chunk in request.stream():
+            dropped += len(chunk)
+            if dropped > DISCARD_MAX_BYTES:
+                return
+    except (ClientDisconnect, RuntimeError):  # gone, or the stream was already read to its end
+        return
 
 
 def _client_timeout(request: Request) -> float | None:

@@ -20,15 +20,17 @@ import asyncio
 import concurrent.futures
 import datetime
 import hashlib
+import io
 import json
 import os
 import secrets
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, BinaryIO, ParamSpec, TypeVar
 
 import sqlite_utils
 
@@ -199,14 +201,21 @@ class JobStore:
     def create_file(
         self, filename: str, purpose: str, content: bytes, owner: str | None, file_id: str | None = None
     ) -> dict[str, Any]:
+        return self.create_file_from(filename, purpose, io.BytesIO(content), owner, file_id)
+
+    def create_file_from(
+        self, filename: str, purpose: str, source: BinaryIO, owner: str | None, file_id: str | None = None
+    ) -> dict[str, Any]:
+        """A file with what `source` holds, copied a megabyte at a time (uploads are never held in memory)."""
         file_id = file_id or new_id("file-")
         path = self.files_dir / file_id
         tmp = path.with_suffix(".part")
-        tmp.write_bytes(content)
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(source, out, 1024 * 1024)
         tmp.replace(path)
         row = {
             "id": file_id,
-            "bytes": len(content),
+            "bytes": path.stat().st_size,
             "created_at": int(time.time()),
             "filename": filename,
             "purpose": purpose,
@@ -216,6 +225,11 @@ class JobStore:
         }
         self.db["files"].upsert(row, pk="id")
         return _file_object(row)
+
+    def stored_bytes(self, owner: str | None) -> int:
+        """What `owner`'s files take (their uploads and their batches' results)."""
+        row = self.db.execute("SELECT coalesce(sum(bytes), 0) FROM files WHERE owner IS ?", [owner]).fetchone()
+        return int(row[0])
 
     def get_file(self, file_id: str, owner: str | None = None) -> dict[str, Any] | None:
         """The file, if it exists and (with `owner`) is that user's."""
@@ -460,6 +474,8 @@ class JobStore:
         """A new key for `user`: its record and the key itself (the only time it exists in clear)."""
         if user == ANONYMOUS_USER:
             raise ValueError(f"{ANONYMOUS_USER!r} is reserved for callers without authentication")
+        if not user or user != user.strip() or not user.isprintable():
+            raise ValueError(f"{user!r} is not a user name: it must be non-empty, printable, without outer spaces")
         key = API_KEY_PREFIX + secrets.token_urlsafe(32)
         row = {
             "id": new_id("key_"),
