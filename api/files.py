@@ -6,12 +6,12 @@ owner): with authentication on, others get 404 for it and do not see it listed.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Message
+from starlette.types import Message, Receive
 
 from api.auth import identity_of, owner_filter
 from api.routes import discard_body
@@ -73,6 +73,8 @@ class Files:
         owner = identity_of(request).user
         declared = request.headers.get("content-length")
         size = int(declared) if declared is not None and declared.isdigit() else None
+        counted = _CountedReceive(request.receive, self._max_bytes + MULTIPART_SLACK, self._too_large)
+        body = Request(request.scope, counted)
         try:
             if size is not None and size > self._max_bytes + MULTIPART_SLACK:
                 raise self._too_large()
@@ -80,9 +82,10 @@ class Files:
                 await self._check_quota(owner, size - MULTIPART_SLACK)
             if not request.headers.get("content-type", "").startswith("multipart/form-data"):
                 raise InvalidRequest("upload a file as multipart/form-data with `file` and `purpose`")
-            file = await self._receive(Request(request.scope, self._counted(request)), owner)
+            file = await self._receive(body, owner)
         except (PayloadTooLarge, QuotaExceeded):
-            await discard_body(Request(request.scope, request.receive))  # so that every client reads the 413
+            counted.refused = True
+            await discard_body(body)  # what is left of it, so that every client reads the 413
             raise
         return JSONResponse(file)
 
@@ -107,20 +110,6 @@ class Files:
             await self._store.call(db.delete_file, str(file["id"]))  # a concurrent upload took the room
             raise self._over_quota(owner, 0)
         return file
-
-    def _counted(self, request: Request) -> Callable[[], Awaitable[Message]]:
-        """The request's receive, refusing a body (chunked, or lying about its length) past the file limit."""
-        received = 0
-
-        async def receive() -> Message:
-            nonlocal received
-            message = await request.receive()
-            received += len(message.get("body", b""))
-            if received > self._max_bytes + MULTIPART_SLACK:
-                raise self._too_large()
-            return message
-
-        return receive
 
     def _too_large(self) -> PayloadTooLarge:
         return PayloadTooLarge(f"files are limited to {self._max_bytes} bytes (max_file_bytes)")
@@ -171,3 +160,22 @@ class Files:
         if not await self._store.call(self._store.store.delete_file, file_id, owner_filter(request)):
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})
+
+
+class _CountedReceive:
+    """An ASGI receive that refuses a body (chunked, or lying about its length) once it passes `limit`."""
+
+    def __init__(self, receive: Receive, limit: int, refuse: Callable[[], HotqError]) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._refuse = refuse
+        self.received = 0
+        self.refused = False  # once refused, the rest passes through to be discarded
+
+    async def __call__(self) -> Message:
+        message = await self._receive()
+        self.received += len(message.get("body", b""))
+        if self.received > self._limit and not self.refused:
+            self.refused = True
+            raise self._refuse()
+        return message

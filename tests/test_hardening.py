@@ -248,13 +248,17 @@ def test_a_body_over_the_limit_gets_a_413_every_client_reads(
     assert answer["error"]["code"] == "payload_too_large"  # type: ignore[index]
 
 
-def test_a_chunked_upload_over_the_limit_is_refused(api: Api) -> None:
-    """No Content-Length to judge by: the upload is counted as it arrives."""
-    body, content_type = _multipart(b"x" * OVERSIZED)
+def _chunked_upload(api: Api, content: bytes, key: str | None = None) -> httpx.Response:
+    """An upload without Content-Length: nothing to judge it by before it arrives."""
+    body, content_type = _multipart(content)
     chunks = (body[i : i + 65536] for i in range(0, len(body), 65536))
-    headers = {**api.headers(), "Content-Type": content_type}
-    response = httpx.post(api.url + "/v1/files", content=chunks, headers=headers, timeout=EVENTUALLY_S)
-    assert _error(response, 413)["code"] == "payload_too_large"
+    headers = {**api.headers(key), "Content-Type": content_type}
+    return httpx.post(api.url + "/v1/files", content=chunks, headers=headers, timeout=EVENTUALLY_S)
+
+
+@pytest.mark.parametrize("size", [OVERSIZED, MAX_FILE + 1000], ids=["far-over", "just-over"])
+def test_a_chunked_upload_over_the_limit_is_refused(api: Api, size: int) -> None:
+    assert _error(_chunked_upload(api, b"x" * size), 413)["code"] == "payload_too_large"
 
 
 # -- 15.3: per-user storage quota -----------------------------------------------------------------
@@ -268,6 +272,7 @@ def test_each_user_has_a_storage_quota(api: Api) -> None:
     with pytest.raises(openai.APIStatusError) as refused:
         api.client(bob).files.create(file=("one-more.jsonl", part), purpose="batch")
     assert refused.value.status_code == 413 and refused.value.code == "storage_quota_exceeded"
+    assert _error(_chunked_upload(api, part, bob), 413)["code"] == "storage_quota_exceeded"  # found once received
     assert api.client(carol).files.create(file=("part.jsonl", part), purpose="batch").id  # a quota per user
     api.client(bob).files.delete(kept[0])
     assert api.client(bob).files.create(file=("part.jsonl", part), purpose="batch").bytes == len(part)
