@@ -28,7 +28,7 @@ from broker.connection import connect
 from broker.errors import BrokerUnavailable, HotqError, InvalidRequest
 from broker.jobstore import AsyncJobStore, new_id
 from broker.messages import Endpoint
-from broker.schemas import too_deep
+from broker.json_limits import too_deep
 from consumers.collector import BatchRunner
 
 log = structlog.get_logger("hotq.api")

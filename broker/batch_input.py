@@ -17,7 +17,8 @@ from typing import Any
 
 from broker.errors import InvalidRequest
 from broker.messages import Endpoint
-from broker.schemas import MAX_JSON_DEPTH, validate
+from broker.json_limits import MAX_JSON_DEPTH
+from broker.schemas import validate
 
 MAX_LINES = 50_000  # OpenAI's limit per batch
 MAX_REPORTED_ERRORS = 1000

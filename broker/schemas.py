@@ -3,8 +3,8 @@
 Only the fields hotq itself relies on, and the numbers a backend could choke on,
 are declared; every other field passes through to the backend untouched (the body
 is forwarded as the client's bytes, never re-encoded). Validation errors name the
-offending field as OpenAI's `param`. A body nested deeper than `MAX_JSON_DEPTH`
-is refused before any parser recurses that far (here, in a consumer or a backend).
+offending field as OpenAI's `param`. What no parser or backend should be handed
+(deep nesting, numbers past what they hold) is refused by `broker.json_limits`.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from broker.errors import InvalidRequest
+from broker.json_limits import check_structure, too_deep
 from broker.messages import Endpoint
 
-MAX_JSON_DEPTH = 64  # arrays and objects inside each other; real requests (tool schemas included) stay far below
 MAX_CHOICES = 128  # OpenAI's own limit on `n`
 MAX_TOKENS = 2**31 - 1  # backends count tokens in 32-bit integers
 Role = Literal["system", "user", "assistant", "tool", "function", "developer"]
@@ -94,7 +94,7 @@ def validate(endpoint: Endpoint, body: bytes) -> ChatCompletionRequest | Complet
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
         request = _decoder(endpoint).decode(body)
-        check_depth(body)
+        check_structure(body)
     except RecursionError:
         raise too_deep() from None
     except msgspec.ValidationError as exc:
@@ -112,26 +112,3 @@ def validate(endpoint: Endpoint, body: bytes) -> ChatCompletionRequest | Complet
     if value is None or value == [] or value == "" and endpoint is not Endpoint.COMPLETIONS:
         raise InvalidRequest(f"`{required}` is required and must not be empty", param=required)
     return request
-
-
-def too_deep() -> InvalidRequest:
-    return InvalidRequest(f"the JSON is nested more than {MAX_JSON_DEPTH} levels deep", code="json_too_deep")
-
-
-_STRINGS = re.compile(rb'"(?:[^"\\]+|\\.)*"')
-_NOT_BRACKETS = bytes(set(range(256)) - set(b"[]{}"))
-_AS_SQUARE = bytes.maketrans(b"{}", b"[]")  # in valid JSON only the nesting matters, not the kind
-
-
-def check_depth(document: bytes) -> None:
-    """Raise RecursionError if a (valid) JSON document nests arrays and objects past MAX_JSON_DEPTH.
-
-    Cheap for ordinary bodies: strings and everything but brackets are dropped in C, and each
-    pass removes the innermost pairs, so a body MAX_JSON_DEPTH levels deep takes that many passes."""
-    brackets = _STRINGS.sub(b"", document).translate(_AS_SQUARE, _NOT_BRACKETS)
-    for _ in range(MAX_JSON_DEPTH):
-        if not brackets:
-            return
-        brackets = brackets.replace(b"[]", b"")
-    if brackets:
-        raise RecursionError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
