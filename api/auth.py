@@ -31,6 +31,7 @@ import structlog
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from api.bodies import discard_body
 from api.errors import error_response
 from broker.config import AuthConfig, Config, GlobusAuthConfig
 from broker.errors import AuthenticationError, ConfigError, HotqError, PermissionDenied, ServiceUnavailable
@@ -387,6 +388,7 @@ class AuthMiddleware:
             response = error_response(error)
             if error.status == 401:
                 response.headers["WWW-Authenticate"] = "Bearer"
+            await discard_body(Request(scope, receive))  # a client still sending reads the answer too
             await response(scope, receive, send)
             return
         except Exception:

@@ -20,8 +20,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from api.auth import AccessPolicy, identity_of, owner_filter
+from api.bodies import read_body
 from api.files import FileNotFound, int_param, list_response
-from api.routes import read_body
 from broker.batch_input import parse_batch_file
 from broker.config import Config
 from broker.connection import connect

@@ -6,6 +6,7 @@ owner): with authentication on, others get 404 for it and do not see it listed.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 from starlette.datastructures import UploadFile
@@ -14,10 +15,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive
 
 from api.auth import identity_of, owner_filter
-from api.routes import discard_body
+from api.bodies import discard_body
 from broker.config import Config
 from broker.errors import HotqError, InvalidRequest, PayloadTooLarge
-from broker.jobstore import AsyncJobStore
+from broker.jobstore import AsyncJobStore, new_id
 
 PURPOSES = ("batch",)  # what hotq accepts uploads for
 MULTIPART_SLACK = 64 * 1024  # the form's boundaries and fields around the file itself
@@ -62,7 +63,8 @@ class QuotaExceeded(HotqError):
 
 class Files:
     """Uploads stream through a spooled temporary file (a megabyte in memory, the rest on disk) into the
-    job store, copied in a thread: memory stays bounded and the event loop free whatever the size."""
+    job store's files, copied in a thread of their own: memory stays bounded, and the event loop and the
+    store's thread free, whatever the size."""
 
     def __init__(self, config: Config, store: AsyncJobStore) -> None:
         self._store = store
@@ -85,7 +87,7 @@ class Files:
             file = await self._receive(body, owner)
         except (PayloadTooLarge, QuotaExceeded):
             counted.refused = True
-            await discard_body(body)  # what is left of it, so that every client reads the 413
+            await discard_body(body, started=counted.received > 0)  # the rest, so that every client reads the 413
             raise
         return JSONResponse(file)
 
@@ -104,8 +106,9 @@ class Files:
             await self._check_quota(owner, upload.size or 0)
             await upload.seek(0)
             db = self._store.store
-            filename = upload.filename or "upload.jsonl"
-            file = await self._store.call(db.create_file_from, filename, purpose, upload.file, owner)
+            file_id = new_id("file-")
+            size = await asyncio.to_thread(db.write_file, file_id, upload.file)
+            file = await self._store.call(db.add_file, file_id, upload.filename or "upload.jsonl", purpose, size, owner)
         if self._quota is not None and await self._store.call(db.stored_bytes, owner) > self._quota:
             await self._store.call(db.delete_file, str(file["id"]))  # a concurrent upload took the room
             raise self._over_quota(owner, 0)

@@ -14,6 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from api.auth import AccessPolicy, identity_of
+from api.bodies import read_body
 from api.disconnect import ClientDisconnected, unless_disconnected
 from api.errors import error_response
 from api.limits import Limiter
@@ -21,7 +22,7 @@ from api.relay import ReplyRelay
 from broker.schemas import validate
 from api.sse import EventStreamResponse
 from broker.config import Config
-from broker.errors import BrokerUnavailable, HotqError, InvalidRequest, ModelNotFound, PayloadTooLarge
+from broker.errors import BrokerUnavailable, HotqError, InvalidRequest, ModelNotFound
 from broker.messages import Endpoint, Final, Lane, RequestEnvelope
 from ops.metrics import ApiMetrics
 from producers.request_client import RequestClient
@@ -208,45 +209,6 @@ class Gateway:
         task = asyncio.ensure_future(work)
         self._background.add(task)  # keep a reference until it finishes
         task.add_done_callback(self._background.discard)
-
-
-DISCARD_MAX_BYTES = 64 * 1024 * 1024  # how much of a refused body is read (and dropped) so clients read the 413
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (before reading it all when declared)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        await discard_body(request)
-        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            await discard_body(request)
-            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-async def discard_body(request: Request) -> None:
-    """Read what is left of a body being refused, up to DISCARD_MAX_BYTES.
-
-    A client still sending when the server answers and closes (urllib, http.client, requests)
-    gets a connection reset instead of the answer; reading the rest first lets it read the 413.
-    """
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > DISCARD_MAX_BYTES:
-        return  # too much to read for nothing: this client gets the reset
-    dropped = 0
-    try:
-        async for chunk in request.stream():
-            dropped += len(chunk)
-            if dropped > DISCARD_MAX_BYTES:
-                return
-    except (ClientDisconnect, RuntimeError):  # gone, or the stream was already read to its end
-        return
 
 
 def _client_timeout(request: Request) -> float | None:

@@ -201,26 +201,30 @@ class JobStore:
     def create_file(
         self, filename: str, purpose: str, content: bytes, owner: str | None, file_id: str | None = None
     ) -> dict[str, Any]:
-        return self.create_file_from(filename, purpose, io.BytesIO(content), owner, file_id)
-
-    def create_file_from(
-        self, filename: str, purpose: str, source: BinaryIO, owner: str | None, file_id: str | None = None
-    ) -> dict[str, Any]:
-        """A file with what `source` holds, copied a megabyte at a time (uploads are never held in memory)."""
         file_id = file_id or new_id("file-")
+        size = self.write_file(file_id, io.BytesIO(content))
+        return self.add_file(file_id, filename, purpose, size, owner)
+
+    def write_file(self, file_id: str, source: BinaryIO) -> int:
+        """Copy `source` into the file's place a megabyte at a time; its size. No database: any thread may
+        (an upload is copied beside the store's own thread, which stays free for other requests)."""
         path = self.files_dir / file_id
         tmp = path.with_suffix(".part")
         with open(tmp, "wb") as out:
             shutil.copyfileobj(source, out, 1024 * 1024)
         tmp.replace(path)
+        return path.stat().st_size
+
+    def add_file(self, file_id: str, filename: str, purpose: str, size: int, owner: str | None) -> dict[str, Any]:
+        """Record a file `write_file` wrote."""
         row = {
             "id": file_id,
-            "bytes": path.stat().st_size,
+            "bytes": size,
             "created_at": int(time.time()),
             "filename": filename,
             "purpose": purpose,
             "status": "processed",
-            "path": str(path),
+            "path": str(self.files_dir / file_id),
             "owner": owner,
         }
         self.db["files"].upsert(row, pk="id")

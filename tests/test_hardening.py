@@ -6,6 +6,7 @@ backend, and a second model only bob may use: the operator endpoints must not sh
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -250,6 +251,31 @@ def test_a_body_over_the_limit_gets_a_413_every_client_reads(
     status, answer = send(api, path, body, content_type)
     assert status == 413, answer
     assert answer["error"]["code"] == "payload_too_large"  # type: ignore[index]
+
+
+def test_a_refused_credential_is_read_by_a_client_still_sending(api: Api) -> None:
+    """The same for a 401: urllib sends its whole body before it reads the answer."""
+    body, content_type = _oversized(api, "/v1/chat/completions")
+    headers = {"Authorization": "Bearer hotq_not-a-key", "Content-Type": content_type}
+    request = urllib.request.Request(api.url + "/v1/chat/completions", data=body, headers=headers, method="POST")
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=EVENTUALLY_S)
+    assert refused.value.code == 401 and json.loads(refused.value.read())["error"]["code"] == "invalid_api_key"
+
+
+def test_a_client_waiting_for_100_continue_is_answered_without_sending(api: Api) -> None:
+    """Expect: 100-continue (curl's way with large bodies): the 413 comes before the body is asked for."""
+    connection = http.client.HTTPConnection("127.0.0.1", api.stack.port, timeout=EVENTUALLY_S)
+    try:
+        connection.putrequest("POST", "/v1/chat/completions")
+        expect = {"Content-Type": "application/json", "Content-Length": str(OVERSIZED), "Expect": "100-continue"}
+        for name, value in {**api.headers(), **expect}.items():
+            connection.putheader(name, value)
+        connection.endheaders()  # and send no body: a 100 Continue would leave this waiting
+        response = connection.getresponse()
+        assert response.status == 413 and json.loads(response.read())["error"]["code"] == "payload_too_large"
+    finally:
+        connection.close()
 
 
 def _chunked_upload(api: Api, content: bytes, key: str | None = None) -> httpx.Response:
