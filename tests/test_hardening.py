@@ -21,9 +21,11 @@ import httpx
 import openai
 import pytest
 
-from ops.testing.deadlines import EVENTUALLY_S
+from hpc_agents.backend import free_port
+from ops.processes import Child
+from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S, STOP_S
 from ops.testing.fake_backend import running_fake_backend
-from ops.testing.stack import Stack, create_key, log_events, run_hotq, write_config
+from ops.testing.stack import ROOT, Stack, create_key, hotq_command, log_events, run_hotq, write_config
 
 MAX_BODY = 64 * 1024
 MAX_FILE = 1024 * 1024
@@ -190,6 +192,15 @@ def test_batch_lines_are_validated_like_interactive_requests(api: Api) -> None:
         (5, "line_too_large", None),
     ]
     assert all(f"line {e.line}" in e.message for e in batch.errors.data)  # type: ignore[operator]
+
+
+def test_hotq_submit_holds_lines_to_the_same_limit(api: Api) -> None:
+    """`hotq submit` validates its file as the Batch API does: nothing is published."""
+    lines = [{"model": api.model, "prompt": "fine"}, {"model": api.model, "prompt": "x" * MAX_BODY}]
+    path = api.stack.workdir / "oversized.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    done = run_hotq(api.stack.config, "submit", str(path), "--model", api.model, "--detach")
+    assert done.returncode == 1 and "line 2: line_too_large" in done.stderr + done.stdout
 
 
 # -- 10.3: a body over the limit gets a 413 that every client reads ---------------------------------
@@ -416,3 +427,26 @@ def test_a_large_upload_streams_to_disk_with_bounded_memory(tmp_path: Path, amqp
         assert growth_mb < size / 2 / 2**20
     finally:
         stack.close()
+
+
+def _listening_addresses(port: int) -> set[str]:
+    """The local IPv4 addresses something listens on at `port` (from /proc/net/tcp, state 0A)."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        address, local_port = local.split(":")
+        if state == "0A" and int(local_port, 16) == port:
+            found.add(".".join(str(int(address[i : i + 2], 16)) for i in (6, 4, 2, 0)))
+    return found
+
+
+def test_the_scaler_metrics_listen_on_loopback(api: Api, tmp_path: Path) -> None:
+    """The scaler's /metrics names every model too: by default only this machine reaches it."""
+    port = free_port()
+    command = hotq_command("scale", "--config", str(api.stack.config), "--metrics-port", str(port))
+    scaler = Child("scale", command, tmp_path / "scale.log", cwd=ROOT)
+    try:
+        scaler.wait_for_http(f"http://127.0.0.1:{port}/metrics", STARTUP_S)
+        assert _listening_addresses(port) == {"127.0.0.1"}
+    finally:
+        scaler.stop(STOP_S)
