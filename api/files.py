@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.types import Message, Receive
 
 from api.auth import identity_of, owner_filter
@@ -153,10 +153,10 @@ class Files:
 
     async def content(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
-        content = await self._store.call(self._store.store.file_content, file_id, owner_filter(request))
-        if content is None:
+        path = await self._store.call(self._store.store.file_path, file_id, owner_filter(request))
+        if path is None or not path.is_file():
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
-        return Response(content, media_type="application/octet-stream")
+        return FileResponse(path, media_type="application/octet-stream")  # streamed, never whole in memory
 
     async def delete(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]

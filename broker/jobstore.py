@@ -240,14 +240,10 @@ class JobStore:
         rows = list(self.db.query(f"SELECT * FROM files WHERE id = ?{_OWNED}", [file_id, *_owned(owner)]))
         return _file_object(rows[0]) if rows else None
 
-    def file_content(self, file_id: str, owner: str | None = None) -> bytes | None:
+    def file_path(self, file_id: str, owner: str | None = None) -> Path | None:
+        """Where the file's content is (read it outside the store's thread), if it exists and is `owner`'s."""
         rows = list(self.db.query(f"SELECT path FROM files WHERE id = ?{_OWNED}", [file_id, *_owned(owner)]))
-        if not rows:
-            return None
-        try:
-            return Path(rows[0]["path"]).read_bytes()
-        except FileNotFoundError:
-            return None
+        return Path(rows[0]["path"]) if rows else None
 
     def list_files(
         self,

@@ -425,6 +425,14 @@ def test_a_large_upload_streams_to_disk_with_bounded_memory(tmp_path: Path, amqp
             f" GET /v1/models meanwhile: {len(slowest)} answers, slowest {max(slowest, default=0) * 1000:.0f} ms"
         )
         assert growth_mb < size / 2 / 2**20
+        downloaded = 0
+        url = f"{stack.url}/v1/files/{response.json()['id']}/content"
+        with httpx.stream("GET", url, timeout=EVENTUALLY_S) as download:
+            for chunk in download.iter_bytes():
+                downloaded += len(chunk)
+        growth_mb = (_peak_rss_kib(api.pid) - before) / 1024
+        print(f"and downloaded again: API peak RSS grew {growth_mb:.1f} MB in all")
+        assert downloaded == size and growth_mb < size / 2 / 2**20
     finally:
         stack.close()
 
