@@ -25,7 +25,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import structlog
 from starlette.requests import Request
@@ -35,7 +35,7 @@ from api.bodies import discard_body
 from api.errors import error_response
 from broker.config import AuthConfig, Config, GlobusAuthConfig
 from broker.errors import AuthenticationError, ConfigError, HotqError, PermissionDenied, ServiceUnavailable
-from broker.jobstore import ANONYMOUS_USER, API_KEY_PREFIX, AsyncJobStore, hash_api_key
+from broker.jobstore import ANONYMOUS_USER, API_KEY_PREFIX, ApiKey, AsyncJobStore, hash_api_key
 
 log = structlog.get_logger("hotq.auth")
 
@@ -44,6 +44,7 @@ GROUPS_RESOURCE_SERVER = "groups.api.globus.org"
 OPERATOR_PATHS = frozenset(["/metrics", "/ops/data"])
 MAX_CACHED = 100_000  # entries per cache before expired ones are swept out
 T = TypeVar("T")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +61,8 @@ ANONYMOUS = Identity(user=ANONYMOUS_USER, method="none")
 
 def identity_of(request: Request) -> Identity:
     """The caller the middleware authenticated (anonymous when auth is off)."""
-    return request.scope.get("state", {}).get("identity", ANONYMOUS)
+    identity: Identity = request.scope.get("state", {}).get("identity", ANONYMOUS)
+    return identity
 
 
 def owner_filter(request: Request) -> str | None:
@@ -78,13 +80,13 @@ def _token_hash(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class _TTLCache:
+class _TTLCache(Generic[V]):
     """A dict of value and expiry (monotonic) that sweeps expired entries when it grows large."""
 
     def __init__(self) -> None:
-        self._data: dict[str, tuple[float, Any]] = {}
+        self._data: dict[str, tuple[float, V]] = {}
 
-    def get(self, key: str) -> Any | None:
+    def get(self, key: str) -> V | None:
         entry = self._data.get(key)
         if entry is None:
             return None
@@ -93,7 +95,7 @@ class _TTLCache:
             return None
         return entry[1]
 
-    def put(self, key: str, value: Any, ttl_s: float) -> None:
+    def put(self, key: str, value: V, ttl_s: float) -> None:
         if len(self._data) >= MAX_CACHED:
             now = time.monotonic()
             self._data = {k: v for k, v in self._data.items() if v[0] > now}
@@ -124,11 +126,13 @@ class ApiKeyAuthenticator:
         self._store = store
         self._refresh_s = refresh_s
         self._keys: dict[str, tuple[Identity, float | None]] = {}  # hash -> identity, expires_at
-        self._rejected = _TTLCache()  # hashes the store does not know (or revoked), until the next refresh
+        self._rejected: _TTLCache[str] = (
+            _TTLCache()
+        )  # hashes the store does not know (or revoked), until the next refresh
 
     async def refresh(self) -> None:
-        rows = await self._store.call(self._store.store.api_key_hashes)
-        self._keys = {row["key_hash"]: self._entry(row) for row in rows}
+        keys = await self._store.run(lambda db: db.keys.list(include_revoked=False))
+        self._keys = {key.key_hash: self._entry(key) for key in keys}
 
     async def run(self) -> None:
         """Reload the keys every `refresh_s`, so revocations by `hotq keys revoke` take effect."""
@@ -140,10 +144,9 @@ class ApiKeyAuthenticator:
             await asyncio.sleep(self._refresh_s)
 
     @staticmethod
-    def _entry(row: dict[str, Any]) -> tuple[Identity, float | None]:
-        user = row["user"]
-        domain = _domain(user)
-        return Identity(user=user, method="api_key", domains=frozenset([domain] if domain else [])), row["expires_at"]
+    def _entry(key: ApiKey) -> tuple[Identity, float | None]:
+        domain = _domain(key.user)
+        return Identity(user=key.user, method="api_key", domains=frozenset([domain] if domain else [])), key.expires_at
 
     async def authenticate(self, key: str) -> Identity:
         key_hash = hash_api_key(key)
@@ -158,12 +161,12 @@ class ApiKeyAuthenticator:
     async def _lookup(self, key_hash: str) -> tuple[Identity, float | None]:
         if (message := self._rejected.get(key_hash)) is not None:
             raise AuthenticationError(message)
-        row = await self._store.call(self._store.store.find_api_key, key_hash)
-        if row is None or row["revoked_at"] is not None:
-            message = "the API key has been revoked" if row is not None else "the API key is not valid"
+        found = await self._store.run(lambda db: db.keys.find(key_hash))
+        if found is None or found.revoked_at is not None:
+            message = "the API key has been revoked" if found is not None else "the API key is not valid"
             self._rejected.put(key_hash, message, self._refresh_s)
             raise AuthenticationError(message)
-        entry = self._entry(row)
+        entry = self._entry(found)
         self._keys[key_hash] = entry
         return entry
 
@@ -175,9 +178,11 @@ class GlobusAuthenticator:
         self.config = config
         self.client = client  # a globus_sdk.ConfidentialAppAuthClient
         self.audience = config.audience or str(client.client_id)
-        self._introspected = _TTLCache()  # token hash -> Identity or the AuthenticationError
-        self._groups = _TTLCache()  # identity id -> frozenset of group ids
-        self._groups_tokens = _TTLCache()  # token hash -> groups access token
+        self._introspected: _TTLCache[Identity | AuthenticationError] = (
+            _TTLCache()
+        )  # token hash -> Identity or the AuthenticationError
+        self._groups: _TTLCache[frozenset[str]] = _TTLCache()  # identity id -> frozenset of group ids
+        self._groups_tokens: _TTLCache[str] = _TTLCache()  # token hash -> groups access token
         self._flights = _SingleFlight()
 
     @classmethod

@@ -6,8 +6,8 @@ owner): with authentication on, others get 404 for it and do not see it listed.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
+from pathlib import Path
 
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
@@ -18,7 +18,8 @@ from api.auth import identity_of, owner_filter
 from api.bodies import discard_body
 from broker.config import Config
 from broker.errors import HotqError, InvalidRequest, PayloadTooLarge
-from broker.jobstore import AsyncJobStore, new_id
+from broker.jobstore import AsyncJobStore, FileRow, new_id
+from broker.openai_objects import file_object
 
 PURPOSES = ("batch",)  # what hotq accepts uploads for
 MULTIPART_SLACK = 64 * 1024  # the form's boundaries and fields around the file itself
@@ -89,9 +90,9 @@ class Files:
             counted.refused = True
             await discard_body(body, started=counted.received > 0)  # the rest, so that every client reads the 413
             raise
-        return JSONResponse(file)
+        return JSONResponse(file_object(file))
 
-    async def _receive(self, request: Request, owner: str) -> dict[str, object]:
+    async def _receive(self, request: Request, owner: str) -> FileRow:
         async with request.form(max_files=1, max_fields=10) as form:
             purpose = form.get("purpose")
             upload = form.get("file")
@@ -105,12 +106,12 @@ class Files:
                 raise self._too_large()
             await self._check_quota(owner, upload.size or 0)
             await upload.seek(0)
-            db = self._store.store
             file_id = new_id("file-")
-            size = await asyncio.to_thread(db.write_file, file_id, upload.file)
-            file = await self._store.call(db.add_file, file_id, upload.filename or "upload.jsonl", purpose, size, owner)
-        if self._quota is not None and await self._store.call(db.stored_bytes, owner) > self._quota:
-            await self._store.call(db.delete_file, str(file["id"]))  # a concurrent upload took the room
+            size = await self._store.write_file(file_id, upload.file)
+            filename = upload.filename or "upload.jsonl"
+            file = await self._store.run(lambda db: db.files.add(file_id, filename, purpose, size, owner))
+        if self._quota is not None and await self._store.run(lambda db: db.files.stored_bytes(owner)) > self._quota:
+            await self._store.run(lambda db: db.files.delete(file_id))  # a concurrent upload took the room
             raise self._over_quota(owner, 0)
         return file
 
@@ -120,47 +121,43 @@ class Files:
     async def _check_quota(self, owner: str, adding: int) -> None:
         if self._quota is None:
             return
-        used = await self._store.call(self._store.store.stored_bytes, owner)
+        used = await self._store.run(lambda db: db.files.stored_bytes(owner))
         if used + adding > self._quota:
             raise self._over_quota(owner, used)
 
     def _over_quota(self, owner: str, used: int) -> QuotaExceeded:
         held = f" (your files hold {used} bytes)" if used else ""
-        return QuotaExceeded(
-            f"{owner}'s files may take {self._quota} bytes in all{held}; delete files to make room"
-        )
+        return QuotaExceeded(f"{owner}'s files may take {self._quota} bytes in all{held}; delete files to make room")
 
     async def list(self, request: Request) -> Response:
         order = request.query_params.get("order", "desc")
         if order not in ("asc", "desc"):
             raise InvalidRequest("`order` must be asc or desc", param="order")
-        items, has_more = await self._store.call(
-            self._store.store.list_files,
-            request.query_params.get("purpose"),
-            request.query_params.get("after"),
-            int_param(request, "limit", 10000, 1, 10000),
-            order,
-            owner_filter(request),
-        )
-        return list_response(items, has_more)
+        purpose, after = request.query_params.get("purpose"), request.query_params.get("after")
+        limit, owner = int_param(request, "limit", 10000, 1, 10000), owner_filter(request)
+        files, has_more = await self._store.run(lambda db: db.files.page(purpose, after, limit, order, owner))
+        return list_response([file_object(file) for file in files], has_more)
 
     async def retrieve(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
-        file = await self._store.call(self._store.store.get_file, file_id, owner_filter(request))
+        owner = owner_filter(request)
+        file = await self._store.run(lambda db: db.files.get(file_id, owner))
         if file is None:
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
-        return JSONResponse(file)
+        return JSONResponse(file_object(file))
 
     async def content(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
-        path = await self._store.call(self._store.store.file_path, file_id, owner_filter(request))
-        if path is None or not path.is_file():
+        owner = owner_filter(request)
+        file = await self._store.run(lambda db: db.files.get(file_id, owner))
+        if file is None or not Path(file.path).is_file():
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
-        return FileResponse(path, media_type="application/octet-stream")  # streamed, never whole in memory
+        return FileResponse(file.path, media_type="application/octet-stream")  # streamed, never whole in memory
 
     async def delete(self, request: Request) -> Response:
         file_id = request.path_params["file_id"]
-        if not await self._store.call(self._store.store.delete_file, file_id, owner_filter(request)):
+        owner = owner_filter(request)
+        if not await self._store.run(lambda db: db.files.delete(file_id, owner)):
             raise FileNotFound(f"No such File object: {file_id}", param="file_id")
         return JSONResponse({"id": file_id, "object": "file", "deleted": True})
 

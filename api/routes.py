@@ -19,11 +19,11 @@ from api.disconnect import ClientDisconnected, unless_disconnected
 from api.errors import error_response
 from api.limits import Limiter
 from api.relay import ReplyRelay
-from broker.schemas import validate
 from api.sse import EventStreamResponse
 from broker.config import Config
 from broker.errors import BrokerUnavailable, HotqError, InvalidRequest, ModelNotFound
 from broker.messages import Endpoint, Final, Lane, RequestEnvelope
+from broker.schemas import validate
 from ops.metrics import ApiMetrics
 from producers.request_client import RequestClient
 
@@ -111,7 +111,7 @@ class Gateway:
         cluster = request.headers.get(CLUSTER_HEADER)
         if cluster is None:
             return None
-        allowed = self.config.models[model].clusters or list(self.config.clusters)
+        allowed = self.config.clusters_of(model)
         if cluster not in allowed:
             known = ", ".join(allowed) or "none"
             shown = cluster if len(cluster) <= 64 else cluster[:64] + "..."  # never echo a huge header back whole

@@ -32,6 +32,6 @@ class Usage:
             first_day = since_day(since) if since is not None else None
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="since") from None
-        store = self._store
-        rows = await store.call(store.store.usage, params.get("user"), params.get("model"), first_day)
+        user, model = params.get("user"), params.get("model")
+        rows = await self._store.run(lambda db: db.usage.totals(user, model, first_day))
         return JSONResponse({"object": "list", "data": rows})

@@ -433,7 +433,6 @@ class Report(BenchReport):
     rounds: list[RoundResult] = field(default_factory=list)
     summary: ThroughputSummary | None = None
     shutdown: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -514,7 +513,7 @@ async def serve_embedded_model(
         "start_timeout_s": 600,
         "max_restarts": 0,  # a backend that fails to start fails the run, visibly
     }
-    config = write_config(workdir / "hotq.toml", settings.amqp_url, {model: table}, **options)
+    config = write_config(workdir / "hotq.toml", settings.amqp_url, {model: table}, None, **options)
     print("hotq serve", flush=True)
     api_url, api = await start_api(processes, config)
     await wait_until_quiet({api.pid}, settings.max_wait_busy, report.notes)

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from broker.errors import InvalidRequest
-from broker.messages import Endpoint
 from broker.json_limits import MAX_JSON_DEPTH
+from broker.messages import Endpoint
 from broker.schemas import validate
 
 MAX_LINES = 50_000  # OpenAI's limit per batch

@@ -157,6 +157,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
             return self
         return msgspec.structs.replace(self, amqp_url=self.agent_amqp_url, agent_amqp_url=None)
 
+    def clusters_of(self, model: str) -> list[str]:
+        """The clusters that serve `model`, in order of preference: those it names, else all."""
+        return self.models[model].clusters or list(self.clusters)
+
+    def pinned_clusters(self) -> dict[str, list[str]]:
+        """Each model's clusters: where requests for it may be pinned (X-Hotq-Cluster)."""
+        return {name: self.clusters_of(name) for name in self.models}
+
     def model(self, name: str) -> ModelConfig:
         try:
             return self.models[name]

@@ -93,7 +93,7 @@ def validate(endpoint: Endpoint, body: bytes) -> ChatCompletionRequest | Complet
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        request = _decoder(endpoint).decode(body)
+        request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest = _decoder(endpoint).decode(body)
         check_structure(body)
     except RecursionError:
         raise too_deep() from None

@@ -37,9 +37,10 @@ from broker.messages import AgentState, Lane
 from consumers.backend import BackendClient
 from consumers.handler import RequestHandler
 from consumers.worker import Worker
-from hpc_agents.backend import BackendFailed, BackendProcess, backend_command, backend_environment, free_port
+from hpc_agents.backend import BackendFailed, BackendProcess, backend_command, backend_environment
 from hpc_agents.embedded_model import default_cache_dir
 from hpc_agents.registry import Registry
+from ops.processes import free_port
 
 log = structlog.get_logger("hotq.agent")
 

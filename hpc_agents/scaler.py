@@ -287,8 +287,7 @@ async def run_scaler(
         channel = await connection.channel()
         # Also the queues the API pins requests to: with per-role RabbitMQ users the scaler's
         # role creates request queues, which the API's role may not (ops/rabbitmq/README.md).
-        pinned = {name: model.clusters or list(config.clusters) for name, model in config.models.items()}
-        await topology.declare_model_queues(channel, list(config.models), pinned=pinned)
+        await topology.declare_model_queues(channel, list(config.models), pinned=config.pinned_clusters())
         decisions = DecisionLog(decision_log_path(config.data_dir))
         scaler = Scaler(config, launchers, directory, decisions, metrics=metrics)
         # Agents already running announce themselves within a heartbeat: hear them first.

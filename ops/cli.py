@@ -201,6 +201,7 @@ def submit(
     from pathlib import Path
 
     from broker.jobstore import JobStore
+    from broker.openai_objects import batch_object
     from producers.bulk import SubmitError, create_job, run_job, write_results
 
     config = _load(config_path)
@@ -209,7 +210,8 @@ def submit(
     try:
         config.model(model)
         store = JobStore(config.data_dir)
-        batch = store.get_batch(job_id) if job_id else None
+        stored = store.batches.get(job_id) if job_id else None
+        batch = batch_object(stored) if stored is not None else None
         if batch is None:
             batch = create_job(config, store, Path(file), model, job_id, user or _login_name())
             click.echo(f"job {batch['id']}: {batch['request_counts']['total']} requests for {model}", err=True)
@@ -250,11 +252,12 @@ def jobs() -> None:
 def jobs_status(config_path: str | None, job_id: str) -> None:
     """Print the job as an OpenAI batch object."""
     from broker.jobstore import JobStore
+    from broker.openai_objects import batch_object
 
-    batch = JobStore(_load(config_path).data_dir).get_batch(job_id)
+    batch = JobStore(_load(config_path).data_dir).batches.get(job_id)
     if batch is None:
         raise click.ClickException(f"no job {job_id}")
-    click.echo(json.dumps(batch, indent=2))
+    click.echo(json.dumps(batch_object(batch), indent=2))
 
 
 @jobs.command("fetch")
@@ -270,13 +273,14 @@ def jobs_fetch(config_path: str | None, job_id: str, out_path: str) -> None:
 
     config = _load(config_path)
     store = JobStore(config.data_dir)
-    batch = store.get_batch(job_id)
+    batch = store.batches.get(job_id)
     if batch is None:
         raise click.ClickException(f"no job {job_id}")
-    if batch["status"] not in TERMINAL_STATUSES:
-        batch = uvloop.run(run_job(config, store, job_id, collect=True, show_progress=True))
+    status = batch.status
+    if status not in TERMINAL_STATUSES:
+        status = uvloop.run(run_job(config, store, job_id, collect=True, show_progress=True))["status"]
     written = write_results(store, job_id, Path(out_path))
-    click.echo(f"job {job_id} {batch['status']}: {written} lines in {out_path}", err=True)
+    click.echo(f"job {job_id} {status}: {written} lines in {out_path}", err=True)
 
 
 @jobs.command("cancel")
@@ -338,10 +342,10 @@ def keys_create(config_path: str | None, user: str, expires: str | None) -> None
     if expires_at is not None and expires_at <= time.time():
         raise click.BadParameter("the expiry is in the past", param_hint="--expires")
     try:
-        record, key = JobStore(_load(config_path).data_dir).create_api_key(user, expires_at)
+        record, key = JobStore(_load(config_path).data_dir).keys.create(user, expires_at)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--user") from None
-    click.echo(f"created {record['id']} for {user}, expires {_when(expires_at)}; the key is shown only now:")
+    click.echo(f"created {record.id} for {user}, expires {_when(expires_at)}; the key is shown only now:")
     click.echo(key)
 
 
@@ -352,12 +356,12 @@ def keys_list(config_path: str | None, include_revoked: bool) -> None:
     """List keys (ids and users; the keys themselves are not stored)."""
     from broker.jobstore import JobStore
 
-    rows = JobStore(_load(config_path).data_dir).list_api_keys(include_revoked=include_revoked)
+    keys = JobStore(_load(config_path).data_dir).keys.list(include_revoked=include_revoked)
     click.echo(f"{'ID':<32} {'USER':<32} {'CREATED':<21} {'EXPIRES':<21} REVOKED")
-    for row in rows:
+    for key in keys:
         click.echo(
-            f"{row['id']:<32} {row['user']:<32} {_when(row['created_at']):<21} {_when(row['expires_at']):<21}"
-            f" {_when(row['revoked_at'])}"
+            f"{key.id:<32} {key.user:<32} {_when(key.created_at):<21} {_when(key.expires_at):<21}"
+            f" {_when(key.revoked_at)}"
         )
 
 
@@ -368,10 +372,10 @@ def keys_revoke(config_path: str | None, key_or_id: str) -> None:
     """Revoke a key, named by its id or by the key itself (the API refuses it within [auth] key_refresh_s)."""
     from broker.jobstore import JobStore
 
-    record = JobStore(_load(config_path).data_dir).revoke_api_key(key_or_id)
+    record = JobStore(_load(config_path).data_dir).keys.revoke(key_or_id)
     if record is None:
         raise click.ClickException("no such key")
-    click.echo(f"revoked {record['id']} ({record['user']})")
+    click.echo(f"revoked {record.id} ({record.user})")
 
 
 @cli.command()
@@ -393,19 +397,24 @@ def usage(config_path: str | None, user: str | None, model: str | None, since: s
         first_day = since_day(since) if since is not None else None
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--since") from None
-    rows = JobStore(_load(config_path).data_dir).usage(user, model, first_day)
+    rows = JobStore(_load(config_path).data_dir).usage.totals(user, model, first_day)
     if as_json:
         click.echo(json.dumps({"object": "list", "data": rows}, indent=2))
         return
-    columns = ("requests", "cancelled", "prompt_tokens", "completion_tokens", "total_tokens")
-    table = Table("day", "user", "model", "lane", *(name.replace("_", " ") for name in columns))
+    table = Table(
+        "day", "user", "model", "lane", "requests", "cancelled", "prompt tokens", "completion tokens", "total tokens"
+    )
     for column in table.columns[4:]:
         column.justify = "right"
-    for row in rows:
-        table.add_row(row["day"], row["user"], row["model"], row["lane"], *(f"{row[name]:,}" for name in columns))
+    counts = [
+        (row["requests"], row["cancelled"], row["prompt_tokens"], row["completion_tokens"], row["total_tokens"])
+        for row in rows
+    ]
+    for row, numbers in zip(rows, counts):
+        table.add_row(row["day"], row["user"], row["model"], row["lane"], *(f"{n:,}" for n in numbers))
     if len(rows) > 1:
         table.add_section()
-        table.add_row("total", "", "", "", *(f"{sum(row[name] for row in rows):,}" for name in columns))
+        table.add_row("total", "", "", "", *(f"{sum(column):,}" for column in zip(*counts)))
     Console(width=200).print(table)
 
 
@@ -414,4 +423,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

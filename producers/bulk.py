@@ -21,7 +21,7 @@ import asyncio
 import re
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from broker.config import Config
 from broker.connection import connect
 from broker.jobstore import AsyncJobStore, JobStore, Line, new_id
 from broker.messages import Endpoint, ErrorReply, Lane, RequestEnvelope
+from broker.openai_objects import batch_object
 
 log = structlog.get_logger("hotq.bulk")
 
@@ -69,10 +70,12 @@ async def dispatch(
         published = 0
         after = 0
         while not should_stop():
-            lines = await store.call(store.store.unpublished_lines, batch_id, after, PUBLISH_CHUNK)
+            # (the store's lambdas run before the loop moves on: B023's late binding cannot bite)
+            lines = await store.run(lambda db: db.lines.unpublished(batch_id, after, PUBLISH_CHUNK))  # noqa: B023
             if not lines:
                 break
             underlay = await channel.get_underlay_channel()
+            assert isinstance(underlay, aiormq.Channel)  # the frames go through its internals
             confirmed, too_large = await _publish_chunk(
                 underlay, lines, model, endpoint, expires_at, caller, routing_key, reply_to
             )
@@ -82,7 +85,7 @@ async def dispatch(
                 channel = await connection.channel(publisher_confirms=True)
                 confirmed += await _fail_too_large(channel, too_large, reply_to)
                 log.warning("batch_lines_too_large", batch_id=batch_id, lines=[line.line for line, _ in too_large])
-            await store.call(store.store.mark_published, batch_id, confirmed)
+            await store.run(lambda db: db.lines.mark_published(batch_id, confirmed))  # noqa: B023
             published += len(confirmed)
             if on_published is not None:
                 on_published(len(confirmed))
@@ -101,7 +104,7 @@ async def dispatch(
 
 
 async def _publish_chunk(
-    channel: aiormq.abc.AbstractChannel,
+    channel: aiormq.Channel,
     lines: list[Line],
     model: str,
     endpoint: Endpoint,
@@ -167,7 +170,7 @@ async def _publish_chunk(
 
 
 async def _publish_chunk_plainly(
-    channel: aiormq.abc.AbstractChannel, lines: list[Line], bodies: list[bytes], routing_key: str, reply_to: str
+    channel: aiormq.Channel, lines: list[Line], bodies: list[bytes], routing_key: str, reply_to: str
 ) -> tuple[list[int], list[tuple[Line, int]]]:
     """Through aiormq's own `basic_publish` (it splits large bodies into frames), still pipelined."""
     pending = [
@@ -199,7 +202,7 @@ async def _publish_chunk_plainly(
 _REFUSED_SIZE = re.compile(r"larger than configured max size (\d+)")
 
 
-def _broker_max_size(outcomes: list[object]) -> int | None:
+def _broker_max_size(outcomes: Sequence[object]) -> int | None:
     """RabbitMQ's max_message_size, if it closed the channel over a message larger than that."""
     for outcome in outcomes:
         if isinstance(outcome, aiormq.exceptions.ChannelPreconditionFailed):
@@ -228,7 +231,7 @@ async def _fail_too_large(channel: AbstractChannel, too_large: list[tuple[Line, 
 
 
 _MAX_INLINE_BODY = 120_000  # one body frame: below RabbitMQ's default frame_max (131,072) minus framing
-_CONTENT_TYPE = b"application/x-msgpack"
+_CONTENT_TYPE = messages.CONTENT_TYPE.encode()
 # Header properties: content_type, delivery_mode, correlation_id, reply_to, message_id.
 _PROPERTY_FLAGS = (1 << 15) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 7)
 
@@ -269,36 +272,37 @@ def create_job(
         more = f"\n  ... and {len(parsed.errors) - 20} more" if len(parsed.errors) > 20 else ""
         raise SubmitError(f"{path} has {len(parsed.errors)} invalid line(s); nothing was submitted:\n{problems}{more}")
     assert parsed.endpoint is not None
-    file = store.create_file(path.name, "batch", data, owner)
-    return store.create_batch(
+    file = store.files.create(path.name, "batch", data, owner)
+    batch = store.batches.create(
         batch_id=job_id or new_id("batch_"),
         endpoint=parsed.endpoint.path,
         model=parsed.model,
-        input_file_id=file["id"],
+        input_file_id=file.id,
         window_s=config.batch_window_s,
         metadata={"submitted_by": "hotq submit", "input": str(path)},
         source="submit",
         owner=owner,
         lines=parsed.lines,
     )
+    return batch_object(batch)
 
 
 def write_results(store: JobStore, batch_id: str, out: Path) -> int:
     """Every answer of the job in OpenAI's batch output format, in input order (failed ones too)."""
-    rows = store.db.execute("SELECT record FROM results WHERE batch_id = ? ORDER BY line", [batch_id]).fetchall()
+    records = store.results.records(batch_id)
     tmp = out.with_name(out.name + ".part")
     with open(tmp, "w") as file:
-        for (record,) in rows:
+        for record in records:
             file.write(record + "\n")
     tmp.replace(out)
-    return len(rows)
+    return len(records)
 
 
 async def run_job(config: Config, store: JobStore, batch_id: str, collect: bool, show_progress: bool) -> dict[str, Any]:
     """Dispatch a stored job's unconfirmed lines and (with `collect`) collect until it is finished."""
     from consumers.collector import BatchRunner  # collector imports this module
 
-    row = store.batch_row(batch_id)
+    row = store.batches.get(batch_id)
     assert row is not None
     astore = AsyncJobStore(store)
     connection = await connect(config.amqp_url, "submit", config.amqp_tls)
@@ -311,9 +315,11 @@ async def run_job(config: Config, store: JobStore, batch_id: str, collect: bool,
         console=Console(stderr=True),
         disable=not show_progress,
     )
-    published = progress.add_task("published", total=row["total"], completed=store.published_count(batch_id), rate="-")
+    published = progress.add_task(
+        "published", total=row.total, completed=store.lines.published_count(batch_id), rate="-"
+    )
     collected = progress.add_task(
-        "collected", total=row["total"], completed=store.result_count(batch_id), rate="-", visible=collect
+        "collected", total=row.total, completed=store.results.count(batch_id), rate="-", visible=collect
     )
 
     def advance(task: TaskID, count: int) -> None:
@@ -338,13 +344,15 @@ async def run_job(config: Config, store: JobStore, batch_id: str, collect: bool,
 
 
 def cancel_job(config: Config, store: JobStore, batch_id: str) -> dict[str, Any]:
-    batch = store.get_batch(batch_id)
+    batch = store.batches.get(batch_id)
     if batch is None:
         raise SubmitError(f"no job {batch_id}")
-    if batch["status"] in ("cancelling", "cancelled"):
-        return batch
-    if not store.set_status(batch_id, "cancelling", only_from=["validating", "in_progress"]):
-        raise SubmitError(f"job {batch_id} is {batch['status']}; it cannot be cancelled")
-    if store.runner_alive(batch_id):
-        return store.get_batch(batch_id)  # type: ignore[return-value]  # its runner finishes the cancel
+    if batch.status in ("cancelling", "cancelled"):
+        return batch_object(batch)
+    if not store.batches.set_status(batch_id, "cancelling", only_from=["validating", "in_progress"]):
+        raise SubmitError(f"job {batch_id} is {batch.status}; it cannot be cancelled")
+    if store.batches.runner_alive(batch_id):  # its runner finishes the cancel
+        cancelling = store.batches.get(batch_id)
+        assert cancelling is not None
+        return batch_object(cancelling)
     return asyncio.run(run_job(config, store, batch_id, collect=True, show_progress=False))

@@ -18,6 +18,7 @@ import aio_pika
 from broker import messages, topology
 from broker.jobstore import AsyncJobStore, JobStore
 from broker.messages import Endpoint, ErrorReply, Lane
+from ops.testing.jobs import store_submitted_batch
 from producers import bulk
 
 RABBITMQ_MAX_MESSAGE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
@@ -25,27 +26,18 @@ RABBITMQ_MAX_MESSAGE = 128 * 1024 * 1024  # RabbitMQ's default max_message_size
 
 async def test_a_line_rabbitmq_refuses_fails_alone(tmp_path: Path, amqp_url: str, session_tag: str) -> None:
     model = f"test-org/refused-line-{session_tag}"  # no consumer: queue depths count publishes
-    store = AsyncJobStore(JobStore(tmp_path))
+    db = JobStore(tmp_path)
+    store = AsyncJobStore(db)
     small = json.dumps({"model": model, "prompt": "x"}).encode()
     huge = json.dumps({"model": model, "prompt": "x" * (RABBITMQ_MAX_MESSAGE + 1024)}).encode()
     batch_id = f"batch_refused_{session_tag}"
-    store.store.create_batch(
-        batch_id=batch_id,
-        endpoint="/v1/completions",
-        model=model,
-        input_file_id="file-x",
-        window_s=3600,
-        metadata=None,
-        source="submit",
-        owner="tester",
-        lines=[(1, "a", small), (2, "huge", huge), (3, "c", small)],
-    )
+    store_submitted_batch(db, batch_id, model, "/v1/completions", [small, huge, small], "tester")
     del huge
     connection = await aio_pika.connect_robust(amqp_url)
     try:
         # Returns (the old code re-sent the refused line every second, forever).
         await bulk.dispatch(connection, store, batch_id, model, Endpoint.COMPLETIONS, time.time() + 3600, "tester")
-        assert store.store.published_count(batch_id) == 3  # nothing is left to publish again
+        assert db.lines.published_count(batch_id) == 3  # nothing is left to publish again
         channel = await connection.channel()
         depth, _ = await topology.queue_depth(channel, model, Lane.BATCH)
         assert depth == 2  # the two small lines, once each
@@ -53,10 +45,8 @@ async def test_a_line_rabbitmq_refuses_fails_alone(tmp_path: Path, amqp_url: str
         message = await results.get(no_ack=True, fail=True)
         assert message is not None
         reply = messages.decode_as(message.body, ErrorReply)
-        huge_request = store.store.db.execute(
-            "SELECT request_id FROM lines WHERE batch_id = ? AND line = 2", [batch_id]
-        ).fetchone()[0]
-        assert reply.request_id == huge_request and reply.status == 413 and reply.code == "message_too_large"
+        assert db.lines.owners([reply.request_id])[reply.request_id].line == 2  # the huge line's answer
+        assert reply.status == 413 and reply.code == "message_too_large"
         assert await results.get(no_ack=True, fail=False) is None  # one answer, for that line only
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"\nrefused line: {RABBITMQ_MAX_MESSAGE + 1024} bytes; test process peak RSS {peak_mb:.0f} MB")

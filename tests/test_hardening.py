@@ -14,15 +14,14 @@ import threading
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from hpc_agents.backend import free_port
-from ops.processes import Child
+from ops.processes import Child, free_port
 from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S, STOP_S
 from ops.testing.fake_backend import running_fake_backend
 from ops.testing.stack import ROOT, Stack, create_key, hotq_command, log_events, run_hotq, write_config
@@ -95,7 +94,7 @@ def _nested(depth: int) -> str:
     return "[" * depth + "1" + "]" * depth
 
 
-def _upload(api: Api, lines: list[object], key: str | None = None) -> str:
+def _upload(api: Api, lines: Sequence[object], key: str | None = None) -> str:
     content = "\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines).encode()
     return api.client(key).files.create(file=("input.jsonl", content), purpose="batch").id
 

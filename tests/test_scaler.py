@@ -92,7 +92,13 @@ async def test_cold_start_burst_then_back_to_zero(running: Running) -> None:
     scaler, model = running.scaler, running.model
     assert scaler.directory.agents(model) == [] and not scaler.launches
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=250), timeout=STARTUP_S + EVENTUALLY_S)
-    client = openai.AsyncOpenAI(base_url=running.stack.url + "/v1", api_key="x", max_retries=0, http_client=http)
+    # openai types `http_client` for httpx2; it takes an httpx client too
+    client = openai.AsyncOpenAI(
+        base_url=running.stack.url + "/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=http,  # type: ignore[arg-type]
+    )
     texts = [f"burst {i}" for i in range(200)]
     started = time.monotonic()
     try:
