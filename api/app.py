@@ -41,7 +41,7 @@ def create_app(config: Config) -> Starlette:
     ops = OpsMonitor(config, metrics)
     store = AsyncJobStore(JobStore(config.data_dir))
     batch_manager = BatchManager(config, store)
-    files = Files(store)
+    files = Files(config, store)
     batches = Batches(config, store, batch_manager)
     usage = Usage(store)
     auth = build_auth(config, store)
@@ -131,5 +131,8 @@ def create_app(config: Config) -> Starlette:
             Exception: on_unexpected,
         },
     )
+    # Starlette's trailing-slash redirect builds an absolute URL from the Host header (an open
+    # redirect); /metrics/ is simply not a route.
+    app.router.redirect_slashes = False
     app.state.gateway = gateway
     return app

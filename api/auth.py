@@ -16,14 +16,18 @@ token's introspection and groups are reused for as long as the config allows. Th
 from __future__ import annotations
 
 import contextlib
+import hmac
 import ipaddress
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import structlog
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api.api_keys import ApiKeyAuthenticator
+from api.bodies import discard_body
 from api.errors import error_response
 from api.globus_auth import GlobusAuthenticator
 from api.identity import Identity
@@ -33,6 +37,9 @@ from broker.jobstore import API_KEY_PREFIX, AsyncJobStore
 
 log = structlog.get_logger("hotq.auth")
 
+# They name every model, queue and agent: with authentication on, only admins and the metrics token read them.
+OPERATOR_PATHS = frozenset(["/metrics", "/ops/data"])
+
 
 class Authenticator:
     """Reads the bearer credential and hands it to the authenticator its form calls for."""
@@ -41,6 +48,19 @@ class Authenticator:
         self.config = config
         self.keys = keys
         self.globus = globus
+        self.metrics_token = os.environ.get(config.metrics_token_env) or None
+
+    async def operator(self, authorization: str | None) -> None:
+        """Let the metrics token or an admin read the operator endpoints; refuse anyone else."""
+        token = self.metrics_token
+        if token is not None and authorization is not None:
+            if hmac.compare_digest(authorization.encode(), f"Bearer {token}".encode()):
+                return
+        identity = await self.authenticate(authorization)
+        if identity.user not in self.config.admins:
+            raise PermissionDenied(
+                f"only an admin ([auth] admins) or the metrics token may read this, not {identity.user}"
+            )
 
     async def authenticate(self, authorization: str | None) -> Identity:
         if not authorization:
@@ -89,14 +109,16 @@ class AccessPolicy:
 
 
 class AuthMiddleware:
-    """Authenticates every request under /v1/ before its route runs; failures answer 401 (or 503)."""
+    """Authenticates every request under /v1/ (and to the operator endpoints) before its route runs;
+    failures answer 401 (or 403, 503)."""
 
     def __init__(self, app: ASGIApp, authenticator: Authenticator) -> None:
         self.app = app
         self.authenticator = authenticator
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        operator = scope["type"] == "http" and scope["path"] in OPERATOR_PATHS
+        if scope["type"] != "http" or not (operator or scope["path"].startswith("/v1/")):
             await self.app(scope, receive, send)
             return
         authorization = None
@@ -104,19 +126,25 @@ class AuthMiddleware:
             if name == b"authorization":
                 authorization = value.decode("latin-1")
                 break
+        identity: Identity | None = None
         try:
-            identity = await self.authenticator.authenticate(authorization)
+            if operator:
+                await self.authenticator.operator(authorization)
+            else:
+                identity = await self.authenticator.authenticate(authorization)
         except HotqError as error:
             response = error_response(error)
             if error.status == 401:
                 response.headers["WWW-Authenticate"] = "Bearer"
+            await discard_body(Request(scope, receive))  # a client still sending reads the answer too
             await response(scope, receive, send)
             return
         except Exception:
             log.exception("authentication_failed_unexpectedly")
             await error_response(HotqError("internal error in hotq; see the server log"))(scope, receive, send)
             return
-        scope.setdefault("state", {})["identity"] = identity
+        if identity is not None:
+            scope.setdefault("state", {})["identity"] = identity
         await self.app(scope, receive, send)
 
 

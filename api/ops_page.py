@@ -274,7 +274,11 @@ function row(cell, values) {
 async function refresh() {
   let wait = 5000;
   try {
-    const response = await fetch("ops/data", {cache: "no-store"});
+    // With [auth] on, /ops/data needs an admin's key or the metrics token: /ops#key=... hands it over
+    // (a fragment never leaves the browser except as this header).
+    const key = new URLSearchParams(location.hash.slice(1)).get("key");
+    const headers = key ? {Authorization: `Bearer ${key}`} : {};
+    const response = await fetch("ops/data", {cache: "no-store", headers});
     const data = await response.json();
     wait = Math.max(1000, data.sample_s * 1000);
     render(data);

@@ -12,13 +12,14 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from api.auth import AccessPolicy
+from api.bodies import read_body
 from api.identity import identity_of
 from api.interactive import Ask, InteractiveRequest
 from api.limits import Limiter
-from api.schemas import validate
 from broker.config import Config
-from broker.errors import BrokerUnavailable, InvalidRequest, ModelNotFound, PayloadTooLarge
+from broker.errors import BrokerUnavailable, InvalidRequest, ModelNotFound
 from broker.messages import Endpoint
+from broker.schemas import validate
 from ops.metrics import ApiMetrics
 from producers.request_client import RequestClient
 
@@ -108,8 +109,9 @@ class Gateway:
         allowed = self.config.clusters_of(model)
         if cluster not in allowed:
             known = ", ".join(allowed) or "none"
+            shown = cluster if len(cluster) <= 64 else cluster[:64] + "..."  # never echo a huge header back whole
             raise InvalidRequest(
-                f"cluster {cluster!r} does not serve model {model!r} (clusters: {known})", param=CLUSTER_HEADER
+                f"cluster {shown!r} does not serve model {model!r} (clusters: {known})", param=CLUSTER_HEADER
             )
         return cluster
 
@@ -118,18 +120,3 @@ class Gateway:
         task = asyncio.ensure_future(work)
         self._background.add(task)  # keep a reference until it finishes
         task.add_done_callback(self._background.discard)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (before reading it all when declared)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -105,7 +105,13 @@ def agent(config_path: str | None, model: str, cluster: str, agent_id: str | Non
 @cli.command()
 @config_option
 @click.option("--metrics-port", default=None, type=int, help="serve Prometheus /metrics on this port")
-def scale(config_path: str | None, metrics_port: int | None) -> None:
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="the address /metrics listens on (it names every model: widen it only behind a firewall)",
+)
+def scale(config_path: str | None, metrics_port: int | None, metrics_host: str) -> None:
     """Keep each model's agent count matched to its queue, launching agents on its clusters."""
     from prometheus_client import CollectorRegistry, start_http_server
 
@@ -115,7 +121,7 @@ def scale(config_path: str | None, metrics_port: int | None) -> None:
     config = load(config_path)
     metrics = ScalerMetrics(CollectorRegistry())
     if metrics_port is not None:
-        start_http_server(metrics_port, registry=metrics.registry)
+        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -32,7 +32,7 @@ def create_job(
 ) -> dict[str, Any]:
     """Validate the input file and store it as `owner`'s batch (source "submit"); raise SubmitError if invalid."""
     data = path.read_bytes()
-    parsed = parse_batch_file(data, None, config.models, default_model=model, allow_plain=True)
+    parsed = parse_batch_file(data, None, config.models, config.max_body_bytes, default_model=model, allow_plain=True)
     if parsed.errors:
         problems = "\n".join(f"  line {e['line']}: {e['code']}: {e['message']}" for e in parsed.errors[:20])
         more = f"\n  ... and {len(parsed.errors) - 20} more" if len(parsed.errors) > 20 else ""

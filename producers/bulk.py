@@ -6,7 +6,10 @@ batch's results queue. Publishes are pipelined (a whole chunk in flight, confirm
 awaited together: `producers.pipelined_publish`), and a chunk's lines are marked
 published only after their confirms, so a dispatcher killed at any point and started
 again re-publishes only lines RabbitMQ never confirmed (at most one chunk), and never
-a confirmed one. The API's batch runners and `hotq submit` (ops/submit.py) both use it.
+a confirmed one. A line RabbitMQ refuses for its size (over the broker's
+`max_message_size`) is not tried again: it fails alone, with a 413 in the batch's error
+file, answered through the results queue like any failed request. The API's batch
+runners and `hotq submit` (ops/submit.py) both use it.
 """
 
 from __future__ import annotations
@@ -15,13 +18,14 @@ import asyncio
 import time
 from collections.abc import Callable
 
+import aio_pika
 import aiormq
 import structlog
-from aio_pika.abc import AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from broker import messages, topology
 from broker.jobstore import AsyncJobStore, Line
-from broker.messages import Endpoint, Lane, RequestEnvelope
+from broker.messages import Endpoint, ErrorReply, Lane, RequestEnvelope
 from producers.pipelined_publish import Outgoing, publish_confirmed
 
 log = structlog.get_logger("hotq.bulk")
@@ -58,9 +62,15 @@ async def dispatch(
                 break
             underlay = await channel.get_underlay_channel()
             assert isinstance(underlay, aiormq.Channel)  # the frames go through its internals
-            confirmed = await _publish_chunk(
+            confirmed, too_large = await _publish_chunk(
                 underlay, lines, model, endpoint, expires_at, caller, routing_key, reply_to
             )
+            if too_large:  # RabbitMQ closed the channel refusing them: answer them as failed, on a new one
+                if not channel.is_closed:
+                    await channel.close()
+                channel = await connection.channel(publisher_confirms=True)
+                confirmed += await _fail_too_large(channel, too_large, reply_to)
+                log.warning("batch_lines_too_large", batch_id=batch_id, lines=[line.line for line, _ in too_large])
             await store.run(lambda db: db.lines.mark_published(batch_id, confirmed))  # noqa: B023
             published += len(confirmed)
             if on_published is not None:
@@ -88,8 +98,9 @@ async def _publish_chunk(
     caller: str,
     routing_key: str,
     reply_to: str,
-) -> list[int]:
-    """Publish a chunk with every confirm in flight at once; the line numbers RabbitMQ confirmed."""
+) -> tuple[list[int], list[tuple[Line, int]]]:
+    """Publish a chunk with every confirm in flight at once; the line numbers RabbitMQ confirmed,
+    and the lines (with their message sizes) it refused as larger than it takes."""
     now = time.time()
     outgoing = [
         Outgoing(
@@ -111,5 +122,27 @@ async def _publish_chunk(
         )
         for line in lines
     ]
-    acked = await publish_confirmed(channel, topology.REQUEST_EXCHANGE, routing_key, reply_to, outgoing)
-    return [line.line for line, confirmed in zip(lines, acked) if confirmed]
+    result = await publish_confirmed(channel, topology.REQUEST_EXCHANGE, routing_key, reply_to, outgoing)
+    confirmed = [line.line for line, acked in zip(lines, result.acked) if acked]
+    limit = result.broker_max_size
+    if limit is None:
+        return confirmed, []
+    return confirmed, [(line, len(out.body)) for line, out in zip(lines, outgoing) if len(out.body) > limit]
+
+
+async def _fail_too_large(channel: AbstractChannel, too_large: list[tuple[Line, int]], reply_to: str) -> list[int]:
+    """Answer each refused line with a 413 on the batch's results queue; the lines so answered."""
+    answered = []
+    for line, size in too_large:
+        error = ErrorReply(
+            request_id=line.request_id,
+            attempt="publish",
+            status=413,
+            error_type="invalid_request_error",
+            message=f"the request's message is {size} bytes, more than RabbitMQ accepts (its max_message_size)",
+            code="message_too_large",
+            param=None,
+        )
+        await channel.default_exchange.publish(aio_pika.Message(messages.encode(error)), routing_key=reply_to)
+        answered.append(line.line)
+    return answered

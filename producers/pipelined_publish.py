@@ -7,12 +7,14 @@ frame once, the header by hand) and written as one buffer per few hundred messag
 through the channel's internals, registering each delivery tag's confirmation the way
 `basic_publish` does (aiormq is pinned to a minor version for this). tests/test_frames.py
 checks the frames against pamqp's own encoder. A body too large for one frame goes
-through `basic_publish`, which splits it, still pipelined.
+through `basic_publish`, which splits it, still pipelined; when RabbitMQ refuses such a
+message as larger than its `max_message_size`, the result says that limit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,6 +33,16 @@ _PROPERTY_FLAGS = (1 << 15) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 7)
 _FRAME_END = b"\xce"
 _HEADER, _BODY = 2, 3  # frame types
 _BASIC_CLASS = 60
+
+
+# How RabbitMQ words the channel error for a message over its max_message_size.
+_REFUSED_SIZE = re.compile(r"larger than configured max size (\d+)")
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    acked: list[bool]  # per message, in order: whether RabbitMQ confirmed it
+    broker_max_size: int | None = None  # RabbitMQ's max_message_size, when it refused a message over it
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,10 +80,10 @@ def body_frame(channel_number: int, body: bytes) -> bytes:
 
 async def publish_confirmed(
     channel: aiormq.Channel, exchange: str, routing_key: str, reply_to: str, messages: Sequence[Outgoing]
-) -> list[bool]:
+) -> Published:
     """Publish `messages` (on a channel in confirm mode); whether RabbitMQ confirmed each."""
     if not messages:
-        return []
+        return Published([])
     if max(len(message.body) for message in messages) > MAX_INLINE_BODY:
         return await _publish_plainly(channel, exchange, routing_key, reply_to, messages)
     number = channel.number
@@ -93,12 +105,12 @@ async def publish_confirmed(
                 buffer.clear()
         if buffer:
             await channel.write_queue.put(ChannelFrame(payload=bytes(buffer), should_close=False))
-    return _acked(await asyncio.gather(*confirmations, return_exceptions=True))
+    return _published(await asyncio.gather(*confirmations, return_exceptions=True))
 
 
 async def _publish_plainly(
     channel: aiormq.Channel, exchange: str, routing_key: str, reply_to: str, messages: Sequence[Outgoing]
-) -> list[bool]:
+) -> Published:
     pending = [
         asyncio.ensure_future(
             channel.basic_publish(
@@ -117,8 +129,14 @@ async def _publish_plainly(
         )
         for message in messages
     ]
-    return _acked(await asyncio.gather(*pending, return_exceptions=True))
+    return _published(await asyncio.gather(*pending, return_exceptions=True))
 
 
-def _acked(outcomes: Sequence[object]) -> list[bool]:
-    return [isinstance(outcome, aiormq.spec.Basic.Ack) for outcome in outcomes]
+def _published(outcomes: Sequence[object]) -> Published:
+    acked = [isinstance(outcome, aiormq.spec.Basic.Ack) for outcome in outcomes]
+    for outcome in outcomes:
+        if isinstance(outcome, aiormq.exceptions.ChannelPreconditionFailed):
+            match = _REFUSED_SIZE.search(str(outcome))
+            if match:
+                return Published(acked, int(match.group(1)))
+    return Published(acked)

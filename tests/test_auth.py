@@ -316,7 +316,8 @@ def test_missing_or_malformed_credentials_are_401(api: InProcessApi, models: dic
     assert httpx.get(api.url + "/v1/models", timeout=EVENTUALLY_S).status_code == 401
     assert httpx.get(api.url + "/v1/files", timeout=EVENTUALLY_S).status_code == 401
     assert httpx.get(api.url + "/v1/batches", timeout=EVENTUALLY_S).status_code == 401
-    assert httpx.get(api.url + "/metrics", timeout=EVENTUALLY_S).status_code == 200  # operators' endpoints stay open
+    assert httpx.get(api.url + "/metrics", timeout=EVENTUALLY_S).status_code == 401  # they name every model
+    assert httpx.get(api.url + "/ops", timeout=EVENTUALLY_S).status_code == 200  # the page holds no data
 
 
 def test_group_policy(api: InProcessApi, models: dict[str, str]) -> None:

@@ -231,3 +231,21 @@ def test_cancelled_stream_is_recorded_with_vllm_s_counts(
     cancelled_completion = after["completion_tokens"] - before["completion_tokens"] - 1
     print(f"\ncancelled after {received} content chunks; vLLM had counted {cancelled_completion} tokens")
     assert received <= cancelled_completion < 300
+
+
+def test_invalid_requests_get_a_400_through_the_vllm_stack(client: openai.OpenAI, smollm: str) -> None:
+    """Issue 15: what hotq refuses never reaches vLLM; what only vLLM can judge comes back as vLLM's 400.
+    Last in the module: a request vLLM refuses may count in the usage the test above sums."""
+    deep = "[" * 1000 + "]" * 1000
+    raw = f'{{"model": "{DEFAULT_MODEL_NAME}", "prompt": {deep}}}'.encode()
+    response = httpx.post(smollm + "/completions", content=raw, timeout=VLLM_EVENTUALLY_S)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "json_too_deep"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "hi"}], n=10**9)
+    assert refused.value.param == "n"
+    # Within hotq's bounds, beyond this model's context: vLLM itself says no, and its 400 arrives as one.
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model=DEFAULT_MODEL_NAME, prompt="Hello", max_tokens=10**6)
+    assert too_long.value.status_code == 400
+    answer = client.completions.create(model=DEFAULT_MODEL_NAME, prompt="The capital of France is", max_tokens=3)
+    assert answer.choices[0].text  # the model serves on

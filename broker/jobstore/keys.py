@@ -39,6 +39,8 @@ class KeyStore:
         """A new key for `user`: its record and the key itself (the only time it exists in clear)."""
         if user == ANONYMOUS_USER:
             raise ValueError(f"{ANONYMOUS_USER!r} is reserved for callers without authentication")
+        if not user or user != user.strip() or not user.isprintable():
+            raise ValueError(f"{user!r} is not a user name: it must be non-empty, printable, without outer spaces")
         key = API_KEY_PREFIX + secrets.token_urlsafe(32)
         record = ApiKey(new_id("key_"), user, hash_api_key(key), time.time(), expires_at, None)
         self._db.execute(

@@ -7,7 +7,7 @@ import concurrent.futures
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar
 
 from broker.jobstore.batches import BatchStore
 from broker.jobstore.database import open_database
@@ -49,6 +49,11 @@ class AsyncJobStore:
     async def run(self, work: Callable[[JobStore], T]) -> T:
         """``await store.run(lambda db: db.batches.get(batch_id))``."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, work, self._store)
+
+    async def write_file(self, file_id: str, source: BinaryIO) -> int:
+        """Copy a file's content (`FileStore.write`) beside the store's thread, which stays free for other
+        requests meanwhile; record it with `run` after."""
+        return await asyncio.to_thread(self._store.files.write, file_id, source)
 
     def shutdown(self) -> None:
         """Finish the work under way; the store stays open."""
