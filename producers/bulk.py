@@ -111,5 +111,8 @@ async def _publish_chunk(
         )
         for line in lines
     ]
-    acked = await publish_confirmed(channel, topology.REQUEST_EXCHANGE, routing_key, reply_to, outgoing)
+    # Lines left in the queue past the batch's expiry are dropped by RabbitMQ: nobody waits for
+    # them, and an expired line must not make the scaler start an agent for a model nobody serves.
+    ttl_ms = round((expires_at - now) * 1000)
+    acked = await publish_confirmed(channel, topology.REQUEST_EXCHANGE, routing_key, reply_to, ttl_ms, outgoing)
     return [line.line for line, confirmed in zip(lines, acked) if confirmed]
