@@ -122,7 +122,10 @@ async def _publish_chunk(
         )
         for line in lines
     ]
-    result = await publish_confirmed(channel, topology.REQUEST_EXCHANGE, routing_key, reply_to, outgoing)
+    # Lines left in the queue past the batch's expiry are dropped by RabbitMQ: nobody waits for
+    # them, and an expired line must not make the scaler start an agent for a model nobody serves.
+    ttl_ms = round((expires_at - now) * 1000)
+    result = await publish_confirmed(channel, topology.REQUEST_EXCHANGE, routing_key, reply_to, ttl_ms, outgoing)
     confirmed = [line.line for line, acked in zip(lines, result.acked) if acked]
     limit = result.broker_max_size
     if limit is None:

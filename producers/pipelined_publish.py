@@ -28,8 +28,9 @@ from broker.messages import CONTENT_TYPE
 MAX_INLINE_BODY = 120_000  # one body frame: below RabbitMQ's default frame_max (131,072) minus framing
 MESSAGES_PER_WRITE = 256
 _CONTENT_TYPE = CONTENT_TYPE.encode()
-# The header properties set: content_type, delivery_mode, correlation_id, reply_to, message_id.
-_PROPERTY_FLAGS = (1 << 15) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 7)
+# The header properties set: content_type, delivery_mode, correlation_id, reply_to, expiration,
+# message_id (AMQP's flag bits, and the order the values follow in).
+_PROPERTY_FLAGS = (1 << 15) | (1 << 12) | (1 << 10) | (1 << 9) | (1 << 8) | (1 << 7)
 _FRAME_END = b"\xce"
 _HEADER, _BODY = 2, 3  # frame types
 _BASIC_CLASS = 60
@@ -55,7 +56,7 @@ def method_frame(channel_number: int, exchange: str, routing_key: str) -> bytes:
     return pamqp.frame.marshal(aiormq.spec.Basic.Publish(exchange=exchange, routing_key=routing_key), channel_number)
 
 
-def header_frame(channel_number: int, body_size: int, message_id: bytes, reply_to: bytes) -> bytes:
+def header_frame(channel_number: int, body_size: int, message_id: bytes, reply_to: bytes, expiration: bytes) -> bytes:
     """A persistent message's content header, its properties in the order AMQP lists them."""
     payload = b"".join(
         (
@@ -67,6 +68,8 @@ def header_frame(channel_number: int, body_size: int, message_id: bytes, reply_t
             message_id,  # correlation_id
             bytes((len(reply_to),)),
             reply_to,
+            bytes((len(expiration),)),
+            expiration,
             bytes((len(message_id),)),
             message_id,  # message_id
         )
@@ -79,16 +82,23 @@ def body_frame(channel_number: int, body: bytes) -> bytes:
 
 
 async def publish_confirmed(
-    channel: aiormq.Channel, exchange: str, routing_key: str, reply_to: str, messages: Sequence[Outgoing]
+    channel: aiormq.Channel,
+    exchange: str,
+    routing_key: str,
+    reply_to: str,
+    ttl_ms: int,
+    messages: Sequence[Outgoing],
 ) -> Published:
-    """Publish `messages` (on a channel in confirm mode); whether RabbitMQ confirmed each."""
+    """Publish `messages` (on a channel in confirm mode), each expiring `ttl_ms` after it was
+    queued (RabbitMQ drops it unconsumed then); whether RabbitMQ confirmed each."""
     if not messages:
         return Published([])
+    expiration = str(max(0, ttl_ms))
     if max(len(message.body) for message in messages) > MAX_INLINE_BODY:
-        return await _publish_plainly(channel, exchange, routing_key, reply_to, messages)
+        return await _publish_plainly(channel, exchange, routing_key, reply_to, expiration, messages)
     number = channel.number
     method = method_frame(number, exchange, routing_key)
-    reply_to_bytes = reply_to.encode()
+    reply_to_bytes, expiration_bytes = reply_to.encode(), expiration.encode()
     confirmations: list[asyncio.Future[object]] = []
     async with channel.lock:  # the lock basic_publish holds: delivery tags stay in order
         buffer = bytearray()
@@ -98,7 +108,9 @@ async def publish_confirmed(
             channel.confirmations[channel.delivery_tag] = confirmation
             confirmations.append(confirmation)
             buffer += method
-            buffer += header_frame(number, len(message.body), message.message_id.encode(), reply_to_bytes)
+            buffer += header_frame(
+                number, len(message.body), message.message_id.encode(), reply_to_bytes, expiration_bytes
+            )
             buffer += body_frame(number, message.body)
             if index % MESSAGES_PER_WRITE == MESSAGES_PER_WRITE - 1:
                 await channel.write_queue.put(ChannelFrame(payload=bytes(buffer), should_close=False))
@@ -109,7 +121,12 @@ async def publish_confirmed(
 
 
 async def _publish_plainly(
-    channel: aiormq.Channel, exchange: str, routing_key: str, reply_to: str, messages: Sequence[Outgoing]
+    channel: aiormq.Channel,
+    exchange: str,
+    routing_key: str,
+    reply_to: str,
+    expiration: str,
+    messages: Sequence[Outgoing],
 ) -> Published:
     pending = [
         asyncio.ensure_future(
@@ -123,6 +140,7 @@ async def _publish_plainly(
                     correlation_id=message.message_id,
                     message_id=message.message_id,
                     reply_to=reply_to,
+                    expiration=expiration,
                 ),
                 wait=False,
             )
