@@ -27,7 +27,7 @@ from aio_pika.abc import AbstractChannel
 
 from broker import topology
 from broker.config import Config, ModelConfig
-from broker.connection import connect
+from broker.connection import connect_with
 from broker.messages import AgentState, AgentStatus, Lane
 from hpc_agents.decisions import Decision, DecisionLog, decision_log_path
 from hpc_agents.directory import AgentDirectory
@@ -280,7 +280,7 @@ async def run_scaler(
     config: Config, launchers: dict[str, Launcher], stop: asyncio.Event, metrics: ScalerMetrics | None = None
 ) -> Scaler:
     """Scale until `stop` is set, then shut the launchers down (their agents drain)."""
-    connection = await connect(config.amqp_url, "scaler", config.amqp_tls)
+    connection = await connect_with(config, "scaler")
     try:
         directory = AgentDirectory(config.heartbeat_s)
         await directory.subscribe(connection)

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.config import Config
-from broker.connection import connect
+from broker.connection import connect_with
 from broker.messages import AgentState
 from hpc_agents.decisions import DecisionLog
 from hpc_agents.directory import AgentDirectory
@@ -131,7 +131,7 @@ def _console() -> Console:
 
 
 async def run_watch(config: Config, interval_s: float, once: bool) -> None:
-    connection = await connect(config.amqp_url, "watch", config.amqp_tls)
+    connection = await connect_with(config, "watch")
     try:
         directory = AgentDirectory(config.heartbeat_s)
         await directory.subscribe(connection)

@@ -1,0 +1,268 @@
+"""hotq on the local three-node cluster: several broker addresses, replication, a node killed under load.
+
+One cluster for the whole module (tests/rabbitmq_cluster.py); each test gets it with every node up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+import openai
+import pytest
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from openai.types.chat import ChatCompletionMessageParam
+
+from broker import topology
+from broker.connection import connect
+from broker.messages import Lane
+from ops.processes import wait_until
+from ops.rabbitmq.local_cluster import LocalCluster, Node
+from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S
+from ops.testing.fake_backend import reply_text
+from ops.testing.stack import api_and_worker_on_a_fake_backend
+from tests.rabbitmq_cluster import PATIENCE_S, wait_for_leader
+
+pytestmark = pytest.mark.timeout(1800)  # the cluster's start, then minutes of load on a slow machine
+
+# A request that gets no answer and no error for this long hangs (the API's own deadline is 600 s).
+HANG_S = 300.0
+
+
+def _node_of(cluster: LocalCluster, connection: AbstractRobustConnection) -> Node:
+    """The node a hotq connection is connected to now."""
+    transport = connection.transport
+    assert transport is not None, "not connected"
+    port = transport.connection.url.port
+    (node,) = [node for node in cluster.nodes if node.amqp_port == port]
+    return node
+
+
+async def test_connection_moves_to_another_node_and_redeclares_what_it_owns(
+    rabbitmq_cluster: LocalCluster, session_tag: str
+) -> None:
+    cluster = rabbitmq_cluster
+    model = f"test-org/moves-{session_tag}"
+    connection = await connect(cluster.urls, "test", heartbeat_s=5)
+    try:
+        first = _node_of(cluster, connection)
+        reconnected = asyncio.Event()
+        connection.reconnect_callbacks.add(lambda *_: reconnected.set())
+        channel = await connection.channel()
+        await topology.declare_model_queues(channel, [model], (Lane.INTERACTIVE,))
+        name = topology.request_queue_name(model, Lane.INTERACTIVE)
+        # An exclusive queue lives and dies with its node and connection: re-declared on the new one.
+        received: asyncio.Queue[bytes] = asyncio.Queue()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            received.put_nowait(message.body)
+
+        private = await channel.declare_queue(exclusive=True)
+        await private.consume(on_message, no_ack=True)
+        request_queue = await channel.get_queue(name)
+        await request_queue.consume(on_message, no_ack=True)
+
+        await asyncio.to_thread(cluster.kill, first)
+        async with asyncio.timeout(PATIENCE_S):
+            await reconnected.wait()
+        assert _node_of(cluster, connection) != first
+        survivors = [node for node in cluster.nodes if node != first]
+        await asyncio.to_thread(wait_for_leader, cluster, name, survivors)
+
+        # Messages published through a survivor reach both consumers on the new connection.
+        other = await aio_pika.connect(survivors[-1].url)
+        async with other:
+            publishing = await other.channel()
+            for routing_key, body in ((name, b"to the request queue"), (private.name, b"to the private queue")):
+                message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+                await publishing.default_exchange.publish(message, routing_key=routing_key, mandatory=True)
+        async with asyncio.timeout(PATIENCE_S):
+            got = {await received.get(), await received.get()}
+        assert got == {b"to the request queue", b"to the private queue"}
+        await channel.queue_delete(name)
+    finally:
+        await connection.close()
+
+
+async def test_replication_factor_for_new_queues_and_existing_queues_kept_as_they_are(
+    rabbitmq_cluster: LocalCluster, session_tag: str
+) -> None:
+    cluster = rabbitmq_cluster
+    new_model, old_model = f"test-org/two-way-{session_tag}", f"test-org/older-{session_tag}"
+    old_name = topology.request_queue_name(old_model, Lane.BATCH)
+    # A queue as hotq declared it before it set a replication factor (or definitions.json made it).
+    plain = await aio_pika.connect(cluster.nodes[0].url)
+    async with plain:
+        channel = await plain.channel()
+        await channel.declare_queue(old_name, durable=True, arguments=topology.request_queue_arguments())
+
+    connection = await connect(cluster.urls, "test", quorum_replicas=2)
+    try:
+        channel = await connection.channel()
+        await topology.declare_model_queues(channel, [new_model, old_model], (Lane.BATCH,))
+        results = await topology.declare_results_queue(channel, f"batch_{session_tag}")
+        assert await topology.queue_depth(channel, old_model, Lane.BATCH) == (0, 0)
+        # The channel the declarations went through is still open: no refused declare closed it.
+        await channel.declare_exchange(topology.REQUEST_EXCHANGE, aio_pika.ExchangeType.DIRECT, durable=True)
+
+        queues = {queue.name: queue for queue in await asyncio.to_thread(cluster.quorum_queues)}
+        assert len(queues[topology.request_queue_name(new_model, Lane.BATCH)].members) == 2
+        assert len(queues[results.name].members) == 2
+        assert len(queues[old_name].members) == 3, "an existing queue is left as it is"
+        for name in (topology.request_queue_name(new_model, Lane.BATCH), old_name, results.name):
+            await channel.queue_delete(name)
+    finally:
+        await connection.close()
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    kind: str  # "answered", "refused" (an OpenAI error the client can retry) or what went wrong
+    detail: str = ""
+
+
+@dataclass
+class InteractiveLoad:
+    """Threads that send chat requests (streams and not) one after another until stopped."""
+
+    client: openai.OpenAI
+    model: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self, worker: int) -> None:
+        number = 0
+        while not self.stop.is_set():
+            number += 1
+            text = f"load {worker} {number}"
+            started = time.monotonic()
+            kind, detail = self._one(text, stream=number % 2 == 0)
+            self.outcomes.append(Outcome(started, time.monotonic(), kind, detail))
+
+    def _one(self, text: str, stream: bool) -> tuple[str, str]:
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": text}]
+        expected = reply_text([{"role": "user", "content": text}], None)
+        extra = {"fake_delay_ms": 20}
+        try:
+            if stream:
+                chunks = self.client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    stream=True,
+                    extra_body=extra,
+                )
+                parts, finished = [], None
+                for chunk in chunks:
+                    if chunk.choices:
+                        parts.append(chunk.choices[0].delta.content or "")
+                        finished = chunk.choices[0].finish_reason or finished
+                if finished is None:
+                    return "cut", "the stream ended without a finish_reason or an error"
+                answer = "".join(parts)
+            else:
+                completion = self.client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    extra_body=extra,
+                )
+                answer = completion.choices[0].message.content or ""
+        except openai.APITimeoutError as exc:
+            return "hung", repr(exc)
+        except openai.APIStatusError as exc:
+            error = exc.body if isinstance(exc.body, dict) else {}
+            explicit = exc.status_code in (502, 503) and bool(error.get("message")) and bool(error.get("type"))
+            return ("refused" if explicit else "unexpected status"), f"{exc.status_code} {exc.body}"
+        except openai.APIConnectionError as exc:
+            return "cut", repr(exc)
+        except openai.APIError as exc:  # an error event inside a stream that had started
+            return ("refused" if exc.message else "unexpected error"), exc.message
+        return ("answered", "") if answer == expected else ("wrong answer", answer)
+
+
+@pytest.fixture
+def load_threads() -> Iterator[list[threading.Thread]]:
+    threads: list[threading.Thread] = []
+    yield threads
+    for thread in threads:
+        thread.join(HANG_S + 60)
+
+
+def test_killing_the_request_queues_leader_under_load(
+    rabbitmq_cluster: LocalCluster, tmp_path: Path, session_tag: str, load_threads: list[threading.Thread]
+) -> None:
+    """Acceptance test 1 (scaled down): streams and non-streams keep coming and a batch runs while the
+    node leading the model's interactive queue is killed with SIGKILL."""
+    cluster = rabbitmq_cluster
+    model = f"test-org/failover-{session_tag}"
+    table = {"max_inflight": 8, "reserved_interactive": 4}
+    with api_and_worker_on_a_fake_backend(tmp_path, cluster.urls, model, table, amqp_heartbeat_s=5) as stack:
+        client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_S)
+        lines = [
+            {
+                "custom_id": f"line-{i}",
+                "method": "POST",
+                "url": "/v1/chat/completions",
+                "body": {"model": model, "messages": [{"role": "user", "content": f"n {i}"}], "fake_delay_ms": 20},
+            }
+            for i in range(BATCH_LINES)
+        ]
+        upload = "".join(json.dumps(line) + "\n" for line in lines).encode()
+        input_id = client.files.create(file=("input.jsonl", upload), purpose="batch").id
+        batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
+        load = InteractiveLoad(client, model)
+        for worker in range(4):
+            load_threads.append(threading.Thread(target=load.run, args=(worker,), daemon=True))
+            load_threads[-1].start()
+
+        def answered_since(since: float) -> int:
+            return sum(1 for o in list(load.outcomes) if o.kind == "answered" and o.started >= since)
+
+        wait_until(lambda: answered_since(0) >= 20, EVENTUALLY_S, "20 interactive answers before the kill")
+        leader = wait_for_leader(cluster, topology.request_queue_name(model, Lane.INTERACTIVE), list(cluster.nodes))
+        batch_done_before = (client.batches.retrieve(batch.id).request_counts or _no_counts()).completed
+        killed_at = time.monotonic()
+        cluster.kill(leader)
+        wait_until(lambda: answered_since(killed_at) >= 20, LONG_WORK_S, "20 interactive answers after the kill")
+        load.stop.set()
+        for thread in load_threads:
+            thread.join(HANG_S + 60)
+            assert not thread.is_alive(), "a load thread still waits for an answer"
+
+        outcomes = list(load.outcomes)
+        kinds = {kind: sum(1 for o in outcomes if o.kind == kind) for kind in {o.kind for o in outcomes}}
+        bad = [o for o in outcomes if o.kind not in ("answered", "refused")]
+        assert not bad, f"requests neither answered nor refused explicitly: {bad[:5]} (all: {kinds})"
+        first_after = min(o.ended for o in outcomes if o.kind == "answered" and o.started >= killed_at)
+        print(
+            f"\nkilled {leader.name} (the API and worker were on {cluster.nodes[0].name}); outcomes {kinds}; "
+            f"batch lines done before the kill: {batch_done_before}/{BATCH_LINES}; "
+            f"gap until requests flowed again: {first_after - killed_at:.2f} s"
+        )
+
+        # The batch completes with exactly one result per line, and the worker carries on.
+        def batch_finished() -> bool:
+            return client.batches.retrieve(batch.id).status in ("completed", "failed", "expired", "cancelled")
+
+        wait_until(batch_finished, LONG_WORK_S, f"batch {batch.id} finished")
+        done = client.batches.retrieve(batch.id)
+        assert done.status == "completed" and done.request_counts is not None
+        assert (done.request_counts.completed, done.request_counts.failed) == (BATCH_LINES, 0)
+        assert done.output_file_id is not None
+        records = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+        assert sorted(record["custom_id"] for record in records) == sorted(f"line-{i}" for i in range(BATCH_LINES))
+        assert all(worker.poll() is None for worker in stack.workers)
+
+
+BATCH_LINES = 1000
+
+
+def _no_counts() -> openai.types.batch_request_counts.BatchRequestCounts:
+    return openai.types.batch_request_counts.BatchRequestCounts(completed=0, failed=0, total=0)
