@@ -37,6 +37,11 @@ log = structlog.get_logger("hotq.connection")
 CONNECT_RETRY_S = 2.0
 # One attempt to one node: a host that swallows packets must not hold up trying the next.
 CONNECT_TIMEOUT_S = 15.0
+# After a node dies its quorum queues elect new leaders among the survivors (well under a second
+# after a crash). A channel of RabbitMQ 3.10 that publishes to a quorum queue before then keeps its
+# dead leader and has every later publish nacked, so a reconnected process waits this long before
+# restoring its channels.
+FAILOVER_SETTLE_S = 3.0
 
 
 class ClusterConnection(RobustConnection):
@@ -65,6 +70,13 @@ class ClusterConnection(RobustConnection):
     def url(self, value: URL) -> None:
         # Set at construction (the first address) and by update_secret (a new password for all).
         self._urls = [url.with_password(value.password) for url in self._urls]
+
+    async def _on_connected(self) -> None:
+        if self.connection_attempt:  # a reconnect: wait before restoring channels (see FAILOVER_SETTLE_S)
+            node = self.transport.connection.url if self.transport is not None else None
+            log.info("broker_reconnected", node=f"{node.host}:{node.port}" if node else None)
+            await asyncio.sleep(FAILOVER_SETTLE_S)
+        await super()._on_connected()
 
     def __str__(self) -> str:  # what aio-pika logs; reading `url` would skip an address
         return ",".join(str(url.with_password("******") if url.password else url) for url in self._urls)

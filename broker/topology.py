@@ -104,8 +104,10 @@ async def _probe(channel: AbstractChannel, name: str, arguments: FieldTable) -> 
     by definitions.json), refuses a declare that differs (406) and is declared as it is. Tried on a
     channel of its own, since a refused declare closes the channel.
     """
+    connection = channel._connection  # type: ignore[attr-defined]  # aio-pika has no public accessor
+    await connection.connected.wait()  # while a robust connection reconnects
     # A plain channel even on a robust connection: nothing to restore after a reconnect.
-    probe = await aio_pika.Channel(channel._connection)  # type: ignore[attr-defined]  # no public accessor
+    probe = await aio_pika.Channel(connection)
     try:
         wanted: FieldTable = {**arguments, "x-queue-type": "quorum", GROUP_SIZE: quorum_replicas_of(channel)}
         try:

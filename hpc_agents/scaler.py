@@ -24,6 +24,7 @@ import time
 
 import structlog
 from aio_pika.abc import AbstractChannel
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from broker import topology
 from broker.config import Config, ModelConfig
@@ -35,6 +36,9 @@ from hpc_agents.launchers import Launch, Launcher
 from ops.metrics import ScalerMetrics
 
 log = structlog.get_logger("hotq.scaler")
+
+# What a tick may meet while the robust connection reconnects.
+BROKER_LOST = (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError)
 
 # Requests/s one agent is assumed to serve before any has been measured: a
 # deliberately modest guess, so a cold backlog starts more than one node.
@@ -82,7 +86,10 @@ class Scaler:
 
     async def run(self, channel: AbstractChannel, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.tick(channel)
+            try:
+                await self.tick(channel)
+            except BROKER_LOST as exc:  # its node went away: the connection moves to another one
+                log.warning("scaler_tick_skipped", error=repr(exc))
             try:
                 await asyncio.wait_for(stop.wait(), self.tick_s)
             except TimeoutError:
