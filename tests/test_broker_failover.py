@@ -6,6 +6,7 @@ One cluster for the whole module (tests/rabbitmq_cluster.py); each test gets it 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -22,9 +23,9 @@ from openai.types.chat import ChatCompletionMessageParam
 from broker import topology
 from broker.connection import connect
 from broker.messages import Lane
-from ops.processes import wait_until
+from ops.processes import Child, wait_until
 from ops.rabbitmq.local_cluster import LocalCluster, Node
-from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S
+from ops.testing.deadlines import LONG_WORK_S
 from ops.testing.fake_backend import reply_text
 from ops.testing.stack import api_and_worker_on_a_fake_backend
 from tests.rabbitmq_cluster import PATIENCE_S, wait_for_leader
@@ -187,23 +188,43 @@ class InteractiveLoad:
         return ("answered", "") if answer == expected else ("wrong answer", answer)
 
 
-@pytest.fixture
-def load_threads() -> Iterator[list[threading.Thread]]:
-    threads: list[threading.Thread] = []
-    yield threads
-    for thread in threads:
-        thread.join(HANG_S + 60)
+BATCH_LINES = 1000
+LOAD_THREADS = 4
 
 
-def test_killing_the_request_queues_leader_under_load(
-    rabbitmq_cluster: LocalCluster, tmp_path: Path, session_tag: str, load_threads: list[threading.Thread]
-) -> None:
-    """Acceptance test 1 (scaled down): streams and non-streams keep coming and a batch runs while the
-    node leading the model's interactive queue is killed with SIGKILL."""
-    cluster = rabbitmq_cluster
-    model = f"test-org/failover-{session_tag}"
+@dataclass
+class UnderLoad:
+    """A stack on the cluster with interactive load running and a batch in flight."""
+
+    cluster: LocalCluster
+    client: openai.OpenAI
+    load: InteractiveLoad
+    batch_id: str
+    workers: list[Child]
+
+    def answered_since(self, since: float) -> int:
+        return sum(1 for o in list(self.load.outcomes) if o.kind == "answered" and o.started >= since)
+
+    def wait_for_answers_since(self, since: float, count: int = 20) -> None:
+        wait_until(lambda: self.answered_since(since) >= count, LONG_WORK_S, f"{count} interactive answers")
+
+    def gap_after(self, moment: float) -> float:
+        """The longest time after `moment` in which no answer arrived (the failover's cost)."""
+        ends = sorted(o.ended for o in list(self.load.outcomes) if o.kind == "answered" and o.ended >= moment)
+        return max(later - earlier for earlier, later in zip([moment, *ends], ends, strict=False))
+
+    def batch_done(self) -> int:
+        counts = self.client.batches.retrieve(self.batch_id).request_counts
+        return 0 if counts is None else counts.completed
+
+
+@contextlib.contextmanager
+def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[UnderLoad]:
+    """The API and a worker on the cluster (connected through node 1, the first address), four threads
+    of streams and non-streams, and a batch; on leaving, checks that nothing was lost."""
     table = {"max_inflight": 8, "reserved_interactive": 4}
-    with api_and_worker_on_a_fake_backend(tmp_path, cluster.urls, model, table, amqp_heartbeat_s=5) as stack:
+    threads: list[threading.Thread] = []
+    with api_and_worker_on_a_fake_backend(workdir, cluster.urls, model, table, amqp_heartbeat_s=5) as stack:
         client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_S)
         lines = [
             {
@@ -218,34 +239,23 @@ def test_killing_the_request_queues_leader_under_load(
         input_id = client.files.create(file=("input.jsonl", upload), purpose="batch").id
         batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
         load = InteractiveLoad(client, model)
-        for worker in range(4):
-            load_threads.append(threading.Thread(target=load.run, args=(worker,), daemon=True))
-            load_threads[-1].start()
-
-        def answered_since(since: float) -> int:
-            return sum(1 for o in list(load.outcomes) if o.kind == "answered" and o.started >= since)
-
-        wait_until(lambda: answered_since(0) >= 20, EVENTUALLY_S, "20 interactive answers before the kill")
-        leader = wait_for_leader(cluster, topology.request_queue_name(model, Lane.INTERACTIVE), list(cluster.nodes))
-        batch_done_before = (client.batches.retrieve(batch.id).request_counts or _no_counts()).completed
-        killed_at = time.monotonic()
-        cluster.kill(leader)
-        wait_until(lambda: answered_since(killed_at) >= 20, LONG_WORK_S, "20 interactive answers after the kill")
-        load.stop.set()
-        for thread in load_threads:
-            thread.join(HANG_S + 60)
-            assert not thread.is_alive(), "a load thread still waits for an answer"
-
+        for worker in range(LOAD_THREADS):
+            threads.append(threading.Thread(target=load.run, args=(worker,), daemon=True))
+            threads[-1].start()
+        try:
+            running = UnderLoad(cluster, client, load, batch.id, stack.workers)
+            running.wait_for_answers_since(0)
+            yield running
+        finally:
+            load.stop.set()
+            for thread in threads:
+                thread.join(HANG_S + 60)
+        assert not any(thread.is_alive() for thread in threads), "a load thread still waits for an answer"
         outcomes = list(load.outcomes)
         kinds = {kind: sum(1 for o in outcomes if o.kind == kind) for kind in {o.kind for o in outcomes}}
         bad = [o for o in outcomes if o.kind not in ("answered", "refused")]
         assert not bad, f"requests neither answered nor refused explicitly: {bad[:5]} (all: {kinds})"
-        first_after = min(o.ended for o in outcomes if o.kind == "answered" and o.started >= killed_at)
-        print(
-            f"\nkilled {leader.name} (the API and worker were on {cluster.nodes[0].name}); outcomes {kinds}; "
-            f"batch lines done before the kill: {batch_done_before}/{BATCH_LINES}; "
-            f"gap until requests flowed again: {first_after - killed_at:.2f} s"
-        )
+        print(f"\ninteractive outcomes: {kinds}")
 
         # The batch completes with exactly one result per line, and the worker carries on.
         def batch_finished() -> bool:
@@ -261,8 +271,45 @@ def test_killing_the_request_queues_leader_under_load(
         assert all(worker.poll() is None for worker in stack.workers)
 
 
-BATCH_LINES = 1000
+def test_killing_the_request_queues_leader_under_load(
+    rabbitmq_cluster: LocalCluster, tmp_path: Path, session_tag: str
+) -> None:
+    """Acceptance test 1 (scaled down): streams and non-streams keep coming and a batch runs while the
+    node leading the model's interactive queue is killed with SIGKILL."""
+    cluster = rabbitmq_cluster
+    model = f"test-org/failover-{session_tag}"
+    with under_load(cluster, tmp_path, model) as running:
+        leader = wait_for_leader(cluster, topology.request_queue_name(model, Lane.INTERACTIVE), list(cluster.nodes))
+        done_before = running.batch_done()
+        killed_at = time.monotonic()
+        cluster.kill(leader)
+        running.wait_for_answers_since(killed_at)
+        assert done_before < BATCH_LINES, "the batch finished before the kill"
+        print(
+            f"\nkilled {leader.name} (the API and worker were on {cluster.nodes[0].name}) with "
+            f"{done_before}/{BATCH_LINES} batch lines done; longest time without an answer: "
+            f"{running.gap_after(killed_at):.2f} s"
+        )
 
 
-def _no_counts() -> openai.types.batch_request_counts.BatchRequestCounts:
-    return openai.types.batch_request_counts.BatchRequestCounts(completed=0, failed=0, total=0)
+def _all_members_online(cluster: LocalCluster) -> bool:
+    return all(set(queue.online) == set(queue.members) for queue in cluster.quorum_queues())
+
+
+def test_clean_stop_and_rolling_restart_under_load(
+    rabbitmq_cluster: LocalCluster, tmp_path: Path, session_tag: str
+) -> None:
+    """Acceptance test 2: one node stopped cleanly and started again, then every node restarted in
+    turn (a rolling upgrade), under load: nothing lost."""
+    cluster = rabbitmq_cluster
+    model = f"test-org/rolling-{session_tag}"
+    with under_load(cluster, tmp_path, model) as running:
+        for node in (cluster.nodes[1], *cluster.nodes):
+            stopped_at = time.monotonic()
+            cluster.stop_node(node)
+            running.wait_for_answers_since(stopped_at, 5)
+            cluster.start_node(node)
+            wait_until(lambda: _all_members_online(cluster), LONG_WORK_S, "every quorum queue's replicas online")
+            gap = running.gap_after(stopped_at)
+            print(f"\n{node.name} stopped and back; longest time without an answer: {gap:.2f} s")
+        running.wait_for_answers_since(time.monotonic())
