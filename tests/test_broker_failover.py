@@ -27,7 +27,7 @@ from ops.processes import Child, wait_until
 from ops.rabbitmq.local_cluster import LocalCluster, Node
 from ops.testing.deadlines import LONG_WORK_S
 from ops.testing.fake_backend import reply_text
-from ops.testing.stack import api_and_worker_on_a_fake_backend
+from ops.testing.stack import ROOT, api_and_worker_on_a_fake_backend, hotq_command
 from tests.rabbitmq_cluster import PATIENCE_S, wait_for_leader
 
 pytestmark = pytest.mark.timeout(1800)  # the cluster's start, then minutes of load on a slow machine
@@ -189,6 +189,7 @@ class InteractiveLoad:
 
 
 BATCH_LINES = 1000
+SUBMIT_LINES = 500
 LOAD_THREADS = 4
 
 
@@ -221,7 +222,8 @@ class UnderLoad:
 @contextlib.contextmanager
 def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[UnderLoad]:
     """The API and a worker on the cluster (connected through node 1, the first address), four threads
-    of streams and non-streams, and a batch; on leaving, checks that nothing was lost."""
+    of streams and non-streams, a batch and a `hotq submit` job; on leaving, checks that nothing was
+    lost or doubled."""
     table = {"max_inflight": 8, "reserved_interactive": 4}
     threads: list[threading.Thread] = []
     with api_and_worker_on_a_fake_backend(workdir, cluster.urls, model, table, amqp_heartbeat_s=5) as stack:
@@ -238,37 +240,60 @@ def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[Und
         upload = "".join(json.dumps(line) + "\n" for line in lines).encode()
         input_id = client.files.create(file=("input.jsonl", upload), purpose="batch").id
         batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
-        load = InteractiveLoad(client, model)
-        for worker in range(LOAD_THREADS):
-            threads.append(threading.Thread(target=load.run, args=(worker,), daemon=True))
-            threads[-1].start()
+        # And a `hotq submit` job beside it: its own connection through the first address.
+        prompts = workdir / "prompts.jsonl"
+        prompts.write_text(
+            "".join(
+                json.dumps({"messages": [{"role": "user", "content": f"p {i}"}], "fake_delay_ms": 20}) + "\n"
+                for i in range(SUBMIT_LINES)
+            )
+        )
+        results = workdir / "submitted.jsonl"
+        submit_command = hotq_command(
+            "submit", str(prompts), "--model", model, "--out", str(results), "--config", str(stack.config)
+        )
+        submit = Child("submit", submit_command, workdir / "submit.log", cwd=ROOT)
         try:
-            running = UnderLoad(cluster, client, load, batch.id, stack.workers)
-            running.wait_for_answers_since(0)
-            yield running
+            load = InteractiveLoad(client, model)
+            for worker in range(LOAD_THREADS):
+                threads.append(threading.Thread(target=load.run, args=(worker,), daemon=True))
+                threads[-1].start()
+            try:
+                running = UnderLoad(cluster, client, load, batch.id, stack.workers)
+                running.wait_for_answers_since(0)
+                yield running
+            finally:
+                load.stop.set()
+                for thread in threads:
+                    thread.join(HANG_S + 60)
+            assert not any(thread.is_alive() for thread in threads), "a load thread still waits for an answer"
+            outcomes = list(load.outcomes)
+            kinds = {kind: sum(1 for o in outcomes if o.kind == kind) for kind in {o.kind for o in outcomes}}
+            bad = [o for o in outcomes if o.kind not in ("answered", "refused")]
+            assert not bad, f"requests neither answered nor refused explicitly: {bad[:5]} (all: {kinds})"
+            print(f"\ninteractive outcomes: {kinds}")
+
+            # The batch completes with exactly one result per line, and the worker carries on.
+            def batch_finished() -> bool:
+                return client.batches.retrieve(batch.id).status in ("completed", "failed", "expired", "cancelled")
+
+            wait_until(batch_finished, LONG_WORK_S, f"batch {batch.id} finished")
+            done = client.batches.retrieve(batch.id)
+            assert done.status == "completed" and done.request_counts is not None
+            assert (done.request_counts.completed, done.request_counts.failed) == (BATCH_LINES, 0)
+            assert done.output_file_id is not None
+            records = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+            assert sorted(record["custom_id"] for record in records) == sorted(f"line-{i}" for i in range(BATCH_LINES))
+            assert all(worker.poll() is None for worker in stack.workers)
+            assert submit.wait(timeout=LONG_WORK_S) == 0, submit.log_text()
+            submitted = [json.loads(line) for line in results.read_text().splitlines()]
+            assert [record["custom_id"] for record in submitted] == [str(n) for n in range(1, SUBMIT_LINES + 1)]
+            assert all(record["error"] is None for record in submitted)
+
         finally:
-            load.stop.set()
-            for thread in threads:
-                thread.join(HANG_S + 60)
-        assert not any(thread.is_alive() for thread in threads), "a load thread still waits for an answer"
-        outcomes = list(load.outcomes)
-        kinds = {kind: sum(1 for o in outcomes if o.kind == kind) for kind in {o.kind for o in outcomes}}
-        bad = [o for o in outcomes if o.kind not in ("answered", "refused")]
-        assert not bad, f"requests neither answered nor refused explicitly: {bad[:5]} (all: {kinds})"
-        print(f"\ninteractive outcomes: {kinds}")
-
-        # The batch completes with exactly one result per line, and the worker carries on.
-        def batch_finished() -> bool:
-            return client.batches.retrieve(batch.id).status in ("completed", "failed", "expired", "cancelled")
-
-        wait_until(batch_finished, LONG_WORK_S, f"batch {batch.id} finished")
-        done = client.batches.retrieve(batch.id)
-        assert done.status == "completed" and done.request_counts is not None
-        assert (done.request_counts.completed, done.request_counts.failed) == (BATCH_LINES, 0)
-        assert done.output_file_id is not None
-        records = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
-        assert sorted(record["custom_id"] for record in records) == sorted(f"line-{i}" for i in range(BATCH_LINES))
-        assert all(worker.poll() is None for worker in stack.workers)
+            if submit.poll() is None:  # the test failed before it finished
+                submit.kill()
+                submit.wait()
 
 
 def test_killing_the_request_queues_leader_under_load(
