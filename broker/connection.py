@@ -42,6 +42,13 @@ CONNECT_TIMEOUT_S = 15.0
 # dead leader and has every later publish nacked, so a reconnected process waits this long before
 # restoring its channels.
 FAILOVER_SETTLE_S = 3.0
+# What a channel operation may raise while its connection moves to another node: worth a retry.
+BROKER_LOST = (
+    aio_pika.exceptions.AMQPError,
+    aio_pika.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    TimeoutError,
+)
 
 
 class ClusterConnection(RobustConnection):

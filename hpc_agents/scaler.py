@@ -24,11 +24,10 @@ import time
 
 import structlog
 from aio_pika.abc import AbstractChannel
-from aio_pika.exceptions import AMQPError, ChannelInvalidStateError
 
 from broker import topology
 from broker.config import Config, ModelConfig
-from broker.connection import connect_with
+from broker.connection import BROKER_LOST, connect_with
 from broker.messages import AgentState, AgentStatus, Lane
 from hpc_agents.decisions import Decision, DecisionLog, decision_log_path
 from hpc_agents.directory import AgentDirectory
@@ -36,9 +35,6 @@ from hpc_agents.launchers import Launch, Launcher
 from ops.metrics import ScalerMetrics
 
 log = structlog.get_logger("hotq.scaler")
-
-# What a tick may meet while the robust connection reconnects.
-BROKER_LOST = (AMQPError, ChannelInvalidStateError, ConnectionError, TimeoutError)
 
 # Requests/s one agent is assumed to serve before any has been measured: a
 # deliberately modest guess, so a cold backlog starts more than one node.

@@ -25,9 +25,9 @@ from broker.connection import connect
 from broker.messages import Lane
 from ops.processes import Child, wait_until
 from ops.rabbitmq.local_cluster import LocalCluster, Node
-from ops.testing.deadlines import LONG_WORK_S
-from ops.testing.fake_backend import reply_text
-from ops.testing.stack import ROOT, api_and_worker_on_a_fake_backend, hotq_command
+from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STARTUP_S
+from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, reply_text, running_fake_backend
+from ops.testing.stack import ROOT, Stack, hotq_command, write_config
 from tests.rabbitmq_cluster import PATIENCE_S, wait_for_leader
 
 pytestmark = pytest.mark.timeout(1800)  # the cluster's start, then minutes of load on a slow machine
@@ -219,14 +219,49 @@ class UnderLoad:
         return 0 if counts is None else counts.completed
 
 
+def _agent_model(model: str) -> str:
+    return model + "-agent"
+
+
+def _answers(client: openai.OpenAI, model: str) -> bool:
+    try:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "ping"}])
+    except openai.APIStatusError as error:
+        assert error.status_code == 503, error  # refused while it reconnects: ask again
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def stack_with_scaler(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[Stack]:
+    """The API and a worker for `model` on a fake backend, and `hotq scale` keeping one agent hot for
+    a second model (in `stack.workers`, the worker first); all connected through node 1."""
+    with running_fake_backend([model]) as backend_url:
+        models: dict[str, dict[str, object]] = {
+            model: {"backend_url": backend_url, "max_inflight": 8, "reserved_interactive": 4},
+            _agent_model(model): {"command": FAKE_BACKEND_COMMAND, "min_hot": 1, "max_inflight": 2},
+        }
+        config = write_config(workdir / "hotq.toml", cluster.urls, models, None, amqp_heartbeat_s=5)
+        stack = Stack(config, workdir)
+        try:
+            stack.start_api()
+            stack.start_worker(model)
+            scaler = Child("scale", hotq_command("scale", "--config", str(config)), workdir / "scale.log", cwd=ROOT)
+            stack.workers.append(scaler)
+            client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_S)
+            wait_until(lambda: _answers(client, _agent_model(model)), STARTUP_S, "the scaler's agent answers", scaler)
+            yield stack
+        finally:
+            stack.close()
+
+
 @contextlib.contextmanager
 def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[UnderLoad]:
     """The API and a worker on the cluster (connected through node 1, the first address), four threads
     of streams and non-streams, a batch and a `hotq submit` job; on leaving, checks that nothing was
     lost or doubled."""
-    table = {"max_inflight": 8, "reserved_interactive": 4}
     threads: list[threading.Thread] = []
-    with api_and_worker_on_a_fake_backend(workdir, cluster.urls, model, table, amqp_heartbeat_s=5) as stack:
+    with stack_with_scaler(cluster, workdir, model) as stack:
         client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_S)
         lines = [
             {
@@ -284,12 +319,13 @@ def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[Und
             assert done.output_file_id is not None
             records = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
             assert sorted(record["custom_id"] for record in records) == sorted(f"line-{i}" for i in range(BATCH_LINES))
-            assert all(worker.poll() is None for worker in stack.workers)
+            # The worker and the scaler carry on, and so does the agent it launched: it answers again.
+            wait_until(lambda: _answers(client, _agent_model(model)), EVENTUALLY_S, "the agent's model answers")
+            assert all(child.poll() is None for child in stack.workers)
             assert submit.wait(timeout=LONG_WORK_S) == 0, submit.log_text()
             submitted = [json.loads(line) for line in results.read_text().splitlines()]
             assert [record["custom_id"] for record in submitted] == [str(n) for n in range(1, SUBMIT_LINES + 1)]
             assert all(record["error"] is None for record in submitted)
-
         finally:
             if submit.poll() is None:  # the test failed before it finished
                 submit.kill()
