@@ -26,7 +26,7 @@ from broker.messages import Lane
 from ops.processes import Child, wait_until
 from ops.rabbitmq.local_cluster import LocalCluster, Node
 from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STARTUP_S
-from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, reply_text, running_fake_backend
+from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold, reply_text, running_fake_backend
 from ops.testing.stack import ROOT, Stack, hotq_command, write_config
 from tests.rabbitmq_cluster import PATIENCE_S, wait_for_leader
 
@@ -261,6 +261,13 @@ def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[Und
     of streams and non-streams, a batch and a `hotq submit` job; on leaving, checks that nothing was
     lost or doubled."""
     threads: list[threading.Thread] = []
+    # The second half of the batch's and the job's lines wait in the backend until the disruption is
+    # over: both are surely under way when it happens.
+    hold = Hold(workdir / "release")
+
+    def held(line: int, lines: int) -> dict[str, object]:
+        return hold.field if line >= lines // 2 else {}
+
     with stack_with_scaler(cluster, workdir, model) as stack:
         client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_S)
         lines = [
@@ -268,7 +275,7 @@ def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[Und
                 "custom_id": f"line-{i}",
                 "method": "POST",
                 "url": "/v1/chat/completions",
-                "body": {"model": model, "messages": [{"role": "user", "content": f"n {i}"}], "fake_delay_ms": 20},
+                "body": {"model": model, "messages": [{"role": "user", "content": f"n {i}"}]} | held(i, BATCH_LINES),
             }
             for i in range(BATCH_LINES)
         ]
@@ -279,7 +286,7 @@ def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[Und
         prompts = workdir / "prompts.jsonl"
         prompts.write_text(
             "".join(
-                json.dumps({"messages": [{"role": "user", "content": f"p {i}"}], "fake_delay_ms": 20}) + "\n"
+                json.dumps({"messages": [{"role": "user", "content": f"p {i}"}]} | held(i, SUBMIT_LINES)) + "\n"
                 for i in range(SUBMIT_LINES)
             )
         )
@@ -298,6 +305,7 @@ def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[Und
                 running.wait_for_answers_since(0)
                 yield running
             finally:
+                hold.release()
                 load.stop.set()
                 for thread in threads:
                     thread.join(HANG_S + 60)
