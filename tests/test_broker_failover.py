@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,9 +24,10 @@ from openai.types.chat import ChatCompletionMessageParam
 from broker import topology
 from broker.connection import connect
 from broker.messages import Lane
-from ops.processes import Child, wait_until
+from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
+from ops.processes import Child, free_port, wait_until
 from ops.rabbitmq.local_cluster import LocalCluster, Node
-from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STARTUP_S
+from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STARTUP_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
 from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold, reply_text, running_fake_backend
 from ops.testing.stack import ROOT, Stack, hotq_command, write_config
 from tests.rabbitmq_cluster import PATIENCE_S, wait_for_leader
@@ -382,3 +384,48 @@ def test_clean_stop_and_rolling_restart_under_load(
             gap = running.gap_after(stopped_at)
             print(f"\n{node.name} stopped and back; longest time without an answer: {gap:.2f} s")
         running.wait_for_answers_since(time.monotonic())
+
+
+def _real_answer(client: openai.OpenAI) -> bool:
+    """Whether the embedded model answered (a 503 while hotq reconnects means: ask again)."""
+    try:
+        completion = client.chat.completions.create(
+            model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+        )
+    except openai.APIStatusError as error:
+        assert error.status_code == 503, error
+        return False
+    return bool(completion.choices[0].message.content)
+
+
+def _backends_ready(workdir: Path) -> int:
+    """How often an agent of the stack said its backend was ready (agents log beside the data)."""
+    logs = (workdir / ".hotq").rglob("agent-*.log")
+    return sum(log.read_text(errors="replace").count('"backend_ready"') for log in logs)
+
+
+@pytest.mark.timeout(VLLM_STARTUP_S + 3 * VLLM_EVENTUALLY_S)
+def test_hotq_up_with_real_vllm_carries_on_after_its_node_crashes(
+    rabbitmq_cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """What `make run` starts (API, scaler, an agent running vLLM), given the cluster's addresses in
+    $HOTQ_AMQP_URL: its node is killed, and the same vLLM answers again."""
+    cluster = rabbitmq_cluster
+    port = free_port()
+    command = hotq_command("up", "--port", str(port), "--data-dir", str(tmp_path / ".hotq"))
+    env = os.environ | {"HOTQ_AMQP_URL": ",".join(cluster.urls)}
+    up = Child("hotq up", command, tmp_path / "up.log", env=env, cwd=tmp_path)
+    try:
+        up.wait_for_log("is serving", VLLM_STARTUP_S)
+        client = openai.OpenAI(
+            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=VLLM_EVENTUALLY_S
+        )
+        assert _real_answer(client)
+        backends_started = _backends_ready(tmp_path)
+        assert backends_started == 1
+        cluster.kill(cluster.nodes[0])  # every process of the stack connected to the first address
+        wait_until(lambda: _real_answer(client), VLLM_EVENTUALLY_S, "an answer after the crash", up)
+        assert _backends_ready(tmp_path) == backends_started, "vLLM was restarted"
+    finally:
+        returncode = up.stop(VLLM_EVENTUALLY_S)  # the agent drains, vLLM stops
+    assert returncode == 0, up.log_tail()
