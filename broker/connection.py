@@ -39,8 +39,8 @@ CONNECT_RETRY_S = 2.0
 CONNECT_TIMEOUT_S = 15.0
 # After a node dies its quorum queues elect new leaders among the survivors (well under a second
 # after a crash). A channel of RabbitMQ 3.10 that publishes to a quorum queue before then keeps its
-# dead leader and has every later publish nacked, so a reconnected process waits this long before
-# restoring its channels.
+# dead leader and has every later publish nacked, so a process that reconnects to another node waits
+# this long before restoring its channels (not when it gets back to the same one).
 FAILOVER_SETTLE_S = 3.0
 # What a channel operation may raise while its connection moves to another node: worth a retry.
 BROKER_LOST = (
@@ -63,6 +63,7 @@ class ClusterConnection(RobustConnection):
     def __init__(self, urls: Sequence[URL], quorum_replicas: int, **kwargs: Any) -> None:
         self._urls = list(urls)
         self._attempt = 0
+        self._node: str | None = None  # host:port connected to last
         self.quorum_replicas = quorum_replicas
         super().__init__(self._urls[0], **kwargs)
         self._attempt = 0  # the base class read the first address for its query parameters
@@ -79,10 +80,13 @@ class ClusterConnection(RobustConnection):
         self._urls = [url.with_password(value.password) for url in self._urls]
 
     async def _on_connected(self) -> None:
-        if self.connection_attempt:  # a reconnect: wait before restoring channels (see FAILOVER_SETTLE_S)
-            node = self.transport.connection.url if self.transport is not None else None
-            log.info("broker_reconnected", node=f"{node.host}:{node.port}" if node else None)
-            await asyncio.sleep(FAILOVER_SETTLE_S)
+        url = self.transport.connection.url if self.transport is not None else None
+        node = f"{url.host}:{url.port}" if url is not None else None
+        if self.connection_attempt:
+            log.info("broker_reconnected", node=node, moved=node != self._node)
+            if node != self._node:  # its node went away: wait before restoring channels (FAILOVER_SETTLE_S)
+                await asyncio.sleep(FAILOVER_SETTLE_S)
+        self._node = node
         await super()._on_connected()
 
     def __str__(self) -> str:  # what aio-pika logs; reading `url` would skip an address

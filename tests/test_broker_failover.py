@@ -342,22 +342,34 @@ def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[Und
                 submit.wait()
 
 
+async def _declare_queues_through(node: Node, model: str) -> None:
+    """The model's queues made through `node`, which so leads them."""
+    connection = await aio_pika.connect(node.url)
+    async with connection:
+        await topology.declare_model_queues(await connection.channel(), [model])
+
+
+@pytest.mark.parametrize("leader", ["here", "elsewhere"])
 def test_killing_the_request_queues_leader_under_load(
-    rabbitmq_cluster: LocalCluster, tmp_path: Path, session_tag: str
+    rabbitmq_cluster: LocalCluster, tmp_path: Path, session_tag: str, leader: str
 ) -> None:
-    """Acceptance test 1 (scaled down): streams and non-streams keep coming and a batch runs while the
-    node leading the model's interactive queue is killed with SIGKILL."""
+    """Acceptance test 1 (scaled down): streams and non-streams keep coming, a batch and a job run while
+    the node leading the model's interactive queue is killed with SIGKILL: the node the stack is
+    connected to ("here": its processes move), or another one ("elsewhere": only the leaders move)."""
     cluster = rabbitmq_cluster
-    model = f"test-org/failover-{session_tag}"
+    model = f"test-org/failover-{session_tag}-{leader}"
+    if leader == "elsewhere":
+        asyncio.run(_declare_queues_through(cluster.nodes[2], model))
     with under_load(cluster, tmp_path, model) as running:
-        leader = wait_for_leader(cluster, topology.request_queue_name(model, Lane.INTERACTIVE), list(cluster.nodes))
+        leading = wait_for_leader(cluster, topology.request_queue_name(model, Lane.INTERACTIVE), list(cluster.nodes))
+        assert (leading == cluster.nodes[0]) == (leader == "here")
         done_before = running.batch_done()
         killed_at = time.monotonic()
-        cluster.kill(leader)
+        cluster.kill(leading)
         running.wait_for_answers_since(killed_at)
         assert done_before < BATCH_LINES, "the batch finished before the kill"
         print(
-            f"\nkilled {leader.name} (the API and worker were on {cluster.nodes[0].name}) with "
+            f"\nkilled {leading.name}, the leader (the stack was on {cluster.nodes[0].name}), with "
             f"{done_before}/{BATCH_LINES} batch lines done; longest time without an answer: "
             f"{running.gap_after(killed_at):.2f} s"
         )
