@@ -23,6 +23,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from broker import topology
 from broker.connection import connect
+from broker.errors import BrokerUnavailable
 from broker.messages import Lane
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
 from ops.processes import Child, free_port, wait_until
@@ -45,6 +46,15 @@ def _node_of(cluster: LocalCluster, connection: AbstractRobustConnection) -> Nod
     port = transport.connection.url.port
     (node,) = [node for node in cluster.nodes if node.amqp_port == port]
     return node
+
+
+async def test_no_address_reachable_is_one_error_naming_each() -> None:
+    closed = [f"amqp://guest:secret@127.0.0.1:{port}/v" for port in (free_port(), free_port())]
+    with pytest.raises(BrokerUnavailable) as caught:
+        await connect(closed, "test")
+    for url in closed:
+        assert url.replace("secret", "***") in caught.value.message
+    assert "secret" not in caught.value.message
 
 
 async def test_connection_moves_to_another_node_and_redeclares_what_it_owns(
