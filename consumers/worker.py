@@ -20,6 +20,7 @@ import socket
 import time
 import uuid
 
+import aio_pika
 import structlog
 from aio_pika.abc import (
     AbstractChannel,
@@ -191,7 +192,11 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await replies.send(Abandoned(envelope.request_id, progress.usage))
             return Settlement.ACK  # nobody waits for this answer any more
-        except Exception as exc:  # a bug or a broker outage: answer if we can, never leave it held
+        except (aio_pika.exceptions.ChannelInvalidStateError, aio_pika.exceptions.AMQPError) as exc:
+            # Our channel to RabbitMQ closed mid-answer: it hands the request back by itself.
+            log.warning("reply_not_sent_broker_lost", error=repr(exc))
+            outcome = _Outcome.REQUEUE
+        except Exception as exc:  # a bug: answer if we can, never leave it held
             log.exception("request_failed")
             with contextlib.suppress(Exception):
                 await replies.send(error_frame(envelope, "failed", HotqError(f"the consumer failed: {exc!r}")))
