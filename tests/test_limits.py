@@ -140,25 +140,27 @@ def test_a_stream_left_mid_way_is_charged_what_was_generated(stack: Stack, model
     """Leaving a stream early does not dodge tokens_per_minute: the consumer reports the backend's
     count at the cut (6 prompt tokens and the answer's first ones, over the limit of 5)."""
     frank = _client(stack, "frank-tpm")
-    stream = frank.chat.completions.create(
-        model=models["tpm"],
-        messages=[{"role": "user", "content": "one two three four five six"}],
-        stream=True,
-        extra_body={"fake_delay_ms": 200},
-    )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            break  # the first token is enough
-    stream.close()
+    leave_after_first_token(frank, models["tpm"], "one two three four five six")
     # The consumer sends the API its count at the cut (the frame the charge comes from) just before
     # its usage report, which the API then records: once the record is there, the charge is in.
-    wait_until(lambda: _cancelled_recorded(stack, "frank-tpm"), EVENTUALLY_S, "frank's cut stream recorded")
+    wait_until(lambda: cancelled_recorded(stack, "frank-tpm"), EVENTUALLY_S, "frank's cut stream recorded")
     with pytest.raises(openai.RateLimitError) as caught:
         _chat(frank, models["tpm"])
     assert _retry_after(caught.value) >= 1
 
 
-def _cancelled_recorded(stack: Stack, user: str) -> bool:
+def leave_after_first_token(client: openai.OpenAI, model: str, text: str) -> None:
+    """Stream a slow answer to `text` and leave it once its first token came."""
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], stream=True, extra_body={"fake_delay_ms": 200}
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+
+
+def cancelled_recorded(stack: Stack, user: str) -> bool:
     store = JobStore(stack.workdir / "data")
     try:
         return any(row["cancelled"] for row in store.usage(user=user))
