@@ -5,8 +5,9 @@ Client threads send a seeded random mix of requests through a real API and worke
 backend: answered ones, streams read to the end, streams the client leaves after a few chunks,
 requests the client drops before or while they run, streams whose backend connection breaks
 mid-answer, backend errors. Meanwhile, at random points of the run, the worker is stopped
-(SIGSTOP) while clients leave, so that the deliveries and their cancels reach it together, and
-every AMQP connection of the test's vhost is force-closed. Afterwards RabbitMQ itself must show
+(SIGSTOP) while clients leave, so that the deliveries and their cancels reach it together, the
+backend goes away mid-answer and comes back at the same address, and every AMQP connection of
+the test's vhost is force-closed. Afterwards RabbitMQ itself must show
 the model's queue empty, with nothing unacknowledged, and the worker must run `max_inflight`
 requests at once again and answer them all. Nothing here depends on timing: when a client leaves
 is random, and whatever it hits, the checks must hold. The seed is printed;
@@ -33,8 +34,9 @@ from broker import topology
 from broker.messages import Lane
 from ops.processes import Child, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STOP_S
-from ops.testing.fake_backend import Hold, expected_chat_tokens, fake_stats
-from ops.testing.stack import Stack, api_and_worker_on_a_fake_backend, ready_messages
+from hpc_agents.backend import free_port
+from ops.testing.fake_backend import Hold, expected_chat_tokens, fake_stats, running_fake_backend
+from ops.testing.stack import Stack, api_and_worker, ready_messages
 from tests import rabbitmq_roles
 
 MAX_INFLIGHT = 4
@@ -141,7 +143,7 @@ class _Load:
 
     def pause(self) -> None:
         self._going.clear()
-        wait_until(lambda: self.busy == 0, EVENTUALLY_S, "the requests under way finished")
+        wait_until(lambda: self.busy == 0, LONG_WORK_S, "the requests under way finished")
 
     def resume(self) -> None:
         self._going.set()
@@ -163,15 +165,14 @@ class _Load:
                         self.busy -= 1
 
 
-def _leave_while_stopped(stack: Stack, worker: Child, model: str, amqp_url: str) -> None:
+def _leave_while_stopped(stack: Stack, backend: _Backend, worker: Child, model: str, amqp_url: str) -> None:
     """Stop the worker, let clients leave requests it has not seen, go on: it then receives the
     deliveries and their cancels together (the race of issue 15 §1). The rest of the load waits
     meanwhile, so that the worker has prefetch room for the deliveries (a leaked one excepted)."""
     queue = topology.request_queue_name(model, Lane.INTERACTIVE)
     # Consuming (again, after a forced close): else the API answers 503 at once, and nobody leaves.
     wait_until(lambda: _queue_counts(amqp_url, queue)[2] == 1, EVENTUALLY_S, "the worker consuming", worker)
-    assert stack.backend_url is not None
-    wait_until(lambda: fake_stats(stack.backend_url)["active"] == 0, EVENTUALLY_S, "the backend idle", worker)
+    wait_until(lambda: fake_stats(backend.url)["active"] == 0, EVENTUALLY_S, "the backend idle", worker)
     left_before = stack.log("api.log").count('"status": 499')
     worker.send_signal(signal.SIGSTOP)
     try:
@@ -194,25 +195,53 @@ def model(session_tag: str, delete_test_queues: list[str]) -> str:
     return f"settlement-{session_tag}"
 
 
+class _Backend:
+    """The fake backend on a port of its own, so that it can go away and come back at the same URL."""
+
+    def __init__(self, model: str) -> None:
+        self._model = model
+        self._port = free_port()
+        self.url = f"http://127.0.0.1:{self._port}"
+        self._running = contextlib.ExitStack()
+
+    def start(self) -> None:
+        self._running = contextlib.ExitStack()
+        self._running.enter_context(running_fake_backend([self._model], port=self._port))
+
+    def stop(self) -> None:
+        """SIGTERM: what it is answering is cut off a moment later, with its connections."""
+        self._running.close()
+
+
 @pytest.fixture
-def stack(tmp_path: Path, amqp_url: str, model: str) -> Iterator[Stack]:
-    table = {"max_inflight": MAX_INFLIGHT}
-    with api_and_worker_on_a_fake_backend(tmp_path, amqp_url, model, table, max_queue_wait_s=30) as stack:
+def backend(model: str) -> Iterator[_Backend]:
+    backend = _Backend(model)
+    backend.start()
+    try:
+        yield backend
+    finally:
+        backend.stop()
+
+
+@pytest.fixture
+def stack(tmp_path: Path, amqp_url: str, model: str, backend: _Backend) -> Iterator[Stack]:
+    table = {"backend_url": backend.url, "max_inflight": MAX_INFLIGHT}
+    with api_and_worker(tmp_path, amqp_url, model, table, max_queue_wait_s=30) as stack:
         yield stack
 
 
 def test_every_delivery_is_settled_and_every_slot_comes_back(
-    stack: Stack, model: str, amqp_url: str, tmp_path: Path
+    stack: Stack, backend: _Backend, model: str, amqp_url: str, tmp_path: Path
 ) -> None:
     seed = int(os.environ.get("HOTQ_SETTLEMENT_SEED") or random.randrange(2**32))
     print(f"settlement seed {seed} (HOTQ_SETTLEMENT_SEED={seed} repeats this run)")
     rng = random.Random(seed)
     plans = _plans(rng)
-    points = sorted(rng.sample(range(8, REQUESTS - 8), 4))
-    chaos = dict(zip(points, rng.sample(["stop", "stop", "close", "close"], 4), strict=True))
+    kinds = ["stop", "stop", "close", "close", "backend", "backend"]
+    points = sorted(rng.sample(range(8, REQUESTS - 8), len(kinds)))
+    chaos = dict(zip(points, rng.sample(kinds, len(kinds)), strict=True))
     print(f"actions {[plan.action for plan in plans]}, chaos after {chaos}")
     worker = stack.workers[0]
-    assert stack.backend_url is not None
 
     load = _Load(stack, model, plans)
     load.start()
@@ -220,15 +249,18 @@ def test_every_delivery_is_settled_and_every_slot_comes_back(
         wait_until(lambda point=point: load.done >= point or load.finished(), LONG_WORK_S, f"{point} requests done")
         if kind == "stop":
             load.pause()
-            _leave_while_stopped(stack, worker, model, amqp_url)
+            _leave_while_stopped(stack, backend, worker, model, amqp_url)
             load.resume()
+        elif kind == "backend":
+            backend.stop()
+            backend.start()
         else:
             rabbitmq_roles.close_connections(amqp_url, "hotq test: settlement")
     wait_until(load.finished, LONG_WORK_S, "every client finished", worker)
 
     queue = topology.request_queue_name(model, Lane.INTERACTIVE)
     wait_until(lambda: _settled(amqp_url, queue), EVENTUALLY_S, "an empty queue with nothing unacknowledged", worker)
-    wait_until(lambda: fake_stats(stack.backend_url)["active"] == 0, EVENTUALLY_S, "the backend idle", worker)
+    wait_until(lambda: fake_stats(backend.url)["active"] == 0, EVENTUALLY_S, "the backend idle", worker)
 
     # The worker's full capacity serves again: max_inflight requests in the backend at once.
     hold = Hold(tmp_path / "release")
@@ -242,7 +274,7 @@ def test_every_delivery_is_settled_and_every_slot_comes_back(
     for thread in held:
         thread.start()
     wait_until(
-        lambda: fake_stats(stack.backend_url)["active"] == MAX_INFLIGHT,
+        lambda: fake_stats(backend.url)["active"] == MAX_INFLIGHT,
         EVENTUALLY_S,
         f"{MAX_INFLIGHT} requests in the backend at once",
         worker,
