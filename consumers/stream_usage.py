@@ -80,9 +80,18 @@ def _prompt_count(prompt: Any) -> int:
     return 1
 
 
+def prompt_estimate(body: bytes) -> int:
+    """About how many tokens a request's prompt holds (0 if the body is not a JSON object)."""
+    try:
+        request = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return 0
+    return _prompt_estimate(request) if isinstance(request, dict) else 0
+
+
 def _prompt_estimate(request: dict[str, Any]) -> int:
-    """About how many tokens the prompt holds, for a backend that never says."""
-    prompt = request.get("prompt")
+    """About how many tokens the prompt (or embeddings' input) holds, for a backend that never says."""
+    prompt = request.get("prompt", request.get("input"))
     if isinstance(prompt, list) and all(isinstance(item, int) for item in prompt):
         return len(prompt)  # token ids
     if isinstance(prompt, list) and all(isinstance(item, list) for item in prompt):

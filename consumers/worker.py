@@ -180,7 +180,7 @@ class Worker:
         """Serve one delivery: ack when done with it, requeue otherwise."""
         assert self._reply_exchange is not None, "start() first"
         replies = ReplySender(self._reply_exchange, reply_to, envelope.request_id)
-        progress = AttemptProgress()
+        progress = AttemptProgress(envelope.body)
         try:
             outcome = await self._attempt(delivery, envelope, replies, progress)
         except asyncio.CancelledError:
@@ -190,7 +190,7 @@ class Worker:
             if delivery.cancelled_by_client and progress.called_backend and not replies.caller_gone:
                 # What the backend generated until the cut, for the API to charge the user's limits.
                 with contextlib.suppress(Exception):
-                    await replies.send(Abandoned(envelope.request_id, progress.usage))
+                    await replies.send(Abandoned(envelope.request_id, progress.usage_at_cut()))
             return Settlement.ACK  # nobody waits for this answer any more
         except (aio_pika.exceptions.ChannelInvalidStateError, aio_pika.exceptions.AMQPError) as exc:
             # Our channel to RabbitMQ closed mid-answer: it hands the request back by itself.
@@ -214,7 +214,7 @@ class Worker:
         """Count a request the backend worked on against its user: answered, failed or cut short.
         An attempt handed back is not counted (the request is served again, and counted then)."""
         if progress.called_backend and self._usage is not None:
-            self._usage.record(envelope, progress.usage, cancelled)
+            self._usage.record(envelope, progress.usage_at_cut() if cancelled else progress.usage, cancelled)
 
     async def _attempt(
         self,

@@ -160,10 +160,10 @@ def leave_after_first_token(client: openai.OpenAI, model: str, text: str) -> Non
     stream.close()
 
 
-def cancelled_recorded(stack: Stack, user: str) -> bool:
+def cancelled_recorded(stack: Stack, user: str, model: str | None = None) -> bool:
     store = JobStore(stack.workdir / "data")
     try:
-        return any(row["cancelled"] for row in store.usage(user=user))
+        return any(row["cancelled"] for row in store.usage(user=user, model=model))
     finally:
         store.close()
 
