@@ -30,7 +30,7 @@ from broker.messages import Abandoned, Final, Lane
 from ops.processes import wait_until
 from ops.testing.deadlines import EVENTUALLY_S
 from ops.testing.fake_backend import Hold, fake_stats, running_fake_backend
-from ops.testing.stack import Stack, create_key, ready_messages
+from ops.testing.stack import Stack, api_and_workers, create_key, ready_messages
 from producers.request_client import RequestClient
 
 DELAY_MS = 300  # the fake backend's time per request in the fair-share tests
@@ -73,14 +73,8 @@ def limits(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, models: dict
                 lines.append("max_inflight = 2")
         config = workdir / "hotq.toml"
         config.write_text("\n".join(lines) + "\n")
-        stack = Stack(config, workdir)
-        try:
-            stack.start_api()
-            for name in models.values():
-                stack.start_worker(name)
+        with api_and_workers(config, workdir, models.values()) as stack:
             yield LimitsStack(stack, backend, amqp_url)
-        finally:
-            stack.close()
 
 
 @pytest.fixture(scope="module")

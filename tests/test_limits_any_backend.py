@@ -22,7 +22,7 @@ import pytest
 from ops.processes import wait_until
 from ops.testing.deadlines import EVENTUALLY_S
 from ops.testing.fake_backend import Hold, fake_stats, running_fake_backend
-from ops.testing.stack import Stack, write_config
+from ops.testing.stack import Stack, api_and_workers, write_config
 from tests.test_limits import cancelled_recorded, leave_after_first_token
 
 PROMPT = " ".join(f"word{index}" for index in range(3500))  # about 7,000 tokens at 4 characters a token
@@ -46,14 +46,9 @@ def served(
     with running_fake_backend(list(models.values()), running_usage=False) as backend:
         limits = {"tokens_per_minute": TOKENS_PER_MINUTE}
         tables = {model: {"backend_url": backend, "limits": limits} for model in models.values()}
-        stack = Stack(write_config(workdir / "hotq.toml", amqp_url, tables), workdir)
-        try:
-            stack.start_api()
-            for model in models.values():
-                stack.start_worker(model)
+        config = write_config(workdir / "hotq.toml", amqp_url, tables)
+        with api_and_workers(config, workdir, models.values()) as stack:
             yield Served(stack, backend, models)
-        finally:
-            stack.close()
 
 
 def _over_the_limit(served: Served, model: str) -> None:
