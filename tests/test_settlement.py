@@ -32,9 +32,9 @@ import pytest
 
 from broker import topology
 from broker.messages import Lane
+from hpc_agents.backend import free_port
 from ops.processes import Child, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STOP_S
-from hpc_agents.backend import free_port
 from ops.testing.fake_backend import Hold, expected_chat_tokens, fake_stats, running_fake_backend
 from ops.testing.stack import Stack, api_and_worker, ready_messages
 from tests import rabbitmq_roles
@@ -141,6 +141,9 @@ class _Load:
     def finished(self) -> bool:
         return not any(thread.is_alive() for thread in self._threads)
 
+    def wait_for(self, done: int) -> None:
+        wait_until(lambda: self.done >= done or self.finished(), LONG_WORK_S, f"{done} requests done")
+
     def pause(self) -> None:
         self._going.clear()
         wait_until(lambda: self.busy == 0, LONG_WORK_S, "the requests under way finished")
@@ -246,7 +249,7 @@ def test_every_delivery_is_settled_and_every_slot_comes_back(
     load = _Load(stack, model, plans)
     load.start()
     for point, kind in chaos.items():
-        wait_until(lambda point=point: load.done >= point or load.finished(), LONG_WORK_S, f"{point} requests done")
+        load.wait_for(point)
         if kind == "stop":
             load.pause()
             _leave_while_stopped(stack, backend, worker, model, amqp_url)

@@ -18,11 +18,11 @@ import httpx
 import openai
 import pytest
 
+from consumers.stream_usage import prompt_estimate
 from hpc_agents.backend import free_port
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
 from ops.processes import Child, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
-from consumers.stream_usage import prompt_estimate
 from ops.testing.stack import hotq_command, log_events
 
 # The whole module shares one `hotq up`; its first test also waits for it to start.
