@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PORT ?= 8000
 PYTEST_ARGS ?=
 
-.PHONY: run test install install-dev rabbitmq chromium model bench clean
+.PHONY: run test lint install install-dev rabbitmq chromium model bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -47,7 +47,13 @@ model: install
 run: install rabbitmq
 	$(VENV)/bin/hotq up --port $(PORT)
 
-test: install-dev rabbitmq chromium
+# Style and types first: a lint failure ends `make test` (and CI) before the slow suite starts.
+lint: install-dev
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint rabbitmq chromium
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install-dev rabbitmq

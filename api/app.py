@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import structlog
+from aio_pika.abc import AbstractRobustConnection
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -21,6 +22,7 @@ from api.ops_page import OpsMonitor
 from api.routes import Gateway
 from api.usage import Usage
 from broker.config import Config
+from broker.connection import connect_until_up
 from broker.errors import BrokerUnavailable, HotqError
 from broker.jobstore import AsyncJobStore, JobStore
 from consumers.usage_recorder import UsageRecorder
@@ -29,7 +31,7 @@ from producers.request_client import RequestClient
 
 log = structlog.get_logger("hotq.api")
 
-BROKER_RETRY_S = 2.0
+CLIENT_RETRY_S = 2.0  # while RabbitMQ refuses the request client (its queues are not declared yet)
 USAGE_RETRY_S = 10.0
 
 
@@ -39,57 +41,65 @@ def create_app(config: Config) -> Starlette:
     ops = OpsMonitor(config, metrics)
     store = AsyncJobStore(JobStore(config.data_dir))
     batch_manager = BatchManager(config, store)
-    files = Files(store)
+    files = Files(config, store)
     batches = Batches(config, store, batch_manager)
     usage = Usage(store)
     auth = build_auth(config, store)
     gateway.policy = batches.policy = usage.policy = auth.policy
     recorder = UsageRecorder(store)  # consumers' usage reports, into the job store
 
-    async def connect_until_up() -> None:
+    connected: list[AbstractRobustConnection] = []  # the process's one connection, once up
+    serving = asyncio.Event()  # the request client is open
+
+    async def open_client(connection: AbstractRobustConnection) -> None:
         while True:
             try:
-                pinned = {name: model.clusters or list(config.clusters) for name, model in config.models.items()}
-                client = await RequestClient.open(config.amqp_url, list(config.models), pinned, config.amqp_tls)
+                gateway.client = await RequestClient.open(connection, list(config.models), config.pinned_clusters())
                 break
             except BrokerUnavailable as exc:
-                log.warning("broker_unreachable_retrying", error=exc.message, retry_in_s=BROKER_RETRY_S)
-                await asyncio.sleep(BROKER_RETRY_S)
-        gateway.client = client
+                log.warning("request_client_refused_retrying", error=exc.message, retry_in_s=CLIENT_RETRY_S)
+                await asyncio.sleep(CLIENT_RETRY_S)
+        serving.set()
         log.info("broker_connected", models=len(config.models))
         while True:  # requests are served meanwhile; their usage waits in its queue
             try:
-                await recorder.start(client.connection)
+                await recorder.start(connection)
                 return
             except Exception:
                 log.exception("usage_recorder_failed_retrying", retry_in_s=USAGE_RETRY_S)
                 await asyncio.sleep(USAGE_RETRY_S)
 
+    async def run_on_broker() -> None:
+        """Connect (waiting while RabbitMQ is down), then start everything that uses the connection."""
+        connection = await connect_until_up(config.amqp_url, "api", config.amqp_tls)
+        connected.append(connection)
+        await asyncio.gather(
+            open_client(connection),
+            batch_manager.start(connection),  # resumes unfinished batches
+            ops.run(connection),  # samples until cancelled
+        )
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         # Serve (with 503s) even while RabbitMQ is down; connect as soon as it is up.
-        connecting = asyncio.create_task(connect_until_up())
-        sampling = asyncio.create_task(ops.run())
-        running_batches = asyncio.create_task(batch_manager.start())  # resumes unfinished batches
+        on_broker = asyncio.create_task(run_on_broker())
         if auth.keys is not None:
             await auth.keys.refresh()  # every key works from the first request
         refreshing_keys = asyncio.create_task(auth.run())
-        try:
-            await asyncio.wait_for(asyncio.shield(connecting), timeout=5)
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(serving.wait(), timeout=5)
         yield
-        connecting.cancel()
-        sampling.cancel()
-        running_batches.cancel()
+        on_broker.cancel()
         refreshing_keys.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await on_broker
         await recorder.close()
         await batch_manager.close()
         store.close()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sampling  # closes the sampler's connection
         if gateway.client is not None:
             await gateway.client.close()
+        for connection in connected:
+            await connection.close()
 
     routes = [
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),
@@ -121,5 +131,8 @@ def create_app(config: Config) -> Starlette:
             Exception: on_unexpected,
         },
     )
+    # Starlette's trailing-slash redirect builds an absolute URL from the Host header (an open
+    # redirect); /metrics/ is simply not a route.
+    app.router.redirect_slashes = False
     app.state.gateway = gateway
     return app

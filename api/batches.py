@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -19,21 +20,23 @@ from aio_pika.abc import AbstractRobustConnection
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.auth import AccessPolicy, identity_of, owner_filter
+from api.auth import AccessPolicy
+from api.bodies import read_body
 from api.files import FileNotFound, int_param, list_response
-from api.routes import read_body
+from api.identity import identity_of, owner_filter
 from broker.batch_input import parse_batch_file
 from broker.config import Config
-from broker.connection import connect
-from broker.errors import BrokerUnavailable, HotqError, InvalidRequest
+from broker.errors import HotqError, InvalidRequest
 from broker.jobstore import AsyncJobStore, new_id
+from broker.json_limits import too_deep
 from broker.messages import Endpoint
+from broker.openai_objects import batch_object
 from consumers.collector import BatchRunner
 
 log = structlog.get_logger("hotq.api")
 
 ENDPOINTS = {endpoint.path: endpoint for endpoint in Endpoint}
-BROKER_RETRY_S = 2.0
+RUNNER_RETRY_S = 2.0  # before a runner that failed (a lost connection) starts again
 
 
 class BatchNotFound(HotqError):
@@ -43,7 +46,7 @@ class BatchNotFound(HotqError):
 
 
 class BatchManager:
-    """The batch runners of this API process, on a connection of their own."""
+    """The batch runners of this API process (each on a channel of the process's connection)."""
 
     def __init__(self, config: Config, store: AsyncJobStore) -> None:
         self.config = config
@@ -51,15 +54,10 @@ class BatchManager:
         self.connection: AbstractRobustConnection | None = None
         self._runners: dict[str, asyncio.Task[Any]] = {}
 
-    async def start(self) -> None:
-        """Connect (retrying while RabbitMQ is down) and resume this API's unfinished batches."""
-        while self.connection is None:
-            try:
-                self.connection = await connect(self.config.amqp_url, "api-batches", self.config.amqp_tls)
-            except BrokerUnavailable as exc:
-                log.warning("batches_broker_unreachable_retrying", error=exc.message)
-                await asyncio.sleep(BROKER_RETRY_S)
-        for batch_id in await self.store.call(self.store.store.active_batches, "api"):
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        """Run batches on `connection` from now on, starting with this API's unfinished ones."""
+        self.connection = connection
+        for batch_id in await self.store.run(lambda db: db.batches.active("api")):
             log.info("batch_resumed", batch_id=batch_id)
             self.run(batch_id)
 
@@ -80,15 +78,13 @@ class BatchManager:
                 raise
             except Exception:
                 log.exception("batch_runner_failed_restarting", batch_id=runner.batch_id)
-                await asyncio.sleep(BROKER_RETRY_S)
+                await asyncio.sleep(RUNNER_RETRY_S)
 
     async def close(self) -> None:
         for task in list(self._runners.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        if self.connection is not None:
-            await self.connection.close()
 
 
 class Batches:
@@ -103,6 +99,8 @@ class Batches:
             params = json.loads(await read_body(request, self._config.max_body_bytes))
         except ValueError:
             raise InvalidRequest("the request body is not valid JSON") from None
+        except RecursionError:
+            raise too_deep() from None
         if not isinstance(params, dict):
             raise InvalidRequest("the request body must be a JSON object")
         input_file_id = params.get("input_file_id")
@@ -114,71 +112,85 @@ class Batches:
         if params.get("completion_window") != "24h":
             raise InvalidRequest("`completion_window` must be 24h", param="completion_window")
         metadata = _metadata(params.get("metadata"))
-        db = self._store.store
-        file = await self._store.call(db.get_file, input_file_id, owner_filter(request))
+        owner = owner_filter(request)
+        file = await self._store.run(lambda db: db.files.get(input_file_id, owner))
         if file is None:
             raise FileNotFound(f"No such File object: {input_file_id}", param="input_file_id")
-        if file["purpose"] != "batch":
+        if file.purpose != "batch":
             raise InvalidRequest("the input file must have been uploaded with purpose `batch`", param="input_file_id")
-        content = await self._store.call(db.file_content, input_file_id, owner_filter(request)) or b""
-        parsed = await asyncio.to_thread(parse_batch_file, content, ENDPOINTS[endpoint], self._config.models)
+        content = await asyncio.to_thread(_read, Path(file.path))  # beside the store's thread: inputs reach 200 MB
+        parsed = await asyncio.to_thread(
+            parse_batch_file, content, ENDPOINTS[endpoint], self._config.models, self._config.max_body_bytes
+        )
         if self.policy is not None and parsed.model:
             await self.policy.require(identity_of(request), parsed.model)
-        batch = await self._store.call(
-            db.create_batch,
-            batch_id=new_id("batch_"),
-            endpoint=endpoint,
-            model=parsed.model,
-            input_file_id=input_file_id,
-            window_s=self._config.batch_window_s,
-            metadata=metadata,
-            source="api",
-            owner=identity_of(request).user,
-            lines=parsed.lines,
-            errors=parsed.errors,
+        creator, window_s = identity_of(request).user, self._config.batch_window_s
+        batch = await self._store.run(
+            lambda db: db.batches.create(
+                batch_id=new_id("batch_"),
+                endpoint=endpoint,
+                model=parsed.model,
+                input_file_id=input_file_id,
+                window_s=window_s,
+                metadata=metadata,
+                source="api",
+                owner=creator,
+                lines=parsed.lines,
+                errors=parsed.errors,
+            )
         )
-        if batch["status"] == "failed":
-            log.info("batch_invalid", batch_id=batch["id"], errors=len(parsed.errors))
+        if batch.status == "failed":
+            log.info("batch_invalid", batch_id=batch.id, errors=len(parsed.errors))
         else:
-            log.info("batch_created", batch_id=batch["id"], lines=len(parsed.lines), model=parsed.model)
-            self._manager.run(batch["id"])
-        return JSONResponse(batch)
+            log.info("batch_created", batch_id=batch.id, lines=len(parsed.lines), model=parsed.model)
+            self._manager.run(batch.id)
+        return JSONResponse(batch_object(batch))
 
     async def retrieve(self, request: Request) -> Response:
         return JSONResponse(await self._get(request, request.path_params["batch_id"]))
 
     async def list(self, request: Request) -> Response:
-        items, has_more = await self._store.call(
-            self._store.store.list_batches,
+        after, limit, owner = (
             request.query_params.get("after"),
             int_param(request, "limit", 20, 1, 100),
             owner_filter(request),
         )
-        return list_response(items, has_more)
+        batches, has_more = await self._store.run(lambda db: db.batches.page(after, limit, owner))
+        return list_response([batch_object(batch) for batch in batches], has_more)
 
     async def cancel(self, request: Request) -> Response:
         batch_id = request.path_params["batch_id"]
         batch = await self._get(request, batch_id)
-        db = self._store.store
         if batch["status"] in ("cancelling", "cancelled"):
             return JSONResponse(batch)
-        if not await self._store.call(db.set_status, batch_id, "cancelling", only_from=["validating", "in_progress"]):
+        cancelling = await self._store.run(
+            lambda db: db.batches.set_status(batch_id, "cancelling", only_from=["validating", "in_progress"])
+        )
+        if not cancelling:
             raise HotqError(
                 f"Cannot cancel a batch with status {batch['status']}",
                 status=409,
                 error_type="invalid_request_error",
                 code="batch_not_cancellable",
             )
-        if not await self._store.call(db.runner_alive, batch_id):
+        if not await self._store.run(lambda db: db.batches.runner_alive(batch_id)):
             self._manager.run(batch_id)  # e.g. a detached `hotq submit` job: finish the cancel here
         return JSONResponse(await self._get(request, batch_id))
 
     async def _get(self, request: Request, batch_id: str) -> dict[str, Any]:
         """The caller's batch; another user's is as unknown as one that does not exist."""
-        batch = await self._store.call(self._store.store.get_batch, batch_id, owner_filter(request))
+        owner = owner_filter(request)
+        batch = await self._store.run(lambda db: db.batches.get(batch_id, owner))
         if batch is None:
             raise BatchNotFound(f"No such Batch object: {batch_id}", param="batch_id")
-        return batch
+        return batch_object(batch)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
 
 
 def _metadata(value: Any) -> dict[str, str] | None:

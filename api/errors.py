@@ -28,8 +28,10 @@ def error_event(error: HotqError) -> bytes:
     return b"data: " + json.dumps(error.to_openai()).encode() + b"\n\n"
 
 
-async def on_hotq_error(_request: Request, exc: Exception) -> Response:
+async def on_hotq_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HotqError)
+    # One line, no traceback: a refused request is the client's mistake or hotq's state, not a bug.
+    log.info("request_refused", path=request.url.path, status=exc.status, code=exc.code or exc.error_type)
     return error_response(exc)
 
 

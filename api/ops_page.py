@@ -1,8 +1,8 @@
 """The API's operator endpoints: /ops (a live page), /ops/data (its JSON) and /metrics.
 
-An `OpsMonitor` samples a `Snapshot` every `ops_sample_s` on a connection of
-its own (an agent directory on the events exchange, a channel for the queue
-declares), so a probe never touches the request path's channel. Each snapshot
+An `OpsMonitor` samples a `Snapshot` every `ops_sample_s` on channels of its own
+(an agent directory on the events exchange, a channel for the queue declares),
+so a probe never touches the request path's channel. Each snapshot
 sets the fleet gauges of /metrics and lands in a ring buffer of the last hour,
 which /ops/data serves and the page draws: one self-contained HTML file with
 inline SVG charts, nothing loaded from elsewhere.
@@ -21,8 +21,6 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from broker.config import Config
-from broker.connection import connect
-from broker.errors import BrokerUnavailable
 from broker.messages import AgentState, Lane
 from hpc_agents.decisions import DecisionLog
 from hpc_agents.directory import AgentDirectory
@@ -32,7 +30,6 @@ from ops.snapshot import ModelSnapshot, Snapshot, open_decisions, take_snapshot
 log = structlog.get_logger("hotq.ops")
 
 HISTORY_S = 3600.0
-CONNECT_RETRY_S = 2.0
 # The columns of a model's history, in the order `_row` fills them.
 SERIES = (
     *(f"depth_{lane.value}" for lane in Lane),
@@ -62,12 +59,11 @@ class OpsMonitor:
         self._latest: Snapshot | None = None
         self._decisions: DecisionLog | None = None
 
-    async def run(self) -> None:
+    async def run(self, connection: AbstractRobustConnection) -> None:
         """Sample until cancelled (the API's lifespan owns this task)."""
-        connection = await self._connect()
+        await self.directory.subscribe(connection)
+        channel = await connection.channel()
         try:
-            await self.directory.subscribe(connection)
-            channel = await connection.channel()
             while True:
                 try:
                     await self.sample(channel)
@@ -75,14 +71,8 @@ class OpsMonitor:
                     log.exception("ops_sample_failed")
                 await asyncio.sleep(self.config.ops_sample_s)
         finally:
-            await connection.close()
-
-    async def _connect(self) -> AbstractRobustConnection:
-        while True:  # the API serves while RabbitMQ is down; so does its sampler
-            try:
-                return await connect(self.config.amqp_url, "api-ops", self.config.amqp_tls)
-            except BrokerUnavailable:
-                await asyncio.sleep(CONNECT_RETRY_S)
+            if not channel.is_closed:
+                await channel.close()
 
     async def sample(self, channel: AbstractChannel) -> Snapshot:
         snapshot = await take_snapshot(channel, self.directory, self.config, self._decision_log())
@@ -284,7 +274,11 @@ function row(cell, values) {
 async function refresh() {
   let wait = 5000;
   try {
-    const response = await fetch("ops/data", {cache: "no-store"});
+    // With [auth] on, /ops/data needs an admin's key or the metrics token: /ops#key=... hands it over
+    // (a fragment never leaves the browser except as this header).
+    const key = new URLSearchParams(location.hash.slice(1)).get("key");
+    const headers = key ? {Authorization: `Bearer ${key}`} : {};
+    const response = await fetch("ops/data", {cache: "no-store", headers});
     const data = await response.json();
     wait = Math.max(1000, data.sample_s * 1000);
     render(data);

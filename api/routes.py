@@ -3,26 +3,23 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import os
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from typing import Any
 
 import structlog
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from api.auth import AccessPolicy, identity_of
-from api.disconnect import ClientDisconnected, unless_disconnected
-from api.errors import error_response
+from api.auth import AccessPolicy
+from api.bodies import read_body
+from api.identity import identity_of
+from api.interactive import Ask, InteractiveRequest
 from api.limits import Limiter
-from api.relay import ReplyRelay
-from api.schemas import validate
-from api.sse import EventStreamResponse
 from broker.config import Config
-from broker.errors import BrokerUnavailable, HotqError, InvalidRequest, ModelNotFound, PayloadTooLarge
-from broker.messages import Endpoint, Final, Lane, RequestEnvelope
+from broker.errors import BrokerUnavailable, InvalidRequest, ModelNotFound
+from broker.messages import Endpoint
+from broker.schemas import validate
 from ops.metrics import ApiMetrics
 from producers.request_client import RequestClient
 
@@ -43,7 +40,7 @@ class Gateway:
         self.started_at = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
 
-    def _client(self) -> RequestClient:
+    def connected_client(self) -> RequestClient:
         if self.client is None:
             raise BrokerUnavailable("hotq is not connected to RabbitMQ yet", retry_after_s=2)
         return self.client
@@ -95,11 +92,10 @@ class Gateway:
         cluster = self._pinned_cluster(request, parsed.model)
         release = self.limiter.admit(identity.user, parsed.model)  # 429 now if over a limit; nothing queued
         request_id = os.urandom(16).hex()  # as unique as a uuid4, at a fraction of the cost
+        ask = Ask(request_id, endpoint, parsed.model, body, parsed.stream, identity.user, cluster, release)
         try:
             with structlog.contextvars.bound_contextvars(request_id=request_id, model=parsed.model):
-                return await self._relay(
-                    request, endpoint, body, parsed.model, parsed.stream, request_id, cluster, identity.user, release
-                )
+                return await InteractiveRequest(self, ask).respond(request)
         except BaseException:
             if release is not None:
                 release(None)  # idempotent: a no-op when the relay already counted the request out
@@ -110,124 +106,17 @@ class Gateway:
         cluster = request.headers.get(CLUSTER_HEADER)
         if cluster is None:
             return None
-        allowed = self.config.models[model].clusters or list(self.config.clusters)
+        allowed = self.config.clusters_of(model)
         if cluster not in allowed:
             known = ", ".join(allowed) or "none"
+            shown = cluster if len(cluster) <= 64 else cluster[:64] + "..."  # never echo a huge header back whole
             raise InvalidRequest(
-                f"cluster {cluster!r} does not serve model {model!r} (clusters: {known})", param=CLUSTER_HEADER
+                f"cluster {shown!r} does not serve model {model!r} (clusters: {known})", param=CLUSTER_HEADER
             )
         return cluster
 
-    async def _relay(
-        self,
-        request: Request,
-        endpoint: Endpoint,
-        body: bytes,
-        model: str,
-        stream: bool,
-        request_id: str,
-        cluster: str | None,
-        caller: str,
-        release: Callable[[dict[str, int] | None], None] | None = None,
-    ) -> Response:
-        config = self.config
-        now = time.time()
-        timeout = min(config.request_timeout_s, _client_timeout(request) or config.request_timeout_s)
-        envelope = RequestEnvelope(
-            request_id=request_id,
-            model=model,
-            endpoint=endpoint,
-            body=body,
-            stream=stream,
-            deadline=now + timeout,
-            start_by=now + config.max_queue_wait_s,
-            caller=caller,
-            lane=Lane.INTERACTIVE,
-            submitted_at=now,
-        )
-        headers = {"x-request-id": request_id}
-        started = time.monotonic()
-        outcome: dict[str, object] = {"status": 200}  # what the client got, for the request log
-        client: RequestClient | None = None
-        relay: ReplyRelay | None = None
-
-        def finish(first_output_at: float | None = None, usage: dict[str, int] | None = None) -> None:
-            if release is not None:
-                release(usage)  # the request leaves the caller's limits, charged its tokens
-            if client is not None:
-                if relay is not None and not relay.finished:  # the client left or we gave up: stop the work
-                    # Under limits, what the backend generated until the cut is charged once it is known.
-                    charge = functools.partial(self.limiter.charge, caller, model) if release is not None else None
-                    client.abandon(request_id, charge)
-                    self._spawn(client.cancel(request_id))
-                else:
-                    client.release(request_id)
-            ttft_s = None if first_output_at is None else first_output_at - started
-            self.metrics.observe_request(
-                model, endpoint.value, stream, cast(int, outcome["status"]), time.monotonic() - started, ttft_s, usage
-            )
-            log.info(
-                "request_done",
-                request_id=request_id,  # bound explicitly: a stream ends outside the request's context
-                model=model,
-                endpoint=endpoint.value,
-                stream=stream,
-                ms=round((time.monotonic() - started) * 1000, 2),
-                **outcome,
-            )
-
-        streaming_response = False
-        final: Final | None = None
-        try:
-            client = self._client()
-            relay = ReplyRelay(await client.submit(envelope, cluster), envelope.deadline, config.max_queue_wait_s)
-            if not stream:
-                final = await unless_disconnected(request.receive, relay.final())
-                outcome["status"] = final.status
-                return Response(final.body, status_code=final.status, headers=headers, media_type="application/json")
-            # Wait briefly for the first output so early errors still get a real HTTP status.
-            first = await unless_disconnected(request.receive, relay.next_output(config.keepalive_s))
-            streaming_response = True
-            return EventStreamResponse(relay, first, config.keepalive_s, headers, on_done=finish)  # type: ignore[return-value]
-        except ClientDisconnected:
-            outcome.update(status=499, error="client_disconnected")
-            return Response(status_code=499)
-        except HotqError as error:
-            outcome.update(status=error.status, error=error.code or error.error_type)
-            response = error_response(error)
-            response.headers.update(headers)
-            return response
-        finally:
-            if final is not None:
-                finish(time.monotonic(), final.usage)  # the whole answer is its first output
-            elif not streaming_response:
-                finish()
-
-    def _spawn(self, work: Any) -> None:
+    def spawn(self, work: Any) -> None:
+        """Run `work` in the background (a cancel sent after the request ended)."""
         task = asyncio.ensure_future(work)
         self._background.add(task)  # keep a reference until it finishes
         task.add_done_callback(self._background.discard)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 past `limit` bytes (before reading it all when declared)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"the request body is {declared} bytes; the limit is {limit}")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _client_timeout(request: Request) -> float | None:
-    """The openai client announces its read timeout; no point computing past it."""
-    value = request.headers.get("x-stainless-read-timeout")
-    try:
-        return float(value) if value else None
-    except ValueError:
-        return None

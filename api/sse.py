@@ -17,9 +17,8 @@ from api.disconnect import wait_for_disconnect
 from api.errors import error_event
 from api.relay import ReplyRelay
 from broker.errors import HotqError
-from broker.messages import Final
+from broker.messages import DONE_EVENT, Final
 
-DONE_EVENT = b"data: [DONE]\n\n"
 KEEPALIVE_EVENT = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
 
 

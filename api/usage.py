@@ -13,7 +13,8 @@ from __future__ import annotations
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from api.auth import AccessPolicy, identity_of
+from api.auth import AccessPolicy
+from api.identity import identity_of
 from broker.errors import InvalidRequest
 from broker.jobstore import AsyncJobStore, since_day
 
@@ -32,6 +33,6 @@ class Usage:
             first_day = since_day(since) if since is not None else None
         except ValueError as exc:
             raise InvalidRequest(str(exc), param="since") from None
-        store = self._store
-        rows = await store.call(store.store.usage, params.get("user"), params.get("model"), first_day)
+        user, model = params.get("user"), params.get("model")
+        rows = await self._store.run(lambda db: db.usage.totals(user, model, first_day))
         return JSONResponse({"object": "list", "data": rows})

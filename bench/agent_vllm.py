@@ -102,7 +102,7 @@ from ops.testing.stack import write_config
 DEFAULT_CONCURRENCY: Final = 64
 DEFAULT_MAX_TOKENS: Final = 64
 DEFAULT_ROUNDS: Final = 3
-MAX_INFLIGHT: Final = 32  # the agent's prefetch; vLLM runs 32 sequences at once (hpc_agents.vllm_backend)
+MAX_INFLIGHT: Final = 32  # the agent's prefetch; vLLM runs 32 sequences at once (hpc_agents.vllm_command)
 TARGET_RATIO: Final = 0.97  # hotq tokens/s over direct tokens/s
 
 FIRST_PROMPT: Final = "List three primary colours."
@@ -433,7 +433,6 @@ class Report(BenchReport):
     rounds: list[RoundResult] = field(default_factory=list)
     summary: ThroughputSummary | None = None
     shutdown: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -514,7 +513,7 @@ async def serve_embedded_model(
         "start_timeout_s": 600,
         "max_restarts": 0,  # a backend that fails to start fails the run, visibly
     }
-    config = write_config(workdir / "hotq.toml", settings.amqp_url, {model: table}, **options)
+    config = write_config(workdir / "hotq.toml", settings.amqp_url, {model: table}, None, **options)
     print("hotq serve", flush=True)
     api_url, api = await start_api(processes, config)
     await wait_until_quiet({api.pid}, settings.max_wait_busy, report.notes)

@@ -125,7 +125,7 @@ DEFAULT_MAX_TOKENS: Final = 32
 DEFAULT_CONCURRENCY: Final = 64
 DEFAULT_ROUNDS: Final = 3
 DEFAULT_WARMUP_REQUESTS: Final = 64
-DEFAULT_MAX_INFLIGHT: Final = 32  # the agent's slots; vLLM runs 32 sequences at once (hpc_agents.vllm_backend)
+DEFAULT_MAX_INFLIGHT: Final = 32  # the agent's slots; vLLM runs 32 sequences at once (hpc_agents.vllm_command)
 TARGET_RATIO: Final = 0.97  # a batch path's tokens/s over direct tokens/s
 TARGETS: Final = ("direct", "batch-api", "submit")
 ENDPOINT: Final = "/v1/chat/completions"
@@ -222,7 +222,6 @@ class Report(BenchReport):
     rounds: list[RoundResult] = field(default_factory=list)
     summary: Summary | None = None
     shutdown: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------
@@ -233,7 +232,7 @@ class Report(BenchReport):
 def check_records(records: Sequence[dict[str, Any]], custom_ids: Sequence[str], max_tokens: int) -> Outcome:
     """Check batch output records against the input; wall_s is left 0 for the caller."""
     errors: Counter[str] = Counter()
-    seen: Counter[str] = Counter(r.get("custom_id") for r in records)
+    seen: Counter[str | None] = Counter(r.get("custom_id") for r in records)
     expected = set(custom_ids)
     if missing := len(expected - set(seen)):
         errors["missing custom_id"] += missing

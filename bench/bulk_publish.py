@@ -93,6 +93,7 @@ from broker.jobstore import AsyncJobStore, JobStore
 from broker.logs import configure_logging
 from broker.messages import Endpoint, Lane
 from ops.testing.fake_backend import reply_text
+from ops.testing.jobs import store_submitted_batch
 from ops.testing.stack import write_config
 from producers import bulk
 
@@ -157,7 +158,6 @@ class RunResult:
 class Report(BenchReport):
     runs: list[RunResult] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 class Measured:
@@ -228,18 +228,7 @@ async def publish_dispatch(amqp_url: str, workdir: Path, model: str, lines: int,
     batch_id = f"batch_bench_dispatch_{uuid.uuid4().hex[:12]}"
     bodies = [json.dumps(chat_request(model, i)).encode() for i in range(lines)]
     stored_started = time.perf_counter()
-    await store.call(
-        store.store.create_batch,
-        batch_id=batch_id,
-        endpoint=ENDPOINT,
-        model=model,
-        input_file_id="file-bench",
-        window_s=3600,
-        metadata=None,
-        source="submit",
-        owner="bench",
-        lines=[(n, str(n), body) for n, body in enumerate(bodies, start=1)],
-    )
+    await store.run(lambda db: store_submitted_batch(db, batch_id, model, ENDPOINT, bodies, "bench"))
     stored_s = time.perf_counter() - stored_started
     connection = await connect(amqp_url, "bench-bulk-publish")
     chunks: list[tuple[float, int]] = []
@@ -297,7 +286,7 @@ async def publish_submit_detach(
         await connection.close()
     store = JobStore(data_dir)
     try:
-        published = store.published_count(job_id)
+        published = store.lines.published_count(job_id)
     finally:
         store.close()
     errors: Counter[str] = Counter()
@@ -365,7 +354,7 @@ def expected_content(i: int) -> str:
 def check_answers(records: Sequence[dict[str, Any]], custom_id_of: dict[str, int]) -> tuple[int, Counter[str]]:
     """(correct answers, errors): every input line answered once, 200, with the fake backend's exact reply."""
     errors: Counter[str] = Counter()
-    seen: Counter[str] = Counter(r.get("custom_id") for r in records)
+    seen: Counter[str | None] = Counter(r.get("custom_id") for r in records)
     if missing := len(set(custom_id_of) - set(seen)):
         errors["missing custom_id"] += missing
     if extra := sum(n - 1 if cid in custom_id_of else n for cid, n in seen.items() if n > 1 or cid not in custom_id_of):

@@ -33,8 +33,7 @@ import uvloop
 
 from broker import topology
 from broker.messages import Lane
-from hpc_agents.backend import free_port
-from ops.processes import Child, Children, wait_until_async
+from ops.processes import Child, Children, free_port, wait_until_async
 
 if TYPE_CHECKING:
     import openai
@@ -474,11 +473,12 @@ def environment() -> dict[str, Any]:
 
 @dataclass
 class BenchReport:
-    """What every benchmark's JSON starts with; each benchmark's report adds its results and notes."""
+    """What every benchmark's JSON starts with; each benchmark's report adds its results."""
 
     started_at: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S"))
     settings: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, Any] = field(default_factory=environment)
+    notes: list[str] = field(default_factory=list)  # what a reader must know about how it was measured
 
 
 def keep_logs(report: BenchReport, name: str, logs: Iterable[Path]) -> Path:

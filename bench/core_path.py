@@ -94,7 +94,7 @@ from bench.common import (
     wait_for_line,
     wait_http_ok,
 )
-from hpc_agents.backend import free_port
+from ops.processes import free_port
 from ops.testing.fake_backend import expected_chat_tokens
 from ops.testing.stack import write_config
 
@@ -377,7 +377,6 @@ class Report(BenchReport):
     cases: list[CaseResult] = field(default_factory=list)
     streams: list[StreamResult] = field(default_factory=list)
     profiles: list[ProfileResult] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------

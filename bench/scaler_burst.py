@@ -543,7 +543,6 @@ class Report(BenchReport):
     agents: list[AgentResult] = field(default_factory=list)
     decisions: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
 
 
 def _mid(window: tuple[float, float] | None) -> float | None:

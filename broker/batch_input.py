@@ -4,7 +4,8 @@ Two forms: OpenAI's batch lines ``{custom_id, method: "POST", url, body}`` (the
 Batch API and `hotq submit`), and, for `hotq submit` only, plain request bodies, one
 a line (their custom_id is the line number). Every problem is reported with its
 1-based line number, in the shape of OpenAI's ``errors.data[]`` entries; a batch with
-any error is not run at all.
+any error is not run at all. Each body is checked with the schema interactive requests
+pass (`broker.schemas`), and no line may be larger than an interactive request may be.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
+from broker.errors import InvalidRequest
+from broker.json_limits import MAX_JSON_DEPTH
 from broker.messages import Endpoint
+from broker.schemas import validate
 
 MAX_LINES = 50_000  # OpenAI's limit per batch
 MAX_REPORTED_ERRORS = 1000
@@ -38,10 +42,12 @@ def parse_batch_file(
     data: bytes,
     endpoint: Endpoint | None,
     models: Collection[str],
+    max_line_bytes: int,
     default_model: str | None = None,
     allow_plain: bool = False,
 ) -> ParsedBatch:
     """Validate every line. `endpoint` None: take it from the lines (`hotq submit`).
+    `max_line_bytes`: the config's max_body_bytes, which an interactive request is held to too.
     `default_model`: the model of bodies that name none (and the only one allowed).
     `allow_plain`: accept bare request bodies (custom_id = line number)."""
     parsed = ParsedBatch(endpoint=endpoint, model=default_model)
@@ -54,6 +60,10 @@ def parse_batch_file(
         if count > MAX_LINES:
             parsed.error(number, "too_many_requests", f"a batch holds at most {MAX_LINES} requests")
             break
+        if len(raw) > max_line_bytes:
+            message = f"line {number} is {len(raw)} bytes; a request may have at most {max_line_bytes}"
+            parsed.error(number, "line_too_large", message)
+            continue
         _parse_line(parsed, number, raw, models, allow_plain, seen)
     if count == 0:
         parsed.error(None, "empty_file", "the input file has no requests")
@@ -69,6 +79,9 @@ def _parse_line(
         item = json.loads(raw)
     except ValueError as exc:
         parsed.error(number, "invalid_json_line", f"line {number} is not valid JSON: {exc}")
+        return
+    except RecursionError:
+        parsed.error(number, "json_too_deep", f"line {number} is nested more than {MAX_JSON_DEPTH} levels deep")
         return
     if not isinstance(item, dict):
         parsed.error(number, "invalid_request", f"line {number} is not a JSON object")
@@ -109,13 +122,18 @@ def _parse_line(
     if not isinstance(body, dict):
         parsed.error(number, "invalid_request", "`body` must be a JSON object", "body")
         return
-    if _check_body(parsed, number, body, line_endpoint, models):
-        parsed.lines.append((number, custom_id, json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()))
+    if _check_body(parsed, number, body, models):
+        encoded = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            validate(line_endpoint, encoded)  # what an interactive request must pass, field for field
+        except InvalidRequest as error:
+            param = f"body.{error.param}" if error.param else "body"
+            parsed.error(number, error.code or "invalid_request", f"line {number}: {error.message}", param)
+            return
+        parsed.lines.append((number, custom_id, encoded))
 
 
-def _check_body(
-    parsed: ParsedBatch, number: int, body: dict[str, Any], endpoint: Endpoint, models: Collection[str]
-) -> bool:
+def _check_body(parsed: ParsedBatch, number: int, body: dict[str, Any], models: Collection[str]) -> bool:
     model = body.get("model")
     if model is None and parsed.model is not None:
         body["model"] = model = parsed.model
@@ -134,9 +152,5 @@ def _check_body(
         return False
     if body.get("stream"):
         parsed.error(number, "invalid_request", "batch requests cannot stream", "body.stream")
-        return False
-    required = _REQUIRED_FIELD[endpoint]
-    if body.get(required) in (None, "", []):
-        parsed.error(number, "missing_required_parameter", f"`body.{required}` is required", f"body.{required}")
         return False
     return True

@@ -101,7 +101,9 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
     modes: list[Literal["none", "api_key", "globus"]]
     key_refresh_s: PositiveFloat = 2.0  # how soon the API sees keys revoked by `hotq keys revoke`
-    admins: list[str] = []  # users who may read everyone's usage (GET /v1/usage)
+    admins: list[str] = []  # users who may read everyone's usage (GET /v1/usage), /metrics and /ops/data
+    # A bearer token that may read /metrics and /ops/data (a Prometheus scraper), from this variable.
+    metrics_token_env: str = "HOTQ_METRICS_TOKEN"
     globus: GlobusAuthConfig = GlobusAuthConfig()
 
     @property
@@ -127,7 +129,9 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # user with the agent role (ops/rabbitmq/definitions.json). Default: amqp_url.
     agent_amqp_url: str | None = None
     data_dir: str = "./.hotq"
-    max_body_bytes: PositiveInt = 10 * 1024 * 1024
+    max_body_bytes: PositiveInt = 10 * 1024 * 1024  # a request body, and each line of a batch file
+    max_file_bytes: PositiveInt = 200 * 1024 * 1024  # one upload to /v1/files (OpenAI's limit for batch input)
+    user_storage_bytes: PositiveInt | None = None  # what one user's files may take in all; unset: no quota
     max_queue_wait_s: PositiveFloat = 60.0  # how long a request may wait for a consumer
     request_timeout_s: PositiveFloat = 600.0  # the longest a client may wait for an answer
     keepalive_s: PositiveFloat = 5.0  # SSE comment interval while a stream waits
@@ -152,6 +156,14 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         if self.agent_amqp_url is None:
             return self
         return msgspec.structs.replace(self, amqp_url=self.agent_amqp_url, agent_amqp_url=None)
+
+    def clusters_of(self, model: str) -> list[str]:
+        """The clusters that serve `model`, in order of preference: those it names, else all."""
+        return self.models[model].clusters or list(self.clusters)
+
+    def pinned_clusters(self) -> dict[str, list[str]]:
+        """Each model's clusters: where requests for it may be pinned (X-Hotq-Cluster)."""
+        return {name: self.clusters_of(name) for name in self.models}
 
     def model(self, name: str) -> ModelConfig:
         try:

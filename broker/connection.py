@@ -13,15 +13,21 @@ permissions it needs: see ops/rabbitmq/.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import ssl
 
 import aio_pika
+import structlog
 from aio_pika.abc import AbstractRobustConnection
 
 from broker.config import AmqpTls
 from broker.errors import BrokerUnavailable
+
+log = structlog.get_logger("hotq.connection")
+
+CONNECT_RETRY_S = 2.0
 
 
 def ssl_context(tls: AmqpTls | None) -> ssl.SSLContext:
@@ -50,6 +56,20 @@ async def connect(amqp_url: str, role: str, tls: AmqpTls | None = None) -> Abstr
         )
     except (OSError, aio_pika.exceptions.AMQPError) as exc:
         raise BrokerUnavailable(f"cannot reach RabbitMQ at {_without_password(amqp_url)}: {exc}") from exc
+
+
+async def connect_until_up(
+    amqp_url: str, role: str, tls: AmqpTls | None = None, retry_s: float = CONNECT_RETRY_S
+) -> AbstractRobustConnection:
+    """`connect`, trying again every `retry_s` while RabbitMQ cannot be reached (a process that
+    serves while the broker is down, such as the API, waits here); once connected, the robust
+    connection does its own reconnecting."""
+    while True:
+        try:
+            return await connect(amqp_url, role, tls)
+        except BrokerUnavailable as exc:
+            log.warning("broker_unreachable_retrying", role=role, error=exc.message, retry_in_s=retry_s)
+            await asyncio.sleep(retry_s)
 
 
 def _without_password(url: str) -> str:

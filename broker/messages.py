@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import types
 import typing
 from typing import Any, ClassVar
 
@@ -29,7 +30,14 @@ import msgpack
 
 from broker.errors import WireError
 
-WIRE_VERSION = 1
+# Version 2 added `Abandoned` and `UsageReport`, which a version-1 peer knows nothing of; `decode`
+# refuses a record of another version by name (tests/test_wire_versions.py).
+WIRE_VERSION = 2
+CONTENT_TYPE = "application/x-msgpack"  # every hotq record's AMQP content type
+
+# The server-sent event that ends an OpenAI stream: a consumer relays it from the backend
+# (or leaves it out of a relayed body), the API writes it after the last chunk.
+DONE_EVENT = b"data: [DONE]\n\n"
 
 # A consumer sends `Started` only if its answer takes longer than this: a fast
 # answer's first frame says as much, and costs one reply message instead of two.
@@ -203,7 +211,7 @@ class UsageReport:
 ReplyFrame = Started | ChunkBatch | Final | ErrorReply
 Record = RequestEnvelope | ReplyFrame | Abandoned | Cancel | AgentStatus | UsageReport
 
-_RECORDS: tuple[type[Any], ...] = (
+_RECORDS: tuple[type[Record], ...] = (
     RequestEnvelope,
     Started,
     ChunkBatch,
@@ -239,13 +247,16 @@ def _field_checks(cls: type[Any]) -> tuple[_FieldCheck, ...]:
     return tuple(checks)
 
 
-_CHECKS: dict[int, tuple[type[Any], tuple[_FieldCheck, ...]]] = {cls.TAG: (cls, _field_checks(cls)) for cls in _RECORDS}
+_CHECKS: dict[int, tuple[type[Record], tuple[_FieldCheck, ...]]] = {
+    cls.TAG: (cls, _field_checks(cls)) for cls in _RECORDS
+}
 
 
 def encode(record: Record) -> bytes:
     values = [WIRE_VERSION, record.TAG]
     values.extend(getattr(record, field.name) for field in dataclasses.fields(record))
-    return msgpack.packb(values, use_bin_type=True)
+    packed: bytes = msgpack.packb(values, use_bin_type=True)
+    return packed
 
 
 def decode(raw: bytes) -> Record:
@@ -275,7 +286,7 @@ def decode(raw: bytes) -> Record:
     return cls(*fields)
 
 
-def decode_as(raw: bytes, expected: type[Any]) -> Any:
+def decode_as(raw: bytes, expected: type[Any] | types.UnionType) -> Any:
     """Decode and insist on one record type (a reply queue only takes reply frames)."""
     record = decode(raw)
     if not isinstance(record, expected):

@@ -34,8 +34,10 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
 )
+from pamqp.common import FieldTable
 
 from broker.messages import Lane
 
@@ -78,7 +80,7 @@ def request_queue_name(model: str, lane: Lane, cluster: str | None = None) -> st
     return name
 
 
-def request_queue_arguments() -> dict[str, object]:
+def request_queue_arguments() -> FieldTable:
     return {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
@@ -118,16 +120,16 @@ async def declare_request_queue(
 
 
 async def queue_depth(channel: AbstractChannel, model: str, lane: Lane, cluster: str | None = None) -> tuple[int, int]:
-    """(ready messages, consumers) of a model's queue, by an idempotent declare on a robust channel.
+    """(ready messages, consumers) of a model's queue, by an idempotent declare.
 
     Not a passive declare: that closes the channel when the queue does not exist yet.
     """
-    queue = await channel.declare_queue(
-        request_queue_name(model, lane, cluster),
-        durable=True,
-        arguments=request_queue_arguments(),
-        robust=False,  # a probe, nothing to re-declare after a reconnect
-    )
+    name, arguments = request_queue_name(model, lane, cluster), request_queue_arguments()
+    queue: AbstractQueue
+    if isinstance(channel, AbstractRobustChannel):  # a probe, nothing to re-declare after a reconnect
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments, robust=False)
+    else:
+        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
     declared = queue.declaration_result
     return declared.message_count or 0, declared.consumer_count or 0
 
@@ -141,7 +143,7 @@ async def declare_model_queues(
     """Declare the models' queues per lane, and the interactive queues pinned to clusters
     (`pinned`: model -> cluster names)."""
     request_exchange = await declare_exchanges(channel)
-    queues = {}
+    queues: dict[tuple[str, Lane, str | None], AbstractQueue] = {}
     for model in models:
         for lane in lanes:
             queues[(model, lane, None)] = await declare_request_queue(channel, request_exchange, model, lane)
@@ -193,7 +195,7 @@ async def consume_agent_events(
     await queue.consume(on_message, no_ack=True)
 
 
-def usage_queue_arguments() -> dict[str, object]:
+def usage_queue_arguments() -> FieldTable:
     """Also in ops/rabbitmq/definitions.json, which creates the queue before any API runs."""
     return {
         "x-queue-type": "quorum",

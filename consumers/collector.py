@@ -28,8 +28,9 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 
 from broker import messages, topology
 from broker.errors import WireError
-from broker.jobstore import TERMINAL_STATUSES, AsyncJobStore, JobStore, Result
+from broker.jobstore import TERMINAL_STATUSES, AsyncJobStore, BatchRow, JobStore, Result
 from broker.messages import Endpoint, ErrorReply, Final, ReplyFrame
+from broker.openai_objects import batch_object
 from producers.bulk import dispatch
 
 log = structlog.get_logger("hotq.collector")
@@ -64,7 +65,6 @@ class BatchRunner:
     ) -> None:
         self._connection = connection
         self._store = store
-        self._db: JobStore = store.store
         self.batch_id = batch_id
         self._publish = publish
         self._collect = collect
@@ -76,11 +76,9 @@ class BatchRunner:
     async def run(self) -> dict[str, Any]:
         """Run until the batch is finished (or, with collect=False, until it is dispatched)."""
         with structlog.contextvars.bound_contextvars(batch_id=self.batch_id):
-            row = await self._store.call(self._db.batch_row, self.batch_id)
-            if row is None:
-                raise KeyError(self.batch_id)
+            row = await self._row()
             dispatching: asyncio.Task[None] | None = None
-            if self._publish and row["status"] == "in_progress":
+            if self._publish and row.status == "in_progress":
                 dispatching = asyncio.create_task(self._dispatch(row))
             try:
                 if not self._collect:
@@ -95,22 +93,27 @@ class BatchRunner:
                     with contextlib.suppress(asyncio.CancelledError):
                         await dispatching
 
-    async def _batch(self) -> dict[str, Any]:
-        batch = await self._store.call(self._db.get_batch, self.batch_id)
-        assert batch is not None
-        return batch
+    async def _row(self) -> BatchRow:
+        batch_id = self.batch_id
+        row = await self._store.run(lambda db: db.batches.get(batch_id))
+        if row is None:
+            raise KeyError(batch_id)
+        return row
 
-    async def _dispatch(self, row: dict[str, Any]) -> None:
+    async def _batch(self) -> dict[str, Any]:
+        return batch_object(await self._row())
+
+    async def _dispatch(self, row: BatchRow) -> None:
         while not self._stop_dispatch:
             try:
                 await dispatch(
                     self._connection,
                     self._store,
                     self.batch_id,
-                    row["model"],
-                    Endpoint(row["endpoint"].removeprefix("/v1/")),
-                    row["expires_at"],
-                    row["owner"] or UNKNOWN_OWNER,
+                    row.model or "",  # a batch with lines has its model
+                    Endpoint(row.endpoint.removeprefix("/v1/")),
+                    row.expires_at,
+                    row.owner or UNKNOWN_OWNER,
                     should_stop=lambda: self._stop_dispatch,
                     on_published=self._on_published,
                 )
@@ -135,24 +138,22 @@ class BatchRunner:
         cancel_sent = 0.0
         last_answer = time.monotonic()
         last_touch = 0.0
+        batch_id = self.batch_id
         try:
             while True:
                 if await self._record(await self._take()):
                     last_answer = time.monotonic()
                 now = time.monotonic()
                 if now - last_touch > 1.0:
-                    await self._store.call(self._db.touch, self.batch_id)
+                    await self._store.run(lambda db: db.batches.touch(batch_id))
                     last_touch = now
-                row = await self._store.call(self._db.batch_row, self.batch_id)
-                assert row is not None
-                status = row["status"]
+                row = await self._row()
+                status = row.status
                 if status in TERMINAL_STATUSES:
                     break
-                if status == "finalizing" or (
-                    status == "in_progress" and row["completed"] + row["failed"] >= row["total"]
-                ):
+                if status == "finalizing" or (status == "in_progress" and row.answered):
                     await self._finish("completed")
-                elif status == "in_progress" and time.time() >= row["expires_at"]:
+                elif status == "in_progress" and time.time() >= row.expires_at:
                     await self._finish("expired")
                 elif status == "cancelling":
                     self._stop_dispatch = True
@@ -203,15 +204,17 @@ class BatchRunner:
             if isinstance(frame, Final | ErrorReply):
                 frames.append(frame)  # `Started` (a slow answer announcing itself) needs nothing
         if frames:
-            owners = await self._store.call(self._db.lines_for, [frame.request_id for frame in frames])
+            request_ids = [frame.request_id for frame in frames]
+            owners = await self._store.run(lambda db: db.lines.owners(request_ids))
             results = []
             for frame in frames:
                 owner = owners.get(frame.request_id)
-                if owner is None or owner[0] != self.batch_id:
+                if owner is None or owner.batch_id != self.batch_id:
                     log.warning("result_for_unknown_request", request_id=frame.request_id)
                     continue
-                results.append(result_of(frame, owner[1], owner[2]))
-            added_ok, added_failed = await self._store.call(self._db.record_results, self.batch_id, results)
+                results.append(result_of(frame, owner.line, owner.custom_id))
+            batch_id = self.batch_id
+            added_ok, added_failed = await self._store.run(lambda db: db.results.record(batch_id, results))
             if self._on_collected is not None and (added_ok or added_failed):
                 self._on_collected(added_ok + added_failed)
         try:
@@ -222,22 +225,27 @@ class BatchRunner:
 
     async def _finish(self, status: str) -> None:
         """Write the output and error files and end the batch as `status`."""
-        db = self._db
+        batch_id = self.batch_id
         if status == "completed":
-            await self._store.call(db.set_status, self.batch_id, "finalizing", only_from=["in_progress"])
+            await self._store.run(lambda db: db.batches.set_status(batch_id, "finalizing", only_from=["in_progress"]))
             before = ["finalizing"]
         elif status == "expired":
-            unfinished = await self._store.call(db.unfinished_lines, self.batch_id)
+            unfinished = await self._store.run(lambda db: db.lines.unfinished(batch_id))
             expired = [
-                Result(custom_id, line, False, _line_record(request_id, custom_id, None, "batch_expired"))
-                for line, custom_id, request_id in unfinished
+                Result(
+                    line.custom_id,
+                    line.line,
+                    False,
+                    _line_record(line.request_id, line.custom_id, None, "batch_expired"),
+                )
+                for line in unfinished
             ]
-            await self._store.call(db.record_results, self.batch_id, expired)
+            await self._store.run(lambda db: db.results.record(batch_id, expired))
             before = ["in_progress"]
         else:
             before = ["cancelling"]
-        files = await self._store.call(write_result_files, db, self.batch_id)
-        changed = await self._store.call(db.set_status, self.batch_id, status, only_from=before, **files)
+        files = await self._store.run(lambda db: write_result_files(db, batch_id))
+        changed = await self._store.run(lambda db: db.batches.set_status(batch_id, status, only_from=before, **files))
         if changed:
             log.info("batch_finalized", status=status, **files)
 
@@ -245,18 +253,18 @@ class BatchRunner:
 def write_result_files(db: JobStore, batch_id: str) -> dict[str, str | None]:
     """The batch's output and error files (by fixed ids: writing them again replaces them)."""
     ids: dict[str, str | None] = {}
-    row = db.batch_row(batch_id)
-    owner = (row or {}).get("owner")  # the batch's owner may read its results (everyone, for an old batch)
+    batch = db.batches.get(batch_id)
+    owner = batch.owner if batch is not None else None  # may read its results (everyone, for an old batch)
     for ok, key, file_id in (
         (True, "output_file_id", output_file_id(batch_id)),
         (False, "error_file_id", error_file_id(batch_id)),
     ):
-        records = db.result_records(batch_id, ok)
+        records = db.results.records(batch_id, ok)
         if not records:
             ids[key] = None
             continue
         name = f"{batch_id}_{'output' if ok else 'error'}.jsonl"
-        db.create_file(name, "batch_output", ("\n".join(records) + "\n").encode(), owner, file_id=file_id)
+        db.files.create(name, "batch_output", ("\n".join(records) + "\n").encode(), owner, file_id=file_id)
         ids[key] = file_id
     return ids
 

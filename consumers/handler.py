@@ -19,14 +19,13 @@ import msgspec
 import structlog
 
 from broker.errors import BackendError, DeadlineExceeded, HotqError
-from broker.messages import ChunkBatch, ErrorReply, Final, RequestEnvelope
-from consumers.backend import BackendClient
+from broker.messages import DONE_EVENT, ChunkBatch, ErrorReply, Final, RequestEnvelope
+from consumers.backend_client import BackendClient
 from consumers.replies import ReplySender
 from consumers.stream_usage import StreamUsage, backend_request, prompt_estimate
 
 log = structlog.get_logger("hotq.consumer")
 
-DONE_EVENT = b"data: [DONE]\n\n"
 EVENT_END = b"\n\n"
 _FINISH_MARKS = (b'"finish_reason":"', b'"finish_reason": "')  # a finish_reason that is set
 

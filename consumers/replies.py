@@ -27,7 +27,7 @@ class ReplySender:
         self._announcing: asyncio.Task[None] | None = None
         self.caller_gone = False
 
-    def announce_later(self, started: Started, on_caller_gone: Callable[[], None]) -> None:
+    def announce_later(self, started: Started, on_caller_gone: Callable[[], object]) -> None:
         """Send `started` if no other frame went out within `ANNOUNCE_AFTER_S`.
 
         It tells the API that the request is being worked on (so its queue-wait
@@ -67,7 +67,7 @@ class ReplySender:
     async def _publish(self, frame: ReplyFrame | Abandoned) -> None:
         message = aio_pika.Message(
             body=messages.encode(frame),
-            content_type="application/x-msgpack",
+            content_type=messages.CONTENT_TYPE,
             correlation_id=self._request_id,
         )
         try:

@@ -1,4 +1,4 @@
-"""Running a worker as a process: `hotq worker --model NAME`."""
+"""Running a consumer alone, as a process: `hotq consumer --model NAME` (beside a backend already running)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import structlog
 from broker.config import Config
 from broker.connection import connect
 from broker.messages import Lane
-from consumers.backend import BackendClient
+from consumers.backend_client import BackendClient
+from consumers.consumer import Consumer
 from consumers.handler import RequestHandler
-from consumers.worker import Worker
 
 log = structlog.get_logger("hotq.consumer")
 
@@ -26,7 +26,7 @@ async def run_worker(config: Config, model: str, backend_url: str, grace_s: floa
     model_config = config.model(model)
     connection = await connect(config.amqp_url, f"worker:{model}", config.amqp_tls)
     backend = BackendClient(backend_url, max_connections=model_config.max_inflight)
-    worker = Worker(
+    consumer = Consumer(
         connection,
         model,
         RequestHandler(backend, flush_interval_s=config.stream_flush_ms / 1000),
@@ -35,10 +35,10 @@ async def run_worker(config: Config, model: str, backend_url: str, grace_s: floa
         lanes=tuple(Lane),
     )
     try:
-        await worker.start()
+        await consumer.start()
         await stop.wait()
         log.info("worker_stop_requested")
-        await worker.stop(grace_s)
+        await consumer.stop(grace_s)
     finally:
         await backend.close()
         await connection.close()

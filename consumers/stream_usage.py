@@ -30,6 +30,8 @@ from typing import Any
 
 import msgspec
 
+from broker.messages import DONE_EVENT
+
 _DATA = b"data: "
 _USAGE_KEY = b',"usage":'
 _NO_CHOICES = b'"choices":[]'  # the usage-only chunk at the end of a stream (as the fast path sees it)
@@ -195,7 +197,7 @@ class StreamUsage:
 
     def client_event(self, event: bytes) -> bytes | None:
         """`event` (one ``data: ...\\n\\n``) as the client should get it; None to leave it out."""
-        if not event.startswith(_DATA) or event.startswith(b"data: [DONE]"):
+        if not event.startswith(_DATA) or event.startswith(DONE_EVENT.rstrip()):  # however the event ends
             return event
         if not self._several:
             span = _usage_span(event)

@@ -48,7 +48,7 @@ class UsageRecorder:
             await message.reject(requeue=False)  # to the dead-letter queue, for an operator
             return
         try:
-            await self._store.call(self._store.store.record_usage, report.report_id, rows)
+            await self._store.run(lambda db: db.usage.record(report.report_id, rows))
         except Exception:
             log.exception("usage_report_not_stored", report_id=report.report_id)
             await asyncio.sleep(STORE_RETRY_S)

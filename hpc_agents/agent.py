@@ -34,12 +34,13 @@ import uvloop
 from broker.config import Config, config_from_mapping, load_config, parse_config
 from broker.connection import connect
 from broker.messages import AgentState, Lane
-from consumers.backend import BackendClient
+from consumers.backend_client import BackendClient
+from consumers.consumer import Consumer
 from consumers.handler import RequestHandler
-from consumers.worker import Worker
-from hpc_agents.backend import BackendFailed, BackendProcess, backend_command, backend_environment, free_port
+from hpc_agents.announcer import AgentAnnouncer
+from hpc_agents.backend_process import BackendFailed, BackendProcess, backend_command, backend_environment
 from hpc_agents.embedded_model import default_cache_dir
-from hpc_agents.registry import Registry
+from ops.processes import free_port
 
 log = structlog.get_logger("hotq.agent")
 
@@ -58,13 +59,13 @@ class Agent:
         self.model = model
         self.model_config = config.model(model)
         self.cluster = cluster
-        # A launcher names its agent, so it can tell its launch apart in the registry.
+        # A launcher names its agent, so it can tell its launch apart in the announcements.
         self.agent_id = agent_id or new_agent_id(model)
         self._stop = asyncio.Event()
         self._started = time.monotonic()
         self.backend_restarts = 0
         self.backend_ready_s: float | None = None
-        self.worker: Worker | None = None
+        self.consumer: Consumer | None = None
         self.handler: RequestHandler | None = None
         self.backend: BackendProcess | None = None
 
@@ -75,26 +76,26 @@ class Agent:
         log_context = structlog.contextvars.bound_contextvars(agent_id=self.agent_id, model=self.model)
         with log_context:
             connection = await connect(self.config.amqp_url, f"agent:{self.model}", self.config.amqp_tls)
-            registry = Registry(connection, self.agent_id, self.model, self.cluster, self._snapshot)
-            await registry.open()
-            await registry.set_state(AgentState.STARTING)
-            heartbeats = asyncio.create_task(self._heartbeats(registry))
+            announcer = AgentAnnouncer(connection, self.agent_id, self.model, self.cluster, self._snapshot)
+            await announcer.open()
+            await announcer.set_state(AgentState.STARTING)
+            heartbeats = asyncio.create_task(self._heartbeats(announcer))
             backend_client: BackendClient | None = None
             exit_reason = "signal"
             try:
-                backend_url = await self._start_backend(registry)
+                backend_url = await self._start_backend(announcer)
                 if backend_url is not None:
                     backend_client = BackendClient(backend_url, self.model_config.max_inflight)
-                    exit_reason = await self._serve(connection, backend_client, registry)
+                    exit_reason = await self._serve(connection, backend_client, announcer)
                 elif not self._stop.is_set():
                     exit_reason = "backend_failed"
             finally:
-                await registry.set_state(AgentState.DRAINING)
-                if self.worker is not None:
-                    await self.worker.stop(self.model_config.drain_grace_s)
+                await announcer.set_state(AgentState.DRAINING)
+                if self.consumer is not None:
+                    await self.consumer.stop(self.model_config.drain_grace_s)
                 if self.backend is not None:
                     await self.backend.stop()
-                await registry.set_state(AgentState.STOPPED)
+                await announcer.set_state(AgentState.STOPPED)
                 heartbeats.cancel()
                 if backend_client is not None:
                     await backend_client.close()
@@ -103,9 +104,9 @@ class Agent:
             log.info("agent_exit", **summary)
             return summary
 
-    async def _start_backend(self, registry: Registry) -> str | None:
+    async def _start_backend(self, announcer: AgentAnnouncer) -> str | None:
         """Start the backend (unless one is configured by URL) and wait for it; its URL, or None."""
-        await registry.set_state(AgentState.LOADING)
+        await announcer.set_state(AgentState.LOADING)
         if self.model_config.backend_url is not None and self.model_config.command is None:
             return self.model_config.backend_url
         port = free_port()
@@ -153,9 +154,9 @@ class Agent:
         await asyncio.sleep(pause)
         return True
 
-    async def _serve(self, connection: Any, backend_client: BackendClient, registry: Registry) -> str:
+    async def _serve(self, connection: Any, backend_client: BackendClient, announcer: AgentAnnouncer) -> str:
         self.handler = RequestHandler(backend_client, flush_interval_s=self.config.stream_flush_ms / 1000)
-        self.worker = Worker(
+        self.consumer = Consumer(
             connection,
             self.model,
             self.handler,
@@ -164,11 +165,11 @@ class Agent:
             lanes=tuple(Lane),
             cluster=self.cluster if self.cluster in self.config.clusters else None,
         )
-        await self.worker.start()
-        await registry.set_state(AgentState.HOT)
-        return await self._supervise(self.worker, registry)
+        await self.consumer.start()
+        await announcer.set_state(AgentState.HOT)
+        return await self._supervise(self.consumer, announcer)
 
-    async def _supervise(self, worker: Worker, registry: Registry) -> str:
+    async def _supervise(self, consumer: Consumer, announcer: AgentAnnouncer) -> str:
         """Watch for the reasons to leave, and restart a backend that dies meanwhile."""
         model_config = self.model_config
         drain_at = (
@@ -182,24 +183,24 @@ class Agent:
                 return "signal"
             if now >= drain_at:
                 return "walltime"
-            if worker.inflight == 0 and now - worker.last_active >= model_config.idle_ttl_s:
+            if consumer.inflight == 0 and now - consumer.last_active >= model_config.idle_ttl_s:
                 return "idle"
             if self.backend is not None and self.backend.exited():
-                if not await self._recover_backend(worker, registry):
+                if not await self._recover_backend(consumer, announcer):
                     return "backend_failed"
             await asyncio.sleep(SUPERVISE_INTERVAL_S)
 
-    async def _recover_backend(self, worker: Worker, registry: Registry) -> bool:
+    async def _recover_backend(self, consumer: Consumer, announcer: AgentAnnouncer) -> bool:
         assert self.backend is not None
         log.error("backend_died", returncode=self.backend.process.returncode if self.backend.process else None)
-        await worker.pause()
-        await worker.requeue_inflight()  # another agent, or this one once restarted, serves them
+        await consumer.pause()
+        await consumer.requeue_inflight()  # another agent, or this one once restarted, serves them
         await self.backend.stop()
-        await registry.set_state(AgentState.LOADING)
+        await announcer.set_state(AgentState.LOADING)
         if not await self._bring_up_backend(restart_first=True):
             return self._stop.is_set()  # stopping anyway: _supervise sees the stop next
-        await worker.resume()
-        await registry.set_state(AgentState.HOT)
+        await consumer.resume()
+        await announcer.set_state(AgentState.HOT)
         return True
 
     async def _unless_stopped(self, work: Awaitable[T]) -> T | None:
@@ -213,18 +214,18 @@ class Agent:
         await asyncio.gather(work_task, return_exceptions=True)
         return None
 
-    async def _heartbeats(self, registry: Registry) -> None:
+    async def _heartbeats(self, announcer: AgentAnnouncer) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
-            await registry.heartbeat()
+            await announcer.heartbeat()
 
     def _snapshot(self) -> tuple[str, int, int, int]:
         backend = self.backend.url if self.backend else (self.model_config.backend_url or "")
-        worker, handler = self.worker, self.handler
+        consumer, handler = self.consumer, self.handler
         return (
             backend,
-            worker.inflight if worker else 0,
-            worker.served if worker else 0,
+            consumer.inflight if consumer else 0,
+            consumer.served if consumer else 0,
             handler.completion_tokens if handler else 0,
         )
 
@@ -234,7 +235,7 @@ class Agent:
             "model": self.model,
             "cluster": self.cluster,
             "exit_reason": exit_reason,
-            "served": self.worker.served if self.worker else 0,
+            "served": self.consumer.served if self.consumer else 0,
             "completion_tokens": self.handler.completion_tokens if self.handler else 0,
             "backend_restarts": self.backend_restarts,
             "backend_ready_s": self.backend_ready_s,

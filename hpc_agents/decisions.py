@@ -41,7 +41,7 @@ class DecisionLog:
     def record(self, decision: Decision) -> None:
         row = asdict(decision)
         row["at"] = decision.at or time.time()
-        self._db[TABLE].insert(row, alter=True)
+        self._db.table(TABLE).insert(row, alter=True)
 
     def recent(self, since_s: float = 3600.0, model: str | None = None) -> list[dict[str, Any]]:
         if not self._db[TABLE].exists():

@@ -1,7 +1,7 @@
 """The scaler: each model's agent count follows its queue.
 
 Every tick (≤ 1 s), per model: the backlog (ready requests over its lanes), the
-agents the registry knows by state, launches not yet announced, and the measured
+agents the directory knows by state, launches not yet announced, and the measured
 throughput of hot agents. It wants enough agents for the backlog to drain within
 `target_drain_s`, never fewer than `min_hot`, never more than `max_agents`;
 launches in progress count as capacity, so nodes waiting in a batch scheduler
@@ -129,7 +129,7 @@ class Scaler:
         log.warning("cluster_backoff", cluster=cluster, failures=failures, exit_reason=exit_reason, pause_s=pause)
 
     def _measure(self) -> None:
-        """Update per-agent throughput and per-cluster cold start from the registry."""
+        """Update per-agent throughput and per-cluster cold start from the directory."""
         for status in self.directory.agents():
             self._measure_rate(status)
             launch = self.launches.get(status.agent_id)
@@ -287,8 +287,7 @@ async def run_scaler(
         channel = await connection.channel()
         # Also the queues the API pins requests to: with per-role RabbitMQ users the scaler's
         # role creates request queues, which the API's role may not (ops/rabbitmq/README.md).
-        pinned = {name: model.clusters or list(config.clusters) for name, model in config.models.items()}
-        await topology.declare_model_queues(channel, list(config.models), pinned=pinned)
+        await topology.declare_model_queues(channel, list(config.models), pinned=config.pinned_clusters())
         decisions = DecisionLog(decision_log_path(config.data_dir))
         scaler = Scaler(config, launchers, directory, decisions, metrics=metrics)
         # Agents already running announce themselves within a heartbeat: hear them first.

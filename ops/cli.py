@@ -6,27 +6,15 @@ import asyncio
 import json
 import signal
 import sys
-import time
 
 import click
 import msgspec
 import uvloop
 
-from broker.config import Config, load_config
 from broker.errors import ConfigError
 from broker.logs import configure_logging
-
-
-def _load(config_path: str | None) -> Config:
-    try:
-        return load_config(config_path)
-    except ConfigError as exc:
-        raise click.ClickException(exc.message) from None
-
-
-config_option = click.option(
-    "--config", "config_path", envvar="HOTQ_CONFIG", default=None, help="TOML config file [default: ./hotq.toml]"
-)
+from ops.cli_accounts import keys, usage
+from ops.cli_options import config_option, load
 
 
 @click.group()
@@ -49,7 +37,7 @@ def serve(config_path: str | None, host: str, port: int) -> None:
     from api.app import create_app
     from api.auth import check_bind
 
-    config = _load(config_path)
+    config = load(config_path)
     try:
         warning = check_bind(config, host)
         app = create_app(config)
@@ -80,7 +68,7 @@ def worker(config_path: str | None, model: str, backend_url: str | None, grace_s
     """Consume a model's queue and serve it from a running OpenAI-compatible backend."""
     from consumers.service import run_worker
 
-    config = _load(config_path)
+    config = load(config_path)
     try:
         model_config = config.model(model)
     except ConfigError as exc:
@@ -94,14 +82,14 @@ def worker(config_path: str | None, model: str, backend_url: str | None, grace_s
 @cli.command()
 @config_option
 @click.option("--model", required=True, help="the configured model to serve on this node")
-@click.option("--cluster", default="local", show_default=True, help="the cluster name reported to the registry")
+@click.option("--cluster", default="local", show_default=True, help="the cluster name the agent announces")
 @click.option("--agent-id", default=None, help="the id to announce (a launcher sets it)")
 @click.option("--summary-file", default=None, help="write the exit summary here as JSON")
 def agent(config_path: str | None, model: str, cluster: str, agent_id: str | None, summary_file: str | None) -> None:
     """Start the model's backend here and serve its queues while work keeps coming."""
     from hpc_agents.agent import run_agent
 
-    config = _load(config_path)
+    config = load(config_path)
     try:
         config.model(model)
     except ConfigError as exc:
@@ -117,17 +105,23 @@ def agent(config_path: str | None, model: str, cluster: str, agent_id: str | Non
 @cli.command()
 @config_option
 @click.option("--metrics-port", default=None, type=int, help="serve Prometheus /metrics on this port")
-def scale(config_path: str | None, metrics_port: int | None) -> None:
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="the address /metrics listens on (it names every model: widen it only behind a firewall)",
+)
+def scale(config_path: str | None, metrics_port: int | None, metrics_host: str) -> None:
     """Keep each model's agent count matched to its queue, launching agents on its clusters."""
     from prometheus_client import CollectorRegistry, start_http_server
 
     from hpc_agents.scaler import build_launchers, run_scaler
     from ops.metrics import ScalerMetrics
 
-    config = _load(config_path)
+    config = load(config_path)
     metrics = ScalerMetrics(CollectorRegistry())
     if metrics_port is not None:
-        start_http_server(metrics_port, registry=metrics.registry)
+        start_http_server(metrics_port, addr=metrics_host, registry=metrics.registry)
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -165,7 +159,7 @@ def watch(config_path: str | None, interval_s: float, once: bool) -> None:
     from broker.errors import BrokerUnavailable
     from ops.watch import run_watch
 
-    config = _load(config_path)
+    config = load(config_path)
     try:
         uvloop.run(run_watch(config, interval_s, once))
     except BrokerUnavailable as exc:
@@ -195,15 +189,17 @@ def submit(
     from pathlib import Path
 
     from broker.jobstore import JobStore
-    from producers.bulk import SubmitError, create_job, run_job, write_results
+    from broker.openai_objects import batch_object
+    from ops.submit import SubmitError, create_job, run_job, write_results
 
-    config = _load(config_path)
+    config = load(config_path)
     if not detach and out_path is None:
         raise click.UsageError("--out is required unless --detach")
     try:
         config.model(model)
         store = JobStore(config.data_dir)
-        batch = store.get_batch(job_id) if job_id else None
+        stored = store.batches.get(job_id) if job_id else None
+        batch = batch_object(stored) if stored is not None else None
         if batch is None:
             batch = create_job(config, store, Path(file), model, job_id, user or _login_name())
             click.echo(f"job {batch['id']}: {batch['request_counts']['total']} requests for {model}", err=True)
@@ -244,11 +240,12 @@ def jobs() -> None:
 def jobs_status(config_path: str | None, job_id: str) -> None:
     """Print the job as an OpenAI batch object."""
     from broker.jobstore import JobStore
+    from broker.openai_objects import batch_object
 
-    batch = JobStore(_load(config_path).data_dir).get_batch(job_id)
+    batch = JobStore(load(config_path).data_dir).batches.get(job_id)
     if batch is None:
         raise click.ClickException(f"no job {job_id}")
-    click.echo(json.dumps(batch, indent=2))
+    click.echo(json.dumps(batch_object(batch), indent=2))
 
 
 @jobs.command("fetch")
@@ -260,17 +257,18 @@ def jobs_fetch(config_path: str | None, job_id: str, out_path: str) -> None:
     from pathlib import Path
 
     from broker.jobstore import TERMINAL_STATUSES, JobStore
-    from producers.bulk import run_job, write_results
+    from ops.submit import run_job, write_results
 
-    config = _load(config_path)
+    config = load(config_path)
     store = JobStore(config.data_dir)
-    batch = store.get_batch(job_id)
+    batch = store.batches.get(job_id)
     if batch is None:
         raise click.ClickException(f"no job {job_id}")
-    if batch["status"] not in TERMINAL_STATUSES:
-        batch = uvloop.run(run_job(config, store, job_id, collect=True, show_progress=True))
+    status = batch.status
+    if status not in TERMINAL_STATUSES:
+        status = uvloop.run(run_job(config, store, job_id, collect=True, show_progress=True))["status"]
     written = write_results(store, job_id, Path(out_path))
-    click.echo(f"job {job_id} {batch['status']}: {written} lines in {out_path}", err=True)
+    click.echo(f"job {job_id} {status}: {written} lines in {out_path}", err=True)
 
 
 @jobs.command("cancel")
@@ -279,9 +277,9 @@ def jobs_fetch(config_path: str | None, job_id: str, out_path: str) -> None:
 def jobs_cancel(config_path: str | None, job_id: str) -> None:
     """Stop dispatching a job; it ends `cancelled` with the results it has."""
     from broker.jobstore import JobStore
-    from producers.bulk import SubmitError, cancel_job
+    from ops.submit import SubmitError, cancel_job
 
-    config = _load(config_path)
+    config = load(config_path)
     try:
         batch = cancel_job(config, JobStore(config.data_dir), job_id)
     except SubmitError as exc:
@@ -289,118 +287,12 @@ def jobs_cancel(config_path: str | None, job_id: str) -> None:
     click.echo(f"job {job_id} {batch['status']}")
 
 
-@cli.group()
-def keys() -> None:
-    """API keys: clients send them as `Authorization: Bearer KEY` ([auth] modes with "api_key")."""
+cli.add_command(keys)
+cli.add_command(usage)
 
 
-def _parse_expiry(value: str) -> float:
-    """`30d`, `12h`, `90m`, `3600s`, `2w` from now, or an ISO date/time."""
-    import re
-    from datetime import UTC, datetime
-
-    match = re.fullmatch(r"(\d+)\s*([smhdw])", value.strip())
-    if match:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}[match.group(2)]
-        return time.time() + int(match.group(1)) * unit
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is neither a duration (30d, 12h, 90m) nor an ISO date") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.timestamp()
-
-
-def _when(timestamp: float | None) -> str:
-    from datetime import UTC, datetime
-
-    if timestamp is None:
-        return "-"
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-@keys.command("create")
-@config_option
-@click.option("--user", required=True, help="whom the key identifies (the name model allow_users lists)")
-@click.option("--expires", default=None, help="a duration from now (30d, 12h, 90m) or an ISO date; default never")
-def keys_create(config_path: str | None, user: str, expires: str | None) -> None:
-    """Make a key for USER; the key is printed once, as the last line, and stored only hashed."""
-    from broker.jobstore import JobStore
-
-    expires_at = _parse_expiry(expires) if expires else None
-    if expires_at is not None and expires_at <= time.time():
-        raise click.BadParameter("the expiry is in the past", param_hint="--expires")
-    try:
-        record, key = JobStore(_load(config_path).data_dir).create_api_key(user, expires_at)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--user") from None
-    click.echo(f"created {record['id']} for {user}, expires {_when(expires_at)}; the key is shown only now:")
-    click.echo(key)
-
-
-@keys.command("list")
-@config_option
-@click.option("--all", "include_revoked", is_flag=True, help="include revoked keys")
-def keys_list(config_path: str | None, include_revoked: bool) -> None:
-    """List keys (ids and users; the keys themselves are not stored)."""
-    from broker.jobstore import JobStore
-
-    rows = JobStore(_load(config_path).data_dir).list_api_keys(include_revoked=include_revoked)
-    click.echo(f"{'ID':<32} {'USER':<32} {'CREATED':<21} {'EXPIRES':<21} REVOKED")
-    for row in rows:
-        click.echo(
-            f"{row['id']:<32} {row['user']:<32} {_when(row['created_at']):<21} {_when(row['expires_at']):<21}"
-            f" {_when(row['revoked_at'])}"
-        )
-
-
-@keys.command("revoke")
-@config_option
-@click.argument("key_or_id")
-def keys_revoke(config_path: str | None, key_or_id: str) -> None:
-    """Revoke a key, named by its id or by the key itself (the API refuses it within [auth] key_refresh_s)."""
-    from broker.jobstore import JobStore
-
-    record = JobStore(_load(config_path).data_dir).revoke_api_key(key_or_id)
-    if record is None:
-        raise click.ClickException("no such key")
-    click.echo(f"revoked {record['id']} ({record['user']})")
-
-
-@cli.command()
-@config_option
-@click.option("--user", default=None, help="only this user")
-@click.option("--model", default=None, help="only this model")
-@click.option("--since", default=None, help="from this day on: YYYY-MM-DD, or the last N days as Nd (7d)")
-@click.option("--json", "as_json", is_flag=True, help="print the rows as JSON (what GET /v1/usage answers)")
-def usage(config_path: str | None, user: str | None, model: str | None, since: str | None, as_json: bool) -> None:
-    """Tokens used per day, user, model and lane, as the backends counted them."""
-    import json
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from broker.jobstore import JobStore, since_day
-
-    try:
-        first_day = since_day(since) if since is not None else None
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from None
-    rows = JobStore(_load(config_path).data_dir).usage(user, model, first_day)
-    if as_json:
-        click.echo(json.dumps({"object": "list", "data": rows}, indent=2))
-        return
-    columns = ("requests", "cancelled", "prompt_tokens", "completion_tokens", "total_tokens")
-    table = Table("day", "user", "model", "lane", *(name.replace("_", " ") for name in columns))
-    for column in table.columns[4:]:
-        column.justify = "right"
-    for row in rows:
-        table.add_row(row["day"], row["user"], row["model"], row["lane"], *(f"{row[name]:,}" for name in columns))
-    if len(rows) > 1:
-        table.add_section()
-        table.add_row("total", "", "", "", *(f"{sum(row[name] for row in rows):,}" for name in columns))
-    Console(width=200).print(table)
+cli.add_command(keys)
+cli.add_command(usage)
 
 
 def main() -> None:
@@ -408,4 +300,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

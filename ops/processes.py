@@ -20,6 +20,7 @@ import asyncio
 import inspect
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.error
@@ -144,6 +145,13 @@ class Children:
     def stop_all(self) -> None:
         for name in reversed(list(self._running)):
             self.stop(name)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def signal_group(pgid: int, signum: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import os
 import socket
 import time
@@ -30,8 +31,6 @@ from aio_pika.abc import (
 )
 
 from broker import messages, topology
-from broker.config import AmqpTls
-from broker.connection import connect
 from broker.errors import BrokerUnavailable, HotqError, WireError
 from broker.messages import Abandoned, Cancel, Final, Lane, ReplyFrame, RequestEnvelope
 
@@ -72,7 +71,7 @@ class RequestClient:
         )
         self._pending: dict[str, asyncio.Queue[ReplyItem]] = {}
         # Abandoned requests whose token count is awaited: (since, callback), oldest first.
-        self._on_abandoned: collections.OrderedDict[str, tuple[float, Callable[[dict[str, int] | None], None]]] = (
+        self._on_abandoned: collections.OrderedDict[str, tuple[float, Callable[[dict[str, int] | None], object]]] = (
             collections.OrderedDict()
         )
         self._channel: AbstractChannel | None = None
@@ -86,24 +85,21 @@ class RequestClient:
 
     @classmethod
     async def open(
-        cls,
-        amqp_url: str,
-        models: list[str],
-        pinned: dict[str, list[str]] | None = None,
-        tls: AmqpTls | None = None,
+        cls, connection: AbstractRobustConnection, models: list[str], pinned: dict[str, list[str]] | None = None
     ) -> RequestClient:
-        client = cls(await connect(amqp_url, "api", tls), models, pinned)
+        """A client on the process's connection (which it leaves open when it closes)."""
+        client = cls(connection, models, pinned)
         try:
             await client._start()
-        except aio_pika.exceptions.ChannelAccessRefused as exc:
-            await client._connection.close()
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            await client._close_channel()
             # The api role may not create request queues (RabbitMQ wants read permission on a
             # queue to declare it with a dead-letter exchange): the scaler's role creates them.
             raise BrokerUnavailable(
                 f"RabbitMQ refused the api role: {exc}; are the request queues declared (start the scaler)?"
             ) from exc
         except BaseException:
-            await client._connection.close()
+            await client._close_channel()
             raise
         return client
 
@@ -159,7 +155,7 @@ class RequestClient:
         self._pending[envelope.request_id] = replies
         message = aio_pika.Message(
             body=messages.encode(envelope),
-            content_type="application/x-msgpack",
+            content_type=messages.CONTENT_TYPE,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             correlation_id=envelope.request_id,
             message_id=envelope.request_id,
@@ -202,7 +198,7 @@ class RequestClient:
     def release(self, request_id: str) -> None:
         self._pending.pop(request_id, None)
 
-    def abandon(self, request_id: str, on_usage: Callable[[dict[str, int] | None], None] | None) -> None:
+    def abandon(self, request_id: str, on_usage: Callable[[dict[str, int] | None], object] | None) -> None:
         """Release a request whose caller left before its answer was relayed. `on_usage` gets the
         backend's token count: from the `Final` if the answer came after all (already queued, or
         still on its way), else from the consumer's `Abandoned` once `cancel` has reached it."""
@@ -248,4 +244,12 @@ class RequestClient:
         for pending in self._pending.values():
             pending.put_nowait(BrokerUnavailable("the API is shutting down"))
         self._pending.clear()
-        await self._connection.close()
+        self._connection.close_callbacks.discard(self._on_connection_lost)
+        await self._close_channel()
+
+    async def _close_channel(self) -> None:
+        if self._channel is not None:
+            # Closed on purpose, so the robust connection does not reopen it (even one the broker
+            # closed by refusing a declare).
+            with contextlib.suppress(Exception):
+                await self._channel.close()

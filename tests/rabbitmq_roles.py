@@ -20,6 +20,7 @@ import tempfile
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 DEFINITIONS = Path(__file__).resolve().parent.parent / "ops" / "rabbitmq" / "definitions.json"
 ROLES = ("api", "agent", "scaler")
@@ -100,13 +101,13 @@ def load_definitions(tag: str) -> tuple[RoleBroker, dict[str, object]]:
     return broker, definitions
 
 
-def _load_with_commands(definitions: dict[str, object], broker: RoleBroker) -> None:
+def _load_with_commands(definitions: dict[str, Any], broker: RoleBroker) -> None:  # parsed JSON
     rabbitmqctl("add_vhost", broker.vhost)
     for role, user in broker.users.items():
         rabbitmqctl("add_user", user, broker.passwords[role])
-    for item in definitions["permissions"]:  # type: ignore[union-attr]
+    for item in definitions["permissions"]:
         rabbitmqctl("set_permissions", "-p", broker.vhost, item["user"], item["configure"], item["write"], item["read"])
-    for item in definitions.get("policies", []):  # type: ignore[union-attr]
+    for item in definitions.get("policies", []):
         rabbitmqctl(
             "set_policy", "-p", broker.vhost, "--apply-to", item["apply-to"], "--priority", str(item["priority"]),
             item["name"], item["pattern"], json.dumps(item["definition"]),

@@ -124,7 +124,7 @@ def test_backend_killed_under_load_is_restarted_and_every_request_answered(
     assert wait_for_event(agent, "agent_exit")["backend_restarts"] == 1
 
 
-async def test_registry_reports_states_and_heartbeats(api: Stack, model: str, amqp_url: str) -> None:
+async def test_announcer_reports_states_and_heartbeats(api: Stack, model: str, amqp_url: str) -> None:
     connection = await aio_pika.connect(amqp_url)
     channel = await connection.channel()
     await topology.declare_exchanges(channel)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Literal
 
 import aio_pika
 import httpx
 import openai
 import pytest
+from openai.types import Batch
 
 from broker import topology
 from ops.processes import wait_until
@@ -53,19 +55,19 @@ def client(batch_stack: Stack) -> openai.OpenAI:
     return _client_of(batch_stack)
 
 
-def _line(custom_id: str, body: dict[str, object], url: str = "/v1/chat/completions") -> dict[str, object]:
+def _line(custom_id: str, body: Mapping[str, object], url: str = "/v1/chat/completions") -> dict[str, object]:
     return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
 
 
-def _jsonl(lines: list[object]) -> bytes:
+def _jsonl(lines: Sequence[object]) -> bytes:
     return "".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines).encode()
 
 
-def _upload(client: openai.OpenAI, lines: list[object]) -> str:
+def _upload(client: openai.OpenAI, lines: Sequence[object]) -> str:
     return client.files.create(file=("input.jsonl", _jsonl(lines)), purpose="batch").id
 
 
-def _wait(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = EVENTUALLY_S):  # type: ignore[no-untyped-def]
+def _wait(client: openai.OpenAI, batch_id: str, statuses: tuple[str, ...], timeout: float = EVENTUALLY_S) -> Batch:
     """The batch once its status is one of `statuses`."""
     batch = client.batches.retrieve(batch_id)
 
@@ -92,7 +94,7 @@ def _wait_for_completed(client: openai.OpenAI, batch_id: str, count: int, timeou
     return completed
 
 
-def _records(client: openai.OpenAI, file_id: str | None) -> list[dict[str, object]]:
+def _records(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:  # JSON records
     if file_id is None:
         return []
     return [json.loads(line) for line in client.files.content(file_id).text.splitlines()]
@@ -164,7 +166,7 @@ def test_batch_lifecycle_exact_output(client: openai.OpenAI, batch_model: str) -
 
 
 def test_embeddings_batch_and_all_failed(client: openai.OpenAI, batch_model: str) -> None:
-    url = "/v1/embeddings"
+    url: Literal["/v1/embeddings"] = "/v1/embeddings"
     ok = _upload(
         client,
         [
@@ -176,7 +178,7 @@ def test_embeddings_batch_and_all_failed(client: openai.OpenAI, batch_model: str
     done = _wait(client, batch.id, ("completed",))
     for i, record in enumerate(_records(client, done.output_file_id)):
         assert record["custom_id"] == f"e{i}"
-        assert record["response"]["body"]["data"][0]["embedding"] == expected_embedding(f"text {i}")  # type: ignore[index]
+        assert record["response"]["body"]["data"][0]["embedding"] == expected_embedding(f"text {i}")
 
     failing = _upload(client, [_line(f"f{i}", {"model": batch_model, "input": "FAIL 500 boom"}, url) for i in range(3)])
     batch = client.batches.create(input_file_id=failing, endpoint=url, completion_window="24h")
@@ -245,7 +247,7 @@ def test_bad_create_requests(client: openai.OpenAI) -> None:
         client.batches.cancel("batch_nope")
 
 
-def _quick_then_held(model: str, prefix: str, quick: int, held: int, hold: Hold) -> list[object]:
+def _quick_then_held(model: str, prefix: str, quick: int, held: int, hold: Hold) -> list[dict[str, object]]:
     """`quick` lines the backend answers at once, then `held` lines it holds until `hold` is released."""
     body = {"model": model, "messages": [{"role": "user", "content": "a line"}]}
     return [_line(f"{prefix}{i}", body) for i in range(quick)] + [
@@ -297,7 +299,7 @@ def test_expiry(tmp_path: Path, amqp_url: str, session_tag: str, delete_test_que
     assert sorted(r["custom_id"] for r in outputs) == sorted(f"x{i}" for i in range(quick))
     assert len(errors) == held and len({r["custom_id"] for r in outputs + errors}) == quick + held
     expired = [r for r in errors if r["error"] is not None]
-    assert expired and all(r["response"] is None and r["error"]["code"] == "batch_expired" for r in expired)  # type: ignore[index]
+    assert expired and all(r["response"] is None and r["error"]["code"] == "batch_expired" for r in expired)
     counts = done.request_counts
     assert counts is not None and (counts.completed, counts.failed) == (quick, held)
 

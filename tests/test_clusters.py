@@ -15,6 +15,7 @@ from broker.config import load_config
 from broker.connection import connect
 from broker.messages import AgentState, AgentStatus
 from hpc_agents.directory import AgentDirectory
+from hpc_agents.launchers import Launcher
 from hpc_agents.launchers.local import LocalLauncher
 from hpc_agents.scaler import Scaler
 from ops.processes import wait_until_async
@@ -60,7 +61,7 @@ async def federation(
     stack = Stack(path, tmp_path)
     stack.start_api()
     logs = tmp_path / "logs"
-    launchers = {
+    launchers: dict[str, Launcher] = {
         "gamma": OfflineLauncher("gamma", config, log_dir=logs),
         "alpha": LocalLauncher("alpha", config, log_dir=logs),
         "beta": LocalLauncher("beta", config, log_dir=logs, start_delay_s=BETA_START_DELAY_S),
@@ -87,7 +88,13 @@ async def _ask_many(
     stack: Stack, model: str, count: int, headers: dict[str, str] | None = None, hold: Hold | None = None
 ) -> None:
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=count + 5), timeout=EVENTUALLY_S)
-    client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, http_client=http)
+    # openai types `http_client` for httpx2; it takes an httpx client too
+    client = openai.AsyncOpenAI(
+        base_url=stack.url + "/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=http,  # type: ignore[arg-type]
+    )
     try:
         answers = await asyncio.gather(
             *(

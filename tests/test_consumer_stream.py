@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from broker.messages import ChunkBatch, Endpoint, Final, Lane, RequestEnvelope
-from consumers.backend import BackendClient
+from consumers.backend_client import BackendClient
 from consumers.handler import AttemptProgress, RequestHandler, split_events
 from consumers.stream_usage import ClientUsage, StreamUsage
 

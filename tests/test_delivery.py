@@ -233,11 +233,11 @@ def test_requests_cancelled_before_they_start_give_their_slots_back(
                 # The worker is stopped, so no answer can come: the client gives up (and the API logs 499).
                 with pytest.raises(httpx.TimeoutException):
                     httpx.post(stack.url + "/v1/chat/completions", json=body, timeout=0.3)
-                wait_until(
-                    lambda left=left: stack.log("api.log").count('"status": 499') >= left,
-                    EVENTUALLY_S,
-                    f"{left} request(s) logged as left by their client",
-                )
+
+                def logged(count: int = left) -> bool:
+                    return stack.log("api.log").count('"status": 499') >= count
+
+                wait_until(logged, EVENTUALLY_S, f"{left} request(s) logged as left by their client")
                 worker.send_signal(signal.SIGCONT)
             # Both slots serve again: two requests are in the backend at once.
             httpx.post(fake_backend_url + "/_reset", timeout=EVENTUALLY_S)

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from hpc_agents.backend import free_port
+from ops.processes import free_port
 from ops.testing.deadlines import EVENTUALLY_S
 from ops.testing.stack import Stack, write_config
 
@@ -25,7 +25,8 @@ def _error(response: httpx.Response, status: int) -> dict[str, object]:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
     assert body["error"]["message"]
-    return body["error"]
+    error: dict[str, object] = body["error"]
+    return error
 
 
 def _chat(model: str, content: object = "hi", **extra: object) -> dict[str, object]:

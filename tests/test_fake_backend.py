@@ -8,10 +8,12 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
 
 from ops.processes import wait_until
 from ops.testing.deadlines import EVENTUALLY_S
@@ -108,7 +110,8 @@ def test_chat_stream_continuous_usage(client: openai.OpenAI) -> None:
         messages=[{"role": "user", "content": "one two three"}],
         stream=True,
         max_tokens=3,
-        stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+        # continuous_usage_stats is vLLM's, unknown to OpenAI's types
+        stream_options=cast(ChatCompletionStreamOptionsParam, {"include_usage": True, "continuous_usage_stats": True}),
     )
     chunks = list(stream)
     counted = [(c.usage.prompt_tokens, c.usage.completion_tokens) for c in chunks if c.usage is not None]
@@ -191,12 +194,12 @@ def test_a_held_request_waits_for_its_file(backend_url: str, client: openai.Open
     hold = Hold(tmp_path / "release")
 
     def ask(stream: bool) -> str:
-        messages = [{"role": "user", "content": "wait for it"}]
+        messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "wait for it"}]
         extra = hold.field | {"fake_tag": f"held-{stream}"}
         if not stream:
-            answer = client.chat.completions.create(model=MODEL, messages=messages, extra_body=extra)  # type: ignore[arg-type]
+            answer = client.chat.completions.create(model=MODEL, messages=messages, extra_body=extra)
             return answer.choices[0].message.content or ""
-        chunks = client.chat.completions.create(model=MODEL, messages=messages, stream=True, extra_body=extra)  # type: ignore[arg-type]
+        chunks = client.chat.completions.create(model=MODEL, messages=messages, stream=True, extra_body=extra)
         return "".join(chunk.choices[0].delta.content or "" for chunk in chunks)
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
@@ -229,7 +232,9 @@ def test_without_running_usage_only_the_last_chunk_counts() -> None:
             model=MODEL,
             messages=[{"role": "user", "content": "one two three"}],
             stream=True,
-            stream_options={"include_usage": True, "continuous_usage_stats": True},  # type: ignore[typeddict-unknown-key]
+            stream_options=cast(
+                ChatCompletionStreamOptionsParam, {"include_usage": True, "continuous_usage_stats": True}
+            ),
         )
         chunks = list(stream)
     assert all(c.usage is None for c in chunks[:-1])

@@ -183,7 +183,7 @@ def test_fuzz_headers(fake_stack: Stack, client: httpx.Client, fake_model: str) 
         value: object = [{"role": "user", "content": "fuzz me"}] if field == "messages" else "fuzz me"
         body = {"model": fake_model, field: value} | ({"stream": stream} if field != "input" else {})
         try:
-            raw_headers = {name: value.encode("latin-1") for name, value in extra.items()}  # as a client may
+            raw_headers = {name.encode(): value.encode("latin-1") for name, value in extra.items()}  # as a client may
             response = client.post(path, content=json.dumps(body).encode(), headers=raw_headers)
         except httpx.LocalProtocolError:  # a header value httpx itself refuses to send
             return

@@ -109,7 +109,8 @@ def test_online_when_the_endpoint_reports_online_and_cached(compute_api: Any) ->
     ]
     launcher = GlobusComputeLauncher(CLUSTER, _config(endpoint_id), status_client=_status_client())
     assert launcher.online() is True
-    assert get_last_request(requests_mock=compute_api).url.endswith(f"/v2/endpoints/{endpoint_id}/status")
+    last = get_last_request(requests_mock=compute_api)
+    assert last is not None and (last.url or "").endswith(f"/v2/endpoints/{endpoint_id}/status")
     assert launcher.online() is True
     assert len(compute_api.calls) == 1  # the second answer came from the cache
 

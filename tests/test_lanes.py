@@ -19,6 +19,7 @@ from broker.messages import Endpoint, Lane
 from ops.processes import wait_until
 from ops.testing.deadlines import EVENTUALLY_S
 from ops.testing.fake_backend import Hold, fake_stats
+from ops.testing.jobs import store_submitted_batch
 from ops.testing.stack import Stack, api_and_worker_on_a_fake_backend
 from producers import bulk
 
@@ -62,20 +63,11 @@ def _ttfts(client: openai.OpenAI, model: str, count: int) -> list[float]:
 
 
 async def _publish_backlog(amqp_url: str, data_dir: Path, model: str, hold: Hold) -> str:
-    store = AsyncJobStore(JobStore(data_dir))
+    db = JobStore(data_dir)
+    store = AsyncJobStore(db)
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": "batch work"}]} | hold.field).encode()
     batch_id = "batch_lanes_backlog"
-    store.store.create_batch(
-        batch_id=batch_id,
-        endpoint="/v1/chat/completions",
-        model=model,
-        input_file_id="file-x",
-        window_s=3600,
-        metadata=None,
-        source="submit",
-        owner="tester",
-        lines=[(n, str(n), body) for n in range(1, BACKLOG + 1)],
-    )
+    store_submitted_batch(db, batch_id, model, "/v1/chat/completions", [body] * BACKLOG, "tester")
     connection = await aio_pika.connect_robust(amqp_url)
     try:
         await bulk.dispatch(connection, store, batch_id, model, Endpoint.CHAT, time.time() + 3600, "tester")

@@ -17,9 +17,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import openai
 import pytest
+from aio_pika.abc import AbstractIncomingMessage
 
 from api.limits import Limiter
 from broker import messages, topology
@@ -157,7 +159,7 @@ def leave_after_first_token(client: openai.OpenAI, model: str, text: str) -> Non
 def cancelled_recorded(stack: Stack, user: str, model: str | None = None) -> bool:
     store = JobStore(stack.workdir / "data")
     try:
-        return any(row["cancelled"] for row in store.usage(user=user, model=model))
+        return any(row["cancelled"] for row in store.usage.totals(user=user, model=model))
     finally:
         store.close()
 
@@ -212,7 +214,7 @@ def test_fair_share(limits: LimitsStack, models: dict[str, str]) -> None:
     """A user flooding from FLOODERS threads; another user's requests are still served next."""
     flooder, patient = _client(limits.stack, "frank-flood"), _client(limits.stack, "grace-patient")
     alone = _requests(patient, models["fair"], limits.backend, "grace-alone", 3)
-    stop, served, refused = threading.Event(), [], []
+    stop, served, refused = threading.Event(), list[int](), list[int]()
     threads = [
         threading.Thread(target=_flood, args=(flooder, models["fair"], stop, served, refused)) for _ in range(FLOODERS)
     ]
@@ -273,7 +275,9 @@ def test_limiter_refills_and_counts_out_once() -> None:
         limiter.admit("u", "m")
     assert caught.value.retry_after_s == 21  # 20 tokens of debt + 1, at one token a second
     now[0] = 21.0
-    limiter.admit("u", "m")(None)  # the tokens refilled; the second request of the minute
+    second = limiter.admit("u", "m")  # the tokens refilled; the second request of the minute
+    assert second is not None
+    second(None)
     with pytest.raises(RateLimited, match="requests per minute") as caught:
         limiter.admit("u", "m")
     assert caught.value.retry_after_s == 9  # 21 s refilled 0.7 of a request; 0.3 more takes 9 s
@@ -284,6 +288,11 @@ class _Delivery:
     def __init__(self, frame: Final | Abandoned) -> None:
         self.body = messages.encode(frame)
         self.correlation_id = frame.request_id
+
+
+def _delivered(frame: Final | Abandoned) -> AbstractIncomingMessage:
+    """A stand-in for a delivery: the two attributes the reply handler reads."""
+    return cast(AbstractIncomingMessage, _Delivery(frame))
 
 
 async def test_the_usage_of_an_abandoned_request_reaches_its_charge_whichever_frame_brings_it() -> None:
@@ -298,8 +307,12 @@ async def test_the_usage_of_an_abandoned_request_reaches_its_charge_whichever_fr
     queued.put_nowait(Final("queued", "a", 0, 200, b"{}", usage))
     client.abandon("queued", lambda late: charged.setdefault("queued", late))
     for request_id, frame in (("late", Final("late", "a", 3, 200, b"", usage)), ("cut", Abandoned("cut", usage))):
-        client.abandon(request_id, lambda late, request_id=request_id: charged.setdefault(request_id, late))
-        await client._on_reply(_Delivery(frame))  # type: ignore[arg-type]
+
+        def charge(late: dict[str, int] | None, request_id: str = request_id) -> None:
+            charged.setdefault(request_id, late)
+
+        client.abandon(request_id, charge)
+        await client._on_reply(_delivered(frame))
     assert charged == {"queued": usage, "late": usage, "cut": usage}
-    await client._on_reply(_Delivery(Abandoned("cut", usage)))  # a repeat is not charged twice
+    await client._on_reply(_delivered(Abandoned("cut", usage)))  # a repeat is not charged twice
     assert len(charged) == 3 and not client._on_abandoned

@@ -35,7 +35,13 @@ async def test_500_concurrent_streams_complete_in_order(
         fake_stack.start_worker(fake_model)
     httpx.post(fake_backend_url + "/_reset", timeout=EVENTUALLY_S)
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=STREAMS + 10), timeout=LONG_WORK_S)
-    client = openai.AsyncOpenAI(base_url=fake_stack.url + "/v1", api_key="unused", max_retries=0, http_client=http)
+    # openai types `http_client` for httpx2; it takes an httpx client too
+    client = openai.AsyncOpenAI(
+        base_url=fake_stack.url + "/v1",
+        api_key="unused",
+        max_retries=0,
+        http_client=http,  # type: ignore[arg-type]
+    )
     try:
         results = await asyncio.gather(*(_one_stream(client, fake_model, i) for i in range(STREAMS)))
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import socket
 import struct
 
 import openai
@@ -11,6 +13,7 @@ import pytest
 from ops.testing.deadlines import EVENTUALLY_S
 from ops.testing.fake_backend import expected_chat_tokens, expected_completion_tokens, expected_embedding
 from ops.testing.stack import Stack
+from tests.rabbitmq_roles import rabbitmqctl, vhost_of
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +94,20 @@ def test_models_list_shows_queue_depth_and_consumers(client: openai.OpenAI, fake
     assert [m.id for m in models] == [fake_model]
     extension = models[0].model_extra["hotq"]  # type: ignore[index]
     assert extension == {"queue_depth": 0, "consumers": 1}
+
+
+def test_the_api_holds_one_amqp_connection(
+    client: openai.OpenAI, fake_stack: Stack, fake_model: str, amqp_url: str
+) -> None:
+    """Requests, batch runners, usage and the ops sampler all share the API process's one connection."""
+    client.chat.completions.create(model=fake_model, messages=[{"role": "user", "content": "one connection"}])
+    assert fake_stack.api is not None
+    suffix = f"@{socket.gethostname()}:{fake_stack.api.pid}"
+    listing = rabbitmqctl("list_connections", "-p", vhost_of(amqp_url), "client_properties", "--formatter", "json")
+    names = [
+        value  # rabbitmqctl lists each client property as [key, type, value]
+        for connection in json.loads(listing)
+        for key, _type, value in connection["client_properties"]
+        if key == "connection_name" and value.endswith(suffix)
+    ]
+    assert names == [f"hotq-api{suffix}"]

@@ -24,6 +24,7 @@ import aio_pika
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionStreamOptionsParam
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -147,17 +148,15 @@ def test_metrics_count_requests_tokens_and_queues(ops_stack: OpsStack) -> None:
     url, model = ops_stack.stack.url, ops_stack.served
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
     text = "hello metrics world"
-    messages = [{"role": "user", "content": text}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": text}]
     for _ in range(3):
-        client.chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
+        client.chat.completions.create(model=model, messages=messages)
     with pytest.raises(openai.BadRequestError):  # the backend answers 400: no output, no TTFT
         client.chat.completions.create(model=model, messages=[{"role": "user", "content": "FAIL 400"}])
-    for options in ({"stream_options": {"include_usage": True}}, {}):
+    usage_asked: ChatCompletionStreamOptionsParam = {"include_usage": True}
+    for stream_options in (usage_asked, openai.omit):
         stream = client.chat.completions.create(
-            model=model,
-            messages=messages,  # type: ignore[arg-type]
-            stream=True,
-            **options,  # type: ignore[arg-type]
+            model=model, messages=messages, stream=True, stream_options=stream_options
         )
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "".join(
             expected_chat_tokens(text, None)[0]
@@ -177,7 +176,8 @@ def test_metrics_count_requests_tokens_and_queues(ops_stack: OpsStack) -> None:
     assert _value(samples, "hotq_time_to_first_token_seconds_count", **chat, stream="false") == 3
     assert _value(samples, "hotq_time_to_first_token_seconds_count", **chat, stream="true") == 2
     ttft = _value(samples, "hotq_time_to_first_token_seconds_sum", **chat, stream="true")
-    assert ttft is not None and 0 < ttft <= _value(samples, "hotq_request_duration_seconds_sum", **chat, stream="true")
+    duration = _value(samples, "hotq_request_duration_seconds_sum", **chat, stream="true")
+    assert ttft is not None and duration is not None and 0 < ttft <= duration
     assert _value(samples, "hotq_requests_total", **chat, stream="false", status="2xx") == 3
     assert _value(samples, "hotq_requests_total", **chat, stream="false", status="4xx") == 1
     assert _value(samples, "hotq_requests_total", **chat, stream="true", status="2xx") == 2

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aio_pika
 import pytest
+from pamqp.common import FieldTable
 
 from ops.rabbitmq.local_cluster import LocalCluster, Node
 from tests.rabbitmq_cluster import PATIENCE_S, wait_for_leader
@@ -52,7 +53,7 @@ async def test_quorum_queue_keeps_its_messages_when_its_leader_is_killed(
     connection = await aio_pika.connect(first.url)
     async with connection:
         channel = await connection.channel()
-        arguments = {"x-queue-type": "quorum", "x-quorum-initial-group-size": 3}
+        arguments: FieldTable = {"x-queue-type": "quorum", "x-quorum-initial-group-size": 3}
         await channel.declare_queue(queue_name, durable=True, arguments=arguments)
     (status,) = [queue for queue in await asyncio.to_thread(cluster.quorum_queues) if queue.name == queue_name]
     assert set(status.members) == {node.name for node in cluster.nodes}, "three replicas, one per node"

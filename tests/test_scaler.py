@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -11,13 +12,16 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aio_pika
 import httpx
 import openai
 import pytest
 
+from broker import topology
 from broker.config import Config, load_config
 from broker.connection import connect
-from broker.messages import AgentState
+from broker.jobstore import AsyncJobStore, JobStore
+from broker.messages import AgentState, Endpoint, Lane
 from hpc_agents.decisions import Decision, DecisionLog
 from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers.local import LocalLauncher
@@ -25,7 +29,9 @@ from hpc_agents.scaler import Scaler
 from ops.processes import wait_until_async
 from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S
 from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, expected_chat_tokens
+from ops.testing.jobs import store_submitted_batch
 from ops.testing.stack import Stack, write_config
+from producers import bulk
 
 QUIET_TICKS = 8  # how long "nothing happens" is watched: this many more scaler ticks
 
@@ -92,7 +98,13 @@ async def test_cold_start_burst_then_back_to_zero(running: Running) -> None:
     scaler, model = running.scaler, running.model
     assert scaler.directory.agents(model) == [] and not scaler.launches
     http = httpx.AsyncClient(limits=httpx.Limits(max_connections=250), timeout=STARTUP_S + EVENTUALLY_S)
-    client = openai.AsyncOpenAI(base_url=running.stack.url + "/v1", api_key="x", max_retries=0, http_client=http)
+    # openai types `http_client` for httpx2; it takes an httpx client too
+    client = openai.AsyncOpenAI(
+        base_url=running.stack.url + "/v1",
+        api_key="x",
+        max_retries=0,
+        http_client=http,  # type: ignore[arg-type]
+    )
     texts = [f"burst {i}" for i in range(200)]
     started = time.monotonic()
     try:
@@ -150,3 +162,29 @@ def test_a_restarted_scaler_sizes_from_the_throughput_it_measured_before(tmp_pat
     config = Config(models={})
     scaler = Scaler(config, {}, AgentDirectory(heartbeat_s=1.0), log)
     assert scaler._agent_rps("m", [], backlog=50) == 12.5  # not the cold guess
+
+
+@pytest.mark.model(min_hot=0, max_agents=3, target_drain_s=2, idle_ttl_s=2.0)
+async def test_expired_batch_lines_in_an_unconsumed_queue_start_no_agent(
+    running: Running, amqp_url: str, tmp_path: Path
+) -> None:
+    """Lines published after their batch expired, onto a lane nobody consumes, are dropped by RabbitMQ:
+    the scaler sees no backlog and starts nobody (an agent would only find them expired)."""
+    store = JobStore(tmp_path / "jobs")
+    batch_id = f"batch_expired_{running.model[-12:]}"
+    body = json.dumps({"model": running.model, "messages": [{"role": "user", "content": "too late"}]}).encode()
+    store_submitted_batch(store, batch_id, running.model, "/v1/chat/completions", [body] * 50, "tester")
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        published = await bulk.dispatch(
+            connection, AsyncJobStore(store), batch_id, running.model, Endpoint.CHAT, time.time() - 1, "tester"
+        )
+        assert published == 50  # RabbitMQ took (and confirmed) every line
+        await running.watch_quietly()
+        assert not running.scaler.launches and sum(d.launched for d in running.decisions) == 0
+        channel = await connection.channel()
+        assert await topology.queue_depth(channel, running.model, Lane.BATCH) == (0, 0)
+        await channel.queue_delete(topology.results_queue_name(batch_id))
+    finally:
+        await connection.close()
+        store.close()

@@ -32,8 +32,7 @@ import pytest
 
 from broker import topology
 from broker.messages import Lane
-from hpc_agents.backend import free_port
-from ops.processes import Child, wait_until
+from ops.processes import Child, free_port, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STOP_S
 from ops.testing.fake_backend import Hold, expected_chat_tokens, fake_stats, running_fake_backend
 from ops.testing.stack import Stack, api_and_worker, ready_messages

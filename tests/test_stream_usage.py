@@ -52,7 +52,8 @@ def test_client_without_include_usage_gets_no_usage_at_all(encode: Any) -> None:
     usage = StreamUsage(ClientUsage.NONE, 1)
     out = [usage.client_event(encode(chunk)) for chunk in stream]
     assert out[-1] is None  # the usage-only chunk is left out
-    assert [json.loads(event.removeprefix(b"data: ")) for event in out[:-1]] == [_without_usage(c) for c in stream[:-1]]
+    events = [event for event in out[:-1] if event is not None]
+    assert [json.loads(event.removeprefix(b"data: ")) for event in events] == [_without_usage(c) for c in stream[:-1]]
     assert usage.usage == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
 
 

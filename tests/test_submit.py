@@ -19,6 +19,7 @@ from broker.messages import Endpoint, Lane
 from ops.processes import Child, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S
 from ops.testing.fake_backend import fake_stats, reply_text
+from ops.testing.jobs import store_submitted_batch
 from ops.testing.stack import ROOT, Stack, api_and_worker_on_a_fake_backend, hotq_command, run_hotq
 from producers import bulk
 
@@ -49,8 +50,8 @@ def _submit(stack: Stack, name: str, *args: str) -> Child:
 def _collected(stack: Stack, job_id: str) -> int:
     store = JobStore(stack.workdir / "data")
     try:
-        batch = store.get_batch(job_id)
-        return 0 if batch is None else batch["request_counts"]["completed"] + batch["request_counts"]["failed"]
+        batch = store.batches.get(job_id)
+        return 0 if batch is None else batch.completed + batch.failed
     finally:
         store.close()
 
@@ -135,21 +136,12 @@ def test_detach_then_fetch(submit_stack: Stack, submit_model: str) -> None:
 async def test_dispatch_resumes_without_republishing(tmp_path: Path, amqp_url: str, session_tag: str) -> None:
     """A dispatcher stopped after its first chunk, run again, leaves each line in the queue exactly once."""
     model = f"test-org/dispatch-resume-{session_tag}"  # no consumer: the queue depth counts publishes
-    store = AsyncJobStore(JobStore(tmp_path))
+    db = JobStore(tmp_path)
+    store = AsyncJobStore(db)
     body = json.dumps({"model": model, "prompt": "x"}).encode()
     total = 3 * bulk.PUBLISH_CHUNK + 17
     batch_id = "batch_dispatch_resume"
-    store.store.create_batch(
-        batch_id=batch_id,
-        endpoint="/v1/completions",
-        model=model,
-        input_file_id="file-x",
-        window_s=3600,
-        metadata=None,
-        source="submit",
-        owner="tester",
-        lines=[(n, str(n), body) for n in range(1, total + 1)],
-    )
+    store_submitted_batch(db, batch_id, model, "/v1/completions", [body] * total, "tester")
     connection = await aio_pika.connect_robust(amqp_url)
     try:
         chunks: list[int] = []
@@ -165,12 +157,12 @@ async def test_dispatch_resumes_without_republishing(tmp_path: Path, amqp_url: s
             should_stop=lambda: len(chunks) >= 1,
             on_published=chunks.append,
         )
-        assert first == bulk.PUBLISH_CHUNK == store.store.published_count(batch_id)
+        assert first == bulk.PUBLISH_CHUNK == db.lines.published_count(batch_id)
         second = await bulk.dispatch(
             connection, store, batch_id, model, Endpoint.COMPLETIONS, time.time() + 3600, "tester"
         )
         elapsed = time.perf_counter() - started
-        assert first + second == total == store.store.published_count(batch_id)
+        assert first + second == total == db.lines.published_count(batch_id)
         channel = await connection.channel()
         depth, _ = await topology.queue_depth(channel, model, Lane.BATCH)
         assert depth == total

@@ -53,7 +53,9 @@ def model(session_tag: str) -> str:
 @pytest.fixture
 async def as_role(roles: rabbitmq_roles.RoleBroker) -> AsyncIterator[dict[str, aio_pika.abc.AbstractConnection]]:
     """One plain (not robust) connection per role; a refused operation closes only its channel."""
-    connections = {role: await aio_pika.connect(roles.url(role)) for role in rabbitmq_roles.ROLES}
+    connections: dict[str, aio_pika.abc.AbstractConnection] = {
+        role: await aio_pika.connect(roles.url(role)) for role in rabbitmq_roles.ROLES
+    }
     yield connections
     for connection in connections.values():
         await connection.close()
@@ -210,8 +212,8 @@ def test_roles_serve_requests_and_logs_keep_no_secrets(
     secret = "zanzibar" + uuid.uuid4().hex[:12]  # a word of the prompt that appears nowhere else
     models = {fake_model: {"backend_url": fake_backend_url}}
     top = {"max_queue_wait_s": 15, "stream_flush_ms": 20}
-    api_config = write_config(tmp_path / "api.toml", roles.url("api"), models, **top)
-    worker_config = write_config(tmp_path / "worker.toml", roles.url("agent"), models, **top)
+    api_config = write_config(tmp_path / "api.toml", roles.url("api"), models, None, **top)
+    worker_config = write_config(tmp_path / "worker.toml", roles.url("agent"), models, None, **top)
 
     async def scaler_declares() -> None:
         connection = await aio_pika.connect(roles.url("scaler"))
@@ -243,12 +245,12 @@ def test_roles_serve_requests_and_logs_keep_no_secrets(
         # that reached the backend are counted.
         store = JobStore(tmp_path / "data")
         wait_until(
-            lambda: sum(row["requests"] for row in store.usage(model=fake_model)) >= 4,
+            lambda: sum(row["requests"] for row in store.usage.totals(model=fake_model)) >= 4,
             EVENTUALLY_S,
             "the four requests' usage recorded",
             poll_s=0.2,
         )
-        assert sum(row["requests"] for row in store.usage(model=fake_model)) == 4
+        assert sum(row["requests"] for row in store.usage.totals(model=fake_model)) == 4
     finally:
         stack.close()
     logs = {name: stack.log(name) for name in ("api.log", "worker1.log")}

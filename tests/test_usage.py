@@ -19,6 +19,7 @@ import pytest
 
 from broker.jobstore import JobStore, Result, since_day
 from broker.messages import UsageRow
+from broker.openai_objects import batch_object
 from ops.processes import wait_until
 from ops.testing.deadlines import EVENTUALLY_S
 from ops.testing.fake_backend import fake_stats
@@ -190,12 +191,12 @@ def test_a_report_is_recorded_once(tmp_path: Path) -> None:
     """A report delivered again (an API that died before its ack) is not added twice."""
     store = JobStore(tmp_path)
     rows = [UsageRow("2026-01-02", "dan", "m", "interactive", 2, 1, 30, 40)]
-    assert store.record_usage("report-1", rows)
-    assert not store.record_usage("report-1", rows)
-    assert store.record_usage("report-2", [UsageRow("2026-01-02", "dan", "m", "interactive", 1, 0, 5, 6)])
-    (row,) = store.usage(user="dan")
+    assert store.usage.record("report-1", rows)
+    assert not store.usage.record("report-1", rows)
+    assert store.usage.record("report-2", [UsageRow("2026-01-02", "dan", "m", "interactive", 1, 0, 5, 6)])
+    (row,) = store.usage.totals(user="dan")
     assert (row["requests"], row["cancelled"], row["prompt_tokens"], row["completion_tokens"]) == (3, 1, 35, 46)
-    assert store.usage(since="2026-01-03") == []
+    assert store.usage.totals(since="2026-01-03") == []
 
 
 def test_since_takes_a_day_or_a_number_of_days() -> None:
@@ -214,12 +215,14 @@ def test_a_batch_counts_each_line_s_tokens_once(tmp_path: Path) -> None:
     """A redelivered answer (the same custom_id again) adds neither a result nor its tokens."""
     store = JobStore(tmp_path)
     lines = [(1, "a", b"{}"), (2, "b", b"{}")]
-    store.create_batch(
+    store.batches.create(
         batch_id="b1", endpoint="/v1/completions", model="m", input_file_id="f", window_s=60, metadata=None,
         source="api", owner="dan", lines=lines,
     )  # fmt: skip
-    assert store.record_results("b1", [Result("a", 1, True, "{}", 3, 4), Result("a", 1, True, "{}", 9, 9)]) == (1, 0)
-    assert store.record_results("b1", [Result("a", 1, True, "{}", 9, 9), Result("b", 2, False, "{}")]) == (0, 1)
-    batch = store.get_batch("b1", owner="dan")
-    assert batch is not None and batch["usage"]["input_tokens"] == 3 and batch["usage"]["output_tokens"] == 4
-    assert store.get_batch("b1", owner="eve") is None  # someone else's
+    assert store.results.record("b1", [Result("a", 1, True, "{}", 3, 4), Result("a", 1, True, "{}", 9, 9)]) == (1, 0)
+    assert store.results.record("b1", [Result("a", 1, True, "{}", 9, 9), Result("b", 2, False, "{}")]) == (0, 1)
+    batch = store.batches.get("b1", owner="dan")
+    assert batch is not None and (batch.completed, batch.failed) == (1, 1)
+    usage = batch_object(batch)["usage"]
+    assert usage["input_tokens"] == 3 and usage["output_tokens"] == 4 and usage["total_tokens"] == 7
+    assert store.batches.get("b1", owner="eve") is None  # someone else's

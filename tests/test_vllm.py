@@ -17,11 +17,11 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from consumers.stream_usage import prompt_estimate
-from hpc_agents.backend import free_port
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
-from ops.processes import Child, wait_until
+from ops.processes import Child, free_port, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
 from ops.testing.stack import hotq_command, log_events
 
@@ -63,7 +63,13 @@ def served() -> ServedCounter:
 @pytest.fixture(scope="module")
 def client(smollm: str, served: ServedCounter) -> Iterator[openai.OpenAI]:
     http = httpx.Client(timeout=VLLM_EVENTUALLY_S, event_hooks={"response": [served]})
-    with openai.OpenAI(base_url=smollm, api_key="unused", max_retries=0, http_client=http) as client:
+    # openai types `http_client` for httpx2; it takes an httpx client too
+    with openai.OpenAI(
+        base_url=smollm,
+        api_key="unused",
+        max_retries=0,
+        http_client=http,  # type: ignore[arg-type]
+    ) as client:
         yield client
 
 
@@ -200,7 +206,8 @@ def test_cancelled_stream_is_recorded_with_vllm_s_counts(
 ) -> None:
     """Issue 6 acceptance 5 through real vLLM: the consumer asks vLLM for running usage, keeps it
     out of the client's stream, and records what vLLM had counted when the client left."""
-    messages = [{"role": "user", "content": "Count from one to two hundred in words, one number per line."}]
+    count_up = "Count from one to two hundred in words, one number per line."
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": count_up}]
     # Every request this module was served so far is recorded (the batch's lines count on their lane).
     before = _usage_when(smollm, lambda totals: totals["requests"] == served.served, "earlier tests' usage")
     reference = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages, max_tokens=1)
@@ -256,7 +263,7 @@ def test_an_answer_left_while_vllm_works_is_recorded_with_its_prompt_estimated(
         "why a broker that holds every request until a worker confirms its answer loses nothing when "
         "a node fails, and list every step a request takes from the client to the model and back."
     )
-    messages = [{"role": "user", "content": text}]
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": text}]
     # Every request answered so far is recorded (those left mid-way were waited for by their tests).
     before = _usage_when(smollm, lambda totals: totals["requests"] >= served.served, "earlier tests' usage")
     data = next(tmp_path_factory.getbasetemp().glob("make-run*")) / ".hotq"
@@ -279,3 +286,21 @@ def test_an_answer_left_while_vllm_works_is_recorded_with_its_prompt_estimated(
     assert reference.usage is not None
     print(f"\nprompt estimated at {estimate} tokens; vLLM counted {reference.usage.prompt_tokens}")
     assert reference.usage.prompt_tokens / 2 <= estimate <= 2 * reference.usage.prompt_tokens
+
+
+def test_invalid_requests_get_a_400_through_the_vllm_stack(client: openai.OpenAI, smollm: str) -> None:
+    """Issue 15: what hotq refuses never reaches vLLM; what only vLLM can judge comes back as vLLM's 400.
+    Last in the module: a request vLLM refuses may count in the usage the test above sums."""
+    deep = "[" * 1000 + "]" * 1000
+    raw = f'{{"model": "{DEFAULT_MODEL_NAME}", "prompt": {deep}}}'.encode()
+    response = httpx.post(smollm + "/completions", content=raw, timeout=VLLM_EVENTUALLY_S)
+    assert response.status_code == 400 and response.json()["error"]["code"] == "json_too_deep"
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "hi"}], n=10**9)
+    assert refused.value.param == "n"
+    # Within hotq's bounds, beyond this model's context: vLLM itself says no, and its 400 arrives as one.
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model=DEFAULT_MODEL_NAME, prompt="Hello", max_tokens=10**6)
+    assert too_long.value.status_code == 400
+    answer = client.completions.create(model=DEFAULT_MODEL_NAME, prompt="The capital of France is", max_tokens=3)
+    assert answer.choices[0].text  # the model serves on

@@ -27,7 +27,7 @@ from broker.messages import (
     UsageRow,
 )
 
-RECORDS = [
+RECORDS: list[messages.Record] = [
     RequestEnvelope("r1", "org/model.v1", Endpoint.CHAT, b'{"a": 1}', True, 2.0, 1.5, "alice", Lane.BATCH, 1.0),
     Started("r1", "att", "node:1"),
     ChunkBatch("r1", "att", 3, b"data: {}\n\n"),
@@ -47,7 +47,7 @@ RECORDS = [
 )
 def test_usage_rows_are_checked(rows: list[list[object]]) -> None:
     with pytest.raises(WireError, match="UsageReport row"):
-        UsageReport("rep1", "node:1", rows).usage_rows()  # type: ignore[arg-type]
+        UsageReport("rep1", "node:1", rows).usage_rows()
 
 
 @pytest.mark.parametrize("record", RECORDS, ids=lambda r: type(r).__name__)

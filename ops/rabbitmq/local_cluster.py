@@ -334,7 +334,8 @@ class LocalCluster:
         return [node for node in self.nodes if self.is_running(node)]
 
     def _cluster_status(self, node: Node) -> dict[str, list[str]]:
-        return json.loads(self.rabbitmqctl(node, "cluster_status", "--formatter", "json"))
+        status: dict[str, list[str]] = json.loads(self.rabbitmqctl(node, "cluster_status", "--formatter", "json"))
+        return status
 
     def quorum_queues(self, via: Node | None = None) -> list[QueueStatus]:
         """Every quorum queue in every vhost with its leader, as `via` (default: a running node) sees it."""

@@ -22,8 +22,7 @@ from typing import Any, Final
 
 import aio_pika
 
-from hpc_agents.backend import free_port
-from ops.processes import Child, Children, wait_until
+from ops.processes import Child, Children, free_port, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S, STOP_S
 from ops.testing.fake_backend import running_fake_backend
 

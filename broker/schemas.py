@@ -1,9 +1,10 @@
-"""What hotq checks in an OpenAI request body before queueing it.
+"""What hotq checks in an OpenAI request body before queueing it (interactive or a batch line).
 
-Only the fields hotq itself relies on are declared; every other field passes
-through to the backend untouched (the body is forwarded as the client's bytes,
-never re-encoded). Validation errors name the offending field as OpenAI's
-`param`.
+Only the fields hotq itself relies on, and the numbers a backend could choke on,
+are declared; every other field passes through to the backend untouched (the body
+is forwarded as the client's bytes, never re-encoded). Validation errors name the
+offending field as OpenAI's `param`. What no parser or backend should be handed
+(deep nesting, numbers past what they hold) is refused by `broker.json_limits`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,16 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from broker.errors import InvalidRequest
+from broker.json_limits import check_structure, too_deep
 from broker.messages import Endpoint
 
+MAX_CHOICES = 128  # OpenAI's own limit on `n`
+MAX_TOKENS = 2**31 - 1  # backends count tokens in 32-bit integers
 Role = Literal["system", "user", "assistant", "tool", "function", "developer"]
-PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
+Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_TOKENS)]
+Choices = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
+# Sampling numbers: any finite value passes (the backend judges its own range); 1e999 does not.
+Finite = Annotated[float, msgspec.Meta(ge=-1e300, le=1e300)]
 
 
 class ChatMessage(msgspec.Struct):
@@ -32,14 +39,19 @@ class StreamOptions(msgspec.Struct):
 class _Common(msgspec.Struct):
     model: str
     stream: bool = False
-    n: PositiveInt = 1
+    n: Choices = 1
+    best_of: Choices | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: PositiveInt | None = None
+    max_tokens: Count | None = None
+    temperature: Finite | None = None
+    top_p: Finite | None = None
+    presence_penalty: Finite | None = None
+    frequency_penalty: Finite | None = None
 
 
 class ChatCompletionRequest(_Common):
     messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)] = msgspec.field(default_factory=list)
-    max_completion_tokens: PositiveInt | None = None
+    max_completion_tokens: Count | None = None
 
 
 class CompletionRequest(_Common):
@@ -81,7 +93,10 @@ def validate(endpoint: Endpoint, body: bytes) -> ChatCompletionRequest | Complet
     if not body:
         raise InvalidRequest("the request body is empty; send a JSON object")
     try:
-        request = _decoder(endpoint).decode(body)
+        request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest = _decoder(endpoint).decode(body)
+        check_structure(body)
+    except RecursionError:
+        raise too_deep() from None
     except msgspec.ValidationError as exc:
         message = str(exc)
         match = _WHERE.search(message)

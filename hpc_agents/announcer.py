@@ -21,7 +21,9 @@ from broker.messages import AgentState, AgentStatus
 log = structlog.get_logger("hotq.agent")
 
 
-class Registry:
+class AgentAnnouncer:
+    """Publishes one agent's state changes and heartbeats (`AgentDirectory` is the reader)."""
+
     def __init__(
         self,
         connection: AbstractRobustConnection,

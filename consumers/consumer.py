@@ -1,4 +1,4 @@
-"""A consumer of one model's request queues.
+"""A consumer of one model's request queues (run by `hotq agent` beside its backend, or alone by `hotq worker`).
 
 `start` consumes the model's lanes (a channel each, so each has its own
 prefetch) and keeps the backend at `max_inflight` requests through shared
@@ -49,7 +49,7 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class Worker:
+class Consumer:
     def __init__(
         self,
         connection: AbstractRobustConnection,

@@ -13,7 +13,6 @@ import asyncio
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,8 @@ import aiohttp
 import structlog
 
 from broker.config import ModelConfig
-from hpc_agents.vllm_backend import vllm_command, vllm_environment
+from hpc_agents.vllm_command import vllm_command, vllm_environment
+from ops.processes import signal_group
 
 log = structlog.get_logger("hotq.agent")
 
@@ -33,12 +33,6 @@ _PR_SET_PDEATHSIG = 1
 
 class BackendFailed(Exception):
     """The backend exited, or did not become ready in time."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def backend_command(model: str, model_config: ModelConfig, port: int) -> list[str]:
@@ -97,10 +91,10 @@ class BackendProcess:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             for path in ("/health", "/v1/models"):
                 while True:
-                    if self.exited():
+                    if self.process is not None and self.process.poll() is not None:
                         raise BackendFailed(
                             f"the backend exited with {self.process.returncode} while loading; see {self.log_path}"
-                        )  # type: ignore[union-attr]
+                        )
                     if time.monotonic() > deadline:
                         raise BackendFailed(f"the backend was not ready within {timeout_s:g} s; see {self.log_path}")
                     try:
@@ -127,18 +121,11 @@ class BackendProcess:
         process = self.process
         if process is None:
             return
-        _signal_group(process.pid, signal.SIGTERM)
+        signal_group(process.pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT_S
         while process.poll() is None and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
-        _signal_group(process.pid, signal.SIGKILL)  # also takes children the server left behind
+        signal_group(process.pid, signal.SIGKILL)  # also takes children the server left behind
         while process.poll() is None:  # reaped at once after SIGKILL; never block the loop on it
             await asyncio.sleep(0.05)
         log.info("backend_stopped", pid=process.pid, returncode=process.returncode)
-
-
-def _signal_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        pass

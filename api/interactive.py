@@ -1,0 +1,157 @@
+"""One interactive request, from its envelope to its line in the request log.
+
+`InteractiveRequest.respond` reads in the order things happen: the request is queued
+as an envelope, its answer is relayed (whole, or as a stream), and it is finished
+exactly once, whichever way it ends (answered, failed, its client gone, or its
+stream over): its limits are released with the tokens it used, its work is stopped
+at the consumer if nobody waits for it any more, and its metrics and log line are
+written.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+from starlette.requests import Request
+from starlette.responses import Response
+
+from api.disconnect import ClientDisconnected, unless_disconnected
+from api.errors import error_response
+from api.relay import ReplyRelay
+from api.sse import EventStreamResponse
+from broker.errors import HotqError
+from broker.messages import Endpoint, Lane, RequestEnvelope
+from producers.request_client import RequestClient
+
+if TYPE_CHECKING:
+    from api.routes import Gateway
+
+log = structlog.get_logger("hotq.api")
+
+
+@dataclass(frozen=True, slots=True)
+class Ask:
+    """What the caller asked, once validated and admitted."""
+
+    request_id: str
+    endpoint: Endpoint
+    model: str
+    body: bytes
+    stream: bool
+    caller: str
+    cluster: str | None  # pinned by X-Hotq-Cluster
+    release: Callable[[dict[str, int] | None], None] | None  # counts it out of the caller's [limits]
+
+
+class InteractiveRequest:
+    def __init__(self, gateway: Gateway, ask: Ask) -> None:
+        self._gateway = gateway
+        self.ask = ask
+        self._started = time.monotonic()
+        self._client: RequestClient | None = None
+        self._relay: ReplyRelay | None = None
+        self._status = 200  # what the client got, for the metrics and the request log
+        self._error: str | None = None
+        self._headers = {"x-request-id": ask.request_id}
+        self._finished = False
+
+    async def respond(self, request: Request) -> Response:
+        streaming = False
+        try:
+            self._client = self._gateway.connected_client()
+            self._relay = await self._submit(self._client, request)
+            if not self.ask.stream:
+                return await self._whole_answer(request, self._relay)
+            response = await self._stream(request, self._relay)
+            streaming = True  # from here the stream finishes it, when it ends
+            return response
+        except ClientDisconnected:
+            self._status, self._error = 499, "client_disconnected"
+            return Response(status_code=499)
+        except HotqError as error:
+            self._status, self._error = error.status, error.code or error.error_type
+            response = error_response(error)
+            response.headers.update(self._headers)
+            return response
+        finally:
+            if not streaming:
+                self.finish()
+
+    async def _submit(self, client: RequestClient, request: Request) -> ReplyRelay:
+        config = self._gateway.config
+        now = time.time()
+        timeout = min(config.request_timeout_s, _client_timeout(request) or config.request_timeout_s)
+        envelope = RequestEnvelope(
+            request_id=self.ask.request_id,
+            model=self.ask.model,
+            endpoint=self.ask.endpoint,
+            body=self.ask.body,
+            stream=self.ask.stream,
+            deadline=now + timeout,
+            start_by=now + config.max_queue_wait_s,
+            caller=self.ask.caller,
+            lane=Lane.INTERACTIVE,
+            submitted_at=now,
+        )
+        replies = await client.submit(envelope, self.ask.cluster)
+        return ReplyRelay(replies, envelope.deadline, config.max_queue_wait_s)
+
+    async def _whole_answer(self, request: Request, relay: ReplyRelay) -> Response:
+        final = await unless_disconnected(request.receive, relay.final())
+        self._status = final.status
+        self.finish(time.monotonic(), final.usage)  # the whole answer is its first output
+        return Response(final.body, status_code=final.status, headers=self._headers, media_type="application/json")
+
+    async def _stream(self, request: Request, relay: ReplyRelay) -> Response:
+        keepalive_s = self._gateway.config.keepalive_s
+        # Wait briefly for the first output so early errors still get a real HTTP status.
+        first = await unless_disconnected(request.receive, relay.next_output(keepalive_s))
+        return EventStreamResponse(relay, first, keepalive_s, self._headers, on_done=self.finish)  # type: ignore[return-value]
+
+    def finish(self, first_output_at: float | None = None, usage: dict[str, int] | None = None) -> None:
+        """Release, stop or let go of the work, and record the request (once)."""
+        if self._finished:
+            return
+        self._finished = True
+        ask, gateway = self.ask, self._gateway
+        if ask.release is not None:
+            ask.release(usage)  # the request leaves the caller's limits, charged its tokens
+        if self._client is not None:
+            if self._relay is not None and not self._relay.finished:  # the client left or we gave up
+                # Under limits, what the backend generated until the cut is charged once it is known.
+                charge = functools.partial(gateway.limiter.charge, ask.caller, ask.model) if ask.release else None
+                self._client.abandon(ask.request_id, charge)
+                gateway.spawn(self._client.cancel(ask.request_id))
+            else:
+                self._client.release(ask.request_id)
+        elapsed_s = time.monotonic() - self._started
+        ttft_s = None if first_output_at is None else first_output_at - self._started
+        gateway.metrics.observe_request(
+            ask.model, ask.endpoint.value, ask.stream, self._status, elapsed_s, ttft_s, usage
+        )
+        outcome: dict[str, object] = {"status": self._status}
+        if self._error is not None:
+            outcome["error"] = self._error
+        log.info(
+            "request_done",
+            request_id=ask.request_id,  # bound explicitly: a stream ends outside the request's context
+            model=ask.model,
+            endpoint=ask.endpoint.value,
+            stream=ask.stream,
+            ms=round(elapsed_s * 1000, 2),
+            **outcome,
+        )
+
+
+def _client_timeout(request: Request) -> float | None:
+    """The openai client announces its read timeout; no point computing past it."""
+    value = request.headers.get("x-stainless-read-timeout")
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
