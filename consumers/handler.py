@@ -22,7 +22,7 @@ from broker.errors import BackendError, DeadlineExceeded, HotqError
 from broker.messages import DONE_EVENT, ChunkBatch, ErrorReply, Final, RequestEnvelope
 from consumers.backend_client import BackendClient
 from consumers.replies import ReplySender
-from consumers.stream_usage import StreamUsage, backend_request
+from consumers.stream_usage import StreamUsage, backend_request, prompt_estimate
 
 log = structlog.get_logger("hotq.consumer")
 
@@ -43,7 +43,9 @@ class _ErrorBody(msgspec.Struct):
 class AttemptProgress:
     """How far one attempt at a request got, for the worker to settle and account it."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: bytes = b"") -> None:
+        self._body = body
+        self._prompt_estimate: int | None = None
         self.called_backend = False  # the backend was asked, so it may have generated tokens
         self.sent_output = False  # output went out to the client: the request is not safe to serve again
         self.stream_usage: StreamUsage | None = None
@@ -55,6 +57,17 @@ class AttemptProgress:
         if self.answer_usage is not None or self.stream_usage is None:
             return self.answer_usage
         return self.stream_usage.usage
+
+    def usage_at_cut(self) -> dict[str, int] | None:
+        """`usage` of an attempt cut short; a non-streaming answer cut short reports nothing, but
+        the backend had read its prompt: that is estimated (its completion so far is unknown)."""
+        usage = self.usage
+        if usage is not None or self.stream_usage is not None or not self.called_backend:
+            return usage
+        if self._prompt_estimate is None:
+            self._prompt_estimate = prompt_estimate(self._body)
+        prompt = self._prompt_estimate
+        return {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt} if prompt else None
 
 
 class BackendUnreachable(Exception):

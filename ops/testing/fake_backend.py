@@ -34,7 +34,9 @@ Deterministic behaviour
   and one extra final chunk has ``"choices": []`` plus usage; with ``continuous_usage_stats``
   as well (vLLM's extension), every chunk carries the usage so far instead of null (the
   prompt, and the tokens of that chunk's choice so far, as vLLM counts them). Ends with
-  ``data: [DONE]``.
+  ``data: [DONE]``. Started with ``--no-running-usage`` (``running_fake_backend(...,
+  running_usage=False)``) it ignores ``continuous_usage_stats``, as OpenAI and most other
+  OpenAI-compatible servers do: only the final usage chunk carries usage.
 * ``POST /v1/embeddings``: ``input`` str or list[str]; each text -> ``expected_embedding``
   (8 floats in [-1, 1] from sha256, rounded to 6 decimals). ``encoding_format`` "float"
   (default when absent) or "base64" (little-endian float32, like OpenAI; the openai python
@@ -45,6 +47,8 @@ Deterministic behaviour
   ``fake_hold_file``: a path; the request is held before anything of its answer is sent
   until that file exists (or the client leaves), so a test decides when held work ends
   instead of guessing how long it takes.
+  ``fake_break_after``: a stream drops its connection abruptly (no end of the chunked body)
+  after that many content tokens, as a backend that crashes or loses its network does.
 * Error injection: chat last-user-message / completion prompt / any embedding input that
   starts with ``"FAIL <status>"`` (400..599) -> that status with
   ``{"error": {"message": "fake backend failure", "type": T, "param": null,
@@ -318,6 +322,7 @@ class _Common:
     max_tokens: int | None
     delay_s: float
     hold_file: str | None
+    break_after: int | None
 
 
 class _Answer:
@@ -367,7 +372,9 @@ def _opt_int(body: JsonObj, key: str, minimum: int) -> int | None:
     return value
 
 
-def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]) -> _Common:
+def _common(
+    body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str], running_usage: bool = True
+) -> _Common:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad_request("'model' is required", "model")
@@ -385,7 +392,7 @@ def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]
     if not isinstance(stream_options, dict):
         stream_options = {}
     include_usage = bool(stream_options.get("include_usage"))
-    continuous_usage = include_usage and bool(stream_options.get("continuous_usage_stats"))
+    continuous_usage = running_usage and include_usage and bool(stream_options.get("continuous_usage_stats"))
     delay = body.get("fake_delay_ms", 0)
     if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
         raise _bad_request("'fake_delay_ms' must be a non-negative number", "fake_delay_ms")
@@ -401,6 +408,7 @@ def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]
         max_tokens,
         float(delay) / 1000.0,
         hold_file,
+        _opt_int(body, "fake_break_after", 0),
     )
 
 
@@ -433,8 +441,13 @@ _TokenChunk = Callable[[int, str, bool], JsonObj]
 # ---------------------------------------------------------------------------
 
 
-def create_app(models: list[str] | None = None) -> Starlette:
-    """A fresh fake backend app serving ``models`` (default ``["fake-model"]``), own stats."""
+class _BrokenOnPurpose(ConnectionAbortedError):
+    """``fake_break_after``: the connection drops mid-answer."""
+
+
+def create_app(models: list[str] | None = None, running_usage: bool = True) -> Starlette:
+    """A fresh fake backend app serving ``models`` (default ``["fake-model"]``), own stats;
+    `running_usage` False ignores ``continuous_usage_stats``."""
     served: list[str] = list(models) if models else [DEFAULT_MODEL]
     stats = FakeStats()
     created_at = int(time.time())
@@ -522,6 +535,8 @@ def create_app(models: list[str] | None = None) -> Starlette:
                     yield _sse(counted(chunk, 0))
                 last = len(tokens) - 1
                 for pos, token in enumerate(tokens):
+                    if common.break_after is not None and pos >= common.break_after:
+                        raise _BrokenOnPurpose(f"fake_break_after {common.break_after}")
                     if common.delay_s > 0:
                         await asyncio.sleep(common.delay_s)
                         # Only slow streams poll: fast ones are short and the ASGI
@@ -543,7 +558,7 @@ def create_app(models: list[str] | None = None) -> Starlette:
         return _TrackedStream(events(), call)
 
     async def chat(request: Request, body: JsonObj, call: _Call) -> Response:
-        common = _common(body, served, ("max_completion_tokens", "max_tokens"))
+        common = _common(body, served, ("max_completion_tokens", "max_tokens"), running_usage)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise _bad_request("'messages' must be a non-empty list of objects", "messages")
@@ -592,7 +607,7 @@ def create_app(models: list[str] | None = None) -> Starlette:
         return stream_response(request, common, call, head, per_token, tokens, final)
 
     async def completions(request: Request, body: JsonObj, call: _Call) -> Response:
-        common = _common(body, served, ("max_tokens",))
+        common = _common(body, served, ("max_tokens",), running_usage)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -693,7 +708,7 @@ def _url_for(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def serve(models: list[str], host: str, port: int) -> None:
+def serve(models: list[str], host: str, port: int, running_usage: bool = True) -> None:
     """Bind (port 0 = free port), print the URL line, then serve until SIGINT/SIGTERM."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -703,7 +718,7 @@ def serve(models: list[str], host: str, port: int) -> None:
     # the real port is known before we announce it.
     sock.listen(2048)
     config = uvicorn.Config(
-        create_app(models),
+        create_app(models, running_usage),
         loop="uvloop",
         http="httptools",
         log_level="warning",
@@ -721,15 +736,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--model", dest="models", action="extend", nargs="+", default=[], metavar="NAME")
+    parser.add_argument(
+        "--no-running-usage", action="store_true", help="ignore continuous_usage_stats (like most servers)"
+    )
     args = parser.parse_args(argv)
-    serve(args.models or [DEFAULT_MODEL], args.host, args.port)
+    serve(args.models or [DEFAULT_MODEL], args.host, args.port, running_usage=not args.no_running_usage)
 
 
 @contextlib.contextmanager
 def running_fake_backend(
-    models: Sequence[str] | None = None, *, host: str = "127.0.0.1", port: int = 0
+    models: Sequence[str] | None = None, *, host: str = "127.0.0.1", port: int = 0, running_usage: bool = True
 ) -> Iterator[str]:
     """Run the fake backend in a subprocess; yield its base URL (no ``/v1`` suffix).
+    `running_usage` False: a backend that ignores ``continuous_usage_stats``.
 
     A subprocess (not a thread) so tests can also SIGKILL it and so its event loop never
     competes with the code under test.
@@ -740,6 +759,8 @@ def running_fake_backend(
     argv = [sys.executable, "-m", "ops.testing.fake_backend", "--host", host, "--port", str(port)]
     if models:
         argv += ["--model", *models]
+    if not running_usage:
+        argv.append("--no-running-usage")
     with tempfile.TemporaryDirectory(prefix="hotq-fake-backend-") as logs:
         backend = Child("fake backend", argv, Path(logs) / "fake-backend.log", env=env, cwd=root)
         try:
