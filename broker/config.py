@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -188,6 +189,9 @@ def config_from_mapping(raw: dict[str, Any], source: str = "<config>") -> Config
             models[name] = msgspec.convert(table, ModelConfig)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"{source}: {where}: {exc}".replace("$.", f"{where}.")) from exc
+        if models[name].backend_url is not None:
+            url = backend_base_url(models[name].backend_url, f"{source}: {where}.backend_url")  # type: ignore[arg-type]
+            models[name] = msgspec.structs.replace(models[name], backend_url=url)
         if models[name].command == []:
             raise ConfigError(f"{source}: {where}.command must not be empty")
         for cluster in models[name].clusters:
@@ -215,6 +219,25 @@ def config_from_mapping(raw: dict[str, Any], source: str = "<config>") -> Config
         config = msgspec.structs.replace(config, amqp_url=url)
     _check_amqp_tls(config, source)
     return config
+
+
+def backend_base_url(url: str, where: str = "backend_url") -> str:
+    """The server's root URL, to which hotq adds `/v1/chat/completions` and the like.
+
+    Accepts the root (`http://host:8000`) and the OpenAI client's `base_url` habit
+    (`http://host:8000/v1`); refuses anything else with the form to write instead.
+    """
+    parts = urllib.parse.urlsplit(url.strip())
+    path = parts.path.rstrip("/")
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"{where}: {url!r} is not an http(s) URL like http://host:8000 or http://host:8000/v1")
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    for route in ("/chat/completions", "/completions", "/embeddings"):
+        if path.endswith(route):
+            base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.removesuffix(route), "", ""))
+            raise ConfigError(f"{where}: {url!r} names an endpoint; write the server's base URL, {base!r}")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
 def _check_amqp_tls(config: Config, source: str) -> None:

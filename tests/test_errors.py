@@ -12,7 +12,8 @@ import pytest
 
 from hpc_agents.backend import free_port
 from ops.testing.deadlines import EVENTUALLY_S
-from ops.testing.stack import Stack, write_config
+from ops.testing.fake_backend import expected_chat_tokens
+from ops.testing.stack import Stack, api_and_worker, write_config
 
 
 @pytest.fixture(scope="module")
@@ -173,3 +174,11 @@ def test_rabbitmq_unreachable_is_503(tmp_path: Path, session_tag: str) -> None:
         assert "retry-after" in response.headers
     finally:
         stack.close()
+
+
+def test_a_backend_url_ending_in_v1_serves(tmp_path: Path, amqp_url: str, fake_model: str, fake_backend_url: str) -> None:
+    """`backend_url = ".../v1"`, as an OpenAI client's base_url is written, reaches the backend's /v1 routes once."""
+    with api_and_worker(tmp_path, amqp_url, fake_model, {"backend_url": fake_backend_url + "/v1"}) as stack:
+        client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
+        response = client.chat.completions.create(model=fake_model, messages=[{"role": "user", "content": "a b c"}])
+    assert response.choices[0].message.content == "".join(expected_chat_tokens("a b c", None)[0])
