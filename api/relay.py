@@ -8,17 +8,21 @@ The rules that make delivery at-least-once safe for the client live here:
   cannot be continued seamlessly: the client gets `WorkerLost`, not a silent cut
   or a duplicated answer;
 - stale frames (an older attempt, a repeated sequence number) are dropped;
-- until some consumer starts the request it may wait `max_queue_wait_s`
-  (then `NoCapacity`, a 503 with Retry-After); after that, the request deadline.
+- until some consumer starts the request it may wait `max_queue_wait_s`; past
+  that it waits on while the scaler says capacity is coming (an agent launching,
+  starting or loading: a cold start), up to the request's deadline, and gets
+  `NoCapacity` (a 503 with the scaler's reason and estimated Retry-After) as soon
+  as none is; after a consumer started it, the request deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from broker.errors import DeadlineExceeded, HotqError, NoCapacity, WorkerLost
-from broker.messages import ANNOUNCE_AFTER_S, ChunkBatch, Final, ReplyFrame, Started
+from broker.messages import ANNOUNCE_AFTER_S, ChunkBatch, Final, ModelOutlook, ReplyFrame, Started
 from producers.request_client import ReplyItem
 
 
@@ -28,14 +32,27 @@ def _opens_attempt(frame: ReplyFrame) -> bool:
     return not isinstance(frame, ChunkBatch) or frame.seq == 0
 
 
+OUTLOOK_RECHECK_S = 1.0  # how often a request held for a cold start asks the scaler's outlook again
+
+
 class ReplyRelay:
-    def __init__(self, replies: asyncio.Queue[ReplyItem], deadline: float, max_queue_wait_s: float) -> None:
+    def __init__(
+        self,
+        replies: asyncio.Queue[ReplyItem],
+        deadline: float,
+        max_queue_wait_s: float,
+        outlook: Callable[[], ModelOutlook | None] = lambda: None,
+    ) -> None:
+        """`outlook` gives the scaler's latest word on the model's capacity (None: no scaler speaks)."""
         now = time.monotonic()
         self._replies = replies
+        self._submitted = now
         # A consumer announces itself only after ANNOUNCE_AFTER_S; allow for that.
         self._start_by = now + max_queue_wait_s + ANNOUNCE_AFTER_S + 1.0
         self._max_queue_wait_s = max_queue_wait_s
+        self._outlook = outlook
         self._deadline = now + max(0.0, deadline - time.time())
+        self.queue_wait_s: float | None = None  # from submission until a consumer took it
         self._attempt: str | None = None
         self._next_seq = 0
         self.sent_output = False
@@ -49,12 +66,13 @@ class ReplyRelay:
             limit = self._start_by if self._attempt is None else self._deadline
             now = time.monotonic()
             if now >= limit:
+                if self._attempt is None and now < self._deadline and self._capacity_coming():
+                    self._start_by = min(now + OUTLOOK_RECHECK_S, self._deadline)
+                    continue
+                if self._attempt is None and now < self._deadline:
+                    raise self._no_capacity()
                 if self._attempt is None:
-                    raise NoCapacity(
-                        f"no consumer took the request within {self._max_queue_wait_s:g} s; "
-                        "the model has no free capacity",
-                        retry_after_s=max(1, int(self._max_queue_wait_s)),
-                    )
+                    raise DeadlineExceeded("the request's deadline passed while it waited for an agent to become hot")
                 raise DeadlineExceeded("the request's deadline passed before the answer was complete")
             if now >= give_up:
                 return None
@@ -67,6 +85,23 @@ class ReplyRelay:
             if output is not None:
                 return output
 
+    def _capacity_coming(self) -> bool:
+        outlook = self._outlook()
+        return outlook is not None and outlook.coming
+
+    def _no_capacity(self) -> NoCapacity:
+        outlook = self._outlook()
+        if outlook is None or outlook.coming:
+            return NoCapacity(
+                f"no consumer took the request within {self._max_queue_wait_s:g} s; the model has no free capacity",
+                retry_after_s=max(1, int(self._max_queue_wait_s)),
+            )
+        return NoCapacity(
+            f"no consumer took the request within {self._max_queue_wait_s:g} s and no capacity is coming: "
+            f"{outlook.reason}",
+            retry_after_s=max(1, round(outlook.retry_after_s)),
+        )
+
     def _accept(self, item: ReplyItem) -> bytes | Final | None:
         if isinstance(item, HotqError):
             raise item
@@ -77,6 +112,9 @@ class ReplyRelay:
                 raise WorkerLost("the consumer serving this stream was lost after output was sent; retry the request")
             self._attempt = item.attempt
             self._next_seq = 0
+            if self.queue_wait_s is None:  # `Started` comes ANNOUNCE_AFTER_S late; a fast first output is exact
+                late = ANNOUNCE_AFTER_S if isinstance(item, Started) else 0.0
+                self.queue_wait_s = max(0.0, time.monotonic() - self._submitted - late)
         if isinstance(item, Started):
             return None
         if isinstance(item, ChunkBatch):

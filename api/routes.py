@@ -22,13 +22,14 @@ from api.schemas import validate
 from api.sse import EventStreamResponse
 from broker.config import Config
 from broker.errors import BrokerUnavailable, HotqError, InvalidRequest, ModelNotFound, PayloadTooLarge
-from broker.messages import Endpoint, Final, Lane, RequestEnvelope
+from broker.messages import Endpoint, Final, Lane, ModelOutlook, ModelState, RequestEnvelope
 from ops.metrics import ApiMetrics
 from producers.request_client import RequestClient
 
 log = structlog.get_logger("hotq.api")
 
 CLUSTER_HEADER = "X-Hotq-Cluster"  # pins a request to one cluster's agents
+QUEUE_WAIT_HEADER = "X-Hotq-Queue-Wait-Ms"  # how long the answer's request waited for a consumer
 
 
 class Gateway:
@@ -40,6 +41,7 @@ class Gateway:
         self.client: RequestClient | None = None
         self.policy: AccessPolicy | None = None  # per-model access lists, when [auth] is on
         self.limiter = Limiter(config)  # per-user [limits] of interactive requests
+        self.outlook: Callable[[str], ModelOutlook | None] = lambda _model: None  # the scaler's word, if it speaks
         self.started_at = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -65,6 +67,7 @@ class Gateway:
         stats = await asyncio.gather(*(client.queue_stats(name) for name in names)) if client else [None] * len(names)
         data = []
         for name, stat in zip(names, stats):
+            outlook = self.outlook(name)
             data.append(
                 {
                     "id": name,
@@ -75,6 +78,7 @@ class Gateway:
                     "hotq": {
                         "queue_depth": stat.messages if stat else None,
                         "consumers": stat.consumers if stat else None,
+                        **_capacity(outlook, stat.consumers if stat else None),
                     },
                 }
             )
@@ -133,6 +137,11 @@ class Gateway:
         config = self.config
         now = time.time()
         timeout = min(config.request_timeout_s, _client_timeout(request) or config.request_timeout_s)
+        # Where a scaler starts the model's agents (it runs one's backend, or says it is coming), the
+        # API decides when to give up (after a cold start, say): a consumer may start it until its deadline.
+        model_config = config.models[model]
+        scaled = model_config.backend_url is None or model_config.command is not None
+        queue_wait_s = timeout if scaled or self.outlook(model) is not None else config.max_queue_wait_s
         envelope = RequestEnvelope(
             request_id=request_id,
             model=model,
@@ -140,7 +149,7 @@ class Gateway:
             body=body,
             stream=stream,
             deadline=now + timeout,
-            start_by=now + config.max_queue_wait_s,
+            start_by=now + queue_wait_s,
             caller=caller,
             lane=Lane.INTERACTIVE,
             submitted_at=now,
@@ -180,13 +189,20 @@ class Gateway:
         final: Final | None = None
         try:
             client = self._client()
-            relay = ReplyRelay(await client.submit(envelope, cluster), envelope.deadline, config.max_queue_wait_s)
+            relay = ReplyRelay(
+                await client.submit(envelope, cluster),
+                envelope.deadline,
+                config.max_queue_wait_s,
+                functools.partial(self.outlook, model),
+            )
             if not stream:
                 final = await unless_disconnected(request.receive, relay.final())
                 outcome["status"] = final.status
+                _add_queue_wait(headers, relay)
                 return Response(final.body, status_code=final.status, headers=headers, media_type="application/json")
             # Wait briefly for the first output so early errors still get a real HTTP status.
             first = await unless_disconnected(request.receive, relay.next_output(config.keepalive_s))
+            _add_queue_wait(headers, relay)  # known if a consumer took it before the stream's headers go
             streaming_response = True
             return EventStreamResponse(relay, first, config.keepalive_s, headers, on_done=finish)  # type: ignore[return-value]
         except ClientDisconnected:
@@ -222,6 +238,20 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"the request body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _add_queue_wait(headers: dict[str, str], relay: ReplyRelay) -> None:
+    if relay.queue_wait_s is not None:
+        headers[QUEUE_WAIT_HEADER] = str(round(relay.queue_wait_s * 1000))
+
+
+def _capacity(outlook: ModelOutlook | None, consumers: int | None) -> dict[str, object]:
+    """/v1/models' view of a model's capacity: from the scaler's outlook, else from its consumers."""
+    if outlook is None:
+        state = None if consumers is None else ModelState.HOT if consumers else ModelState.COLD
+        return {"state": state, "agents_starting": None, "expected_hot_s": None}
+    expected = outlook.expected_hot_s if outlook.expected_hot_s >= 0 else None
+    return {"state": outlook.state.value, "agents_starting": outlook.agents_starting, "expected_hot_s": expected}
 
 
 def _client_timeout(request: Request) -> float | None:

@@ -18,10 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.vllm_bench_serve import ServeLoad, bench_serve
 from hpc_agents.backend import BackendProcess, free_port
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME, default_cache_dir, ensure_embedded_model
 from hpc_agents.vllm_backend import cpu_flags, default_dtype, vllm_command, vllm_environment
-from bench.vllm_bench_serve import ServeLoad, bench_serve
 
 RESULTS_DIR = Path(__file__).parent / "results"
 START_TIMEOUT_S = 900.0

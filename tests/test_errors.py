@@ -176,7 +176,9 @@ def test_rabbitmq_unreachable_is_503(tmp_path: Path, session_tag: str) -> None:
         stack.close()
 
 
-def test_a_backend_url_ending_in_v1_serves(tmp_path: Path, amqp_url: str, fake_model: str, fake_backend_url: str) -> None:
+def test_a_backend_url_ending_in_v1_serves(
+    tmp_path: Path, amqp_url: str, fake_model: str, fake_backend_url: str
+) -> None:
     """`backend_url = ".../v1"`, as an OpenAI client's base_url is written, reaches the backend's /v1 routes once."""
     with api_and_worker(tmp_path, amqp_url, fake_model, {"backend_url": fake_backend_url + "/v1"}) as stack:
         client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)

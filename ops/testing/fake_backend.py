@@ -1,6 +1,6 @@
 """Deterministic fake OpenAI-compatible backend (stands in for vLLM in tests/benchmarks).
 
-Run:  python -m ops.testing.fake_backend --port PORT [--host 127.0.0.1] [--model NAME ...]
+Run:  python -m ops.testing.fake_backend --port PORT [--host 127.0.0.1] [--model NAME ...] [--ready-after S]
 (``--port 0`` picks a free port). On startup it prints one stdout line
 ``FAKE_BACKEND_URL http://HOST:PORT`` before serving. Default model: ``fake-model``.
 As a model's ``command`` (what an agent starts): ``FAKE_BACKEND_COMMAND``.
@@ -11,7 +11,8 @@ port, waits for /health, yields the base URL *without* ``/v1``, stops it on exit
 
 Deterministic behaviour
 -----------------------
-* ``GET /health`` -> 200 ``{"status": "ok"}``; ``GET /v1/models`` -> OpenAI list of models.
+* ``GET /health`` -> 200 ``{"status": "ok"}`` (503 ``loading`` for ``--ready-after`` seconds after start,
+  as a model server loading its weights); ``GET /v1/models`` -> OpenAI list of models.
 * Reply tokens for user text T (chat: content of the LAST ``user`` message, text parts of
   list-content joined by a space; completions: ``prompt``): ``["echo:"] + [" " + w[::-1]
   for w in T.split()]``, e.g. "hello world" -> ["echo:", " olleh", " dlrow"]. If
@@ -433,13 +434,17 @@ _TokenChunk = Callable[[int, str, bool], JsonObj]
 # ---------------------------------------------------------------------------
 
 
-def create_app(models: list[str] | None = None) -> Starlette:
-    """A fresh fake backend app serving ``models`` (default ``["fake-model"]``), own stats."""
+def create_app(models: list[str] | None = None, ready_after_s: float = 0.0) -> Starlette:
+    """A fresh fake backend app serving ``models`` (default ``["fake-model"]``), own stats;
+    ``/health`` answers 503 for the first ``ready_after_s`` seconds, as a model server loading."""
     served: list[str] = list(models) if models else [DEFAULT_MODEL]
     stats = FakeStats()
     created_at = int(time.time())
+    ready_at = time.monotonic() + ready_after_s
 
     async def health(request: Request) -> Response:
+        if time.monotonic() < ready_at:
+            return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def list_models(request: Request) -> Response:
@@ -693,7 +698,7 @@ def _url_for(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def serve(models: list[str], host: str, port: int) -> None:
+def serve(models: list[str], host: str, port: int, ready_after_s: float = 0.0) -> None:
     """Bind (port 0 = free port), print the URL line, then serve until SIGINT/SIGTERM."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -703,7 +708,7 @@ def serve(models: list[str], host: str, port: int) -> None:
     # the real port is known before we announce it.
     sock.listen(2048)
     config = uvicorn.Config(
-        create_app(models),
+        create_app(models, ready_after_s),
         loop="uvloop",
         http="httptools",
         log_level="warning",
@@ -721,8 +726,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--model", dest="models", action="extend", nargs="+", default=[], metavar="NAME")
+    parser.add_argument(
+        "--ready-after", dest="ready_after_s", type=float, default=0.0, help="seconds /health says 503 (loading)"
+    )
     args = parser.parse_args(argv)
-    serve(args.models or [DEFAULT_MODEL], args.host, args.port)
+    serve(args.models or [DEFAULT_MODEL], args.host, args.port, args.ready_after_s)
 
 
 @contextlib.contextmanager
