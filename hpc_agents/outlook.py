@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 
 from broker.messages import ModelOutlook, ModelState
 
@@ -70,3 +71,12 @@ def outlook(facts: Facts) -> ModelOutlook:
         retry_after_s=round(max(1.0, retry_after), 1) if reason else 0.0,
         sent_at=time.time(),
     )
+
+
+def failure_text(cluster: str, summary: Mapping[str, object]) -> str:
+    """An agent's failure in words, for the clients its requests now fail."""
+    if error := summary.get("error"):
+        return f"the launch on {cluster} failed: {error}"
+    if summary.get("exit_reason") == "backend_failed":
+        return f"its backend on {cluster} failed to start after {summary.get('backend_restarts', 0)} restart(s)"
+    return f"the agent on {cluster} exited ({summary.get('exit_reason')})"

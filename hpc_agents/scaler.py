@@ -26,7 +26,6 @@ import asyncio
 import dataclasses
 import math
 import time
-from collections.abc import Mapping
 
 import aio_pika
 import structlog
@@ -39,7 +38,7 @@ from broker.messages import AgentState, AgentStatus, Lane, ModelOutlook
 from hpc_agents.decisions import Decision, DecisionLog, decision_log_path
 from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers import Launch, Launcher
-from hpc_agents.outlook import Facts, outlook
+from hpc_agents.outlook import Facts, failure_text, outlook
 from ops.metrics import ScalerMetrics
 
 log = structlog.get_logger("hotq.scaler")
@@ -188,7 +187,7 @@ class Scaler:
                 exit_reason = str(summary.get("exit_reason"))
                 self._note_outcome(launch.cluster, exit_reason)
                 if exit_reason not in HEALTHY_EXITS:
-                    self._failed[launch.model] = _failure(launch.cluster, summary)
+                    self._failed[launch.model] = failure_text(launch.cluster, summary)
 
     def _note_outcome(self, cluster: str, exit_reason: str) -> None:
         """Back off a cluster whose agents fail, so a broken node image is not relaunched every tick."""
@@ -347,15 +346,6 @@ class Scaler:
         announced = {a.agent_id for a in self.directory.agents() if a.cluster == cluster}
         launched = {x.agent_id for x in self.launches.values() if x.cluster == cluster}
         return len(announced | launched)
-
-
-def _failure(cluster: str, summary: Mapping[str, object]) -> str:
-    """An agent's failure in words, for the clients its requests now fail."""
-    if error := summary.get("error"):
-        return f"the launch on {cluster} failed: {error}"
-    if summary.get("exit_reason") == "backend_failed":
-        return f"its backend on {cluster} failed to start after {summary.get('backend_restarts', 0)} restart(s)"
-    return f"the agent on {cluster} exited ({summary.get('exit_reason')})"
 
 
 IMPLICIT_CLUSTER = "local"
