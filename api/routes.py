@@ -19,7 +19,7 @@ from api.errors import error_response
 from api.limits import Limiter
 from api.relay import ReplyRelay
 from api.schemas import validate
-from api.sse import EventStreamResponse
+from api.sse import EventStreamResponse, keepalive_event
 from broker.config import Config
 from broker.errors import BrokerUnavailable, HotqError, InvalidRequest, ModelNotFound, PayloadTooLarge
 from broker.messages import Endpoint, Final, Lane, ModelOutlook, ModelState, RequestEnvelope
@@ -204,7 +204,8 @@ class Gateway:
             first = await unless_disconnected(request.receive, relay.next_output(config.keepalive_s))
             _add_queue_wait(headers, relay)  # known if a consumer took it before the stream's headers go
             streaming_response = True
-            return EventStreamResponse(relay, first, config.keepalive_s, headers, on_done=finish)  # type: ignore[return-value]
+            keepalive = keepalive_event(endpoint, model, request_id)
+            return EventStreamResponse(relay, first, config.keepalive_s, keepalive, headers, on_done=finish)  # type: ignore[return-value]
         except ClientDisconnected:
             outcome.update(status=499, error="client_disconnected")
             return Response(status_code=499)

@@ -132,7 +132,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_queue_wait_s: PositiveFloat = 60.0  # how long a request may wait for a consumer
     request_timeout_s: PositiveFloat = 600.0  # the longest a client may wait for an answer
     keepalive_s: PositiveFloat = 5.0  # SSE comment interval while a stream waits
-    stream_flush_ms: NonNegativeInt = 50  # how long a consumer coalesces tokens into one frame
+    # The shortest gap between two frames of one stream; 0: each token at once, coalesced only under load.
+    stream_flush_ms: NonNegativeInt = 0
     heartbeat_s: PositiveFloat = 5.0  # agent status interval on the events exchange
     ops_sample_s: PositiveFloat = 5.0  # how often the API samples queues and agents for /ops and /metrics
     # How long a batch may run before its unfinished lines expire (OpenAI's "24h" completion window).

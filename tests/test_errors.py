@@ -148,7 +148,8 @@ def test_waiting_stream_sends_keepalives_then_error_event(lonely_stack: tuple[St
     ) as response:
         assert response.status_code == 200
         text = response.read().decode()
-    assert text.startswith(": keep-alive\n\n")
+    keepalive = json.loads(text.split("\n\n")[0].removeprefix("data: "))  # a chunk with no choices
+    assert keepalive["choices"] == [] and keepalive["object"] == "chat.completion.chunk"
     last = text.strip().split("\n\n")[-1]
     assert json.loads(last.removeprefix("data: "))["error"]["code"] == "no_capacity"
     client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0)

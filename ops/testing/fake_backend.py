@@ -45,7 +45,9 @@ Deterministic behaviour
   chunk) and once before a non-stream answer. ``fake_tag``: label for the records below.
   ``fake_hold_file``: a path; the request is held before anything of its answer is sent
   until that file exists (or the client leaves), so a test decides when held work ends
-  instead of guessing how long it takes.
+  instead of guessing how long it takes. ``fake_pause_file``: a path; a stream pauses after
+  its first content token until that file exists (what reached the client meanwhile was
+  relayed without waiting for the next token).
 * Error injection: chat last-user-message / completion prompt / any embedding input that
   starts with ``"FAIL <status>"`` (400..599) -> that status with
   ``{"error": {"message": "fake backend failure", "type": T, "param": null,
@@ -319,6 +321,7 @@ class _Common:
     max_tokens: int | None
     delay_s: float
     hold_file: str | None
+    pause_file: str | None
 
 
 class _Answer:
@@ -393,6 +396,9 @@ def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]
     hold_file = body.get("fake_hold_file")
     if hold_file is not None and not isinstance(hold_file, str):
         raise _bad_request("'fake_hold_file' must be a path", "fake_hold_file")
+    pause_file = body.get("fake_pause_file")
+    if pause_file is not None and not isinstance(pause_file, str):
+        raise _bad_request("'fake_pause_file' must be a path", "fake_pause_file")
     return _Common(
         model,
         bool(body.get("stream")),
@@ -402,6 +408,7 @@ def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]
         max_tokens,
         float(delay) / 1000.0,
         hold_file,
+        pause_file,
     )
 
 
@@ -482,9 +489,10 @@ def create_app(models: list[str] | None = None, ready_after_s: float = 0.0) -> S
             if not handed_off:
                 call.end(cancelled=False)  # no-op if already ended as cancelled
 
-    async def released(request: Request, common: _Common) -> bool:
+    async def released(request: Request, common: _Common, hold_file: str | None = None) -> bool:
         """Hold the request until its hold file exists (if it has one); False if its client left first."""
-        while common.hold_file is not None and not os.path.exists(common.hold_file):
+        hold_file = hold_file or common.hold_file
+        while hold_file is not None and not os.path.exists(hold_file):
             if await request.is_disconnected():
                 return False
             await asyncio.sleep(HOLD_POLL_S)
@@ -536,6 +544,8 @@ def create_app(models: list[str] | None = None, ready_after_s: float = 0.0) -> S
                     for index in range(common.n):
                         yield _sse(counted(per_token(index, token, pos == last), pos + 1))
                     call.tokens_sent = pos + 1
+                    if pos == 0 and common.pause_file and not await released(request, common, common.pause_file):
+                        return
                 if common.include_usage:
                     yield _sse(final_usage_chunk)
                 yield b"data: [DONE]\n\n"
