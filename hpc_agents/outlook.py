@@ -21,6 +21,7 @@ NO_CLUSTER_RETRY_S = 30.0  # a retry after an offline or full cluster: nothing m
 class Facts:
     model: str
     hot: int
+    hot_with_room: int  # hot agents with a free slot (as of their last heartbeat): they take work at once
     starting: int  # announced starting or loading
     launching: list[tuple[str, float]]  # (cluster, seconds since launch) of launches not hot yet
     max_agents: int
@@ -51,8 +52,8 @@ def outlook(facts: Facts) -> ModelOutlook:
     if facts.failure is not None and not facts.hot:
         reason = f"the model's agent failed to start: {facts.failure}"
         retry_after = facts.retry_failed_in_s + max(0.0, expected)
-    elif facts.starting or facts.launching:
-        pass  # capacity is on its way
+    elif facts.starting or facts.launching or facts.hot_with_room:
+        pass  # capacity is on its way, or an agent that just went hot is taking the work
     elif capacity >= facts.max_agents:
         reason = f"all {capacity} agent(s) (max_agents) are busy"
         retry_after = facts.backlog / max(facts.agent_rps * capacity, 1e-6) if facts.agent_rps else 1.0

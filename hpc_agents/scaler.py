@@ -155,6 +155,7 @@ class Scaler:
         facts = Facts(
             model=model,
             hot=len(hot),
+            hot_with_room=sum(a.inflight < model_config.max_inflight for a in hot),
             starting=len([a for a in starting if a.agent_id not in self.launches]),  # launched ones: in `launching`
             launching=launching,
             max_agents=model_config.max_agents,
