@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -89,7 +90,11 @@ async def run(rounds: int, keepalive_s: float, amqp_url: str) -> dict[str, Any]:
             processes.stop_all()
             await vllm.stop()
             await delete_queues(amqp_url, request_queues(model))
-    return {"keepalive_s": keepalive_s, "loads": {k: vars(v) for k, v in LOADS.items()}, "results": results}
+    return {
+        "keepalive_s": keepalive_s,
+        "loads": {k: dataclasses.asdict(v) for k, v in LOADS.items()},
+        "results": results,
+    }
 
 
 def _fmt(row: dict[str, Any]) -> str:
