@@ -42,8 +42,11 @@ class ReplyRelay:
         deadline: float,
         max_queue_wait_s: float,
         outlook: Callable[[], ModelOutlook | None] = lambda: None,
+        scaler_grace_s: float = 0.0,
     ) -> None:
-        """`outlook` gives the scaler's latest word on the model's capacity (None: no scaler speaks)."""
+        """`outlook` gives the scaler's latest word on the model's capacity (None: no scaler speaks);
+        for a model a scaler runs, `scaler_grace_s` more is given for its word to come (a scaler
+        that has just started speaks after a few seconds)."""
         now = time.monotonic()
         self._replies = replies
         self._submitted = now
@@ -51,6 +54,8 @@ class ReplyRelay:
         self._start_by = now + max_queue_wait_s + ANNOUNCE_AFTER_S + 1.0
         self._max_queue_wait_s = max_queue_wait_s
         self._outlook = outlook
+        self._unheard_until = self._start_by + scaler_grace_s
+        self._scaler_expected = scaler_grace_s > 0
         self._deadline = now + max(0.0, deadline - time.time())
         self.queue_wait_s: float | None = None  # from submission until a consumer took it
         self._attempt: str | None = None
@@ -66,7 +71,7 @@ class ReplyRelay:
             limit = self._start_by if self._attempt is None else self._deadline
             now = time.monotonic()
             if now >= limit:
-                if self._attempt is None and now < self._deadline and self._capacity_coming():
+                if self._attempt is None and now < self._deadline and self._capacity_coming(now):
                     self._start_by = min(now + OUTLOOK_RECHECK_S, self._deadline)
                     continue
                 if self._attempt is None and now < self._deadline:
@@ -85,15 +90,17 @@ class ReplyRelay:
             if output is not None:
                 return output
 
-    def _capacity_coming(self) -> bool:
+    def _capacity_coming(self, now: float) -> bool:
         outlook = self._outlook()
-        return outlook is not None and outlook.coming
+        return outlook.coming if outlook is not None else now < self._unheard_until
 
     def _no_capacity(self) -> NoCapacity:
         outlook = self._outlook()
         if outlook is None or outlook.coming:
+            unheard = "; no scaler said whether capacity is coming (is `hotq scale` running?)"
             return NoCapacity(
-                f"no consumer took the request within {self._max_queue_wait_s:g} s; the model has no free capacity",
+                f"no consumer took the request within {self._max_queue_wait_s:g} s; the model has no free capacity"
+                + (unheard if outlook is None and self._scaler_expected else ""),
                 retry_after_s=max(1, int(self._max_queue_wait_s)),
             )
         return NoCapacity(

@@ -30,6 +30,7 @@ log = structlog.get_logger("hotq.api")
 
 CLUSTER_HEADER = "X-Hotq-Cluster"  # pins a request to one cluster's agents
 QUEUE_WAIT_HEADER = "X-Hotq-Queue-Wait-Ms"  # how long the answer's request waited for a consumer
+SCALER_GRACE_S = 30.0  # a scaler-run model's request waits this much more for a scaler that has not spoken yet
 
 
 class Gateway:
@@ -194,6 +195,7 @@ class Gateway:
                 envelope.deadline,
                 config.max_queue_wait_s,
                 functools.partial(self.outlook, model),
+                SCALER_GRACE_S if scaled else 0.0,
             )
             if not stream:
                 final = await unless_disconnected(request.receive, relay.final())
