@@ -191,8 +191,8 @@ def config_from_mapping(raw: dict[str, Any], source: str = "<config>") -> Config
         except msgspec.ValidationError as exc:
             raise ConfigError(f"{source}: {where}: {exc}".replace("$.", f"{where}.")) from exc
         if models[name].backend_url is not None:
-            url = backend_base_url(models[name].backend_url, f"{source}: {where}.backend_url")  # type: ignore[arg-type]
-            models[name] = msgspec.structs.replace(models[name], backend_url=url)
+            base = backend_base_url(models[name].backend_url, f"{source}: {where}.backend_url")  # type: ignore[arg-type]
+            models[name] = msgspec.structs.replace(models[name], backend_url=base)
         if models[name].command == []:
             raise ConfigError(f"{source}: {where}.command must not be empty")
         for cluster in models[name].clusters:
