@@ -43,10 +43,12 @@ class ReplyRelay:
         max_queue_wait_s: float,
         outlook: Callable[[], ModelOutlook | None] = lambda: None,
         scaler_grace_s: float = 0.0,
+        cluster: str | None = None,
     ) -> None:
         """`outlook` gives the scaler's latest word on the model's capacity (None: no scaler speaks);
         for a model a scaler runs, `scaler_grace_s` more is given for its word to come (a scaler
-        that has just started speaks after a few seconds)."""
+        that has just started speaks after a few seconds). A request pinned to `cluster` waits
+        only for capacity there."""
         now = time.monotonic()
         self._replies = replies
         self._submitted = now
@@ -56,6 +58,7 @@ class ReplyRelay:
         self._outlook = outlook
         self._unheard_until = self._start_by + scaler_grace_s
         self._scaler_expected = scaler_grace_s > 0
+        self._cluster = cluster
         self._deadline = now + max(0.0, deadline - time.time())
         self.queue_wait_s: float | None = None  # from submission until a consumer took it
         self._attempt: str | None = None
@@ -90,13 +93,19 @@ class ReplyRelay:
             if output is not None:
                 return output
 
+    def _why_not_coming(self, outlook: ModelOutlook) -> str:
+        """Why no capacity can come for this request ("" when it is there or coming)."""
+        if self._cluster is not None and not outlook.reason.startswith("the model's agent failed"):
+            return outlook.pinned.get(self._cluster, "")
+        return outlook.reason
+
     def _capacity_coming(self, now: float) -> bool:
         outlook = self._outlook()
-        return outlook.coming if outlook is not None else now < self._unheard_until
+        return not self._why_not_coming(outlook) if outlook is not None else now < self._unheard_until
 
     def _no_capacity(self) -> NoCapacity:
         outlook = self._outlook()
-        if outlook is None or outlook.coming:
+        if outlook is None or not self._why_not_coming(outlook):
             unheard = "; no scaler said whether capacity is coming (is `hotq scale` running?)"
             return NoCapacity(
                 f"no consumer took the request within {self._max_queue_wait_s:g} s; the model has no free capacity"
@@ -105,7 +114,7 @@ class ReplyRelay:
             )
         return NoCapacity(
             f"no consumer took the request within {self._max_queue_wait_s:g} s and no capacity is coming: "
-            f"{outlook.reason}",
+            f"{self._why_not_coming(outlook)}",
             retry_after_s=max(1, round(outlook.retry_after_s)),
         )
 

@@ -196,6 +196,7 @@ class Gateway:
                 config.max_queue_wait_s,
                 functools.partial(self.outlook, model),
                 SCALER_GRACE_S if scaled else 0.0,
+                cluster,
             )
             if not stream:
                 final = await unless_disconnected(request.receive, relay.final())

@@ -226,6 +226,7 @@ class ModelOutlook:
     coming: bool  # an agent is on its way, or the scaler will launch one at its next tick
     reason: str  # when not coming: why no capacity can come
     retry_after_s: float  # when not coming: when a retry may find capacity
+    pinned: dict[str, str]  # cluster -> why requests pinned to it get no capacity (absent: there or coming)
     sent_at: float  # unix time
 
 

@@ -29,6 +29,7 @@ class Facts:
     agent_rps: float  # requests/s one agent serves
     room: list[str]  # clusters that could take an agent of this model now
     blocked: dict[str, str]  # cluster -> why it cannot (offline, full, backing off N s)
+    serving: set[str]  # clusters with a hot agent with a free slot, or one on its way
     failure: str | None  # the model's last launch failed, and no agent went hot since
     retry_failed_in_s: float  # when the scaler launches again after that failure
     cold_start_s: dict[str, float]  # cluster -> measured launch-to-hot seconds
@@ -70,6 +71,7 @@ def outlook(facts: Facts) -> ModelOutlook:
         coming=not reason,
         reason=reason,
         retry_after_s=round(max(1.0, retry_after), 1) if reason else 0.0,
+        pinned={c: f"cluster {c}: {problem}" for c, problem in facts.blocked.items() if c not in facts.serving},
         sent_at=time.time(),
     )
 

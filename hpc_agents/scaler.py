@@ -163,6 +163,9 @@ class Scaler:
             agent_rps=self._model_rps.get(model, 0.0),
             room=[c for c in clusters if self._has_room(c, self._reserved(c, model))],
             blocked={c: problem for c in clusters if (problem := self._why_no_room(c, model))},
+            serving={a.cluster for a in starting if a.agent_id in on_the_way}
+            | {c for c, _ in launching}
+            | {a.cluster for a in hot if a.inflight < model_config.max_inflight},
             failure=self._failed.get(model),
             retry_failed_in_s=retry_in,
             cold_start_s=self.cold_start_s,

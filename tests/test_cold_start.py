@@ -197,6 +197,24 @@ async def test_a_model_whose_only_cluster_is_offline_gets_503_with_the_reason(sc
     assert not scaled.scaler.launches
 
 
+@pytest.mark.models(
+    {"m": {"command": FAKE_BACKEND_COMMAND, "clusters": ["alpha", "gamma"]}},
+    clusters={"alpha": {}, "gamma": {}},
+    offline=("gamma",),
+)
+async def test_a_request_pinned_to_an_offline_cluster_gets_503_while_others_are_served(scaled: Scaled) -> None:
+    (model,) = scaled.models
+    async with httpx.AsyncClient(timeout=STARTUP_S + EVENTUALLY_S) as http:
+        served = await http.post(scaled.stack.url + "/v1/chat/completions", json=_chat(model, "x y"))
+        pinned = await http.post(
+            scaled.stack.url + "/v1/chat/completions", json=_chat(model, "x y"), headers={"X-Hotq-Cluster": "gamma"}
+        )
+    assert served.status_code == 200, served.text  # an agent was launched on alpha for it
+    assert pinned.status_code == 503, pinned.text
+    error = pinned.json()["error"]
+    assert error["code"] == "no_capacity" and "cluster gamma: offline" in error["message"], error
+
+
 @pytest.mark.models({"m": {"command": ["{python}", "-c", "raise SystemExit(3)"], "max_restarts": 1}})
 async def test_a_launch_that_fails_fails_the_waiting_request_with_a_clear_503(scaled: Scaled) -> None:
     (model,) = scaled.models
