@@ -190,7 +190,7 @@ class Scaler:
                 log.info("agent_finished", agent_id=agent_id, cluster=launch.cluster, summary=summary)
                 exit_reason = str(summary.get("exit_reason"))
                 self._note_outcome(launch.cluster, exit_reason)
-                if exit_reason not in HEALTHY_EXITS:
+                if exit_reason not in HEALTHY_EXITS and agent_id not in self._hot_seen:  # it never served
                     self._failed[launch.model] = failure_text(launch.cluster, summary)
 
     def _note_outcome(self, cluster: str, exit_reason: str) -> None:
