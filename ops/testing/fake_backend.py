@@ -1,6 +1,6 @@
 """Deterministic fake OpenAI-compatible backend (stands in for vLLM in tests/benchmarks).
 
-Run:  python -m ops.testing.fake_backend --port PORT [--host 127.0.0.1] [--model NAME ...]
+Run:  python -m ops.testing.fake_backend --port PORT [--host 127.0.0.1] [--model NAME ...] [--ready-after S]
 (``--port 0`` picks a free port). On startup it prints one stdout line
 ``FAKE_BACKEND_URL http://HOST:PORT`` before serving. Default model: ``fake-model``.
 As a model's ``command`` (what an agent starts): ``FAKE_BACKEND_COMMAND``.
@@ -11,7 +11,8 @@ port, waits for /health, yields the base URL *without* ``/v1``, stops it on exit
 
 Deterministic behaviour
 -----------------------
-* ``GET /health`` -> 200 ``{"status": "ok"}``; ``GET /v1/models`` -> OpenAI list of models.
+* ``GET /health`` -> 200 ``{"status": "ok"}`` (503 ``loading`` for ``--ready-after`` seconds after start,
+  as a model server loading its weights); ``GET /v1/models`` -> OpenAI list of models.
 * Reply tokens for user text T (chat: content of the LAST ``user`` message, text parts of
   list-content joined by a space; completions: ``prompt``): ``["echo:"] + [" " + w[::-1]
   for w in T.split()]``, e.g. "hello world" -> ["echo:", " olleh", " dlrow"]. If
@@ -49,6 +50,8 @@ Deterministic behaviour
   instead of guessing how long it takes.
   ``fake_break_after``: a stream drops its connection abruptly (no end of the chunked body)
   after that many content tokens, as a backend that crashes or loses its network does.
+  ``fake_pause_file``: a path; a stream pauses after its first content token until that
+  file exists (what reached the client meanwhile was relayed without waiting for the next token).
 * Error injection: chat last-user-message / completion prompt / any embedding input that
   starts with ``"FAIL <status>"`` (400..599) -> that status with
   ``{"error": {"message": "fake backend failure", "type": T, "param": null,
@@ -323,6 +326,7 @@ class _Common:
     delay_s: float
     hold_file: str | None
     break_after: int | None
+    pause_file: str | None
 
 
 class _Answer:
@@ -399,6 +403,9 @@ def _common(
     hold_file = body.get("fake_hold_file")
     if hold_file is not None and not isinstance(hold_file, str):
         raise _bad_request("'fake_hold_file' must be a path", "fake_hold_file")
+    pause_file = body.get("fake_pause_file")
+    if pause_file is not None and not isinstance(pause_file, str):
+        raise _bad_request("'fake_pause_file' must be a path", "fake_pause_file")
     return _Common(
         model,
         bool(body.get("stream")),
@@ -409,6 +416,7 @@ def _common(
         float(delay) / 1000.0,
         hold_file,
         _opt_int(body, "fake_break_after", 0),
+        pause_file,
     )
 
 
@@ -445,14 +453,18 @@ class _BrokenOnPurpose(ConnectionAbortedError):
     """``fake_break_after``: the connection drops mid-answer."""
 
 
-def create_app(models: list[str] | None = None, running_usage: bool = True) -> Starlette:
+def create_app(models: list[str] | None = None, running_usage: bool = True, ready_after_s: float = 0.0) -> Starlette:
     """A fresh fake backend app serving ``models`` (default ``["fake-model"]``), own stats;
-    `running_usage` False ignores ``continuous_usage_stats``."""
+    `running_usage` False ignores ``continuous_usage_stats``; ``/health`` answers 503 for the
+    first ``ready_after_s`` seconds, as a model server loading."""
     served: list[str] = list(models) if models else [DEFAULT_MODEL]
     stats = FakeStats()
     created_at = int(time.time())
+    ready_at = time.monotonic() + ready_after_s
 
     async def health(request: Request) -> Response:
+        if time.monotonic() < ready_at:
+            return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def list_models(request: Request) -> Response:
@@ -490,9 +502,10 @@ def create_app(models: list[str] | None = None, running_usage: bool = True) -> S
             if not handed_off:
                 call.end(cancelled=False)  # no-op if already ended as cancelled
 
-    async def released(request: Request, common: _Common) -> bool:
+    async def released(request: Request, common: _Common, hold_file: str | None = None) -> bool:
         """Hold the request until its hold file exists (if it has one); False if its client left first."""
-        while common.hold_file is not None and not os.path.exists(common.hold_file):
+        hold_file = hold_file or common.hold_file
+        while hold_file is not None and not os.path.exists(hold_file):
             if await request.is_disconnected():
                 return False
             await asyncio.sleep(HOLD_POLL_S)
@@ -546,6 +559,8 @@ def create_app(models: list[str] | None = None, running_usage: bool = True) -> S
                     for index in range(common.n):
                         yield _sse(counted(per_token(index, token, pos == last), pos + 1))
                     call.tokens_sent = pos + 1
+                    if pos == 0 and common.pause_file and not await released(request, common, common.pause_file):
+                        return
                 if common.include_usage:
                     yield _sse(final_usage_chunk)
                 yield b"data: [DONE]\n\n"
@@ -708,7 +723,7 @@ def _url_for(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def serve(models: list[str], host: str, port: int, running_usage: bool = True) -> None:
+def serve(models: list[str], host: str, port: int, running_usage: bool = True, ready_after_s: float = 0.0) -> None:
     """Bind (port 0 = free port), print the URL line, then serve until SIGINT/SIGTERM."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -718,7 +733,7 @@ def serve(models: list[str], host: str, port: int, running_usage: bool = True) -
     # the real port is known before we announce it.
     sock.listen(2048)
     config = uvicorn.Config(
-        create_app(models, running_usage),
+        create_app(models, running_usage, ready_after_s),
         loop="uvloop",
         http="httptools",
         log_level="warning",
@@ -739,8 +754,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--no-running-usage", action="store_true", help="ignore continuous_usage_stats (like most servers)"
     )
+    parser.add_argument(
+        "--ready-after", dest="ready_after_s", type=float, default=0.0, help="seconds /health says 503 (loading)"
+    )
     args = parser.parse_args(argv)
-    serve(args.models or [DEFAULT_MODEL], args.host, args.port, running_usage=not args.no_running_usage)
+    serve(args.models or [DEFAULT_MODEL], args.host, args.port, not args.no_running_usage, args.ready_after_s)
 
 
 @contextlib.contextmanager
