@@ -17,7 +17,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 
 from broker.batch_input import parse_batch_file
 from broker.config import Config
-from broker.connection import connect
+from broker.connection import connect_with
 from broker.jobstore import AsyncJobStore, JobStore, new_id
 from broker.openai_objects import batch_object
 from consumers.collector import BatchRunner
@@ -69,7 +69,7 @@ async def run_job(config: Config, store: JobStore, batch_id: str, collect: bool,
     row = store.batches.get(batch_id)
     assert row is not None
     astore = AsyncJobStore(store)
-    connection = await connect(config.amqp_url, "submit", config.amqp_tls)
+    connection = await connect_with(config, "submit")
     progress = Progress(
         TextColumn("{task.description:>10}"),
         BarColumn(),
