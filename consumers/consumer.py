@@ -32,6 +32,7 @@ from aio_pika.abc import (
 from broker import messages, topology
 from broker.errors import BackendError, DeadlineExceeded, HotqError, WireError
 from broker.messages import Abandoned, Cancel, Lane, RequestEnvelope, Started
+from consumers.dead_letters import dead_letter
 from consumers.handler import AttemptProgress, BackendUnreachable, RequestHandler, error_frame
 from consumers.replies import CallerGone, ReplySender
 from consumers.slots import BackendSlots
@@ -193,12 +194,12 @@ class Consumer:
             envelope = messages.decode_as(message.body, RequestEnvelope)
         except WireError as exc:
             log.error("request_undecodable", error=exc.message, message_id=message.message_id)
-            await message.reject(requeue=False)  # to the dead-letter queue, for an operator
+            await dead_letter(self._channels[0], message, f"undecodable request: {exc.message}")
             return
         with structlog.contextvars.bound_contextvars(request_id=envelope.request_id, model=envelope.model):
             if message.reply_to is None:
                 log.error("request_without_reply_queue")
-                await message.reject(requeue=False)
+                await dead_letter(self._channels[0], message, "no reply_to: nowhere to send the answer")
                 return
             await self._serve_envelope(message, envelope, message.reply_to)
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -14,9 +16,9 @@ import pytest
 from broker import topology
 from broker.messages import Lane
 from ops.processes import wait_until
-from ops.testing.deadlines import STARTUP_S
-from ops.testing.fake_backend import running_fake_backend
-from ops.testing.stack import Stack, api_and_worker
+from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S
+from ops.testing.fake_backend import reply_text, running_fake_backend
+from ops.testing.stack import Stack, api_and_worker, write_config
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 # The private three-node cluster's fixtures, for the tests that need one.
@@ -109,3 +111,36 @@ def fake_stack(
         stream_flush_ms=20,
     ) as stack:
         yield stack
+
+
+@dataclasses.dataclass(frozen=True)
+class ContractWorker:
+    """A worker on the fake backend, for tests that speak to it from broker/WIRE.md alone."""
+
+    amqp_url: str
+    model: str
+    expected_reply: Callable[[str], str]  # the fake backend's answer to a chat whose user text is given
+    worker_log: Path
+    eventually_s: float  # how long a test waits for what must happen
+
+
+@pytest.fixture(scope="module")
+def contract_worker(
+    tmp_path_factory: pytest.TempPathFactory, amqp_url: str, session_tag: str, delete_test_queues: list[str]
+) -> Iterator[ContractWorker]:
+    """One `hotq worker` (both lanes) on a fake backend of its own; no API."""
+    model = f"test-org/wire-contract.v2-{session_tag}"
+    delete_test_queues.append(model)
+    workdir = tmp_path_factory.mktemp("contract")
+    with running_fake_backend([model]) as backend_url:
+        config = write_config(workdir / "hotq.toml", amqp_url, {model: {"backend_url": backend_url, "max_inflight": 8}})
+        stack = Stack(config, workdir)
+        try:
+            worker = stack.start_worker(model)
+            yield ContractWorker(amqp_url, model, _fake_chat_reply, worker.log_path, EVENTUALLY_S)
+        finally:
+            stack.close()
+
+
+def _fake_chat_reply(text: str) -> str:
+    return reply_text([{"role": "user", "content": text}], None)
