@@ -18,7 +18,7 @@ from broker.messages import Lane
 from ops.processes import wait_until
 from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S
 from ops.testing.fake_backend import reply_text, running_fake_backend
-from ops.testing.stack import Stack, api_and_worker, write_config
+from ops.testing.stack import Stack, api_and_worker, worker_on_a_fake_backend
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 # The private three-node cluster's fixtures, for the tests that need one.
@@ -114,32 +114,44 @@ def fake_stack(
 
 
 @dataclasses.dataclass(frozen=True)
+class FakeWorker:
+    """A `hotq worker` (both lanes, no API) on a fake backend of its own."""
+
+    config: Path  # its data directory beside it
+    model: str
+    backend_url: str
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def fake_worker(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    amqp_url: str,
+    session_tag: str,
+    delete_test_queues: list[str],
+) -> Iterator[FakeWorker]:
+    """A worker for the test module, on a model named after it."""
+    model = f"test-org/{request.module.__name__.rsplit('.', 1)[-1]}.v1-{session_tag}"
+    delete_test_queues.append(model)
+    with worker_on_a_fake_backend(tmp_path_factory.mktemp("worker"), amqp_url, model, 32) as stack:
+        assert stack.backend_url is not None
+        yield FakeWorker(stack.config, model, stack.backend_url, stack.workers[0].log_path)
+
+
+@dataclasses.dataclass(frozen=True)
 class ContractWorker:
     """A worker on the fake backend, for tests that speak to it from broker/WIRE.md alone."""
 
     amqp_url: str
     model: str
     expected_reply: Callable[[str], str]  # the fake backend's answer to a chat whose user text is given
-    worker_log: Path
     eventually_s: float  # how long a test waits for what must happen
 
 
 @pytest.fixture(scope="module")
-def contract_worker(
-    tmp_path_factory: pytest.TempPathFactory, amqp_url: str, session_tag: str, delete_test_queues: list[str]
-) -> Iterator[ContractWorker]:
-    """One `hotq worker` (both lanes) on a fake backend of its own; no API."""
-    model = f"test-org/wire-contract.v2-{session_tag}"
-    delete_test_queues.append(model)
-    workdir = tmp_path_factory.mktemp("contract")
-    with running_fake_backend([model]) as backend_url:
-        config = write_config(workdir / "hotq.toml", amqp_url, {model: {"backend_url": backend_url, "max_inflight": 8}})
-        stack = Stack(config, workdir)
-        try:
-            worker = stack.start_worker(model)
-            yield ContractWorker(amqp_url, model, _fake_chat_reply, worker.log_path, EVENTUALLY_S)
-        finally:
-            stack.close()
+def contract_worker(amqp_url: str, fake_worker: FakeWorker) -> ContractWorker:
+    return ContractWorker(amqp_url, fake_worker.model, _fake_chat_reply, EVENTUALLY_S)
 
 
 def _fake_chat_reply(text: str) -> str:

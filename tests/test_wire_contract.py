@@ -14,13 +14,14 @@ import json
 import re
 import time
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aio_pika
 import msgpack
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-from tests.conftest import ContractWorker
+if TYPE_CHECKING:  # the fixture's type only: this module runs without importing hotq
+    from tests.conftest import ContractWorker
 
 WIRE_VERSION = 2
 CONTENT_TYPE = "application/x-msgpack"
