@@ -134,8 +134,10 @@ class Job:
         job wait for answers. A chunk with a bad request raises `JobInputError` and stores none of
         that chunk (the chunks before it run)."""
         row = await self._row()
-        if not row.input_open:
-            raise JobInputError(f"job {self.id} takes no more requests (its input is closed)", [], 0)
+        if not row.input_open or row.status != "in_progress":
+            raise JobInputError(
+                f"job {self.id} takes no more requests (its input is closed; it is {row.status})", [], 0
+            )
         last = await self._astore.run(lambda db: db.lines.last_line(row.id))
         endpoint = Endpoint(row.endpoint.removeprefix("/v1/"))
         job_input = JobInput(
@@ -252,7 +254,7 @@ async def create_from_file(
                 validating=True,
             )
         )
-        await _store_file(astore, config, row.id, model, Path(file.path))
+        await _store_file(astore, config, row.id, model, file.id, Path(file.path))
         started = await astore.run(lambda db: db.batches.get(row.id))
         assert started is not None
         return started
@@ -260,8 +262,9 @@ async def create_from_file(
         astore.close()
 
 
-async def _store_file(store: AsyncJobStore, config: Config, job_id: str, model: str, path: Path) -> None:
-    """Check and store a stored input file's lines into its validating job, then start it (or fail it)."""
+async def _store_file(store: AsyncJobStore, config: Config, job_id: str, model: str, file_id: str, path: Path) -> None:
+    """Check and store a stored input file's lines into its validating job, then start it (or, if
+    any is bad, discard the job and the file)."""
     job_input = JobInput(store, job_id, None, model, config.models, config.max_body_bytes, 1)
     with open(path, "rb") as lines:
         for line in lines:
@@ -273,7 +276,8 @@ async def _store_file(store: AsyncJobStore, config: Config, job_id: str, model: 
     if not checked.error_count and not job_input.stored:
         checked.error(None, "empty_file", "the input file has no requests")
     if checked.error_count:
-        await store.run(lambda db: db.batches.fail(job_id, checked.errors))
+        await store.run(lambda db: db.batches.discard(job_id))  # as if never submitted: no batch, no copy
+        await store.run(lambda db: db.files.delete(file_id))
         problems = "\n".join(f"  line {e['line']}: {e['code']}: {e['message']}" for e in checked.errors[:20])
         more = f"\n  ... and {checked.error_count - 20} more" if checked.error_count > 20 else ""
         raise JobInputError(f"{checked.error_count} invalid line(s); nothing was submitted:\n{problems}{more}",

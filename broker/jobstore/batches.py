@@ -149,15 +149,11 @@ class BatchStore:
             self._db.execute("UPDATE batches SET input_open = 0 WHERE id = ?", [batch_id])
             return self.set_status(batch_id, "in_progress", only_from=["validating"], endpoint=endpoint)
 
-    def fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
-        """An input found invalid while it was stored: `failed`, with its errors and without its lines."""
+    def discard(self, batch_id: str) -> None:
+        """Forget a batch and its lines (an input found invalid while it was stored: nothing runs)."""
         with transaction(self._db):
             self._db.execute("DELETE FROM lines WHERE batch_id = ?", [batch_id])
-            self._db.execute(
-                "UPDATE batches SET status = 'failed', failed_at = ?, total = 0, input_open = 0, errors = ?"
-                " WHERE id = ?",
-                [int(time.time()), json.dumps({"object": "list", "data": errors}), batch_id],
-            )
+            self._db.execute("DELETE FROM batches WHERE id = ?", [batch_id])
 
     def get(self, batch_id: str, owner: str | None = None) -> BatchRow | None:
         """The batch, if it exists and (with `owner`) is that user's."""
