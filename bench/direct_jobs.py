@@ -57,6 +57,7 @@ from bench.common import (
     start_fake_backend,
     start_worker,
 )
+from ops.processes import peak_rss_mb
 from ops.testing.fake_backend import fake_stats, reply_text
 from ops.testing.stack import write_config
 
@@ -72,16 +73,6 @@ class Report(BenchReport):
 
 def _prompt(number: int) -> str:
     return f"direct job line {number}"
-
-
-def _peak_rss_mb(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
 
 
 def _progress(db: Path, job_id: str) -> tuple[str | None, int, int]:
@@ -133,7 +124,7 @@ async def _job(workdir: Path, config: Path, model: str, backend: str, size: int)
         submit = subprocess.Popen(argv, stdin=stdin, stdout=log, stderr=subprocess.STDOUT, env=child_env())
         try:
             while submit.poll() is None:
-                peak = max(peak, _peak_rss_mb(submit.pid) or 0.0)
+                peak = max(peak, peak_rss_mb(submit.pid) or 0.0)
                 now = time.perf_counter() - started
                 if db.exists():
                     status, published, collected = _progress(db, job_id)
