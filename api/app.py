@@ -46,6 +46,7 @@ def create_app(config: Config) -> Starlette:
     usage = Usage(store)
     auth = build_auth(config, store)
     gateway.policy = batches.policy = usage.policy = auth.policy
+    gateway.outlook = ops.directory.outlook  # the scaler's capacity outlooks, heard by the ops sampler
     recorder = UsageRecorder(store)  # consumers' usage reports, into the job store
 
     connected: list[AbstractRobustConnection] = []  # the process's one connection, once up

@@ -23,7 +23,7 @@ from starlette.responses import Response
 from api.disconnect import ClientDisconnected, unless_disconnected
 from api.errors import error_response
 from api.relay import ReplyRelay
-from api.sse import EventStreamResponse
+from api.sse import EventStreamResponse, keepalive_event
 from broker.errors import HotqError
 from broker.messages import Endpoint, Lane, RequestEnvelope
 from producers.request_client import RequestClient
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
     from api.routes import Gateway
 
 log = structlog.get_logger("hotq.api")
+
+QUEUE_WAIT_HEADER = "X-Hotq-Queue-Wait-Ms"  # how long the answer's request waited for a consumer
+SCALER_GRACE_S = 30.0  # a scaler-run model's request waits this much more for a scaler that has not spoken yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +89,12 @@ class InteractiveRequest:
         config = self._gateway.config
         now = time.time()
         timeout = min(config.request_timeout_s, _client_timeout(request) or config.request_timeout_s)
+        # Where a scaler starts the model's agents (it runs one's backend, or says it is coming), the
+        # API decides when to give up (after a cold start, say): a consumer may start it until its deadline.
+        model_config = config.models[self.ask.model]
+        scaled = model_config.backend_url is None or model_config.command is not None
+        outlook = functools.partial(self._gateway.outlook, self.ask.model)
+        queue_wait_s = timeout if scaled or outlook() is not None else config.max_queue_wait_s
         envelope = RequestEnvelope(
             request_id=self.ask.request_id,
             model=self.ask.model,
@@ -93,17 +102,25 @@ class InteractiveRequest:
             body=self.ask.body,
             stream=self.ask.stream,
             deadline=now + timeout,
-            start_by=now + config.max_queue_wait_s,
+            start_by=now + queue_wait_s,
             caller=self.ask.caller,
             lane=Lane.INTERACTIVE,
             submitted_at=now,
         )
         replies = await client.submit(envelope, self.ask.cluster)
-        return ReplyRelay(replies, envelope.deadline, config.max_queue_wait_s)
+        return ReplyRelay(
+            replies,
+            envelope.deadline,
+            config.max_queue_wait_s,
+            outlook,
+            SCALER_GRACE_S if scaled else 0.0,
+            self.ask.cluster,
+        )
 
     async def _whole_answer(self, request: Request, relay: ReplyRelay) -> Response:
         final = await unless_disconnected(request.receive, relay.final())
         self._status = final.status
+        self._add_queue_wait(relay)
         self.finish(time.monotonic(), final.usage)  # the whole answer is its first output
         return Response(final.body, status_code=final.status, headers=self._headers, media_type="application/json")
 
@@ -111,7 +128,13 @@ class InteractiveRequest:
         keepalive_s = self._gateway.config.keepalive_s
         # Wait briefly for the first output so early errors still get a real HTTP status.
         first = await unless_disconnected(request.receive, relay.next_output(keepalive_s))
-        return EventStreamResponse(relay, first, keepalive_s, self._headers, on_done=self.finish)  # type: ignore[return-value]
+        self._add_queue_wait(relay)  # known if a consumer took it before the stream's headers go
+        keepalive = keepalive_event(self.ask.endpoint, self.ask.model, self.ask.request_id)
+        return EventStreamResponse(relay, first, keepalive_s, keepalive, self._headers, on_done=self.finish)  # type: ignore[return-value]
+
+    def _add_queue_wait(self, relay: ReplyRelay) -> None:
+        if relay.queue_wait_s is not None:
+            self._headers[QUEUE_WAIT_HEADER] = str(round(relay.queue_wait_s * 1000))
 
     def finish(self, first_output_at: float | None = None, usage: dict[str, int] | None = None) -> None:
         """Release, stop or let go of the work, and record the request (once)."""

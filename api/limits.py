@@ -3,8 +3,9 @@
 Every (user, model) pair has at most three counters: a token bucket of requests (`requests_per_minute`
 capacity, refilled continuously), a token bucket of model tokens (`tokens_per_minute`; a request is
 admitted while the bucket is above zero and charged the prompt + completion tokens its answer
-reports, so one large answer can put the bucket in debt; a stream the client left is charged
-what the backend generated until the consumer stopped it), and the number of its requests in flight
+reports, so one large answer can put the bucket in debt; a request the client left is charged
+what the consumer reports at the cut: the backend's count, or its estimate on a backend that gives
+none, see consumers/stream_usage.py), and the number of its requests in flight
 (`max_concurrent_per_user`). A user over any of them gets 429 with `Retry-After` at once, before
 anything is queued: a flood of one user cannot fill a model's queue ahead of everyone else.
 

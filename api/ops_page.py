@@ -25,7 +25,7 @@ from broker.messages import AgentState, Lane
 from hpc_agents.decisions import DecisionLog
 from hpc_agents.directory import AgentDirectory
 from ops.metrics import CONTENT_TYPE, ApiMetrics, exposition
-from ops.snapshot import ModelSnapshot, Snapshot, open_decisions, take_snapshot
+from ops.snapshot import ModelSnapshot, Snapshot, capacity_text, open_decisions, take_snapshot
 
 log = structlog.get_logger("hotq.ops")
 
@@ -108,6 +108,7 @@ class OpsMonitor:
                     columns[series].append(value)
         latest = self._latest
         agents: dict[str, list[dict[str, Any]]] = {name: [] for name in self.config.models}
+        capacities = {model.model: capacity_text(model) for model in latest.models} if latest else {}
         for model in latest.models if latest else ():
             agents[model.model] = [
                 {
@@ -126,6 +127,7 @@ class OpsMonitor:
             "taken_at": latest.taken_at if latest else None,
             "series": models,
             "agents": agents,
+            "capacity": capacities,
             "decisions": [dataclasses.asdict(d) for d in latest.decisions] if latest else [],
         }
 
@@ -235,7 +237,8 @@ function render(data) {
     card.append(el("div", {class: "muted"},
       `depth ${last(s.depth_interactive) ?? "?"} interactive, ${last(s.depth_batch) ?? "?"} batch · ` +
       `agents ${last(s.agents_hot) ?? 0} hot, ${last(warming) ?? 0} starting · ` +
-      `in flight ${last(s.inflight) ?? 0} · ${last(s.tokens_per_s) ?? 0} tokens/s`));
+      `in flight ${last(s.inflight) ?? 0} · ${last(s.tokens_per_s) ?? 0} tokens/s · ` +
+      `capacity: ${data.capacity[model] ?? "?"}`));
     const launches = data.decisions.filter(d => d.model === model && d.launched > 0).map(d => d.at);
     const charts = el("div", {class: "charts"});
     charts.append(chart("Queue depth", s.t, QUEUE.map(([k, name, color]) => ({name, color, values: s[k]}))));

@@ -8,17 +8,21 @@ The rules that make delivery at-least-once safe for the client live here:
   cannot be continued seamlessly: the client gets `WorkerLost`, not a silent cut
   or a duplicated answer;
 - stale frames (an older attempt, a repeated sequence number) are dropped;
-- until some consumer starts the request it may wait `max_queue_wait_s`
-  (then `NoCapacity`, a 503 with Retry-After); after that, the request deadline.
+- until some consumer starts the request it may wait `max_queue_wait_s`; past
+  that it waits on while the scaler says capacity is coming (an agent launching,
+  starting or loading: a cold start), up to the request's deadline, and gets
+  `NoCapacity` (a 503 with the scaler's reason and estimated Retry-After) as soon
+  as none is; after a consumer started it, the request deadline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from broker.errors import DeadlineExceeded, HotqError, NoCapacity, WorkerLost
-from broker.messages import ANNOUNCE_AFTER_S, ChunkBatch, Final, ReplyFrame, Started
+from broker.messages import ANNOUNCE_AFTER_S, ChunkBatch, Final, ModelOutlook, ReplyFrame, Started
 from producers.request_client import ReplyItem
 
 
@@ -28,14 +32,35 @@ def _opens_attempt(frame: ReplyFrame) -> bool:
     return not isinstance(frame, ChunkBatch) or frame.seq == 0
 
 
+OUTLOOK_RECHECK_S = 1.0  # how often a request held for a cold start asks the scaler's outlook again
+
+
 class ReplyRelay:
-    def __init__(self, replies: asyncio.Queue[ReplyItem], deadline: float, max_queue_wait_s: float) -> None:
+    def __init__(
+        self,
+        replies: asyncio.Queue[ReplyItem],
+        deadline: float,
+        max_queue_wait_s: float,
+        outlook: Callable[[], ModelOutlook | None] = lambda: None,
+        scaler_grace_s: float = 0.0,
+        cluster: str | None = None,
+    ) -> None:
+        """`outlook` gives the scaler's latest word on the model's capacity (None: no scaler speaks);
+        for a model a scaler runs, `scaler_grace_s` more is given for its word to come (a scaler
+        that has just started speaks after a few seconds). A request pinned to `cluster` waits
+        only for capacity there."""
         now = time.monotonic()
         self._replies = replies
+        self._submitted = now
         # A consumer announces itself only after ANNOUNCE_AFTER_S; allow for that.
         self._start_by = now + max_queue_wait_s + ANNOUNCE_AFTER_S + 1.0
         self._max_queue_wait_s = max_queue_wait_s
+        self._outlook = outlook
+        self._unheard_until = self._start_by + scaler_grace_s
+        self._scaler_expected = scaler_grace_s > 0
+        self._cluster = cluster
         self._deadline = now + max(0.0, deadline - time.time())
+        self.queue_wait_s: float | None = None  # from submission until a consumer took it
         self._attempt: str | None = None
         self._next_seq = 0
         self.sent_output = False
@@ -49,12 +74,13 @@ class ReplyRelay:
             limit = self._start_by if self._attempt is None else self._deadline
             now = time.monotonic()
             if now >= limit:
+                if self._attempt is None and now < self._deadline and self._capacity_coming(now):
+                    self._start_by = min(now + OUTLOOK_RECHECK_S, self._deadline)
+                    continue
+                if self._attempt is None and now < self._deadline:
+                    raise self._no_capacity()
                 if self._attempt is None:
-                    raise NoCapacity(
-                        f"no consumer took the request within {self._max_queue_wait_s:g} s; "
-                        "the model has no free capacity",
-                        retry_after_s=max(1, int(self._max_queue_wait_s)),
-                    )
+                    raise DeadlineExceeded("the request's deadline passed while it waited for an agent to become hot")
                 raise DeadlineExceeded("the request's deadline passed before the answer was complete")
             if now >= give_up:
                 return None
@@ -67,6 +93,31 @@ class ReplyRelay:
             if output is not None:
                 return output
 
+    def _why_not_coming(self, outlook: ModelOutlook) -> str:
+        """Why no capacity can come for this request ("" when it is there or coming)."""
+        if self._cluster is not None and not outlook.reason.startswith("the model's agent failed"):
+            return outlook.pinned.get(self._cluster, "")
+        return outlook.reason
+
+    def _capacity_coming(self, now: float) -> bool:
+        outlook = self._outlook()
+        return not self._why_not_coming(outlook) if outlook is not None else now < self._unheard_until
+
+    def _no_capacity(self) -> NoCapacity:
+        outlook = self._outlook()
+        if outlook is None or not self._why_not_coming(outlook):
+            unheard = "; no scaler said whether capacity is coming (is `hotq scale` running?)"
+            return NoCapacity(
+                f"no consumer took the request within {self._max_queue_wait_s:g} s; the model has no free capacity"
+                + (unheard if outlook is None and self._scaler_expected else ""),
+                retry_after_s=max(1, int(self._max_queue_wait_s)),
+            )
+        return NoCapacity(
+            f"no consumer took the request within {self._max_queue_wait_s:g} s and no capacity is coming: "
+            f"{self._why_not_coming(outlook)}",
+            retry_after_s=max(1, round(outlook.retry_after_s)),
+        )
+
     def _accept(self, item: ReplyItem) -> bytes | Final | None:
         if isinstance(item, HotqError):
             raise item
@@ -77,6 +128,9 @@ class ReplyRelay:
                 raise WorkerLost("the consumer serving this stream was lost after output was sent; retry the request")
             self._attempt = item.attempt
             self._next_seq = 0
+            if self.queue_wait_s is None:  # `Started` comes ANNOUNCE_AFTER_S late; a fast first output is exact
+                late = ANNOUNCE_AFTER_S if isinstance(item, Started) else 0.0
+                self.queue_wait_s = max(0.0, time.monotonic() - self._submitted - late)
         if isinstance(item, Started):
             return None
         if isinstance(item, ChunkBatch):

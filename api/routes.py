@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -18,7 +19,7 @@ from api.interactive import Ask, InteractiveRequest
 from api.limits import Limiter
 from broker.config import Config
 from broker.errors import BrokerUnavailable, InvalidRequest, ModelNotFound
-from broker.messages import Endpoint
+from broker.messages import Endpoint, ModelOutlook, ModelState
 from broker.schemas import validate
 from ops.metrics import ApiMetrics
 from producers.request_client import RequestClient
@@ -37,6 +38,7 @@ class Gateway:
         self.client: RequestClient | None = None
         self.policy: AccessPolicy | None = None  # per-model access lists, when [auth] is on
         self.limiter = Limiter(config)  # per-user [limits] of interactive requests
+        self.outlook: Callable[[str], ModelOutlook | None] = lambda _model: None  # the scaler's word, if it speaks
         self.started_at = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -62,6 +64,7 @@ class Gateway:
         stats = await asyncio.gather(*(client.queue_stats(name) for name in names)) if client else [None] * len(names)
         data = []
         for name, stat in zip(names, stats):
+            outlook = self.outlook(name)
             data.append(
                 {
                     "id": name,
@@ -72,6 +75,7 @@ class Gateway:
                     "hotq": {
                         "queue_depth": stat.messages if stat else None,
                         "consumers": stat.consumers if stat else None,
+                        **_capacity(outlook, stat.consumers if stat else None),
                     },
                 }
             )
@@ -120,3 +124,12 @@ class Gateway:
         task = asyncio.ensure_future(work)
         self._background.add(task)  # keep a reference until it finishes
         task.add_done_callback(self._background.discard)
+
+
+def _capacity(outlook: ModelOutlook | None, consumers: int | None) -> dict[str, object]:
+    """/v1/models' view of a model's capacity: from the scaler's outlook, else from its consumers."""
+    if outlook is None:
+        state = None if consumers is None else ModelState.HOT if consumers else ModelState.COLD
+        return {"state": state, "agents_starting": None, "expected_hot_s": None}
+    expected = outlook.expected_hot_s if outlook.expected_hot_s >= 0 else None
+    return {"state": outlook.state.value, "agents_starting": outlook.agents_starting, "expected_hot_s": expected}

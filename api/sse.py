@@ -8,6 +8,7 @@ the queue, or between tokens), and the consumer is told to stop at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 
@@ -17,9 +18,17 @@ from api.disconnect import wait_for_disconnect
 from api.errors import error_event
 from api.relay import ReplyRelay
 from broker.errors import HotqError
-from broker.messages import DONE_EVENT, Final
+from broker.messages import DONE_EVENT, Endpoint, Final
 
-KEEPALIVE_EVENT = b": keep-alive\n\n"  # an SSE comment: clients ignore it, proxies see traffic
+_OBJECT = {Endpoint.CHAT: "chat.completion.chunk", Endpoint.COMPLETIONS: "text_completion"}
+
+
+def keepalive_event(endpoint: Endpoint, model: str, request_id: str) -> bytes:
+    """What keeps a waiting stream alive: a chunk with no choices, the shape of OpenAI's own usage
+    chunk, which every OpenAI client skips. (An SSE comment is lost on parsers that strip each
+    network read and concatenate, as vLLM's benchmark client does: nothing parses after it.)"""
+    chunk = {"id": f"hotq-{request_id}", "object": _OBJECT[endpoint], "created": int(time.time()), "model": model}
+    return b"data: " + json.dumps({**chunk, "choices": []}, separators=(",", ":")).encode() + b"\n\n"
 
 
 class EventStreamResponse:
@@ -28,6 +37,7 @@ class EventStreamResponse:
         relay: ReplyRelay,
         first: bytes | Final | None,
         keepalive_s: float,
+        keepalive: bytes,
         headers: dict[str, str],
         on_done: Callable[[float | None, dict[str, int] | None], None],
     ) -> None:
@@ -36,6 +46,7 @@ class EventStreamResponse:
         self._relay = relay
         self._first = first
         self._keepalive_s = keepalive_s
+        self._keepalive = keepalive
         self._headers = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
         self._on_done = on_done
         self._first_output_at: float | None = None
@@ -72,7 +83,7 @@ class EventStreamResponse:
         try:
             while True:
                 if output is None:
-                    await send({"type": "http.response.body", "body": KEEPALIVE_EVENT, "more_body": True})
+                    await send({"type": "http.response.body", "body": self._keepalive, "more_body": True})
                 elif isinstance(output, Final):
                     self._usage = output.usage
                     await send({"type": "http.response.body", "body": output.body + DONE_EVENT, "more_body": False})

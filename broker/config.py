@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -135,7 +136,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_queue_wait_s: PositiveFloat = 60.0  # how long a request may wait for a consumer
     request_timeout_s: PositiveFloat = 600.0  # the longest a client may wait for an answer
     keepalive_s: PositiveFloat = 5.0  # SSE comment interval while a stream waits
-    stream_flush_ms: NonNegativeInt = 50  # how long a consumer coalesces tokens into one frame
+    # The shortest gap between two frames of one stream; 0: each token at once, coalesced only under load.
+    stream_flush_ms: NonNegativeInt = 0
     heartbeat_s: PositiveFloat = 5.0  # agent status interval on the events exchange
     ops_sample_s: PositiveFloat = 5.0  # how often the API samples queues and agents for /ops and /metrics
     # How long a batch may run before its unfinished lines expire (OpenAI's "24h" completion window).
@@ -200,6 +202,9 @@ def config_from_mapping(raw: dict[str, Any], source: str = "<config>") -> Config
             models[name] = msgspec.convert(table, ModelConfig)
         except msgspec.ValidationError as exc:
             raise ConfigError(f"{source}: {where}: {exc}".replace("$.", f"{where}.")) from exc
+        if models[name].backend_url is not None:
+            base = backend_base_url(models[name].backend_url, f"{source}: {where}.backend_url")  # type: ignore[arg-type]
+            models[name] = msgspec.structs.replace(models[name], backend_url=base)
         if models[name].command == []:
             raise ConfigError(f"{source}: {where}.command must not be empty")
         for cluster in models[name].clusters:
@@ -227,6 +232,25 @@ def config_from_mapping(raw: dict[str, Any], source: str = "<config>") -> Config
         config = msgspec.structs.replace(config, amqp_url=url)
     _check_amqp_tls(config, source)
     return config
+
+
+def backend_base_url(url: str, where: str = "backend_url") -> str:
+    """The server's root URL, to which hotq adds `/v1/chat/completions` and the like.
+
+    Accepts the root (`http://host:8000`) and the OpenAI client's `base_url` habit
+    (`http://host:8000/v1`); refuses anything else with the form to write instead.
+    """
+    parts = urllib.parse.urlsplit(url.strip())
+    path = parts.path.rstrip("/")
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(f"{where}: {url!r} is not an http(s) URL like http://host:8000 or http://host:8000/v1")
+    if path.endswith("/v1"):
+        path = path[: -len("/v1")]
+    for route in ("/chat/completions", "/completions", "/embeddings"):
+        if path.endswith(route):
+            base = urllib.parse.urlunsplit((parts.scheme, parts.netloc, path.removesuffix(route), "", ""))
+            raise ConfigError(f"{where}: {url!r} names an endpoint; write the server's base URL, {base!r}")
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
 def _check_amqp_tls(config: Config, source: str) -> None:

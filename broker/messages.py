@@ -16,6 +16,9 @@ charge the user's limits for it.
 
 Accounting: each consumer sums what it served per user, model, lane and day and
 sends the sums as a `UsageReport` on the events exchange about once a second.
+
+Capacity: the scaler publishes a `ModelOutlook` per model on the events exchange each
+tick, so the API knows whether a waiting request's capacity is coming.
 """
 
 from __future__ import annotations
@@ -208,8 +211,35 @@ class UsageReport:
         return rows
 
 
+class ModelState(enum.StrEnum):
+    COLD = "cold"  # no agent: the first request waits a full cold start
+    STARTING = "starting"  # an agent is launching, starting or loading; none hot yet
+    HOT = "hot"  # at least one agent serves
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ModelOutlook:
+    """The scaler's word, each tick, on whether capacity for a model is there or coming.
+
+    The API holds a request that no consumer started within `max_queue_wait_s` as long
+    as `coming` is true, and answers 503 with `reason` and `retry_after_s` otherwise.
+    """
+
+    TAG: ClassVar[int] = 10
+    model: str
+    state: ModelState
+    agents_hot: int
+    agents_starting: int  # announced starting or loading, plus launched and not announced yet
+    expected_hot_s: float  # seconds until the first agent is expected hot; 0 when hot, -1 unknown
+    coming: bool  # an agent is on its way, or the scaler will launch one at its next tick
+    reason: str  # when not coming: why no capacity can come
+    retry_after_s: float  # when not coming: when a retry may find capacity
+    pinned: dict[str, str]  # cluster -> why requests pinned to it get no capacity (absent: there or coming)
+    sent_at: float  # unix time
+
+
 ReplyFrame = Started | ChunkBatch | Final | ErrorReply
-Record = RequestEnvelope | ReplyFrame | Abandoned | Cancel | AgentStatus | UsageReport
+Record = RequestEnvelope | ReplyFrame | Abandoned | Cancel | AgentStatus | UsageReport | ModelOutlook
 
 _RECORDS: tuple[type[Record], ...] = (
     RequestEnvelope,
@@ -221,6 +251,7 @@ _RECORDS: tuple[type[Record], ...] = (
     AgentStatus,
     UsageReport,
     Abandoned,
+    ModelOutlook,
 )
 _UnionType = type(int | None)
 

@@ -45,7 +45,8 @@ REQUEST_EXCHANGE = "hotq.requests"
 DEAD_LETTER_EXCHANGE = "hotq.dead"
 DEAD_LETTER_QUEUE = "hotq.dead-letters"
 CONTROL_EXCHANGE = "hotq.control"
-EVENTS_EXCHANGE = "hotq.events"  # topic: agent.<state|heartbeat>, usage
+EVENTS_EXCHANGE = "hotq.events"  # topic: agent.<state|heartbeat>, scaler.outlook, usage
+OUTLOOK_ROUTING_KEY = "scaler.outlook"
 USAGE_ROUTING_KEY = "usage"
 USAGE_QUEUE = "hotq.usage"
 REPLY_EXCHANGE = "hotq.replies"  # direct: reply and results queues, bound under their names
@@ -185,13 +186,14 @@ async def bind_reply_queue(channel: AbstractChannel, queue: AbstractQueue) -> No
 async def consume_agent_events(
     connection: AbstractRobustConnection, on_message: Callable[[AbstractIncomingMessage], Awaitable[None]]
 ) -> None:
-    """Hand every agent announcement from now on to `on_message`, through a queue of this
-    process's own that goes away with its connection."""
+    """Hand every agent announcement (and the scaler's outlooks) from now on to `on_message`,
+    through a queue of this process's own that goes away with its connection."""
     channel = await connection.channel()
     await declare_exchanges(channel)
     events = await channel.get_exchange(EVENTS_EXCHANGE)
     queue = await channel.declare_queue(exclusive=True, auto_delete=True)
     await queue.bind(events, routing_key="agent.#")
+    await queue.bind(events, routing_key=OUTLOOK_ROUTING_KEY)
     await queue.consume(on_message, no_ack=True)
 
 

@@ -6,6 +6,7 @@ prefetch) and keeps the backend at `max_inflight` requests through shared
 backend restarts); `stop` cancels the consumers, lets in-flight requests finish
 within a grace period and requeues the rest. A request is acked only after its
 final frame is confirmed, so a consumer that dies mid-request has it redelivered.
+Each delivery is settled exactly once, however its serving ends (`Deliveries`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from aio_pika.abc import (
 from broker import messages, topology
 from broker.errors import BackendError, DeadlineExceeded, HotqError, WireError
 from broker.messages import Abandoned, Cancel, Lane, RequestEnvelope, Started
-from consumers.dead_letters import dead_letter
+from consumers.deliveries import Deliveries, Delivery, Settlement
 from consumers.handler import AttemptProgress, BackendUnreachable, RequestHandler, error_frame
 from consumers.replies import CallerGone, ReplySender
 from consumers.slots import BackendSlots
@@ -72,9 +73,7 @@ class Consumer:
         self._reply_exchange: AbstractExchange | None = None
         self._usage: UsageReporter | None = None
         self._consumer_tags: list[tuple[AbstractQueue, str]] = []
-        self._inflight: dict[str, asyncio.Task[None]] = {}
-        self._settling: set[asyncio.Future[None]] = set()  # settlements of deliveries cancelled before they ran
-        self._cancelled_by_client: set[str] = set()
+        self._deliveries = Deliveries()
         self._cancelled_unseen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._stopping = False
         # Results queues of cancelled batches: their requests still queued are dropped, not served.
@@ -84,7 +83,7 @@ class Consumer:
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        return len(self._deliveries)
 
     async def start(self) -> None:
         for lane in self._lanes:
@@ -125,14 +124,9 @@ class Consumer:
         """Stop taking work, let in-flight requests finish for `grace_s`, requeue the rest."""
         self._stopping = True  # held requests still waiting for a slot go back at once
         await self.pause()
-        tasks = list(self._inflight.values())
-        if tasks:
-            log.info("worker_draining", inflight=len(tasks), grace_s=grace_s)
-            _, unfinished = await asyncio.wait(tasks, timeout=grace_s)
-            for task in unfinished:
-                task.cancel()  # _serve_envelope requeues a request cancelled this way
-            await asyncio.gather(*unfinished, return_exceptions=True)
-        await asyncio.gather(*self._settling, return_exceptions=True)
+        if self._deliveries:
+            log.info("worker_draining", inflight=len(self._deliveries), grace_s=grace_s)
+        await self._deliveries.drain(grace_s)
         if self._usage is not None:
             await self._usage.close()
         for channel in self._channels:
@@ -141,32 +135,11 @@ class Consumer:
 
     async def requeue_inflight(self) -> None:
         """Hand every held request back to the queue now (the backend is gone)."""
-        tasks = list(self._inflight.values())
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._deliveries.requeue_all()
 
     async def _on_request(self, message: AbstractIncomingMessage) -> None:
-        task = asyncio.create_task(self._serve(message))
-        key = message.correlation_id or os.urandom(16).hex()
-        self._inflight[key] = task
         self.last_active = time.monotonic()
-
-        def done(finished: asyncio.Task[None]) -> None:
-            if self._inflight.get(key) is finished:  # a redelivery of the same id may have replaced it
-                del self._inflight[key]
-            self.last_active = time.monotonic()
-            if finished.cancelled() and not message.processed:
-                # Cancelled before its first step (a client's cancel or a stop came first), so
-                # nothing in `_serve` ran to settle it; unsettled, it would hold a prefetch place
-                # (a backend slot) for ever.
-                by_client = key in self._cancelled_by_client
-                self._cancelled_by_client.discard(key)
-                settling = asyncio.ensure_future(_settle(message, requeue=not by_client))
-                self._settling.add(settling)
-                settling.add_done_callback(self._settling.discard)
-
-        task.add_done_callback(done)
+        self._deliveries.take(message, message.correlation_id or os.urandom(16).hex(), self._serve)
 
     async def _on_cancel(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -178,52 +151,54 @@ class Consumer:
             while len(self._cancelled_batches) > 1000:
                 self._cancelled_batches.popitem(last=False)
             return
-        task = self._inflight.get(cancel.request_id)
-        if task is not None:
+        if self._deliveries.cancel_by_client(cancel.request_id):
             log.info("request_cancelled_by_client", request_id=cancel.request_id)
-            self._cancelled_by_client.add(cancel.request_id)
-            task.cancel()
             return
         # Not here (yet): if it is still queued, whoever takes it should drop it.
         self._cancelled_unseen[cancel.request_id] = None
         while len(self._cancelled_unseen) > CANCELS_REMEMBERED:
             self._cancelled_unseen.popitem(last=False)
 
-    async def _serve(self, message: AbstractIncomingMessage) -> None:
+    async def _serve(self, delivery: Delivery) -> Settlement:
+        """Serve one delivery and say how to settle it (`Deliveries` settles it)."""
+        message = delivery.message
         try:
             envelope = messages.decode_as(message.body, RequestEnvelope)
         except WireError as exc:
             log.error("request_undecodable", error=exc.message, message_id=message.message_id)
-            await dead_letter(self._channels[0], message, f"undecodable request: {exc.message}")
-            return
+            delivery.dead_reason = f"undecodable request: {exc.message}"
+            return Settlement.DEAD_LETTER
         with structlog.contextvars.bound_contextvars(request_id=envelope.request_id, model=envelope.model):
             if message.reply_to is None:
                 log.error("request_without_reply_queue")
-                await dead_letter(self._channels[0], message, "no reply_to: nowhere to send the answer")
-                return
-            await self._serve_envelope(message, envelope, message.reply_to)
+                delivery.dead_reason = "no reply_to: nowhere to send the answer"
+                return Settlement.DEAD_LETTER
+            try:
+                return await self._serve_envelope(delivery, envelope, message.reply_to)
+            finally:
+                self.last_active = time.monotonic()
 
-    async def _serve_envelope(self, message: AbstractIncomingMessage, envelope: RequestEnvelope, reply_to: str) -> None:
-        """Serve one delivery, then settle it: ack when done with it, requeue otherwise."""
+    async def _serve_envelope(self, delivery: Delivery, envelope: RequestEnvelope, reply_to: str) -> Settlement:
+        """Serve one delivery: ack when done with it, requeue otherwise."""
         assert self._reply_exchange is not None, "start() first"
         replies = ReplySender(self._reply_exchange, reply_to, envelope.request_id)
-        progress = AttemptProgress()
+        progress = AttemptProgress(envelope.body)
         try:
-            outcome = await self._attempt(message, envelope, replies, progress)
+            outcome = await self._attempt(delivery, envelope, replies, progress)
         except asyncio.CancelledError:
-            by_client = envelope.request_id in self._cancelled_by_client
-            if replies.caller_gone or by_client:
-                self._cancelled_by_client.discard(envelope.request_id)
-                self._account(envelope, progress, cancelled=True)
-                if by_client and progress.called_backend and not replies.caller_gone:
-                    # What the backend generated until the cut, for the API to charge the user's limits.
-                    with contextlib.suppress(Exception):
-                        await replies.send(Abandoned(envelope.request_id, progress.usage))
-                await _settle(message, requeue=False)  # nobody waits for this answer any more
-                return
-            await _settle(message, requeue=True)  # stopping, or the backend went away: someone serves it later
-            raise
-        except Exception as exc:  # a bug or a broker outage: answer if we can, never leave it held
+            if not (replies.caller_gone or delivery.cancelled_by_client):
+                raise  # stopping, or the backend went away: handed back, someone serves it later
+            self._account(envelope, progress, cancelled=True)
+            if delivery.cancelled_by_client and progress.called_backend and not replies.caller_gone:
+                # What the backend generated until the cut, for the API to charge the user's limits.
+                with contextlib.suppress(Exception):
+                    await replies.send(Abandoned(envelope.request_id, progress.usage_at_cut()))
+            return Settlement.ACK  # nobody waits for this answer any more
+        except (aio_pika.exceptions.ChannelInvalidStateError, aio_pika.exceptions.AMQPError) as exc:
+            # Our channel to RabbitMQ closed mid-answer: it hands the request back by itself.
+            log.warning("reply_not_sent_broker_lost", error=repr(exc))
+            outcome = _Outcome.REQUEUE
+        except Exception as exc:  # a bug: answer if we can, never leave it held
             log.exception("request_failed")
             with contextlib.suppress(Exception):
                 await replies.send(error_frame(envelope, "failed", HotqError(f"the consumer failed: {exc!r}")))
@@ -232,29 +207,33 @@ class Consumer:
             replies.close()
         if outcome is _Outcome.ANSWERED:
             self.served += 1
-        if outcome is not _Outcome.REQUEUE:
-            self._account(envelope, progress, cancelled=outcome is _Outcome.CALLER_GONE)
-        await _settle(message, requeue=outcome is _Outcome.REQUEUE)
+        if outcome is _Outcome.REQUEUE:
+            return Settlement.REQUEUE
+        self._account(envelope, progress, cancelled=outcome is _Outcome.CALLER_GONE)
+        return Settlement.ACK
 
     def _account(self, envelope: RequestEnvelope, progress: AttemptProgress, cancelled: bool) -> None:
         """Count a request the backend worked on against its user: answered, failed or cut short.
         An attempt handed back is not counted (the request is served again, and counted then)."""
         if progress.called_backend and self._usage is not None:
-            self._usage.record(envelope, progress.usage, cancelled)
+            self._usage.record(envelope, progress.usage_at_cut() if cancelled else progress.usage, cancelled)
 
     async def _attempt(
         self,
-        message: AbstractIncomingMessage,
+        delivery: Delivery,
         envelope: RequestEnvelope,
         replies: ReplySender,
         progress: AttemptProgress,
     ) -> _Outcome:
         """Serve the request once."""
         attempt = os.urandom(6).hex()
+        message = delivery.message
         try:
             async with self._slots.hold(envelope.lane):
                 if self._stopping:
                     return _Outcome.REQUEUE  # draining: take no new work, even what we hold
+                if delivery.channel_gone():
+                    return _Outcome.REQUEUE  # the connection was lost while it waited: RabbitMQ has it again
                 if dropped := self._why_drop(message, envelope):
                     log.info("request_dropped", reason=dropped, waited_s=round(time.time() - envelope.submitted_at, 3))
                     if dropped == "deadline passed":
@@ -299,17 +278,6 @@ class _Outcome(enum.Enum):
     DROPPED = "dropped"  # settled without an answer (expired, cancelled while queued, a consumer bug)
     CALLER_GONE = "caller_gone"  # settled without an answer: nobody waits for it any more
     REQUEUE = "requeue"  # someone should serve it (again)
-
-
-async def _settle(message: AbstractIncomingMessage, requeue: bool) -> None:
-    """Ack or requeue; after a reconnect the delivery is gone and RabbitMQ has requeued it already."""
-    try:
-        if requeue:
-            await message.nack(requeue=True)
-        else:
-            await message.ack()
-    except aio_pika.exceptions.ChannelInvalidStateError:
-        log.info("delivery_already_returned", requeue=requeue)
 
 
 def _is_last_delivery(message: AbstractIncomingMessage) -> bool:

@@ -2,16 +2,16 @@
 
 RabbitMQ's own dead-lettering (a `reject`) records only "rejected", so an operator, or a
 producer in another language, cannot tell why. Instead the consumer publishes a copy of
-the message to ``hotq.dead`` with ``x-hotq-dead-reason`` (confirmed), then acks the
-original; if that publish fails the delivery is rejected, which dead-letters it without
-a reason rather than losing it.
+the message to ``hotq.dead`` with ``x-hotq-dead-reason``, on the channel it was delivered
+on (in confirm mode), then acks the original; if the copy is not confirmed the delivery is
+rejected, which dead-letters it without a reason rather than losing it (broker/WIRE.md).
 """
 
 from __future__ import annotations
 
-import aio_pika
+import aiormq
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractIncomingMessage
 
 from broker import topology
 
@@ -22,25 +22,28 @@ DEAD_QUEUE_HEADER = "x-hotq-dead-queue"  # the queue the message was taken from
 MAX_REASON_CHARS = 500
 
 
-async def dead_letter(channel: AbstractChannel, message: AbstractIncomingMessage, reason: str) -> None:
-    """Move `message` to the dead-letter queue with `reason`; never lose it (`channel` confirms publishes)."""
+async def dead_letter(message: AbstractIncomingMessage, reason: str) -> None:
+    """Move `message` to the dead-letter queue with `reason`; never lose it."""
     headers = dict(message.headers or {})
     headers[DEAD_REASON_HEADER] = reason[:MAX_REASON_CHARS]
     headers[DEAD_QUEUE_HEADER] = message.routing_key or ""
-    copy = aio_pika.Message(
-        body=message.body,
+    properties = aiormq.spec.Basic.Properties(
         headers=headers,
         content_type=message.content_type,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        delivery_mode=2,  # persistent
         correlation_id=message.correlation_id,
         message_id=message.message_id,
         reply_to=message.reply_to,
     )
     try:
-        exchange = await channel.get_exchange(topology.DEAD_LETTER_EXCHANGE, ensure=False)
-        await exchange.publish(copy, routing_key="")
-    except Exception as exc:  # a broker outage: RabbitMQ's own dead-lettering keeps the message
-        log.warning("dead_letter_publish_failed", error=repr(exc), reason=reason)
+        confirmation = await message.channel.basic_publish(
+            message.body, exchange=topology.DEAD_LETTER_EXCHANGE, routing_key="", properties=properties
+        )
+        copied = isinstance(confirmation, aiormq.spec.Basic.Ack)
+    except (aiormq.exceptions.AMQPError, ConnectionError) as exc:
+        log.warning("dead_letter_copy_failed", error=repr(exc), reason=reason)
+        copied = False
+    if copied:
+        await message.ack()
+    else:  # RabbitMQ's own dead-lettering keeps the message, without the reason
         await message.reject(requeue=False)
-        return
-    await message.ack()

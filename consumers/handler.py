@@ -1,9 +1,9 @@
 """Serving one request: call the backend and stream the answer back as reply frames.
 
-Streams are coalesced: SSE events read from the backend are sent in one
-`ChunkBatch` at most every `flush_interval_s` (the first one at once, for time
-to first token), cut on event boundaries so an error can follow any batch
-cleanly. A fast stream thus costs a few messages a second, not one per token.
+Streams are relayed event by event as the backend produces them, and coalesced
+only under load (`consumers/stream_sender.py`): events that arrive while a frame is
+on its way leave together in the next `ChunkBatch`, cut on event boundaries so an
+error can follow any batch cleanly.
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ import msgspec
 import structlog
 
 from broker.errors import BackendError, DeadlineExceeded, HotqError
-from broker.messages import DONE_EVENT, ChunkBatch, ErrorReply, Final, RequestEnvelope
+from broker.messages import DONE_EVENT, ErrorReply, Final, RequestEnvelope
 from consumers.backend_client import BackendClient
 from consumers.replies import ReplySender
-from consumers.stream_usage import StreamUsage, backend_request
+from consumers.stream_sender import StreamSender
+from consumers.stream_usage import StreamUsage, backend_request, prompt_estimate
 
 log = structlog.get_logger("hotq.consumer")
 
@@ -43,7 +44,9 @@ class _ErrorBody(msgspec.Struct):
 class AttemptProgress:
     """How far one attempt at a request got, for the worker to settle and account it."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: bytes = b"") -> None:
+        self._body = body
+        self._prompt_estimate: int | None = None
         self.called_backend = False  # the backend was asked, so it may have generated tokens
         self.sent_output = False  # output went out to the client: the request is not safe to serve again
         self.stream_usage: StreamUsage | None = None
@@ -55,6 +58,17 @@ class AttemptProgress:
         if self.answer_usage is not None or self.stream_usage is None:
             return self.answer_usage
         return self.stream_usage.usage
+
+    def usage_at_cut(self) -> dict[str, int] | None:
+        """`usage` of an attempt cut short; a non-streaming answer cut short reports nothing, but
+        the backend had read its prompt: that is estimated (its completion so far is unknown)."""
+        usage = self.usage
+        if usage is not None or self.stream_usage is not None or not self.called_backend:
+            return usage
+        if self._prompt_estimate is None:
+            self._prompt_estimate = prompt_estimate(self._body)
+        prompt = self._prompt_estimate
+        return {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt} if prompt else None
 
 
 class BackendUnreachable(Exception):
@@ -213,41 +227,32 @@ class RequestHandler:
         stream_usage = progress.stream_usage
         assert stream_usage is not None, "a stream's usage is followed from its request on"
         pending = bytearray()
-        seq = 0
-        last_flush = float("-inf")
+
+        def sent() -> None:
+            progress.sent_output = True
+
+        sender = StreamSender(replies, envelope.request_id, attempt, self._flush_interval_s, sent)
         try:
             async for piece in response.content.iter_any():
                 pending += piece
-                now = time.monotonic()
-                if now - last_flush < self._flush_interval_s:
-                    continue
                 complete_end = pending.rfind(EVENT_END) + len(EVENT_END)
                 if complete_end < len(EVENT_END):
                     continue
-                raw = bytes(pending[:complete_end]).split(EVENT_END)[:-1]
-                # The newest event stays behind: it may be the last content chunk, which must
-                # still take the finish_reason of a trailing chunk ([DONE] too: the API writes
-                # it itself). When the newest carries a finish_reason, the one before stays too.
-                hold = 2 if _FINISH_MARKS[0] in raw[-1] or _FINISH_MARKS[1] in raw[-1] else 1
-                if len(raw) <= hold:
-                    continue
-                flushed = raw[:-hold]
-                batch = b"".join(split_events(EVENT_END.join(flushed) + EVENT_END, stream_usage.client_event))
-                del pending[: sum(len(event) + len(EVENT_END) for event in flushed)]
-                if not batch:
-                    continue  # only the usage chunk the client did not ask for
-                await replies.send(ChunkBatch(envelope.request_id, attempt, seq, batch))
-                progress.sent_output = True
-                seq += 1
-                last_flush = now
+                # Each event goes out as soon as it is complete: never held for the next one. vLLM's
+                # finish-only chunk is folded into the content chunk before it when both came together.
+                events = split_events(bytes(pending[:complete_end]), stream_usage.client_event)
+                del pending[:complete_end]
+                sender.put([event for event in events if event != DONE_EVENT])  # the API writes [DONE] itself
+            events = split_events(bytes(pending), stream_usage.client_event)
+            sender.put([event for event in events if event != DONE_EVENT])
+            rest = await sender.finish()
         except BaseException:
+            sender.cancel()
             # Cut short (the client left, the backend failed): the events read but not yet sent count too.
             complete_end = pending.rfind(EVENT_END)
             if complete_end >= 0:
                 split_events(bytes(pending[: complete_end + len(EVENT_END)]), stream_usage.client_event)
             self._count(stream_usage.usage)
             raise
-        events = split_events(bytes(pending), stream_usage.client_event)
-        rest = b"".join(event for event in events if event != DONE_EVENT)
-        await replies.send(Final(envelope.request_id, attempt, seq, response.status, rest, stream_usage.usage))
+        await replies.send(Final(envelope.request_id, attempt, sender.seq, response.status, rest, stream_usage.usage))
         self._count(stream_usage.usage)

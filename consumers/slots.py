@@ -20,27 +20,33 @@ class BackendSlots:
         self.batch_limit = max(1, total - reserved_for_interactive)
         self.in_use = 0
         self._interactive_waiting = 0
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()  # set, and replaced, at every change a waiter may care about
 
     def _free_for(self, lane: Lane) -> bool:
         if lane is Lane.INTERACTIVE:
             return self.in_use < self.total
         return self._interactive_waiting == 0 and self.in_use < self.batch_limit
 
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
     @contextlib.asynccontextmanager
     async def hold(self, lane: Lane) -> AsyncIterator[None]:
-        async with self._changed:
+        """A slot for `lane` while in the block. Only the wait can be interrupted: a slot is
+        taken and given back with no await between, so a cancel never loses one."""
+        if lane is Lane.INTERACTIVE:
+            self._interactive_waiting += 1
+        try:
+            while not self._free_for(lane):
+                await self._changed.wait()
+        finally:
             if lane is Lane.INTERACTIVE:
-                self._interactive_waiting += 1
-            try:
-                await self._changed.wait_for(lambda: self._free_for(lane))
-            finally:
-                if lane is Lane.INTERACTIVE:
-                    self._interactive_waiting -= 1
-            self.in_use += 1
+                self._interactive_waiting -= 1
+                self._notify()  # batch work may have waited behind this one
+        self.in_use += 1
         try:
             yield
         finally:
-            async with self._changed:
-                self.in_use -= 1
-                self._changed.notify_all()
+            self.in_use -= 1
+            self._notify()

@@ -13,11 +13,19 @@ only if the client asked for it. In a vLLM chunk the usage object is the last
 field or nearly (``prompt_token_ids`` may follow it), so this is a byte cut around
 it (the usage is decoded only when it is read: at the end of the stream, or when
 it is cut short); any other shape is decoded and encoded again whole.
+
+A backend that sends no running usage (OpenAI's own API and most other servers ignore
+``continuous_usage_stats``) is estimated instead, until its final usage chunk, if it
+sends one, gives the exact count: the prompt from its text (a token per four
+characters, or the token ids given), the completion as a token per content chunk, or a
+token per four characters of content when that is more (a server that sends several
+tokens a chunk). So a stream the client leaves is charged on any backend.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from typing import Any
 
 import msgspec
@@ -29,6 +37,9 @@ _USAGE_KEY = b',"usage":'
 _NO_CHOICES = b'"choices":[]'  # the usage-only chunk at the end of a stream (as the fast path sees it)
 _NULL_START = ord("n")
 _BACKEND_STREAM_OPTIONS = {"include_usage": True, "continuous_usage_stats": True}
+CHARS_PER_TOKEN = 4  # the usual rule of thumb for English text with BPE tokenizers
+# Keys of a message whose strings are not text the model reads as such (media are data URLs).
+_NOT_TEXT = frozenset(("role", "type", "image_url", "input_audio", "audio_url", "video_url", "file"))
 
 
 class ClientUsage(enum.Enum):
@@ -56,7 +67,8 @@ def backend_request(body: bytes) -> tuple[bytes, StreamUsage]:
         asked = ClientUsage.CONTINUOUS if options.get("continuous_usage_stats") is True else ClientUsage.FINAL
     else:
         asked = ClientUsage.NONE
-    usage = StreamUsage(asked, n if isinstance(n, int) and n > 1 else 1, _prompt_count(request.get("prompt")))
+    n = n if isinstance(n, int) and n > 1 else 1
+    usage = StreamUsage(asked, n, _prompt_count(request.get("prompt")), _prompt_estimate(request))
     if asked is ClientUsage.CONTINUOUS:
         return body, usage
     request["stream_options"] = {**options, **_BACKEND_STREAM_OPTIONS}
@@ -70,6 +82,70 @@ def _prompt_count(prompt: Any) -> int:
     return 1
 
 
+def prompt_estimate(body: bytes) -> int:
+    """About how many tokens a request's prompt holds (0 if the body is not a JSON object)."""
+    try:
+        request = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return 0
+    return _prompt_estimate(request) if isinstance(request, dict) else 0
+
+
+def _prompt_estimate(request: dict[str, Any]) -> int:
+    """About how many tokens the prompt (or embeddings' input) holds, for a backend that never says."""
+    prompt = request.get("prompt", request.get("input"))
+    if isinstance(prompt, list) and all(isinstance(item, int) for item in prompt):
+        return len(prompt)  # token ids
+    if isinstance(prompt, list) and all(isinstance(item, list) for item in prompt):
+        return sum(len(item) for item in prompt)
+    return math.ceil(_text_length(prompt if prompt is not None else request.get("messages")) / CHARS_PER_TOKEN)
+
+
+def _text_length(value: Any) -> int:
+    """The characters of every string in a JSON value (message texts, names, tool call arguments)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_text_length(item) for item in value)
+    if isinstance(value, dict):
+        return sum(_text_length(item) for key, item in value.items() if key not in _NOT_TEXT)
+    return 0
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    text: Any = None  # completions
+    delta: dict[str, Any] | None = None  # chat
+
+
+class _Chunk(msgspec.Struct):
+    choices: list[_Choice] | None = None
+
+
+class _Streamed:
+    """What a stream without running usage relayed: content chunks and characters per choice."""
+
+    def __init__(self) -> None:
+        self._chunks: dict[int, int] = {}
+        self._chars: dict[int, int] = {}
+
+    def add(self, event: bytes) -> None:
+        try:
+            chunk = msgspec.json.decode(event[len(_DATA) :], type=_Chunk)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            return
+        for choice in chunk.choices or ():
+            delta = {key: value for key, value in (choice.delta or {}).items() if key != "role"}
+            chars = _text_length(choice.text) + _text_length(delta)
+            if chars:
+                self._chunks[choice.index] = self._chunks.get(choice.index, 0) + 1
+                self._chars[choice.index] = self._chars.get(choice.index, 0) + chars
+
+    @property
+    def tokens(self) -> int:
+        return sum(max(count, math.ceil(self._chars[index] / CHARS_PER_TOKEN)) for index, count in self._chunks.items())
+
+
 class StreamUsage:
     """Rewrites a stream's events for the client and keeps the latest usage they carried.
 
@@ -78,8 +154,10 @@ class StreamUsage:
     prompt ``p`` as ``p * n + i``.
     """
 
-    def __init__(self, asked: ClientUsage, n: int = 1, prompts: int = 1) -> None:
+    def __init__(self, asked: ClientUsage, n: int = 1, prompts: int = 1, prompt_estimate: int = 0) -> None:
         self._asked = asked
+        self._prompt_estimate = prompt_estimate
+        self._streamed = _Streamed()  # counted only from chunks that carry no running usage
         self._n = n
         self._several = n * prompts > 1
         self._prompt_tokens: int | None = None
@@ -95,18 +173,26 @@ class StreamUsage:
 
     @property
     def usage(self) -> dict[str, int] | None:
-        """Prompt and completion tokens generated so far, as the backend counted them."""
+        """Prompt and completion tokens generated so far, as the backend counted them (or as
+        estimated, if it sent no running usage); None while there is nothing to count."""
         if self._final is not None:
             return self._final
         if self._latest is not None:
             self._note_raw(self._latest, usage_only=False)
             self._latest = None
         if self._prompt_tokens is None:
-            return None
+            return self._estimate()
         if self._several:
             prompt, completion = sum(self._per_prompt.values()), sum(self._per_choice.values())
         else:
             prompt, completion = self._prompt_tokens, self._completion_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def _estimate(self) -> dict[str, int] | None:
+        completion = self._streamed.tokens
+        if not completion and not self._prompt_estimate:
+            return None
+        prompt = self._prompt_estimate
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     def client_event(self, event: bytes) -> bytes | None:
@@ -118,6 +204,7 @@ class StreamUsage:
             if span is not None:
                 return self._cut(event, *span)
         if b'"usage"' not in event:
+            self._streamed.add(event)
             return event
         return self._rewrite_decoded(event)
 
@@ -130,6 +217,8 @@ class StreamUsage:
                 self._note_raw(event[value:end], usage_only=True)
             else:
                 self._latest = event[value:end]  # decoded only when the usage is read
+        elif not usage_only:
+            self._streamed.add(event)
         if self._asked is ClientUsage.CONTINUOUS:
             return event
         if usage_only:
@@ -155,6 +244,8 @@ class StreamUsage:
             if isinstance(choices, list) and len(choices) == 1 and isinstance(choices[0], dict):
                 index = choices[0].get("index")
             self._note(usage, index if isinstance(index, int) else None, usage_only)
+        elif not usage_only:
+            self._streamed.add(event)
         if self._asked is ClientUsage.CONTINUOUS:
             return event
         if usage_only:

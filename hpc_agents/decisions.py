@@ -15,6 +15,7 @@ from typing import Any
 import sqlite_utils
 
 TABLE = "decisions"
+COLD_STARTS = "cold_starts"  # cluster -> the scaler's running estimate of launch-to-hot seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,15 @@ class DecisionLog:
             f"(select max(at) from {TABLE} as later where later.model = {TABLE}.model and later.throughput_rps > 0)"
         ).fetchall()
         return {model: rps for model, rps in rows}
+
+    def record_cold_start(self, cluster: str, seconds: float) -> None:
+        self._db.table(COLD_STARTS).upsert({"cluster": cluster, "seconds": seconds, "at": time.time()}, pk="cluster")
+
+    def cold_starts(self) -> dict[str, float]:
+        """Each cluster's cold start as last estimated, so a restarted scaler still knows it."""
+        if not self._db[COLD_STARTS].exists():
+            return {}
+        return {row["cluster"]: row["seconds"] for row in self._db[COLD_STARTS].rows}
 
 
 def decision_log_path(data_dir: str | Path) -> Path:

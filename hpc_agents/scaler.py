@@ -11,8 +11,13 @@ idle, so the scaler never kills an agent that has work.
 Placement: the model's clusters in order of preference, skipping those offline,
 at `max_nodes` or backing off after failed agents (1 s doubling to 60 s),
 preferring the shortest measured cold start (a cluster not measured yet is
-tried first, so it gets measured). Per-agent throughput is remembered per model,
-so a second burst is sized from what the first one measured.
+tried first, so it gets measured). Every model's `min_hot` agents are placed
+before any burst, and a burst leaves the nodes other models still need for their
+`min_hot`. Per-agent throughput and per-cluster cold starts are remembered (in
+the decision log), so a restarted scaler sizes and estimates from experience.
+
+Each tick it also publishes a `ModelOutlook` per model on the events exchange:
+whether capacity is there or coming, and if not, why (`hpc_agents/outlook.py`).
 """
 
 from __future__ import annotations
@@ -22,16 +27,18 @@ import dataclasses
 import math
 import time
 
+import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
-from broker import topology
+from broker import messages, topology
 from broker.config import Config, ModelConfig
 from broker.connection import connect
-from broker.messages import AgentState, AgentStatus, Lane
+from broker.messages import AgentState, AgentStatus, Lane, ModelOutlook
 from hpc_agents.decisions import Decision, DecisionLog, decision_log_path
 from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers import Launch, Launcher
+from hpc_agents.outlook import Facts, failure_text, outlook
 from ops.metrics import ScalerMetrics
 
 log = structlog.get_logger("hotq.scaler")
@@ -70,7 +77,12 @@ class Scaler:
         self.metrics = metrics
         self.launches: dict[str, Launch] = {}  # agent_id -> launch, until its agent exits
         self.summaries: list[dict[str, object]] = []  # what exited agents reported
-        self.cold_start_s: dict[str, float] = {}  # cluster -> measured launch-to-hot time
+        # cluster -> measured launch-to-hot time (from earlier runs too)
+        self.cold_start_s: dict[str, float] = decisions.cold_starts() if decisions else {}
+        self.outlooks: dict[str, ModelOutlook] = {}  # model -> what this tick published
+        self._failed: dict[str, str] = {}  # model -> its last launch failed (until an agent goes hot)
+        self._floor_short: dict[str, int] = {}  # model -> min_hot agents it still lacks after this tick
+        self._events: AbstractExchange | None = None
         self._rates: dict[str, _Rate] = {}  # agent_id -> served-requests rate
         self._hot_seen: set[str] = set()
         self._last_desired: dict[str, int] = {}
@@ -93,7 +105,7 @@ class Scaler:
         self._measure()
         # Launchers may ask a remote service (Globus Compute): never on the event loop.
         self._online = {name: await asyncio.to_thread(launcher.online) for name, launcher in self.launchers.items()}
-        made = []
+        backlogs: dict[str, tuple[int, dict[str, int]]] = {}
         for model, model_config in self.config.models.items():
             backlog = 0
             for lane in Lane:
@@ -102,10 +114,71 @@ class Scaler:
             pinned_backlog = {}
             for cluster in self._clusters_of(model_config):
                 pinned_backlog[cluster], _ = await topology.queue_depth(channel, model, Lane.INTERACTIVE, cluster)
-            decision = await self._decide(model, model_config, backlog, pinned_backlog)
+            backlogs[model] = (backlog, pinned_backlog)
+        # Floors first: no burst of one model may keep another below its min_hot.
+        floors = {model: await self._place_floor(model, config) for model, config in self.config.models.items()}
+        made = []
+        for model, model_config in self.config.models.items():
+            decision = await self._decide(model, model_config, *backlogs[model], floors[model])
             if decision is not None:
                 made.append(decision)
+            await self._publish(channel, model, model_config, sum(backlogs[model][1].values()) + backlogs[model][0])
         return made
+
+    def _capacity(self, model: str) -> tuple[list[AgentStatus], list[AgentStatus], list[Launch]]:
+        """The model's hot agents, its starting ones, and its launches not announced yet."""
+        agents = self.directory.agents(model)
+        announced = {a.agent_id for a in agents}
+        hot = [a for a in agents if a.state is AgentState.HOT]
+        starting = [a for a in agents if a.state in (AgentState.STARTING, AgentState.LOADING)]
+        pending = [x for x in self.launches.values() if x.model == model and x.agent_id not in announced]
+        return hot, starting, pending
+
+    async def _place_floor(self, model: str, model_config: ModelConfig) -> list[str]:
+        """Launch what the model lacks of its min_hot; remember what could not be placed."""
+        hot, starting, pending = self._capacity(model)
+        short = max(0, min(model_config.min_hot, model_config.max_agents) - len(hot) - len(starting) - len(pending))
+        placed: list[str] = []
+        while len(placed) < short and (cluster := self._place(model_config)) is not None:
+            await self._launch(cluster, model)
+            placed.append(cluster)
+        self._floor_short[model] = short - len(placed)
+        return placed
+
+    async def _publish(self, channel: AbstractChannel, model: str, model_config: ModelConfig, backlog: int) -> None:
+        hot, starting, pending = self._capacity(model)
+        now = time.monotonic()
+        on_the_way = {a.agent_id for a in starting} | {x.agent_id for x in pending}
+        launching = [(x.cluster, now - x.launched_at) for x in self.launches.values() if x.agent_id in on_the_way]
+        clusters = self._clusters_of(model_config)
+        retry_in = max([self._backoff_until.get(c, 0.0) - now for c in clusters] + [0.0])
+        facts = Facts(
+            model=model,
+            hot=len(hot),
+            hot_with_room=sum(a.inflight < model_config.max_inflight for a in hot),
+            starting=len([a for a in starting if a.agent_id not in self.launches]),  # launched ones: in `launching`
+            launching=launching,
+            max_agents=model_config.max_agents,
+            backlog=backlog,
+            agent_rps=self._model_rps.get(model, 0.0),
+            room=[c for c in clusters if self._has_room(c, self._reserved(c, model))],
+            blocked={c: problem for c in clusters if (problem := self._why_no_room(c, model))},
+            serving={a.cluster for a in starting if a.agent_id in on_the_way}
+            | {c for c, _ in launching}
+            | {a.cluster for a in hot if a.inflight < model_config.max_inflight},
+            failure=self._failed.get(model),
+            retry_failed_in_s=retry_in,
+            cold_start_s=self.cold_start_s,
+        )
+        self.outlooks[model] = outlook(facts)
+        try:
+            if self._events is None:
+                self._events = await channel.get_exchange(topology.EVENTS_EXCHANGE)
+            message = aio_pika.Message(messages.encode(self.outlooks[model]), expiration=10)
+            await self._events.publish(message, routing_key=topology.OUTLOOK_ROUTING_KEY)
+        except (aio_pika.exceptions.AMQPError, ConnectionError, RuntimeError) as exc:
+            self._events = None  # the channel may be gone: look the exchange up again next tick
+            log.warning("outlook_not_published", model=model, error=repr(exc))
 
     def _collect_finished(self) -> None:
         for agent_id, launch in list(self.launches.items()):
@@ -115,7 +188,10 @@ class Scaler:
                 summary = {"exit_reason": "launch_failed", "error": repr(error)} if error else launch.future.result()
                 self.summaries.append({"agent_id": agent_id, "cluster": launch.cluster, **summary})
                 log.info("agent_finished", agent_id=agent_id, cluster=launch.cluster, summary=summary)
-                self._note_outcome(launch.cluster, str(summary.get("exit_reason")))
+                exit_reason = str(summary.get("exit_reason"))
+                self._note_outcome(launch.cluster, exit_reason)
+                if exit_reason not in HEALTHY_EXITS and agent_id not in self._hot_seen:  # it never served
+                    self._failed[launch.model] = failure_text(launch.cluster, summary)
 
     def _note_outcome(self, cluster: str, exit_reason: str) -> None:
         """Back off a cluster whose agents fail, so a broken node image is not relaunched every tick."""
@@ -135,12 +211,14 @@ class Scaler:
             launch = self.launches.get(status.agent_id)
             if status.state is AgentState.HOT and status.agent_id not in self._hot_seen:
                 self._hot_seen.add(status.agent_id)
+                self._failed.pop(status.model, None)  # the model serves again
                 if launch is not None:
                     took = time.monotonic() - launch.launched_at
                     before = self.cold_start_s.get(launch.cluster)
-                    self.cold_start_s[launch.cluster] = (
-                        took if before is None else before + COLD_START_SMOOTHING * (took - before)
-                    )
+                    estimate = took if before is None else before + COLD_START_SMOOTHING * (took - before)
+                    self.cold_start_s[launch.cluster] = estimate
+                    if self.decisions is not None:
+                        self.decisions.record_cold_start(launch.cluster, estimate)
 
     def _measure_rate(self, status: AgentStatus) -> None:
         if not status.heartbeat:
@@ -174,22 +252,18 @@ class Scaler:
         self.launches[launch.agent_id] = launch
 
     async def _decide(
-        self, model: str, model_config: ModelConfig, backlog: int, pinned_backlog: dict[str, int]
+        self, model: str, model_config: ModelConfig, backlog: int, pinned_backlog: dict[str, int], floor: list[str]
     ) -> Decision | None:
-        agents = self.directory.agents(model)
-        announced = {a.agent_id for a in agents}
-        hot = [a for a in agents if a.state is AgentState.HOT]
-        starting = [a for a in agents if a.state in (AgentState.STARTING, AgentState.LOADING)]
-        pending = [x for x in self.launches.values() if x.model == model and x.agent_id not in announced]
+        hot, starting, pending = self._capacity(model)
         capacity = len(hot) + len(starting) + len(pending)  # draining agents are leaving: not capacity
         backlog += sum(pinned_backlog.values())
         rps = self._agent_rps(model, hot, backlog)
         wanted = math.ceil(backlog / (rps * model_config.target_drain_s)) if backlog else 0
         desired = min(max(wanted, model_config.min_hot), model_config.max_agents)
         to_launch = max(0, desired - capacity)
-        placed: list[str] = []
+        placed: list[str] = list(floor)
         for _ in range(to_launch):
-            cluster = self._place(model_config)
+            cluster = self._place(model_config, model)
             if cluster is None:
                 break
             await self._launch(cluster, model)
@@ -198,7 +272,7 @@ class Scaler:
         for cluster, waiting in pinned_backlog.items():
             serving = {a.agent_id for a in hot + starting if a.cluster == cluster}
             serving |= {x.agent_id for x in self.launches.values() if x.model == model and x.cluster == cluster}
-            if waiting and not serving and self._has_room(cluster):
+            if waiting and not serving and self._has_room(cluster, self._reserved(cluster, model)):
                 await self._launch(cluster, model)
                 placed.append(cluster)
         if not placed and desired == self._last_desired.get(model):
@@ -210,8 +284,13 @@ class Scaler:
             f"{model_config.max_agents} -> {desired}; have {len(hot)} hot, {len(starting)} starting, "
             f"{len(pending)} launching"
         )
-        if to_launch and len(placed) < to_launch:
-            reason += f"; {to_launch - len(placed)} launch(es) found no cluster (offline or at max_nodes)"
+        if floor:
+            reason += f"; {len(floor)} launched first for min_hot"
+        if self._floor_short.get(model):
+            reason += f"; {self._floor_short[model]} min_hot launch(es) found no cluster"
+        if to_launch and len(placed) - len(floor) < to_launch:
+            short = to_launch - len(placed) + len(floor)
+            reason += f"; {short} launch(es) found no cluster (offline, at max_nodes, or kept for min_hot)"
         decision = Decision(
             model=model,
             backlog=backlog,
@@ -231,23 +310,41 @@ class Scaler:
             self.metrics.record(decision)
         return decision
 
-    def _place(self, model_config: ModelConfig) -> str | None:
+    def _place(self, model_config: ModelConfig, burst_of: str | None = None) -> str | None:
+        """Where the next agent goes; a burst (`burst_of` the model) leaves other models' min_hot room."""
         candidates = [
             (self.cold_start_s.get(cluster, 0.0), index, cluster)
             for index, cluster in enumerate(self._clusters_of(model_config))
-            if self._has_room(cluster)
+            if self._has_room(cluster, self._reserved(cluster, burst_of))
         ]
         return min(candidates)[2] if candidates else None
 
-    def _has_room(self, cluster: str) -> bool:
-        """The cluster's launcher exists, is online and below its max_nodes."""
-        launcher = self.launchers.get(cluster)
-        return (
-            launcher is not None
-            and self._online.get(cluster, False)
-            and time.monotonic() >= self._backoff_until.get(cluster, 0.0)
-            and self._nodes_in_use(cluster) < launcher.max_nodes
+    def _reserved(self, cluster: str, model: str | None) -> int:
+        """Nodes of `cluster` that other models still need for their min_hot (none for a floor launch)."""
+        if model is None:
+            return 0
+        return sum(
+            short
+            for other, short in self._floor_short.items()
+            if other != model and short and cluster in self._clusters_of(self.config.models[other])
         )
+
+    def _has_room(self, cluster: str, reserved: int = 0) -> bool:
+        """The cluster's launcher exists, is online and below its max_nodes (less `reserved`)."""
+        return self._why_no_room(cluster, reserved=reserved) is None
+
+    def _why_no_room(self, cluster: str, model: str | None = None, reserved: int | None = None) -> str | None:
+        launcher = self.launchers.get(cluster)
+        if reserved is None:
+            reserved = self._reserved(cluster, model)
+        if launcher is None or not self._online.get(cluster, False):
+            return "offline"
+        if (pause := self._backoff_until.get(cluster, 0.0) - time.monotonic()) > 0:
+            return f"backing off {pause:.0f} s after {self._failures.get(cluster, 0)} failed agent(s)"
+        if self._nodes_in_use(cluster) + reserved >= launcher.max_nodes:
+            kept = f", {reserved} kept for other models' min_hot" if reserved else ""
+            return f"at max_nodes {launcher.max_nodes}{kept}"
+        return None
 
     def _nodes_in_use(self, cluster: str) -> int:
         announced = {a.agent_id for a in self.directory.agents() if a.cluster == cluster}

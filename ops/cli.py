@@ -11,6 +11,7 @@ import click
 import msgspec
 import uvloop
 
+from broker.config import backend_base_url
 from broker.errors import ConfigError
 from broker.logs import configure_logging
 from ops.cli_accounts import keys, usage
@@ -76,6 +77,10 @@ def worker(config_path: str | None, model: str, backend_url: str | None, grace_s
     url = backend_url or model_config.backend_url
     if url is None:
         raise click.ClickException(f'models."{model}" has no backend_url; pass --backend-url or set it in the config')
+    try:
+        url = backend_base_url(url, "--backend-url")
+    except ConfigError as exc:
+        raise click.ClickException(exc.message) from None
     uvloop.run(run_worker(config, model, url, grace_s))
 
 

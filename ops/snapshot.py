@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractChannel
 
 from broker import topology
 from broker.config import Config
-from broker.messages import AgentState, AgentStatus, Lane
+from broker.messages import AgentState, AgentStatus, Lane, ModelOutlook
 from hpc_agents.decisions import Decision, DecisionLog, decision_log_path
 from hpc_agents.directory import AgentDirectory
 
@@ -55,6 +55,7 @@ class ModelSnapshot:
     groups: tuple[AgentGroup, ...]
     inflight: int  # summed over the model's agents (a plain `hotq worker` does not announce)
     tokens_per_s: float  # summed over hot agents
+    outlook: ModelOutlook | None  # the scaler's word on its capacity (None without a scaler)
 
     def agents_in(self, state: AgentState) -> int:
         return sum(group.count for group in self.groups if group.state is state)
@@ -86,9 +87,20 @@ async def take_snapshot(
                 ),
                 inflight=sum(status.inflight for status in agents),
                 tokens_per_s=round(sum(s.tokens_per_s for s in agents if s.state is AgentState.HOT), 2),
+                outlook=directory.outlook(model),
             )
         )
     return Snapshot(taken_at=time.time(), models=tuple(models), decisions=_recent_decisions(decisions))
+
+
+def capacity_text(model: ModelSnapshot) -> str:
+    """The scaler's outlook in words: hot, or starting with the expected seconds until hot, or why not."""
+    outlook = model.outlook
+    if outlook is None:
+        return "no scaler heard"
+    expected = f", hot in ~{outlook.expected_hot_s:.0f} s" if outlook.expected_hot_s > 0 else ""
+    text = f"{outlook.state.value}{expected}"
+    return text if outlook.coming else f"{text}; nothing coming: {outlook.reason}"
 
 
 def _order(item: tuple[tuple[AgentState, str], int]) -> tuple[int, str]:

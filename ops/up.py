@@ -182,6 +182,7 @@ def run_up(config_path: str | None, host: str, port: int, data_dir: Path) -> int
                 _say(problem)
                 return 1
             if not announced and stack.serving():
+                stack.show_progress()  # what the agent logged on its way to hot comes before the banner
                 _say(f"ready after {time.monotonic() - started:.0f} s")
                 print_usage(stack.url, next(iter(config.models)))
                 announced = True

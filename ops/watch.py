@@ -24,7 +24,7 @@ from broker.connection import connect
 from broker.messages import AgentState
 from hpc_agents.decisions import DecisionLog
 from hpc_agents.directory import AgentDirectory
-from ops.snapshot import ModelSnapshot, Snapshot, open_decisions, take_snapshot
+from ops.snapshot import ModelSnapshot, Snapshot, capacity_text, open_decisions, take_snapshot
 
 DECISIONS_SHOWN = 10
 UNPIPED_WIDTH = 200  # columns for output that is not a terminal, so lines are not folded
@@ -54,6 +54,7 @@ def _queues(models: tuple[ModelSnapshot, ...]) -> Table:
         table.add_column(header, justify="right")
     table.add_column("agents (state@cluster)")
     table.add_column("tokens/s", justify="right")
+    table.add_column("capacity")
     for model in models:
         groups = Text(", ").join(
             Text(f"{g.count} {g.state.value}@{g.cluster}", style=_STATE_STYLE.get(g.state, "")) for g in model.groups
@@ -68,6 +69,7 @@ def _queues(models: tuple[ModelSnapshot, ...]) -> Table:
                 str(model.inflight) if first else "",
                 (groups if model.groups else Text("none", style="dim")) if first else "",
                 f"{model.tokens_per_s:g}" if first else "",
+                capacity_text(model) if first else "",
             )
     return table
 

@@ -12,15 +12,14 @@ import openai
 import pytest
 
 from broker.config import load_config
-from broker.connection import connect
 from broker.messages import AgentState, AgentStatus
-from hpc_agents.directory import AgentDirectory
 from hpc_agents.launchers import Launcher
 from hpc_agents.launchers.local import LocalLauncher
 from hpc_agents.scaler import Scaler
 from ops.processes import wait_until_async
 from ops.testing.deadlines import EVENTUALLY_S
 from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold
+from ops.testing.scaling import running_scaler
 from ops.testing.stack import Stack, write_config
 
 BETA_START_DELAY_S = 1.5  # beta's stand-in for a batch scheduler's queue wait
@@ -66,21 +65,10 @@ async def federation(
         "alpha": LocalLauncher("alpha", config, log_dir=logs),
         "beta": LocalLauncher("beta", config, log_dir=logs, start_delay_s=BETA_START_DELAY_S),
     }
-    connection = await connect(amqp_url, "test-scaler")
-    directory = AgentDirectory(config.heartbeat_s)
-    await directory.subscribe(connection)
-    channel = await connection.channel()
-    scaler = Scaler(config, launchers, directory, tick_s=0.25)
-    stop = asyncio.Event()
-    ticking = asyncio.create_task(scaler.run(channel, stop))
     try:
-        yield scaler, stack, model
+        async with running_scaler(config, launchers, amqp_url) as scaler:
+            yield scaler, stack, model
     finally:
-        stop.set()
-        await ticking
-        for launcher in launchers.values():
-            await asyncio.to_thread(launcher.shutdown)
-        await connection.close()
         stack.close()
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from ops.processes import free_port
 from ops.testing.deadlines import EVENTUALLY_S
-from ops.testing.stack import Stack, write_config
+from ops.testing.fake_backend import expected_chat_tokens
+from ops.testing.stack import Stack, api_and_worker, write_config
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +149,8 @@ def test_waiting_stream_sends_keepalives_then_error_event(lonely_stack: tuple[St
     ) as response:
         assert response.status_code == 200
         text = response.read().decode()
-    assert text.startswith(": keep-alive\n\n")
+    keepalive = json.loads(text.split("\n\n")[0].removeprefix("data: "))  # a chunk with no choices
+    assert keepalive["choices"] == [] and keepalive["object"] == "chat.completion.chunk"
     last = text.strip().split("\n\n")[-1]
     assert json.loads(last.removeprefix("data: "))["error"]["code"] == "no_capacity"
     client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0)
@@ -174,3 +176,13 @@ def test_rabbitmq_unreachable_is_503(tmp_path: Path, session_tag: str) -> None:
         assert "retry-after" in response.headers
     finally:
         stack.close()
+
+
+def test_a_backend_url_ending_in_v1_serves(
+    tmp_path: Path, amqp_url: str, fake_model: str, fake_backend_url: str
+) -> None:
+    """`backend_url = ".../v1"`, as an OpenAI client's base_url is written, reaches the backend's /v1 routes once."""
+    with api_and_worker(tmp_path, amqp_url, fake_model, {"backend_url": fake_backend_url + "/v1"}) as stack:
+        client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
+        response = client.chat.completions.create(model=fake_model, messages=[{"role": "user", "content": "a b c"}])
+    assert response.choices[0].message.content == "".join(expected_chat_tokens("a b c", None)[0])

@@ -222,3 +222,31 @@ def test_a_held_request_whose_client_leaves_is_cancelled(backend_url: str, tmp_p
         httpx.post(backend_url + "/v1/chat/completions", json=body | Hold(tmp_path / "never").field, timeout=0.5)
     wait_until(lambda: "gone" in fake_stats(backend_url)["cancelled_tags"], EVENTUALLY_S, "the held request cancelled")
     assert fake_stats(backend_url)["active"] == 0
+
+
+def test_without_running_usage_only_the_last_chunk_counts() -> None:
+    """`--no-running-usage`: continuous_usage_stats is ignored, as most servers but vLLM do."""
+    with running_fake_backend([MODEL], running_usage=False) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "one two three"}],
+            stream=True,
+            stream_options=cast(
+                ChatCompletionStreamOptionsParam, {"include_usage": True, "continuous_usage_stats": True}
+            ),
+        )
+        chunks = list(stream)
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
+
+
+def test_a_stream_can_break_mid_answer(backend_url: str) -> None:
+    """`fake_break_after`: the connection drops after that many tokens, with no end to the body."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "one two three"}], "stream": True}
+    with httpx.stream("POST", backend_url + "/v1/chat/completions", json={**body, "fake_break_after": 2}) as answer:
+        lines: list[str] = []
+        with pytest.raises(httpx.RemoteProtocolError):
+            lines.extend(answer.iter_lines())
+    contents = [line for line in lines if '"content":' in line]
+    assert len(contents) == 3 and not any("[DONE]" in line for line in lines)  # the role chunk and 2 tokens

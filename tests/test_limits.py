@@ -32,7 +32,7 @@ from broker.messages import Abandoned, Final, Lane
 from ops.processes import wait_until
 from ops.testing.deadlines import EVENTUALLY_S
 from ops.testing.fake_backend import Hold, fake_stats, running_fake_backend
-from ops.testing.stack import Stack, create_key, ready_messages
+from ops.testing.stack import Stack, api_and_workers, create_key, ready_messages
 from producers.request_client import RequestClient
 
 DELAY_MS = 300  # the fake backend's time per request in the fair-share tests
@@ -75,14 +75,8 @@ def limits(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, models: dict
                 lines.append("max_inflight = 2")
         config = workdir / "hotq.toml"
         config.write_text("\n".join(lines) + "\n")
-        stack = Stack(config, workdir)
-        try:
-            stack.start_api()
-            for name in models.values():
-                stack.start_worker(name)
+        with api_and_workers(config, workdir, models.values()) as stack:
             yield LimitsStack(stack, backend, amqp_url)
-        finally:
-            stack.close()
 
 
 @pytest.fixture(scope="module")
@@ -142,28 +136,30 @@ def test_a_stream_left_mid_way_is_charged_what_was_generated(stack: Stack, model
     """Leaving a stream early does not dodge tokens_per_minute: the consumer reports the backend's
     count at the cut (6 prompt tokens and the answer's first ones, over the limit of 5)."""
     frank = _client(stack, "frank-tpm")
-    stream = frank.chat.completions.create(
-        model=models["tpm"],
-        messages=[{"role": "user", "content": "one two three four five six"}],
-        stream=True,
-        extra_body={"fake_delay_ms": 200},
-    )
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            break  # the first token is enough
-    stream.close()
+    leave_after_first_token(frank, models["tpm"], "one two three four five six")
     # The consumer sends the API its count at the cut (the frame the charge comes from) just before
     # its usage report, which the API then records: once the record is there, the charge is in.
-    wait_until(lambda: _cancelled_recorded(stack, "frank-tpm"), EVENTUALLY_S, "frank's cut stream recorded")
+    wait_until(lambda: cancelled_recorded(stack, "frank-tpm"), EVENTUALLY_S, "frank's cut stream recorded")
     with pytest.raises(openai.RateLimitError) as caught:
         _chat(frank, models["tpm"])
     assert _retry_after(caught.value) >= 1
 
 
-def _cancelled_recorded(stack: Stack, user: str) -> bool:
+def leave_after_first_token(client: openai.OpenAI, model: str, text: str) -> None:
+    """Stream a slow answer to `text` and leave it once its first token came."""
+    stream = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], stream=True, extra_body={"fake_delay_ms": 200}
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    stream.close()
+
+
+def cancelled_recorded(stack: Stack, user: str, model: str | None = None) -> bool:
     store = JobStore(stack.workdir / "data")
     try:
-        return any(row["cancelled"] for row in store.usage.totals(user=user))
+        return any(row["cancelled"] for row in store.usage.totals(user=user, model=model))
     finally:
         store.close()
 

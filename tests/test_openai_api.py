@@ -93,7 +93,14 @@ def test_models_list_shows_queue_depth_and_consumers(client: openai.OpenAI, fake
     models = client.models.list().data
     assert [m.id for m in models] == [fake_model]
     extension = models[0].model_extra["hotq"]  # type: ignore[index]
-    assert extension == {"queue_depth": 0, "consumers": 1}
+    # Without a scaler the capacity comes from the consumers alone: no starting agents or estimate known.
+    assert extension == {
+        "queue_depth": 0,
+        "consumers": 1,
+        "state": "hot",
+        "agents_starting": None,
+        "expected_hot_s": None,
+    }
 
 
 def test_the_api_holds_one_amqp_connection(

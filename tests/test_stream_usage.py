@@ -136,3 +136,34 @@ def test_backend_request_asks_for_running_usage_and_keeps_the_rest() -> None:
     for refused_by_the_backend in (b"[1, 2]", b"{not json"):  # sent as they are: the backend refuses them
         sent, usage = backend_request(refused_by_the_backend)
         assert sent == refused_by_the_backend and usage.asked is ClientUsage.NONE
+
+
+def _plain(index: int, content: str) -> dict[str, Any]:
+    """A chunk as a backend without running usage writes it (OpenAI's API, llama.cpp, ...)."""
+    return _without_usage(_chunk(index, content, None))
+
+
+def test_a_backend_without_running_usage_is_estimated_from_what_was_streamed() -> None:
+    """Issue 15 §5: the prompt from its text (4 characters a token), the completion a token a chunk."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "x" * 400}], "stream": True}
+    _, usage = backend_request(json.dumps(body).encode())
+    assert usage.usage == {"prompt_tokens": 100, "completion_tokens": 0, "total_tokens": 100}  # nothing streamed yet
+    role = _plain(0, "") | {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+    assert usage.client_event(_spaced(role)) == _spaced(role)  # no output: not counted
+    for word in ("a", "b", "c"):
+        assert usage.client_event(_compact(_plain(0, word))) == _compact(_plain(0, word))
+    assert usage.usage == {"prompt_tokens": 100, "completion_tokens": 3, "total_tokens": 103}
+    usage.client_event(_compact(_plain(0, "y" * 40)))  # a server that sends several tokens a chunk
+    assert usage.usage == {"prompt_tokens": 100, "completion_tokens": 11, "total_tokens": 111}  # 43 characters
+
+
+def test_the_final_usage_chunk_replaces_the_estimate() -> None:
+    body = {"model": "m", "prompt": [1, 2, 3, 4, 5], "stream": True, "stream_options": {"include_usage": True}}
+    _, usage = backend_request(json.dumps(body).encode())
+    chunk = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m", "usage": None}
+    for text in ("p", "q"):
+        event = _compact(chunk | {"choices": [{"index": 0, "text": text, "finish_reason": None}]})
+        assert usage.client_event(event) == event  # include_usage asked: "usage": null stays
+    assert usage.usage == {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}  # the token ids given
+    assert usage.client_event(_compact(chunk | {"choices": [], "usage": _usage(6, 2)}))
+    assert usage.usage == {"prompt_tokens": 6, "completion_tokens": 2, "total_tokens": 8}  # the backend's count

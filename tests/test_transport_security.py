@@ -104,13 +104,10 @@ def test_definitions_name_hotqs_queues_and_exchanges() -> None:
     assert may("api", "read", topology.USAGE_QUEUE) and not may("agent", "read", topology.USAGE_QUEUE)
     (usage,) = [queue for queue in definitions["queues"] if queue["name"] == topology.USAGE_QUEUE]
     assert usage["arguments"] == topology.usage_queue_arguments()  # or the API's own declaration is refused
-    exchanges = (
-        topology.REQUEST_EXCHANGE,
-        topology.REPLY_EXCHANGE,
-        topology.EVENTS_EXCHANGE,
-        topology.CONTROL_EXCHANGE,
-    )
-    assert not any(may("scaler", "write", exchange) for exchange in exchanges)  # it publishes nothing
+    # The scaler publishes only its capacity outlook, on the events exchange.
+    exchanges = (topology.REQUEST_EXCHANGE, topology.REPLY_EXCHANGE, topology.CONTROL_EXCHANGE)
+    assert not any(may("scaler", "write", exchange) for exchange in exchanges)
+    assert may("scaler", "write", topology.EVENTS_EXCHANGE)
 
 
 async def test_agent_cannot_publish_to_a_request_queue(as_role: dict, model: str) -> None:

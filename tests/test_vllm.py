@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,10 +23,11 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from broker.config import load_config
+from consumers.stream_usage import prompt_estimate
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
 from ops.processes import Child, free_port, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
-from ops.testing.stack import hotq_command
+from ops.testing.stack import hotq_command, log_events
 from producers.jobs import Job
 
 # The whole module shares one `hotq up`; its first test also waits for it to start.
@@ -108,14 +111,15 @@ def test_chat_streaming_with_usage(client: openai.OpenAI) -> None:
             stream_options={"include_usage": True},
         )
     )
+    chunks = [c for c in chunks if c.choices or c.usage]  # not the keep-alives of a slow first token
     assert len({c.id for c in chunks}) == 1 and len({c.created for c in chunks}) == 1
     content_chunks = [c for c in chunks if c.choices]
     assert content_chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in content_chunks)
     assert len(text.split()) >= 3
-    # OpenAI's shape: finish_reason on the last content chunk, None before it.
+    # OpenAI's shape: finish_reason on the last chunk with choices (with its last token when both came
+    # together, else on its own, as OpenAI ends a stream), None before it.
     assert content_chunks[-1].choices[0].finish_reason in ("stop", "length")
-    assert content_chunks[-1].choices[0].delta.content
     assert all(c.choices[0].finish_reason is None for c in content_chunks[:-1])
     usage_chunk = chunks[-1]
     assert usage_chunk.choices == [] and usage_chunk.usage is not None
@@ -264,6 +268,58 @@ def test_cancelled_stream_is_recorded_with_vllm_s_counts(
     cancelled_completion = after["completion_tokens"] - before["completion_tokens"] - 1
     print(f"\ncancelled after {received} content chunks; vLLM had counted {cancelled_completion} tokens")
     assert received <= cancelled_completion < 300
+
+
+def _vllm_url(smollm_data: Path) -> str:
+    """The URL of the vLLM server the agent started (from the agent's `backend_ready` event)."""
+    for log in sorted((smollm_data / "logs").glob("*.log")):
+        for event in log_events(log):
+            if event.get("event") == "backend_ready":
+                return str(event["url"])
+    raise AssertionError(f"no backend_ready event in {smollm_data / 'logs'}")
+
+
+def _vllm_running(vllm_url: str) -> float:
+    """Requests vLLM is generating for right now (its Prometheus gauge)."""
+    metrics = httpx.get(vllm_url + "/metrics", timeout=EVENTUALLY_S).text
+    lines = [line for line in metrics.splitlines() if line.startswith("vllm:num_requests_running")]
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines)
+
+
+def test_an_answer_left_while_vllm_works_is_recorded_with_its_prompt_estimated(
+    client: openai.OpenAI, smollm: str, served: ServedCounter, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Issue 15 §5: vLLM reports nothing for a non-streaming answer it is cut off from, so the
+    consumer records (and the API charges) its prompt estimated from the text; vLLM's own count
+    of the same prompt, asked afterwards, shows how near the estimate comes."""
+    text = (
+        "Queues decouple the researchers who ask from the nodes that answer. Write a long essay about "
+        "why a broker that holds every request until a worker confirms its answer loses nothing when "
+        "a node fails, and list every step a request takes from the client to the model and back."
+    )
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": text}]
+    # Every request answered so far is recorded (those left mid-way were waited for by their tests).
+    before = _usage_when(smollm, lambda totals: totals["requests"] >= served.served, "earlier tests' usage")
+    data = next(tmp_path_factory.getbasetemp().glob("make-run*")) / ".hotq"
+    vllm_url = _vllm_url(data)
+    body = {"model": DEFAULT_MODEL_NAME, "messages": messages, "max_tokens": 1800, "ignore_eos": True}
+    encoded = json.dumps(body).encode()
+    address = httpx.URL(smollm)
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: hotq\r\nContent-Type: application/json\r\n"
+    with socket.create_connection((address.host, address.port), timeout=EVENTUALLY_S) as connection:
+        connection.sendall(f"{head}Content-Length: {len(encoded)}\r\n\r\n".encode() + encoded)
+        wait_until(lambda: _vllm_running(vllm_url) >= 1, VLLM_EVENTUALLY_S, "vLLM generating the answer")
+    after = _usage_when(
+        smollm, lambda totals: totals["cancelled"] > before["cancelled"], "the answer left mid-way recorded"
+    )
+    estimate = prompt_estimate(encoded)
+    assert after["requests"] - before["requests"] == 1
+    assert after["prompt_tokens"] - before["prompt_tokens"] == estimate
+    assert after["completion_tokens"] == before["completion_tokens"]
+    reference = client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=messages, max_tokens=1)
+    assert reference.usage is not None
+    print(f"\nprompt estimated at {estimate} tokens; vLLM counted {reference.usage.prompt_tokens}")
+    assert reference.usage.prompt_tokens / 2 <= estimate <= 2 * reference.usage.prompt_tokens
 
 
 def test_invalid_requests_get_a_400_through_the_vllm_stack(client: openai.OpenAI, smollm: str) -> None:

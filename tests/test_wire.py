@@ -103,3 +103,31 @@ def test_config_defaults_and_env_override(monkeypatch: pytest.MonkeyPatch) -> No
     assert config.max_body_bytes == 10 * 1024 * 1024
     monkeypatch.setenv("HOTQ_AMQP_URL", "amqp://u:p@broker:5672/")
     assert parse_config("").amqp_url == "amqp://u:p@broker:5672/"
+
+
+@pytest.mark.parametrize(
+    ("written", "used"),
+    [
+        ("http://gpu-7:8000", "http://gpu-7:8000"),
+        ("http://gpu-7:8000/", "http://gpu-7:8000"),
+        ("http://gpu-7:8000/v1", "http://gpu-7:8000"),  # the OpenAI client's base_url habit
+        ("https://gw.example.org/llm/v1/", "https://gw.example.org/llm"),
+    ],
+)
+def test_backend_url_takes_the_root_or_the_openai_base_url(written: str, used: str) -> None:
+    config = parse_config(f'[models."m"]\nbackend_url = "{written}"\n')
+    assert config.models["m"].backend_url == used
+
+
+@pytest.mark.parametrize(
+    ("written", "complaint"),
+    [
+        ("http://gpu-7:8000/v1/chat/completions", "write the server's base URL, 'http://gpu-7:8000/v1'"),
+        ("gpu-7:8000", "not an http"),
+        ("http://gpu-7:8000/v1?key=x", "not an http"),
+    ],
+)
+def test_backend_url_in_another_form_is_refused_with_the_form_to_use(written: str, complaint: str) -> None:
+    with pytest.raises(ConfigError, match=r'models\."m"\.backend_url') as raised:
+        parse_config(f'[models."m"]\nbackend_url = "{written}"\n')
+    assert complaint in raised.value.message

@@ -1,6 +1,6 @@
 """Deterministic fake OpenAI-compatible backend (stands in for vLLM in tests/benchmarks).
 
-Run:  python -m ops.testing.fake_backend --port PORT [--host 127.0.0.1] [--model NAME ...]
+Run:  python -m ops.testing.fake_backend --port PORT [--host 127.0.0.1] [--model NAME ...] [--ready-after S]
 (``--port 0`` picks a free port). On startup it prints one stdout line
 ``FAKE_BACKEND_URL http://HOST:PORT`` before serving. Default model: ``fake-model``.
 As a model's ``command`` (what an agent starts): ``FAKE_BACKEND_COMMAND``.
@@ -11,7 +11,8 @@ port, waits for /health, yields the base URL *without* ``/v1``, stops it on exit
 
 Deterministic behaviour
 -----------------------
-* ``GET /health`` -> 200 ``{"status": "ok"}``; ``GET /v1/models`` -> OpenAI list of models.
+* ``GET /health`` -> 200 ``{"status": "ok"}`` (503 ``loading`` for ``--ready-after`` seconds after start,
+  as a model server loading its weights); ``GET /v1/models`` -> OpenAI list of models.
 * Reply tokens for user text T (chat: content of the LAST ``user`` message, text parts of
   list-content joined by a space; completions: ``prompt``): ``["echo:"] + [" " + w[::-1]
   for w in T.split()]``, e.g. "hello world" -> ["echo:", " olleh", " dlrow"]. If
@@ -34,7 +35,9 @@ Deterministic behaviour
   and one extra final chunk has ``"choices": []`` plus usage; with ``continuous_usage_stats``
   as well (vLLM's extension), every chunk carries the usage so far instead of null (the
   prompt, and the tokens of that chunk's choice so far, as vLLM counts them). Ends with
-  ``data: [DONE]``.
+  ``data: [DONE]``. Started with ``--no-running-usage`` (``running_fake_backend(...,
+  running_usage=False)``) it ignores ``continuous_usage_stats``, as OpenAI and most other
+  OpenAI-compatible servers do: only the final usage chunk carries usage.
 * ``POST /v1/embeddings``: ``input`` str or list[str]; each text -> ``expected_embedding``
   (8 floats in [-1, 1] from sha256, rounded to 6 decimals). ``encoding_format`` "float"
   (default when absent) or "base64" (little-endian float32, like OpenAI; the openai python
@@ -45,6 +48,10 @@ Deterministic behaviour
   ``fake_hold_file``: a path; the request is held before anything of its answer is sent
   until that file exists (or the client leaves), so a test decides when held work ends
   instead of guessing how long it takes.
+  ``fake_break_after``: a stream drops its connection abruptly (no end of the chunked body)
+  after that many content tokens, as a backend that crashes or loses its network does.
+  ``fake_pause_file``: a path; a stream pauses after its first content token until that
+  file exists (what reached the client meanwhile was relayed without waiting for the next token).
 * Error injection: chat last-user-message / completion prompt / any embedding input that
   starts with ``"FAIL <status>"`` (400..599) -> that status with
   ``{"error": {"message": "fake backend failure", "type": T, "param": null,
@@ -318,6 +325,8 @@ class _Common:
     max_tokens: int | None
     delay_s: float
     hold_file: str | None
+    break_after: int | None
+    pause_file: str | None
 
 
 class _Answer:
@@ -367,7 +376,9 @@ def _opt_int(body: JsonObj, key: str, minimum: int) -> int | None:
     return value
 
 
-def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]) -> _Common:
+def _common(
+    body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str], running_usage: bool = True
+) -> _Common:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise _bad_request("'model' is required", "model")
@@ -385,13 +396,16 @@ def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]
     if not isinstance(stream_options, dict):
         stream_options = {}
     include_usage = bool(stream_options.get("include_usage"))
-    continuous_usage = include_usage and bool(stream_options.get("continuous_usage_stats"))
+    continuous_usage = running_usage and include_usage and bool(stream_options.get("continuous_usage_stats"))
     delay = body.get("fake_delay_ms", 0)
     if isinstance(delay, bool) or not isinstance(delay, int | float) or delay < 0:
         raise _bad_request("'fake_delay_ms' must be a non-negative number", "fake_delay_ms")
     hold_file = body.get("fake_hold_file")
     if hold_file is not None and not isinstance(hold_file, str):
         raise _bad_request("'fake_hold_file' must be a path", "fake_hold_file")
+    pause_file = body.get("fake_pause_file")
+    if pause_file is not None and not isinstance(pause_file, str):
+        raise _bad_request("'fake_pause_file' must be a path", "fake_pause_file")
     return _Common(
         model,
         bool(body.get("stream")),
@@ -401,6 +415,8 @@ def _common(body: JsonObj, models: Sequence[str], max_tokens_keys: Sequence[str]
         max_tokens,
         float(delay) / 1000.0,
         hold_file,
+        _opt_int(body, "fake_break_after", 0),
+        pause_file,
     )
 
 
@@ -433,13 +449,22 @@ _TokenChunk = Callable[[int, str, bool], JsonObj]
 # ---------------------------------------------------------------------------
 
 
-def create_app(models: list[str] | None = None) -> Starlette:
-    """A fresh fake backend app serving ``models`` (default ``["fake-model"]``), own stats."""
+class _BrokenOnPurpose(ConnectionAbortedError):
+    """``fake_break_after``: the connection drops mid-answer."""
+
+
+def create_app(models: list[str] | None = None, running_usage: bool = True, ready_after_s: float = 0.0) -> Starlette:
+    """A fresh fake backend app serving ``models`` (default ``["fake-model"]``), own stats;
+    `running_usage` False ignores ``continuous_usage_stats``; ``/health`` answers 503 for the
+    first ``ready_after_s`` seconds, as a model server loading."""
     served: list[str] = list(models) if models else [DEFAULT_MODEL]
     stats = FakeStats()
     created_at = int(time.time())
+    ready_at = time.monotonic() + ready_after_s
 
     async def health(request: Request) -> Response:
+        if time.monotonic() < ready_at:
+            return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def list_models(request: Request) -> Response:
@@ -477,9 +502,10 @@ def create_app(models: list[str] | None = None) -> Starlette:
             if not handed_off:
                 call.end(cancelled=False)  # no-op if already ended as cancelled
 
-    async def released(request: Request, common: _Common) -> bool:
+    async def released(request: Request, common: _Common, hold_file: str | None = None) -> bool:
         """Hold the request until its hold file exists (if it has one); False if its client left first."""
-        while common.hold_file is not None and not os.path.exists(common.hold_file):
+        hold_file = hold_file or common.hold_file
+        while hold_file is not None and not os.path.exists(hold_file):
             if await request.is_disconnected():
                 return False
             await asyncio.sleep(HOLD_POLL_S)
@@ -522,6 +548,8 @@ def create_app(models: list[str] | None = None) -> Starlette:
                     yield _sse(counted(chunk, 0))
                 last = len(tokens) - 1
                 for pos, token in enumerate(tokens):
+                    if common.break_after is not None and pos >= common.break_after:
+                        raise _BrokenOnPurpose(f"fake_break_after {common.break_after}")
                     if common.delay_s > 0:
                         await asyncio.sleep(common.delay_s)
                         # Only slow streams poll: fast ones are short and the ASGI
@@ -531,6 +559,8 @@ def create_app(models: list[str] | None = None) -> Starlette:
                     for index in range(common.n):
                         yield _sse(counted(per_token(index, token, pos == last), pos + 1))
                     call.tokens_sent = pos + 1
+                    if pos == 0 and common.pause_file and not await released(request, common, common.pause_file):
+                        return
                 if common.include_usage:
                     yield _sse(final_usage_chunk)
                 yield b"data: [DONE]\n\n"
@@ -543,7 +573,7 @@ def create_app(models: list[str] | None = None) -> Starlette:
         return _TrackedStream(events(), call)
 
     async def chat(request: Request, body: JsonObj, call: _Call) -> Response:
-        common = _common(body, served, ("max_completion_tokens", "max_tokens"))
+        common = _common(body, served, ("max_completion_tokens", "max_tokens"), running_usage)
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
             raise _bad_request("'messages' must be a non-empty list of objects", "messages")
@@ -592,7 +622,7 @@ def create_app(models: list[str] | None = None) -> Starlette:
         return stream_response(request, common, call, head, per_token, tokens, final)
 
     async def completions(request: Request, body: JsonObj, call: _Call) -> Response:
-        common = _common(body, served, ("max_tokens",))
+        common = _common(body, served, ("max_tokens",), running_usage)
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
@@ -693,7 +723,7 @@ def _url_for(host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
-def serve(models: list[str], host: str, port: int) -> None:
+def serve(models: list[str], host: str, port: int, running_usage: bool = True, ready_after_s: float = 0.0) -> None:
     """Bind (port 0 = free port), print the URL line, then serve until SIGINT/SIGTERM."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -703,7 +733,7 @@ def serve(models: list[str], host: str, port: int) -> None:
     # the real port is known before we announce it.
     sock.listen(2048)
     config = uvicorn.Config(
-        create_app(models),
+        create_app(models, running_usage, ready_after_s),
         loop="uvloop",
         http="httptools",
         log_level="warning",
@@ -721,15 +751,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True, help="0 picks a free port")
     parser.add_argument("--model", dest="models", action="extend", nargs="+", default=[], metavar="NAME")
+    parser.add_argument(
+        "--no-running-usage", action="store_true", help="ignore continuous_usage_stats (like most servers)"
+    )
+    parser.add_argument(
+        "--ready-after", dest="ready_after_s", type=float, default=0.0, help="seconds /health says 503 (loading)"
+    )
     args = parser.parse_args(argv)
-    serve(args.models or [DEFAULT_MODEL], args.host, args.port)
+    serve(args.models or [DEFAULT_MODEL], args.host, args.port, not args.no_running_usage, args.ready_after_s)
 
 
 @contextlib.contextmanager
 def running_fake_backend(
-    models: Sequence[str] | None = None, *, host: str = "127.0.0.1", port: int = 0
+    models: Sequence[str] | None = None, *, host: str = "127.0.0.1", port: int = 0, running_usage: bool = True
 ) -> Iterator[str]:
     """Run the fake backend in a subprocess; yield its base URL (no ``/v1`` suffix).
+    `running_usage` False: a backend that ignores ``continuous_usage_stats``.
 
     A subprocess (not a thread) so tests can also SIGKILL it and so its event loop never
     competes with the code under test.
@@ -740,6 +777,8 @@ def running_fake_backend(
     argv = [sys.executable, "-m", "ops.testing.fake_backend", "--host", host, "--port", str(port)]
     if models:
         argv += ["--model", *models]
+    if not running_usage:
+        argv.append("--no-running-usage")
     with tempfile.TemporaryDirectory(prefix="hotq-fake-backend-") as logs:
         backend = Child("fake backend", argv, Path(logs) / "fake-backend.log", env=env, cwd=root)
         try:

@@ -16,7 +16,7 @@ import json
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -186,17 +186,26 @@ class Stack:
 
 
 @contextlib.contextmanager
+def api_and_workers(config: Path, workdir: Path, models: Iterable[str]) -> Iterator[Stack]:
+    """An API and one worker for each of `models`, from a config already written."""
+    stack = Stack(config, workdir)
+    try:
+        stack.start_api()
+        for model in models:
+            stack.start_worker(model)
+        yield stack
+    finally:
+        stack.close()
+
+
+@contextlib.contextmanager
 def api_and_worker(
     workdir: Path, amqp_url: str, model: str, table: Mapping[str, object], **top: object
 ) -> Iterator[Stack]:
     """An API and one worker serving `model` with the [models] `table`: what most tests need."""
-    stack = Stack(write_config(workdir / "hotq.toml", amqp_url, {model: table}, None, **top), workdir)
-    try:
-        stack.start_api()
-        stack.start_worker(model)
+    config = write_config(workdir / "hotq.toml", amqp_url, {model: table}, None, **top)
+    with api_and_workers(config, workdir, [model]) as stack:
         yield stack
-    finally:
-        stack.close()
 
 
 @contextlib.contextmanager
