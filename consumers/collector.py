@@ -102,12 +102,14 @@ class BatchRunner:
         self._new_lines.set()
 
     async def _wait_for_lines(self) -> bool:
-        """Wait a moment for lines added to the job; whether more may still come."""
+        """Whether more lines may still come (the input is open); if so, wait a moment for them."""
+        row = await self._row()
+        if not row.input_open or row.status != "in_progress":
+            return False
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._new_lines.wait(), POLL_S)
         self._new_lines.clear()
-        row = await self._row()
-        return bool(row.input_open) and row.status == "in_progress"
+        return True
 
     async def _row(self) -> BatchRow:
         batch_id = self.batch_id
