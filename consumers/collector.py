@@ -10,7 +10,9 @@ published again. When every line has an answer the batch goes finalizing → com
 with OpenAI's output and error files; at its expiry the unfinished lines get
 `batch_expired` and the batch is `expired`; a cancelled batch stops dispatching, waits
 briefly for answers in flight and ends `cancelled` with what it has. A finished
-batch's results queue is deleted.
+batch's results queue is deleted. A direct job's input may stay open (`producers.jobs`):
+its runner publishes lines as they are stored (`wake`) and the job cannot complete until
+the input is closed.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ COLLECT_PREFETCH = 2000  # answers held unacked at once, recorded in one transac
 POLL_S = 0.5  # how often the runner looks at the batch's status (cancel, expiry) when idle
 CANCEL_QUIET_S = 1.0  # a cancelled batch ends once no answer came for this long ...
 CANCEL_MAX_S = 10.0  # ... or this long after the cancel, whichever is first
+DISPATCH_WINDOW = 100_000  # requests a collecting runner keeps queued unanswered at most
 UNKNOWN_OWNER = "batch"  # whose usage the lines of a batch stored before batches had owners count as
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 
@@ -71,6 +74,7 @@ class BatchRunner:
         self._on_published = on_published
         self._on_collected = on_collected
         self._stop_dispatch = False
+        self._new_lines = asyncio.Event()
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
     async def run(self) -> dict[str, Any]:
@@ -92,6 +96,20 @@ class BatchRunner:
                     dispatching.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await dispatching
+
+    def wake(self) -> None:
+        """Lines were added to the job: publish them."""
+        self._new_lines.set()
+
+    async def _wait_for_lines(self) -> bool:
+        """Whether more lines may still come (the input is open); if so, wait a moment for them."""
+        row = await self._row()
+        if not row.input_open or row.status != "in_progress":
+            return False
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._new_lines.wait(), POLL_S)
+        self._new_lines.clear()
+        return True
 
     async def _row(self) -> BatchRow:
         batch_id = self.batch_id
@@ -116,6 +134,9 @@ class BatchRunner:
                     row.owner or UNKNOWN_OWNER,
                     should_stop=lambda: self._stop_dispatch,
                     on_published=self._on_published,
+                    wait_for_lines=self._wait_for_lines,
+                    # Without a collector here nothing would free the window (`hotq submit --detach`).
+                    max_unanswered=DISPATCH_WINDOW if self._collect else None,
                 )
                 return
             except asyncio.CancelledError:
@@ -230,17 +251,21 @@ class BatchRunner:
             await self._store.run(lambda db: db.batches.set_status(batch_id, "finalizing", only_from=["in_progress"]))
             before = ["finalizing"]
         elif status == "expired":
-            unfinished = await self._store.run(lambda db: db.lines.unfinished(batch_id))
-            expired = [
-                Result(
-                    line.custom_id,
-                    line.line,
-                    False,
-                    _line_record(line.request_id, line.custom_id, None, "batch_expired"),
-                )
-                for line in unfinished
-            ]
-            await self._store.run(lambda db: db.results.record(batch_id, expired))
+            after = 0
+            while unfinished := await self._store.run(
+                lambda db: db.lines.unfinished(batch_id, after, COLLECT_PREFETCH)  # noqa: B023
+            ):
+                expired = [
+                    Result(
+                        line.custom_id,
+                        line.line,
+                        False,
+                        _line_record(line.request_id, line.custom_id, None, "batch_expired"),
+                    )
+                    for line in unfinished
+                ]
+                await self._store.run(lambda db: db.results.record(batch_id, expired))  # noqa: B023
+                after = unfinished[-1].line
             before = ["in_progress"]
         else:
             before = ["cancelling"]
@@ -259,12 +284,11 @@ def write_result_files(db: JobStore, batch_id: str) -> dict[str, str | None]:
         (True, "output_file_id", output_file_id(batch_id)),
         (False, "error_file_id", error_file_id(batch_id)),
     ):
-        records = db.results.records(batch_id, ok)
-        if not records:
+        size = db.files.write_lines(file_id, db.results.records(batch_id, ok))  # streamed: a job may be huge
+        if not size:
             ids[key] = None
             continue
-        name = f"{batch_id}_{'output' if ok else 'error'}.jsonl"
-        db.files.create(name, "batch_output", ("\n".join(records) + "\n").encode(), owner, file_id=file_id)
+        db.files.add(file_id, f"{batch_id}_{'output' if ok else 'error'}.jsonl", "batch_output", size, owner)
         ids[key] = file_id
     return ids
 

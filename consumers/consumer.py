@@ -166,10 +166,12 @@ class Consumer:
             envelope = messages.decode_as(message.body, RequestEnvelope)
         except WireError as exc:
             log.error("request_undecodable", error=exc.message, message_id=message.message_id)
+            delivery.dead_reason = f"undecodable request: {exc.message}"
             return Settlement.DEAD_LETTER
         with structlog.contextvars.bound_contextvars(request_id=envelope.request_id, model=envelope.model):
             if message.reply_to is None:
                 log.error("request_without_reply_queue")
+                delivery.dead_reason = "no reply_to: nowhere to send the answer"
                 return Settlement.DEAD_LETTER
             try:
                 return await self._serve_envelope(delivery, envelope, message.reply_to)

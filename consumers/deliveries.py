@@ -23,6 +23,8 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
+from consumers.dead_letters import dead_letter
+
 log = structlog.get_logger("hotq.consumer")
 
 
@@ -39,6 +41,7 @@ class Delivery:
         self.message = message
         self.request_id = request_id
         self.cancelled_by_client = False
+        self.dead_reason = "the consumer failed on it"  # why, if it is dead-lettered (broker/WIRE.md)
         self.task: asyncio.Task[Settlement] | None = None
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -98,10 +101,11 @@ class Deliveries:
             settlement = Settlement.ACK if delivery.cancelled_by_client else Settlement.REQUEUE
         elif (error := task.exception()) is not None:
             log.error("delivery_failed", request_id=delivery.request_id, exc_info=error)
+            delivery.dead_reason = f"the consumer failed on it: {error!r}"
             settlement = Settlement.DEAD_LETTER
         else:
             settlement = task.result()
-        settling = asyncio.ensure_future(_settle(delivery.message, settlement))
+        settling = asyncio.ensure_future(_settle(delivery.message, settlement, delivery.dead_reason))
         settling.add_done_callback(lambda _: self._closed(delivery))
 
     def _closed(self, delivery: Delivery) -> None:
@@ -109,14 +113,15 @@ class Deliveries:
         delivery.settled.set_result(None)
 
 
-async def _settle(message: AbstractIncomingMessage, settlement: Settlement) -> None:
-    """Ack, requeue or dead-letter; a delivery whose channel closed is back in its queue already."""
+async def _settle(message: AbstractIncomingMessage, settlement: Settlement, dead_reason: str) -> None:
+    """Ack, requeue or dead-letter (with `dead_reason`); a delivery whose channel closed is back in
+    its queue already."""
     try:
         if settlement is Settlement.ACK:
             await message.ack()
         elif settlement is Settlement.REQUEUE:
             await message.nack(requeue=True)
         else:
-            await message.reject(requeue=False)
+            await dead_letter(message, dead_reason)
     except (aio_pika.exceptions.ChannelInvalidStateError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:
         log.info("delivery_already_returned", settlement=settlement.value, error=repr(exc))

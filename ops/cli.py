@@ -175,7 +175,7 @@ def watch(config_path: str | None, interval_s: float, once: bool) -> None:
 
 @cli.command()
 @config_option
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @click.option("--model", required=True, help="the configured model to run every line on")
 @click.option("--out", "out_path", default=None, help="write the results here (OpenAI batch output format)")
 @click.option("--detach", is_flag=True, help="publish, print the job id and exit; collect later with `hotq jobs`")
@@ -190,7 +190,8 @@ def submit(
     job_id: str | None,
     user: str | None,
 ) -> None:
-    """Publish a JSONL file of requests straight onto the model's batch lane and collect the results."""
+    """Publish a JSONL file of requests (FILE "-": stdin) straight onto the model's batch lane and
+    collect the results."""
     from pathlib import Path
 
     from broker.jobstore import JobStore
@@ -206,7 +207,7 @@ def submit(
         stored = store.batches.get(job_id) if job_id else None
         batch = batch_object(stored) if stored is not None else None
         if batch is None:
-            batch = create_job(config, store, Path(file), model, job_id, user or _login_name())
+            batch = create_job(config, file, model, job_id, user or _login_name())
             click.echo(f"job {batch['id']}: {batch['request_counts']['total']} requests for {model}", err=True)
         else:
             click.echo(f"resuming job {batch['id']} ({batch['status']})", err=True)

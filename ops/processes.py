@@ -154,6 +154,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def peak_rss_mb(pid: int) -> float | None:
+    """The process's peak resident memory so far (Linux's VmHWM), None once it is gone. Not the
+    rusage of a reaped child: that counts the parent's memory too, as the child had it before exec."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def signal_group(pgid: int, signum: int) -> None:
     """Send `signum` to process group `pgid`, if it is still there."""
     try:

@@ -1,75 +1,63 @@
-"""`hotq submit` and `hotq jobs`: a JSONL file run as a job, with progress bars.
+"""`hotq submit` and `hotq jobs`: a JSONL file (or stdin) run as a direct job, with progress bars.
 
-`hotq submit` stores a JSONL file as a job (a batch with source "submit", so it is
-listed by GET /v1/batches too), then runs it in this process with a progress bar: the
-same `BatchRunner` the API uses (dispatch, collect, write the result files). Running
-it again with the job id resumes it.
+`hotq submit` stores its input as a job (`producers.jobs.create_from_file`: a batch with
+source "submit", so GET /v1/batches lists it too), then runs it in this process through
+the Python API (`producers.jobs.Job`) with a progress bar. Running it again with the job
+id resumes it. Nothing here holds the whole input or all results: they stream through
+the job store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
-from broker.batch_input import parse_batch_file
 from broker.config import Config
-from broker.connection import connect_with
-from broker.jobstore import AsyncJobStore, JobStore, new_id
+from broker.jobstore import JobStore
 from broker.openai_objects import batch_object
-from consumers.collector import BatchRunner
+from producers.jobs import Job, JobInputError, create_from_file
 
 
 class SubmitError(Exception):
     """What `hotq submit` / `hotq jobs` report to the user (and exit 1 on)."""
 
 
-def create_job(
-    config: Config, store: JobStore, path: Path, model: str, job_id: str | None, owner: str
-) -> dict[str, Any]:
-    """Validate the input file and store it as `owner`'s batch (source "submit"); raise SubmitError if invalid."""
-    data = path.read_bytes()
-    parsed = parse_batch_file(data, None, config.models, config.max_body_bytes, default_model=model, allow_plain=True)
-    if parsed.errors:
-        problems = "\n".join(f"  line {e['line']}: {e['code']}: {e['message']}" for e in parsed.errors[:20])
-        more = f"\n  ... and {len(parsed.errors) - 20} more" if len(parsed.errors) > 20 else ""
-        raise SubmitError(f"{path} has {len(parsed.errors)} invalid line(s); nothing was submitted:\n{problems}{more}")
-    assert parsed.endpoint is not None
-    file = store.files.create(path.name, "batch", data, owner)
-    batch = store.batches.create(
-        batch_id=job_id or new_id("batch_"),
-        endpoint=parsed.endpoint.path,
-        model=parsed.model,
-        input_file_id=file.id,
-        window_s=config.batch_window_s,
-        metadata={"submitted_by": "hotq submit", "input": str(path)},
-        source="submit",
-        owner=owner,
-        lines=parsed.lines,
-    )
-    return batch_object(batch)
+def create_job(config: Config, source: str, model: str, job_id: str | None, owner: str) -> dict[str, Any]:
+    """Check the input (a path, or "-" for stdin) and store it as `owner`'s job; raise SubmitError if invalid."""
+    name = "stdin" if source == "-" else Path(source).name
+    try:
+        if source == "-":
+            row = asyncio.run(create_from_file(config, sys.stdin.buffer, name, model, job_id=job_id, owner=owner))
+        else:
+            with open(source, "rb") as file:
+                row = asyncio.run(create_from_file(config, file, name, model, job_id=job_id, owner=owner))
+    except JobInputError as exc:
+        raise SubmitError(f"{source}: {exc}") from None
+    return batch_object(row)
 
 
 def write_results(store: JobStore, batch_id: str, out: Path) -> int:
-    """Every answer of the job in OpenAI's batch output format, in input order (failed ones too)."""
-    records = store.results.records(batch_id)
+    """Every answer of the job in OpenAI's batch output format, in input order (failed ones too),
+    read from the store as they are written."""
     tmp = out.with_name(out.name + ".part")
+    written = 0
     with open(tmp, "w") as file:
-        for record in records:
+        for record in store.results.records(batch_id):
             file.write(record + "\n")
+            written += 1
     tmp.replace(out)
-    return len(records)
+    return written
 
 
 async def run_job(config: Config, store: JobStore, batch_id: str, collect: bool, show_progress: bool) -> dict[str, Any]:
     """Dispatch a stored job's unconfirmed lines and (with `collect`) collect until it is finished."""
     row = store.batches.get(batch_id)
     assert row is not None
-    astore = AsyncJobStore(store)
-    connection = await connect_with(config, "submit")
     progress = Progress(
         TextColumn("{task.description:>10}"),
         BarColumn(),
@@ -91,20 +79,21 @@ async def run_job(config: Config, store: JobStore, batch_id: str, collect: bool,
         speed = progress.tasks[task].speed
         progress.update(task, rate=f"{speed:,.0f}" if speed else "-")
 
-    runner = BatchRunner(
-        connection,
-        astore,
-        batch_id,
-        collect=collect,
-        on_published=lambda n: advance(published, n),
-        on_collected=lambda n: advance(collected, n),
-    )
+    try:
+        job = await Job.open(
+            config,
+            job_id=batch_id,
+            collect=collect,
+            on_published=lambda n: advance(published, n),
+            on_collected=lambda n: advance(collected, n),
+        )
+    except JobInputError as exc:
+        raise SubmitError(str(exc)) from None
     try:
         with progress:
-            return await runner.run()
+            return await job.wait()
     finally:
-        await connection.close()
-        astore.shutdown()
+        await job.close()
 
 
 def cancel_job(config: Config, store: JobStore, batch_id: str) -> dict[str, Any]:

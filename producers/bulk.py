@@ -9,14 +9,17 @@ again re-publishes only lines RabbitMQ never confirmed (at most one chunk), and 
 a confirmed one. A line RabbitMQ refuses for its size (over the broker's
 `max_message_size`) is not tried again: it fails alone, with a 413 in the batch's error
 file, answered through the results queue like any failed request. The API's batch
-runners and `hotq submit` (ops/submit.py) both use it.
+runners and direct jobs (`producers.jobs`, `hotq submit`) both use it. A direct job's
+input may still be open: `wait_for_lines` waits for more, and `max_unanswered` holds
+publishing while that many requests are queued unanswered (RabbitMQ keeps a window of a
+job, not all of it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import aio_pika
 import aiormq
@@ -31,6 +34,7 @@ from producers.pipelined_publish import Outgoing, publish_confirmed
 log = structlog.get_logger("hotq.bulk")
 
 PUBLISH_CHUNK = 5000  # lines in flight at once (and read from the store at once)
+WINDOW_POLL_S = 0.2  # how often a dispatcher held by `max_unanswered` looks again
 
 
 async def dispatch(
@@ -43,9 +47,12 @@ async def dispatch(
     caller: str,
     should_stop: Callable[[], bool] = lambda: False,
     on_published: Callable[[int], None] | None = None,
+    wait_for_lines: Callable[[], Awaitable[bool]] | None = None,
+    max_unanswered: int | None = None,
 ) -> int:
     """Publish the batch's unconfirmed lines for `caller` (whose usage they count as);
-    return how many were published now."""
+    return how many were published now. `wait_for_lines`: when all are published, wait for
+    more and say whether more may still come (the input is open)."""
     channel = await connection.channel(publisher_confirms=True)
     try:
         request_exchange = await topology.declare_exchanges(channel)
@@ -54,10 +61,20 @@ async def dispatch(
         routing_key = topology.request_queue_name(model, Lane.BATCH)
         reply_to = topology.results_queue_name(batch_id)
         published = 0
+        already = await store.run(lambda db: db.lines.published_count(batch_id)) if max_unanswered else 0
         after = 0
         while not should_stop():
+            if max_unanswered and already + published - await _answered(store, batch_id) >= max_unanswered:
+                await asyncio.sleep(WINDOW_POLL_S)  # the collector frees the window as answers come
+                continue
             # (the store's lambdas run before the loop moves on: B023's late binding cannot bite)
             lines = await store.run(lambda db: db.lines.unpublished(batch_id, after, PUBLISH_CHUNK))  # noqa: B023
+            if not lines and wait_for_lines is not None:
+                more_may_come = await wait_for_lines()
+                # Lines stored meanwhile, or before the input closed, are published either way.
+                lines = await store.run(lambda db: db.lines.unpublished(batch_id, after, PUBLISH_CHUNK))  # noqa: B023
+                if not lines and more_may_come:
+                    continue
             if not lines:
                 break
             underlay = await channel.get_underlay_channel()
@@ -87,6 +104,11 @@ async def dispatch(
     finally:
         if not channel.is_closed:
             await channel.close()
+
+
+async def _answered(store: AsyncJobStore, batch_id: str) -> int:
+    row = await store.run(lambda db: db.batches.get(batch_id))
+    return 0 if row is None else row.completed + row.failed
 
 
 async def _publish_chunk(

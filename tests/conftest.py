@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import aio_pika
 import pytest
@@ -14,9 +16,9 @@ import pytest
 from broker import topology
 from broker.messages import Lane
 from ops.processes import wait_until
-from ops.testing.deadlines import STARTUP_S
-from ops.testing.fake_backend import running_fake_backend
-from ops.testing.stack import Stack, api_and_worker
+from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S
+from ops.testing.fake_backend import reply_text, running_fake_backend
+from ops.testing.stack import Stack, api_and_worker, worker_on_a_fake_backend
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 # The private three-node cluster's fixtures, for the tests that need one.
@@ -109,3 +111,48 @@ def fake_stack(
         stream_flush_ms=20,
     ) as stack:
         yield stack
+
+
+@dataclasses.dataclass(frozen=True)
+class FakeWorker:
+    """A `hotq worker` (both lanes, no API) on a fake backend of its own."""
+
+    config: Path  # its data directory beside it
+    model: str
+    backend_url: str
+    log: Path
+
+
+@pytest.fixture(scope="module")
+def fake_worker(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    amqp_url: str,
+    session_tag: str,
+    delete_test_queues: list[str],
+) -> Iterator[FakeWorker]:
+    """A worker for the test module, on a model named after it."""
+    model = f"test-org/{request.module.__name__.rsplit('.', 1)[-1]}.v1-{session_tag}"
+    delete_test_queues.append(model)
+    with worker_on_a_fake_backend(tmp_path_factory.mktemp("worker"), amqp_url, model, 32) as stack:
+        assert stack.backend_url is not None
+        yield FakeWorker(stack.config, model, stack.backend_url, stack.workers[0].log_path)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContractWorker:
+    """A worker on the fake backend, for tests that speak to it from broker/WIRE.md alone."""
+
+    amqp_url: str
+    model: str
+    expected_reply: Callable[[str], str]  # the fake backend's answer to a chat whose user text is given
+    eventually_s: float  # how long a test waits for what must happen
+
+
+@pytest.fixture(scope="module")
+def contract_worker(amqp_url: str, fake_worker: FakeWorker) -> ContractWorker:
+    return ContractWorker(amqp_url, fake_worker.model, _fake_chat_reply, EVENTUALLY_S)
+
+
+def _fake_chat_reply(text: str) -> str:
+    return reply_text([{"role": "user", "content": text}], None)

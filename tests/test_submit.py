@@ -103,9 +103,16 @@ def test_submit_20000_lines_killed_and_resumed(submit_stack: Stack, submit_model
 def test_submit_rejects_invalid_file(submit_stack: Stack, submit_model: str) -> None:
     bad = submit_stack.workdir / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "x"}]}\n{oops\n{"prompt": "y", "model": "other"}\n')
-    done = run_hotq(submit_stack.config, "submit", str(bad), "--model", submit_model, "--out", "x.jsonl")
+    done = run_hotq(submit_stack.config, "submit", str(bad), "--model", submit_model, "--out", "x.jsonl",
+                    "--job-id", "batch_invalid_input")  # fmt: skip
     assert done.returncode == 1
     assert "line 2: invalid_json_line" in done.stderr and "line 3: mismatched_endpoint" in done.stderr
+    store = JobStore(submit_stack.workdir / "data")
+    try:  # nothing was submitted: neither the job nor the copy of its input stays behind
+        assert store.batches.get("batch_invalid_input") is None
+        assert "bad.jsonl" not in [file.filename for file in store.files.page()[0]]
+    finally:
+        store.close()
 
 
 def test_detach_then_fetch(submit_stack: Stack, submit_model: str) -> None:

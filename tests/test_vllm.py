@@ -8,22 +8,27 @@ and through the Batch API too.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import msgspec
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from broker.config import load_config
 from consumers.stream_usage import prompt_estimate
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
 from ops.processes import Child, free_port, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
 from ops.testing.stack import hotq_command, log_events
+from producers.jobs import Job
 
 # The whole module shares one `hotq up`; its first test also waits for it to start.
 pytestmark = pytest.mark.timeout(VLLM_STARTUP_S + 2 * VLLM_EVENTUALLY_S)
@@ -179,6 +184,34 @@ def test_small_batch_through_vllm(client: openai.OpenAI) -> None:
         message = body["choices"][0]["message"]
         assert message["role"] == "assistant" and message["content"].strip()
         assert 0 < body["usage"]["completion_tokens"] <= 16
+
+
+async def test_a_direct_job_through_vllm(
+    smollm: str, client: openai.OpenAI, tmp_path_factory: pytest.TempPathFactory, amqp_url: str
+) -> None:
+    """Three requests published by the Python API (producers/jobs.py) straight onto the batch lane."""
+    config_path = next(tmp_path_factory.getbasetemp().glob("make-run*/.hotq/hotq.toml"))  # written by `hotq up`
+    config = msgspec.structs.replace(load_config(config_path), amqp_url=amqp_url)  # $HOTQ_AMQP_URL's vhost
+    questions = ["Name a colour.", "What is two plus two?", "Name an animal."]
+    async with await Job.open(config, DEFAULT_MODEL_NAME, owner="direct-job-test") as job:
+        await job.add(
+            {"messages": [{"role": "user", "content": q}], "max_tokens": 8, "temperature": 0} for q in questions
+        )
+        await job.close_input()
+
+        async def everything() -> list[dict[str, Any]]:
+            return [result async for result in job.results()]
+
+        results = await asyncio.wait_for(everything(), VLLM_EVENTUALLY_S)
+        batch = await job.wait()
+    assert batch["status"] == "completed" and batch["request_counts"] == {"total": 3, "completed": 3, "failed": 0}
+    assert sorted(r["custom_id"] for r in results) == ["1", "2", "3"]
+    for result in results:
+        assert result["error"] is None and result["response"]["status_code"] == 200
+        body = result["response"]["body"]
+        assert body["model"] == DEFAULT_MODEL_NAME and body["choices"][0]["message"]["content"].strip()
+        assert 0 < body["usage"]["completion_tokens"] <= 8
+    assert client.batches.retrieve(job.id).status == "completed"  # the API shares the job store: it lists the job
 
 
 def _usage_totals(smollm: str) -> dict[str, int]:

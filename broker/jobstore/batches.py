@@ -71,10 +71,11 @@ class BatchRow:
     owner: str | None  # None: stored before batches had owners
     prompt_tokens: int | None  # None: stored before batches counted usage
     completion_tokens: int | None
+    input_open: int | None  # 1: a direct job that still takes requests (it cannot be complete yet)
 
     @property
     def answered(self) -> bool:
-        return self.completed + self.failed >= self.total
+        return not self.input_open and self.completed + self.failed >= self.total
 
 
 class BatchStore:
@@ -94,8 +95,12 @@ class BatchStore:
         owner: str,
         lines: Iterable[tuple[int, str, bytes]] = (),
         errors: list[dict[str, Any]] | None = None,
+        input_open: bool = False,
+        validating: bool = False,
     ) -> BatchRow:
-        """A batch that starts `in_progress` with its lines, or `failed` with `errors` (no lines)."""
+        """A batch that starts `in_progress` with its lines, or `failed` with `errors` (no lines).
+        `input_open`: more lines come (`add_lines`) until `close_input`; `validating`: nothing runs
+        until `start` (a file whose lines are stored as they are checked)."""
         now = time.time()
         row: dict[str, Any] = {
             "id": batch_id,
@@ -103,7 +108,7 @@ class BatchStore:
             "model": model,
             "input_file_id": input_file_id,
             "completion_window": "24h",
-            "status": "failed" if errors else "in_progress",
+            "status": "failed" if errors else "validating" if validating else "in_progress",
             "created_at": int(now),
             "expires_at": now + window_s,
             "total": 0,
@@ -113,8 +118,10 @@ class BatchStore:
             "metadata": json.dumps(metadata) if metadata is not None else None,
             "source": source,
             "owner": owner,
-            ("failed_at" if errors else "in_progress_at"): int(now),
+            "input_open": int(input_open),
         }
+        if errors or not validating:
+            row["failed_at" if errors else "in_progress_at"] = int(now)
         with transaction(self._db):
             row["total"] = 0 if errors else add_lines(self._db, batch_id, lines)
             # Plain SQL: sqlite-utils' insert commits on its own, which would split the transaction.
@@ -124,6 +131,29 @@ class BatchStore:
         created = self.get(batch_id)
         assert created is not None
         return created
+
+    def add_lines(self, batch_id: str, lines: list[tuple[int, str, bytes]]) -> None:
+        """More (line, custom_id, body) lines for a batch whose input is open."""
+        with transaction(self._db):
+            added = add_lines(self._db, batch_id, lines)
+            self._db.execute("UPDATE batches SET total = total + ? WHERE id = ?", [added, batch_id])
+
+    def close_input(self, batch_id: str) -> None:
+        """No more lines: the batch completes once each of its lines has a result."""
+        self._db.execute("UPDATE batches SET input_open = 0 WHERE id = ?", [batch_id])
+
+    def start(self, batch_id: str, endpoint: str) -> bool:
+        """A validated batch runs, on the `endpoint` its lines name: `validating` → `in_progress`,
+        input closed."""
+        with transaction(self._db):
+            self._db.execute("UPDATE batches SET input_open = 0 WHERE id = ?", [batch_id])
+            return self.set_status(batch_id, "in_progress", only_from=["validating"], endpoint=endpoint)
+
+    def discard(self, batch_id: str) -> None:
+        """Forget a batch and its lines (an input found invalid while it was stored: nothing runs)."""
+        with transaction(self._db):
+            self._db.execute("DELETE FROM lines WHERE batch_id = ?", [batch_id])
+            self._db.execute("DELETE FROM batches WHERE id = ?", [batch_id])
 
     def get(self, batch_id: str, owner: str | None = None) -> BatchRow | None:
         """The batch, if it exists and (with `owner`) is that user's."""

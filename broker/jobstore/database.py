@@ -139,17 +139,24 @@ def _create_tables(db: sqlite_utils.Database) -> None:
     _add_missing_column(db, "batches", "owner", "TEXT")
     _add_missing_column(db, "batches", "prompt_tokens", "INTEGER")
     _add_missing_column(db, "batches", "completion_tokens", "INTEGER")
+    _add_missing_column(db, "batches", "input_open", "INTEGER")  # 1: a direct job still taking requests
     db.execute(
         "CREATE TABLE IF NOT EXISTS lines (batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL,"
         " request_id TEXT NOT NULL, body BLOB NOT NULL, published INTEGER NOT NULL DEFAULT 0,"
         " PRIMARY KEY (batch_id, line)) WITHOUT ROWID"
     )
     db.execute("CREATE UNIQUE INDEX IF NOT EXISTS lines_request ON lines (request_id)")
+    # A job's requests arrive in chunks: the store, not a set in memory, keeps custom ids unique.
+    db.execute("CREATE UNIQUE INDEX IF NOT EXISTS lines_custom_id ON lines (batch_id, custom_id)")
     db.execute(
         "CREATE TABLE IF NOT EXISTS results (batch_id TEXT NOT NULL, custom_id TEXT NOT NULL,"
         " line INTEGER NOT NULL, ok INTEGER NOT NULL, record TEXT NOT NULL,"
         " PRIMARY KEY (batch_id, custom_id)) WITHOUT ROWID"
     )
+    # The order results arrived in (1, 2, ... per batch), so a reader can follow them as they come.
+    _add_missing_column(db, "results", "seq", "INTEGER")
+    db.execute("CREATE INDEX IF NOT EXISTS results_seq ON results (batch_id, seq)")
+    db.execute("CREATE INDEX IF NOT EXISTS results_line ON results (batch_id, line)")  # output files, in order
     # API keys: only a sha256 of each key (high-entropy, so a plain hash suffices) is kept.
     db.execute(
         "CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, user TEXT NOT NULL,"

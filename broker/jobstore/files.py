@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -48,6 +49,22 @@ class FileStore:
             shutil.copyfileobj(source, out, 1024 * 1024)
         tmp.replace(path)
         return path.stat().st_size
+
+    def write_lines(self, file_id: str, lines: Iterable[str]) -> int:
+        """Write `lines` (a newline after each) into the file's place as they come; its size. No
+        lines: no file, 0."""
+        path = self._dir / file_id
+        tmp = path.with_suffix(".part")
+        with open(tmp, "w", encoding="utf-8", buffering=1024 * 1024) as out:
+            for line in lines:
+                out.write(line)
+                out.write("\n")
+        size = tmp.stat().st_size
+        if size == 0:
+            tmp.unlink()
+            return 0
+        tmp.replace(path)
+        return size
 
     def add(self, file_id: str, filename: str, purpose: str, size: int, owner: str | None) -> FileRow:
         """Record the file `write` wrote."""

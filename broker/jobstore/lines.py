@@ -63,6 +63,10 @@ class LineStore:
                 "UPDATE lines SET published = 1 WHERE batch_id = ? AND line = ?", [(batch_id, n) for n in lines]
             )
 
+    def last_line(self, batch_id: str) -> int:
+        """The batch's highest line number (0 without lines)."""
+        return count_of(self._db, "SELECT coalesce(max(line), 0) FROM lines WHERE batch_id = ?", batch_id)
+
     def published_count(self, batch_id: str) -> int:
         return count_of(self._db, "SELECT count(*) FROM lines WHERE batch_id = ? AND published = 1", batch_id)
 
@@ -74,12 +78,17 @@ class LineStore:
             for request_id, batch_id, line, custom_id in rows_where_in(self._db, query, [], request_ids)
         }
 
-    def unfinished(self, batch_id: str) -> list[Unfinished]:
-        """The lines that have no result yet, in order."""
+    def known_custom_ids(self, batch_id: str, custom_ids: list[str]) -> set[str]:
+        """Which of `custom_ids` the batch has already."""
+        query = "SELECT custom_id FROM lines WHERE batch_id = ? AND custom_id IN ({marks})"
+        return {custom_id for (custom_id,) in rows_where_in(self._db, query, [batch_id], custom_ids)}
+
+    def unfinished(self, batch_id: str, after_line: int, limit: int) -> list[Unfinished]:
+        """Up to `limit` of the lines after `after_line` that have no result yet, in order."""
         cursor = self._db.execute(
             "SELECT l.line, l.custom_id, l.request_id FROM lines l LEFT JOIN results r"
-            " ON r.batch_id = l.batch_id AND r.custom_id = l.custom_id WHERE l.batch_id = ? AND r.custom_id IS NULL"
-            " ORDER BY l.line",
-            [batch_id],
+            " ON r.batch_id = l.batch_id AND r.custom_id = l.custom_id WHERE l.batch_id = ? AND l.line > ?"
+            " AND r.custom_id IS NULL ORDER BY l.line LIMIT ?",
+            [batch_id, after_line, limit],
         )
         return [Unfinished(*row) for row in cursor.fetchall()]

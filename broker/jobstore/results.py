@@ -7,6 +7,7 @@ redelivered answer, or a collector restarted after a crash, never duplicates a l
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import sqlite_utils
@@ -29,44 +30,60 @@ class ResultStore:
         self._db = db
 
     def record(self, batch_id: str, results: list[Result]) -> tuple[int, int]:
-        """Record results once each (a repeated custom_id is ignored) and add the new ones' tokens to
-        the batch's counts and usage; returns (new ok, new failed)."""
-        added = [0, 0]
+        """Record results once each (a repeated custom_id is ignored), numbered in the order they
+        arrived, and add the new ones' tokens to the batch's counts and usage; returns (new ok, new failed)."""
         with transaction(self._db, immediate=True):
             known = self._recorded(batch_id, [r.custom_id for r in results])
-            prompt_tokens = completion_tokens = 0
+            new: list[Result] = []
             for result in results:
                 if result.custom_id not in known:  # the first of repeats is the one recorded
                     known.add(result.custom_id)
-                    prompt_tokens += result.prompt_tokens
-                    completion_tokens += result.completion_tokens
-            for ok in (True, False):
-                rows = [(batch_id, r.custom_id, r.line, int(ok), r.record) for r in results if r.ok is ok]
-                if rows:
-                    cursor = self._db.conn.executemany(
-                        "INSERT OR IGNORE INTO results (batch_id, custom_id, line, ok, record) VALUES (?, ?, ?, ?, ?)",
-                        rows,
-                    )
-                    added[0 if ok else 1] = cursor.rowcount
-            if added[0] or added[1]:
-                self._db.execute(
-                    "UPDATE batches SET completed = completed + ?, failed = failed + ?, runner_seen_at = ?,"
-                    " prompt_tokens = coalesce(prompt_tokens, 0) + ?,"
-                    " completion_tokens = coalesce(completion_tokens, 0) + ? WHERE id = ?",
-                    [added[0], added[1], time.time(), prompt_tokens, completion_tokens, batch_id],
-                )
-        return added[0], added[1]
+                    new.append(result)
+            if not new:
+                return 0, 0
+            (last,) = self._db.execute(
+                "SELECT coalesce(max(seq), 0) FROM results WHERE batch_id = ?", [batch_id]
+            ).fetchone()
+            self._db.conn.executemany(
+                "INSERT INTO results (batch_id, custom_id, line, ok, record, seq) VALUES (?, ?, ?, ?, ?, ?)",
+                [(batch_id, r.custom_id, r.line, int(r.ok), r.record, last + n) for n, r in enumerate(new, start=1)],
+            )
+            ok = sum(1 for r in new if r.ok)
+            self._db.execute(
+                "UPDATE batches SET completed = completed + ?, failed = failed + ?, runner_seen_at = ?,"
+                " prompt_tokens = coalesce(prompt_tokens, 0) + ?,"
+                " completion_tokens = coalesce(completion_tokens, 0) + ? WHERE id = ?",
+                [
+                    ok,
+                    len(new) - ok,
+                    time.time(),
+                    sum(r.prompt_tokens for r in new),
+                    sum(r.completion_tokens for r in new),
+                    batch_id,
+                ],
+            )
+        return ok, len(new) - ok
 
     def _recorded(self, batch_id: str, custom_ids: list[str]) -> set[str]:
         """Which of `custom_ids` already have a result."""
         query = "SELECT custom_id FROM results WHERE batch_id = ? AND custom_id IN ({marks})"
         return {custom_id for (custom_id,) in rows_where_in(self._db, query, [batch_id], custom_ids)}
 
-    def records(self, batch_id: str, ok: bool | None = None) -> list[str]:
-        """The batch's result records in input order: the answered (ok), the failed, or (None) all."""
+    def records(self, batch_id: str, ok: bool | None = None) -> Iterator[str]:
+        """The batch's result records in input order: the answered (ok), the failed, or (None) all.
+        Read as they are needed (a job may have millions); use them before the next write."""
         where, args = ("", [batch_id]) if ok is None else (" AND ok = ?", [batch_id, int(ok)])
-        cursor = self._db.execute(f"SELECT record FROM results WHERE batch_id = ?{where} ORDER BY line", args)
-        return [record for (record,) in cursor.fetchall()]
+        cursor = self._db.conn.execute(f"SELECT record FROM results WHERE batch_id = ?{where} ORDER BY line", args)
+        for (record,) in cursor:
+            yield record
+
+    def since(self, batch_id: str, after_seq: int, limit: int) -> list[tuple[int, str]]:
+        """Up to `limit` (seq, record) of the results recorded after the `after_seq`-th, in arrival order."""
+        cursor = self._db.execute(
+            "SELECT seq, record FROM results WHERE batch_id = ? AND seq > ? ORDER BY seq LIMIT ?",
+            [batch_id, after_seq, limit],
+        )
+        return [(seq, record) for seq, record in cursor.fetchall()]
 
     def count(self, batch_id: str) -> int:
         return count_of(self._db, "SELECT count(*) FROM results WHERE batch_id = ?", batch_id)

@@ -217,3 +217,18 @@ def api_and_worker_on_a_fake_backend(
         with api_and_worker(workdir, amqp_url, model, {**table, "backend_url": backend_url}, **top) as stack:
             stack.backend_url = backend_url
             yield stack
+
+
+@contextlib.contextmanager
+def worker_on_a_fake_backend(workdir: Path, amqp_url: str, model: str, max_inflight: int) -> Iterator[Stack]:
+    """A worker (no API) serving `model` from a fake backend of its own (`stack.backend_url`); the
+    config is `stack.config` (its data directory beside it)."""
+    with running_fake_backend([model]) as backend_url:
+        table = {"backend_url": backend_url, "max_inflight": max_inflight}
+        stack = Stack(write_config(workdir / "hotq.toml", amqp_url, {model: table}), workdir)
+        stack.backend_url = backend_url
+        try:
+            stack.start_worker(model)
+            yield stack
+        finally:
+            stack.close()
