@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.config import Config
-from broker.connection import BROKER_LOST, connect_with
+from broker.connection import connect
 from broker.messages import AgentState
 from hpc_agents.decisions import DecisionLog
 from hpc_agents.directory import AgentDirectory
@@ -133,7 +133,7 @@ def _console() -> Console:
 
 
 async def run_watch(config: Config, interval_s: float, once: bool) -> None:
-    connection = await connect_with(config, "watch")
+    connection = await connect(config.amqp_url, "watch", config.amqp_tls)
     try:
         directory = AgentDirectory(config.heartbeat_s)
         await directory.subscribe(connection)
@@ -153,9 +153,6 @@ async def run_watch(config: Config, interval_s: float, once: bool) -> None:
         with Live(await frame(), console=console, auto_refresh=False) as live:
             while True:
                 await asyncio.sleep(interval_s)
-                try:
-                    live.update(await frame(), refresh=True)
-                except BROKER_LOST:  # its node went away: the connection moves to another one
-                    continue
+                live.update(await frame(), refresh=True)
     finally:
         await connection.close()
