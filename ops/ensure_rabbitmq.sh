@@ -17,8 +17,6 @@ answers_amqp() {
 
 start_broker() {
   echo "RabbitMQ: starting (rabbitmq-server -detached)..."
-  # Quorum queues and connections each hold file handles; 1024 runs out on a busy broker.
-  ulimit -n 65536 2>/dev/null || true
   rabbitmq-server -detached
   for _ in $(seq 1 240); do
     if port_open && answers_amqp; then

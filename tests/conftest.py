@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import os
 import socket
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from ops.processes import wait_until
 from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S
 from ops.testing.fake_backend import reply_text, running_fake_backend
 from ops.testing.stack import Stack, api_and_worker, worker_on_a_fake_backend
+from tests.rabbitmq_roles import have_rabbitmqctl, rabbitmqctl, vhost_of
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@localhost:5672/")
 # The private three-node cluster's fixtures, for the tests that need one.
@@ -74,22 +76,36 @@ def fake_backend_url(fake_model: str) -> Iterator[str]:
 
 @pytest.fixture(scope="session", autouse=True)
 def delete_test_queues(amqp_url: str, session_tag: str) -> Iterator[list[str]]:
-    """Tests register their model names here; their queues are deleted at the end."""
+    """Tests register their model names here; their queues are deleted at the end, and so is every
+    queue of the suite's vhost named after this run's tag (pinned queues, batch results): a broker
+    that keeps every run's quorum queues runs out of file handles."""
     models: list[str] = []
     yield models
+    names = {topology.request_queue_name(model, lane) for model in models for lane in Lane}
+    names.update(_queues_named_with(session_tag, amqp_url))
 
     async def delete() -> None:
         connection = await aio_pika.connect(amqp_url)
         async with connection:
-            for model in models:
-                for lane in Lane:
-                    channel = await connection.channel()
-                    try:
-                        await channel.queue_delete(topology.request_queue_name(model, lane))
-                    except aio_pika.exceptions.AMQPError:
-                        pass
+            for name in sorted(names):
+                channel = await connection.channel()
+                try:
+                    await channel.queue_delete(name)
+                except aio_pika.exceptions.AMQPError:
+                    pass
 
     asyncio.run(delete())
+
+
+def _queues_named_with(tag: str, amqp_url: str) -> list[str]:
+    """The vhost's queues whose names hold `tag` (none when rabbitmqctl cannot list them)."""
+    if not have_rabbitmqctl():
+        return []
+    try:
+        listing = rabbitmqctl("list_queues", "-p", vhost_of(amqp_url), "-q", "--no-table-headers", "name")
+    except (RuntimeError, OSError, subprocess.TimeoutExpired):
+        return []
+    return [name for name in listing.split() if tag in name]
 
 
 @pytest.fixture(scope="module")
