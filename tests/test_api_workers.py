@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 
 from broker.jobstore import JobStore
-from ops.processes import wait_until
-from ops.testing.deadlines import EVENTUALLY_S
+from hpc_agents.embedded_model import DEFAULT_MODEL_NAME, ensure_embedded_model
+from ops.processes import Child, free_port, wait_until
+from ops.testing.deadlines import EVENTUALLY_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
 from ops.testing.fake_backend import Hold, running_fake_backend
-from ops.testing.stack import Stack, api_and_workers, log_events, write_config
+from ops.testing.stack import Stack, api_and_workers, hotq_command, log_events, write_config
 
 WORKERS = 4
 RPM = 120  # the limited model's requests_per_minute: the rpm test sends twice as many at once
@@ -188,3 +190,36 @@ def test_requests_per_minute_hold_across_the_processes(stack: Stack, models: tup
     processes = {_process(answer) for answer in answers}
     assert len(processes) >= 3, processes  # the requests spread over the processes ...
     assert RPM <= admitted <= RPM + refilled + 1  # ... which share one bucket: exact, not within 10 %
+
+
+@pytest.mark.timeout(VLLM_STARTUP_S + 2 * VLLM_EVENTUALLY_S)
+def test_chat_through_real_vllm_with_two_api_processes(tmp_path: Path, amqp_url: str) -> None:
+    """`hotq up` with `[api] workers = 2` and the embedded model on real vLLM: both processes answer."""
+    model_path = ensure_embedded_model(log=lambda _: None)
+    table = {"model_path": str(model_path), "max_inflight": 8, "min_hot": 1, "max_agents": 1, "idle_ttl_s": 3600}
+    config = write_config(tmp_path / "hotq.toml", amqp_url, {DEFAULT_MODEL_NAME: table}, api={"workers": 2})
+    port = free_port()
+    up = Child("hotq up", hotq_command("up", "--config", str(config), "--port", str(port)), tmp_path / "up.log")
+    try:
+        up.wait_for_log("is serving", VLLM_STARTUP_S)
+        url = f"http://127.0.0.1:{port}"
+        body = {"model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+        answered: dict[int, str] = {}
+
+        def both_answered() -> bool:
+            with httpx.Client(base_url=url, timeout=VLLM_EVENTUALLY_S) as client:  # a connection of its own
+                response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            answered[int(response.headers["x-hotq-process"])] = response.json()["choices"][0]["message"]["content"]
+            return len(answered) == 2
+
+        wait_until(both_answered, VLLM_EVENTUALLY_S, "chat answers from both API processes", up)
+        assert all(answered.values()), answered
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=VLLM_EVENTUALLY_S)
+        stream = client.chat.completions.create(
+            model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "Say hi."}], stream=True
+        )
+        assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+    finally:
+        returncode = up.stop(VLLM_EVENTUALLY_S)  # the agent drains, vLLM stops, both API processes stop
+    assert returncode == 0, up.log_tail()
