@@ -197,9 +197,11 @@ class BatchRunner:
         control = await channel.declare_exchange(topology.CONTROL_EXCHANGE, "fanout", durable=True)
         cancel_seen: float | None = None
         cancel_sent = 0.0
-        last_answer = time.monotonic()
-        last_hold = 0.0
-        holding = False
+        last_answer = last_hold = time.monotonic()
+        holding = await self._hold()
+        row = await self._row()
+        if holding and self._publish and row.status == "in_progress":
+            self._dispatch_now(row)  # at once, not after the first wait for answers
         try:
             while True:
                 if await self._record(await self._take()):
