@@ -112,6 +112,12 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return "none" not in self.modes
 
 
+class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[api]``: how `hotq up` runs the API."""
+
+    workers: PositiveInt = 1  # API processes sharing the port and the job store (`hotq serve --workers`)
+
+
 class AmqpTls(msgspec.Struct, frozen=True):
     """The files an ``amqps://`` connection verifies the broker with and presents as its own identity."""
 
@@ -146,6 +152,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     clusters: dict[str, ClusterConfig] = {}
     auth: AuthConfig | None = None  # without it the API serves anyone, and binds loopback only
     limits: LimitsConfig = LimitsConfig()  # per-user limits on interactive requests (default: none)
+    api: ApiConfig = ApiConfig()
 
     @property
     def amqp_tls(self) -> AmqpTls | None:
