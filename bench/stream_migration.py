@@ -3,8 +3,8 @@
     python -m bench.stream_migration [--rounds N] [--backend-url URL --model NAME]
 
 - *gap*: a stream is killed (``kill -9`` of the worker holding it) after a few tokens; the gap is
-  what the client sees: its last chunk before the kill to its first content chunk after (the
-  redelivery, the API's answer, the continuation's prefill). On the fake backend (20 ms a token)
+  the API's `hotq_stream_resume_gap_seconds`: its last output before the kill to its first after
+  (the redelivery, the API's answer, the continuation's prefill). On the fake backend (20 ms a token)
   by default, or on an OpenAI-compatible backend already running (vLLM: ``--backend-url``, the
   model name it serves), greedy.
 - *drain*: 8 long streams (fake backend) in flight on one worker, another worker idle; SIGTERM to
@@ -29,6 +29,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 
 from ops.processes import wait_until
@@ -46,6 +47,14 @@ def _client(stack: Stack) -> openai.OpenAI:
 
 def _has_content(chunk: Any) -> bool:
     return bool(chunk.choices and chunk.choices[0].delta.content)
+
+
+def _gap_sum(stack: Stack, model: str) -> float:
+    """The API's summed resume gaps of `model` (`hotq_stream_resume_gap_seconds`, in /metrics):
+    measured where the client's bytes leave, unlike a client that reads chunks buffered before the kill."""
+    text = httpx.get(stack.url + "/metrics", timeout=EVENTUALLY_S).text
+    prefix = f'hotq_stream_resume_gap_seconds_sum{{model="{model}"}} '
+    return next((float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix)), 0.0)
 
 
 def gaps(rounds: int, backend_url: str, model: str, fake: bool, workdir: Path) -> list[float]:
@@ -73,13 +82,11 @@ def gaps(rounds: int, backend_url: str, model: str, fake: bool, workdir: Path) -
             seen = 0
             while seen < 5:
                 seen += _has_content(next(stream))
-            last = time.monotonic()
+            before = _gap_sum(stack, model)
             holder.send_signal(signal.SIGKILL)
-            while not _has_content(next(stream)):
-                pass
-            measured.append(time.monotonic() - last)
             for _chunk in stream:
                 pass
+            measured.append(_gap_sum(stack, model) - before)
             holder = spare
     finally:
         stack.close()
@@ -121,7 +128,7 @@ def drain_s(workdir: Path, streams: int = 8) -> dict[str, Any]:
                 reader.join(timeout=300)
         finally:
             stack.close()
-    return {"checkout": str(ROOT), "streams": streams, "drain_s": round(took, 2), "stream_errors": len(errors)}
+    return {"checkout": str(ROOT), "streams": streams, "drain_s": round(took, 2), "stream_errors": errors}
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -145,6 +152,7 @@ def main() -> None:
                 model = f"bench-gap-{uuid.uuid4().hex[:6]}"
                 with running_fake_backend([model]) as url:
                     measured = gaps(args.rounds, url, model, True, Path(tmp) / "gap")
+            assert len(measured) == args.rounds and all(gap > 0 for gap in measured), measured
             report["gap_s"] = {
                 "backend": args.backend_url or "fake",
                 "rounds": len(measured),
