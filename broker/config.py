@@ -145,6 +145,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # The shortest gap between two frames of one stream; 0: each token at once, coalesced only under load.
     stream_flush_ms: NonNegativeInt = 0
     heartbeat_s: PositiveFloat = 5.0  # agent status interval on the events exchange
+    # How often one stream may move to another consumer (its consumer lost, or draining) before it ends in an error.
+    max_migrations: NonNegativeInt = 2
     ops_sample_s: PositiveFloat = 5.0  # how often the API samples queues and agents for /ops and /metrics
     # How long a batch may run before its unfinished lines expire (OpenAI's "24h" completion window).
     batch_window_s: PositiveFloat = 24 * 3600.0
