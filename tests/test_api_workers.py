@@ -178,18 +178,32 @@ def test_a_batch_is_read_cancelled_and_collected_through_other_processes(
 def test_requests_per_minute_hold_across_the_processes(stack: Stack, models: tuple[str, str]) -> None:
     limited_model = models[1]
     body = _body(limited_model, "count me")
+    answers: list[httpx.Response] = []
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        answers = list(pool.map(lambda _: _call(stack, "POST", "/v1/chat/completions", json=body), range(2 * RPM)))
+
+        def send_a_round() -> bool:
+            """Twice the limit at once, then more rounds until three processes have answered (the kernel
+            picks the process of each connection: a busy machine may favour one for a while)."""
+            answers.extend(pool.map(lambda _: _call(stack, "POST", "/v1/chat/completions", json=body), range(RPM)))
+            return len(answers) >= 2 * RPM and len({_process(answer) for answer in answers}) >= 3
+
+        wait_until(send_a_round, EVENTUALLY_S, "answers to the limited model from three processes")
     elapsed_s = time.monotonic() - started
     statuses = [answer.status_code for answer in answers]
     assert set(statuses) <= {200, 429}, statuses
     admitted = statuses.count(200)
     refilled = elapsed_s * RPM / 60  # the most the bucket can have refilled meanwhile
-    print(f"\n{admitted} of {2 * RPM} admitted in {elapsed_s:.1f} s; the limit allows {RPM} + {refilled:.1f} refilled")
-    processes = {_process(answer) for answer in answers}
-    assert len(processes) >= 3, processes  # the requests spread over the processes ...
-    assert RPM <= admitted <= RPM + refilled + 1  # ... which share one bucket: exact, not within 10 %
+    print(f"\n{admitted} of {len(answers)} admitted in {elapsed_s:.1f} s; limit {RPM} + {refilled:.1f} refilled")
+    # The processes share one bucket: exact, not within 10 %.
+    assert RPM <= admitted <= RPM + refilled + 1
+    # However slow the machine (a slow run lets the bucket refill a lot): a process with a bucket of its
+    # own refuses only after admitting RPM itself; a shared bucket makes some process refuse sooner.
+    admitted_by: dict[int, int] = {}
+    for answer in answers:
+        admitted_by[_process(answer)] = admitted_by.get(_process(answer), 0) + (answer.status_code == 200)
+    refused_early = {_process(a) for a in answers if a.status_code == 429 and admitted_by[_process(a)] < RPM}
+    assert refused_early, admitted_by
 
 
 @pytest.mark.timeout(VLLM_STARTUP_S + 2 * VLLM_EVENTUALLY_S)
