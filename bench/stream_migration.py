@@ -35,7 +35,7 @@ import openai
 from ops.processes import wait_until
 from ops.testing.deadlines import EVENTUALLY_S, STOP_S
 from ops.testing.fake_backend import fake_stats, running_fake_backend
-from ops.testing.stack import ROOT, Stack, write_config
+from ops.testing.stack import ROOT, Stack, log_events, write_config
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 WORDS = 400  # a fake stream of 400 tokens at 20 ms: 8 s, far longer than a kill takes
@@ -99,6 +99,7 @@ def drain_s(workdir: Path, streams: int = 8) -> dict[str, Any]:
         table = {"backend_url": backend_url, "max_inflight": streams, "drain_grace_s": 60}
         stack = Stack(write_config(workdir / "hotq.toml", AMQP_URL, {model: table}, stream_flush_ms=0), workdir)
         errors: list[str] = []
+        trouble: list[dict[str, Any]] = []
         try:
             stack.start_api()
             first = stack.start_worker(model)
@@ -113,7 +114,9 @@ def drain_s(workdir: Path, streams: int = 8) -> dict[str, Any]:
                     ):
                         pass
                 except openai.APIError as exc:
-                    errors.append(exc.message)
+                    errors.append(f"{type(exc).__name__}: {exc.message}")
+                except Exception as exc:  # whatever ended a stream is reported, never lost with its thread
+                    errors.append(repr(exc))
 
             readers = [threading.Thread(target=read) for _ in range(streams)]
             for reader in readers:
@@ -126,9 +129,24 @@ def drain_s(workdir: Path, streams: int = 8) -> dict[str, Any]:
             took = time.monotonic() - signalled
             for reader in readers:
                 reader.join(timeout=300)
+            if errors:
+                trouble = _trouble(stack)
         finally:
             stack.close()
-    return {"checkout": str(ROOT), "streams": streams, "drain_s": round(took, 2), "stream_errors": errors}
+    report = {"checkout": str(ROOT), "streams": streams, "drain_s": round(took, 2), "stream_errors": errors}
+    return {**report, "logged_trouble": trouble} if errors else report
+
+
+def _trouble(stack: Stack) -> list[dict[str, Any]]:
+    """Every warning and error the stack's processes logged, to tell why a stream failed."""
+    found = []
+    for child in [stack.api, *stack.workers]:
+        if child is None:
+            continue
+        for event in log_events(child.log_path):
+            if event.get("level") in ("warning", "error", "critical") or event.get("status", 200) != 200:
+                found.append({"process": child.name, **event})
+    return found
 
 
 def _pct(values: list[float], q: float) -> float:
