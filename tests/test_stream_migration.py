@@ -164,6 +164,8 @@ def test_two_kills_are_survived_and_a_third_ends_with_an_error(stack: Stack, fak
     assert f'hotq_stream_migrations_total{{model="{fake_model}",outcome="resumed"}} 2.0' in metrics
     assert f'hotq_stream_migrations_total{{model="{fake_model}",outcome="refused"}} 1.0' in metrics
     assert f'hotq_stream_resume_gap_seconds_count{{model="{fake_model}"}} 2.0' in metrics
+    moved = httpx.get(stack.url + "/ops/data", timeout=EVENTUALLY_S).json()["migrations"][fake_model]
+    assert (moved["resumed"], moved["finished"], moved["refused"]) == (2, 0, 1) and moved["mean_gap_s"] > 0
 
 
 def test_draining_agent_hands_its_stream_over_and_leaves_at_once(
