@@ -9,7 +9,7 @@
   model name it serves), greedy.
 - *drain*: 8 long streams in flight on one worker (the fake backend's 800 tokens at 25 ms, or with
   ``--backend-url`` 300 tokens, ``ignore_eos``), another worker idle; SIGTERM to the first, seconds
-  until it exited (``drain_grace_s`` 600, so a checkout that waits for its streams shows the whole
+  until it exited (``hotq worker --grace 600``, so a checkout that waits for its streams shows the whole
   wait). Only this part runs against another checkout: ``PYTHONPATH=/path/to/other python
   bench/stream_migration.py --drain-only`` (main, before migration, waits for its streams).
 
@@ -41,6 +41,7 @@ from ops.testing.fake_backend import running_fake_backend
 from ops.testing.stack import ROOT, Stack, log_events, write_config
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+DRAIN_GRACE_S = 600
 VLLM_DRAIN_TOKENS = 300  # each of the drain's streams on a real backend (ignore_eos)
 WORDS = 400  # a fake stream of 400 tokens at 20 ms: 8 s, far longer than a kill takes
 
@@ -107,8 +108,7 @@ def drain_s(workdir: Path, backend_url: str | None = None, model: str | None = N
 
 
 def _drain(workdir: Path, backend_url: str, model: str, fake: bool, streams: int = 8) -> dict[str, Any]:
-    # drain_grace_s far above a stream's length: a checkout that waits for its streams shows their whole wait.
-    table = {"backend_url": backend_url, "max_inflight": streams, "drain_grace_s": 600}
+    table = {"backend_url": backend_url, "max_inflight": streams}
     stack = Stack(write_config(workdir / "hotq.toml", AMQP_URL, {model: table}, stream_flush_ms=0), workdir)
     errors: list[str] = []
     trouble: list[dict[str, Any]] = []
@@ -116,7 +116,8 @@ def _drain(workdir: Path, backend_url: str, model: str, fake: bool, streams: int
     finishes: list[str] = []
     try:
         stack.start_api()
-        first = stack.start_worker(model)
+        # A grace far above a stream's length: a checkout that waits for its streams shows their whole wait.
+        first = stack.start_worker(model, "--grace", str(DRAIN_GRACE_S))
 
         def read() -> None:
             content = " ".join(["go"] * WORDS * 2) if fake else "Tell me a long story about a lighthouse keeper."
@@ -154,7 +155,7 @@ def _drain(workdir: Path, backend_url: str, model: str, fake: bool, streams: int
         stack.start_worker(model)
         signalled = time.monotonic()
         first.send_signal(signal.SIGTERM)
-        first.wait(timeout=600 + STOP_S)
+        first.wait(timeout=DRAIN_GRACE_S + STOP_S)
         took = time.monotonic() - signalled
         for reader in readers:
             reader.join(timeout=900)
