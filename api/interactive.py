@@ -49,6 +49,7 @@ class Ask:
     caller: str
     cluster: str | None  # pinned by X-Hotq-Cluster
     release: Callable[[dict[str, int] | None], None] | None  # counts it out of the caller's [limits]
+    affinity_key: bytes | None = None  # requests sharing it go to the same agent (broker.affinity)
 
 
 class InteractiveRequest:
@@ -107,7 +108,9 @@ class InteractiveRequest:
             lane=Lane.INTERACTIVE,
             submitted_at=now,
         )
-        replies = await client.submit(envelope, self.ask.cluster)
+        placed = self._gateway.placement.place(self.ask.model, Lane.INTERACTIVE, self.ask.affinity_key)
+        self._gateway.metrics.count_placement(self.ask.model, Lane.INTERACTIVE.value, placed is not None)
+        replies = await client.submit(envelope, self.ask.cluster, placed)
         return ReplyRelay(
             replies,
             envelope.deadline,

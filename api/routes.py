@@ -20,8 +20,9 @@ from api.limits import Limiter
 from broker.config import Config
 from broker.errors import BrokerUnavailable, InvalidRequest, ModelNotFound
 from broker.messages import Endpoint, ModelOutlook, ModelState
-from broker.schemas import validate
+from broker.schemas import affinity_key, validate
 from ops.metrics import ApiMetrics
+from producers.placement import Placement
 from producers.request_client import RequestClient
 
 log = structlog.get_logger("hotq.api")
@@ -39,6 +40,7 @@ class Gateway:
         self.policy: AccessPolicy | None = None  # per-model access lists, when [auth] is on
         self.limiter = Limiter(config)  # per-user [limits] of interactive requests
         self.outlook: Callable[[str], ModelOutlook | None] = lambda _model: None  # the scaler's word, if it speaks
+        self.placement = Placement(config, lambda _model: [])  # app.py hands it the agents it hears
         self.started_at = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -96,7 +98,8 @@ class Gateway:
         cluster = self._pinned_cluster(request, parsed.model)
         release = self.limiter.admit(identity.user, parsed.model)  # 429 now if over a limit; nothing queued
         request_id = os.urandom(16).hex()  # as unique as a uuid4, at a fraction of the cost
-        ask = Ask(request_id, endpoint, parsed.model, body, parsed.stream, identity.user, cluster, release)
+        key = None if cluster else affinity_key(parsed)  # a pinned request waits in its cluster's queue
+        ask = Ask(request_id, endpoint, parsed.model, body, parsed.stream, identity.user, cluster, release, key)
         try:
             with structlog.contextvars.bound_contextvars(request_id=request_id, model=parsed.model):
                 return await InteractiveRequest(self, ask).respond(request)

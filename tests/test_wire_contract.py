@@ -23,7 +23,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 if TYPE_CHECKING:  # the fixture's type only: this module runs without importing hotq
     from tests.conftest import ContractWorker
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 CONTENT_TYPE = "application/x-msgpack"
 REQUEST_TAG, STARTED_TAG, FINAL_TAG, ERROR_TAG = 1, 2, 4, 5
 
