@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import openai
-from openai.types.chat import ChatCompletionMessageParam
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from broker import affinity, topology
 from broker.messages import Endpoint, Lane
