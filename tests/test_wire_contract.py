@@ -173,7 +173,7 @@ async def test_a_request_in_an_affinity_queue_nobody_takes_spills_to_the_shared_
     model, job_id = contract_worker.model, f"contract-aff-{uuid.uuid4().hex[:8]}"
     shared = batch_queue(model)
     affinity_queue = f"{shared}.agent.gone-agent-{uuid.uuid4().hex[:6]}"
-    arguments = {
+    arguments: dict[str, Any] = {
         "x-queue-type": "quorum",
         "x-dead-letter-exchange": "hotq.requests",
         "x-dead-letter-routing-key": shared,
