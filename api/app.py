@@ -48,7 +48,7 @@ def create_app(config: Config) -> Starlette:
     auth = build_auth(config, store)
     gateway.policy = batches.policy = usage.policy = auth.policy
     gateway.outlook = ops.directory.outlook  # the scaler's capacity outlooks, heard by the ops sampler
-    gateway.placement = Placement(config, ops.directory.agents)  # the agents' heartbeats, heard likewise
+    gateway.placement = batch_manager.placement = Placement(config, ops.directory.agents)  # heard likewise
     recorder = UsageRecorder(store)  # consumers' usage reports, into the job store
 
     connected: list[AbstractRobustConnection] = []  # the process's one connection, once up

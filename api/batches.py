@@ -32,6 +32,7 @@ from broker.json_limits import too_deep
 from broker.messages import Endpoint
 from broker.openai_objects import batch_object
 from consumers.collector import BatchRunner
+from producers.placement import Placement
 
 log = structlog.get_logger("hotq.api")
 
@@ -52,6 +53,7 @@ class BatchManager:
         self.config = config
         self.store = store
         self.connection: AbstractRobustConnection | None = None
+        self.placement: Placement | None = None  # set by app.py: the agents the API hears
         self._runners: dict[str, asyncio.Task[Any]] = {}
 
     async def start(self, connection: AbstractRobustConnection) -> None:
@@ -64,7 +66,7 @@ class BatchManager:
     def run(self, batch_id: str) -> None:
         if self.connection is None or batch_id in self._runners:
             return  # not connected yet: `start` resumes it
-        runner = BatchRunner(self.connection, self.store, batch_id)
+        runner = BatchRunner(self.connection, self.store, batch_id, placement=self.placement)
         task = asyncio.create_task(self._run(runner))
         self._runners[batch_id] = task
         task.add_done_callback(lambda _: self._runners.pop(batch_id, None))

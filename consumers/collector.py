@@ -34,6 +34,7 @@ from broker.jobstore import TERMINAL_STATUSES, AsyncJobStore, BatchRow, JobStore
 from broker.messages import Endpoint, ErrorReply, Final, ReplyFrame
 from broker.openai_objects import batch_object
 from producers.bulk import dispatch
+from producers.placement import Placement
 
 log = structlog.get_logger("hotq.collector")
 
@@ -65,6 +66,7 @@ class BatchRunner:
         collect: bool = True,
         on_published: Callable[[int], None] | None = None,
         on_collected: Callable[[int], None] | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self._connection = connection
         self._store = store
@@ -73,6 +75,7 @@ class BatchRunner:
         self._collect = collect
         self._on_published = on_published
         self._on_collected = on_collected
+        self._placement = placement  # lines sharing a prefix go to one agent (the API's view of them)
         self._stop_dispatch = False
         self._new_lines = asyncio.Event()
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
@@ -137,6 +140,7 @@ class BatchRunner:
                     wait_for_lines=self._wait_for_lines,
                     # Without a collector here nothing would free the window (`hotq submit --detach`).
                     max_unanswered=DISPATCH_WINDOW if self._collect else None,
+                    placement=self._placement,
                 )
                 return
             except asyncio.CancelledError:

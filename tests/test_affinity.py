@@ -167,10 +167,16 @@ def _ask(stack: Stack, model: str, tag: str, key: str, extra: dict[str, object] 
     return answer.choices[0].message.content or ""
 
 
-def _keys_homed_on(agent: Running, agents: list[Running], count: int) -> list[str]:
+def _keys_homed_on(stack: Stack, model: str, agent: Running, agents: list[Running], count: int) -> list[str]:
+    """Keys whose first choice is `agent`, each sent once alone (nothing else in flight, so it goes
+    to its first choice): the API remembers them there."""
     ids = [a.agent_id for a in agents]
     keys = (f"key-{i}" for i in range(10_000))
-    return [k for k in keys if affinity.rank(b"k:" + k.encode(), ids)[0] == agent.agent_id][:count]
+    homed = [k for k in keys if affinity.rank(b"k:" + k.encode(), ids)[0] == agent.agent_id][:count]
+    for key in homed:
+        _ask(stack, model, f"warm-{key}", key)
+    assert {f"warm-{key}" for key in homed} <= agent.served()
+    return homed
 
 
 def test_each_session_s_turns_land_on_one_agent(stack: Stack, model: str) -> None:
@@ -209,8 +215,8 @@ def test_a_saturated_agent_s_keys_spill_to_the_other(stack: Stack, model: str, t
     busy, free = agents
     _api_sees_hot(stack, model, 2)
     hold = Hold(tmp_path / "release")
-    busy_keys = _keys_homed_on(busy, agents, MAX_INFLIGHT + 1)
-    free_key = _keys_homed_on(free, agents, 1)[0]
+    busy_keys = _keys_homed_on(stack, model, busy, agents, MAX_INFLIGHT + 1)
+    free_key = _keys_homed_on(stack, model, free, agents, 1)[0]
     with concurrent.futures.ThreadPoolExecutor(MAX_INFLIGHT + 1) as pool:
         held = [pool.submit(_ask, stack, model, f"held{i}", key, hold.field) for i, key in enumerate(busy_keys[:-1])]
         wait_until(lambda: fake_stats(busy.backend)["active"] == MAX_INFLIGHT, EVENTUALLY_S, "busy is full")
@@ -235,7 +241,8 @@ def test_a_killed_agent_s_waiting_requests_are_answered_once_by_the_other(
     doomed, survivor = agents
     _api_sees_hot(stack, model, 2)
     hold = Hold(tmp_path / "release")  # the doomed backend holds its requests until it dies
-    keys = _keys_homed_on(doomed, agents, 2 * MAX_INFLIGHT)
+    keys = _keys_homed_on(stack, model, doomed, agents, 2 * MAX_INFLIGHT)
+    started_before = fake_stats(survivor.backend)["started"]
     with concurrent.futures.ThreadPoolExecutor(len(keys)) as pool:
         answers = {
             f"k{i}": pool.submit(_ask, stack, model, f"k{i}", key, hold.field)
@@ -252,7 +259,7 @@ def test_a_killed_agent_s_waiting_requests_are_answered_once_by_the_other(
     survivor_stats = fake_stats(survivor.backend)
     for tag in answers:
         assert tag in survivor_stats["started_order"]
-    assert survivor_stats["started"] == len(answers), "each request started once on the survivor"
+    assert survivor_stats["started"] - started_before == len(answers), "each request started once on the survivor"
 
 
 def test_a_drain_leaves_nothing_in_its_affinity_queue(tmp_path: Path, amqp_url: str, model: str) -> None:
@@ -265,18 +272,19 @@ def test_a_drain_leaves_nothing_in_its_affinity_queue(tmp_path: Path, amqp_url: 
         leaving, staying = agents
         _api_sees_hot(stack, model, 2)
         hold = Hold(tmp_path / "release")
-        keys = _keys_homed_on(leaving, agents, 2 * MAX_INFLIGHT)
+        keys = _keys_homed_on(stack, model, leaving, agents, 2 * MAX_INFLIGHT)
         queue = topology.affinity_queue_name(model, Lane.INTERACTIVE, leaving.agent_id)
         with concurrent.futures.ThreadPoolExecutor(len(keys)) as pool:
             answers = [pool.submit(_ask, stack, model, f"d{i}", key, hold.field) for i, key in enumerate(keys)]
             wait_until(lambda: fake_stats(leaving.backend)["active"] == MAX_INFLIGHT, EVENTUALLY_S, "leaving is full")
             # The other four wait in its affinity queue (30 s before they would spill by themselves).
-            assert _placed(stack, model) == len(keys)
+            assert _placed(stack, model) == 2 * len(keys)  # (each key was sent once before)
             leaving.child.terminate()
             assert leaving.child.wait(timeout=STOP_S) == 0
             assert ready_messages(amqp_url, queue) == 0
             hold.release()
             assert all(future.result(timeout=EVENTUALLY_S) for future in answers)
-        assert len(staying.served()) == len(keys), "the drained ones were served by the agent that stayed"
+        drained = {f"d{i}" for i in range(len(keys))}
+        assert drained <= staying.served(), "the drained ones were served by the agent that stayed"
     finally:
         stack.close()
