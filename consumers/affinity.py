@@ -35,13 +35,21 @@ class AffinityIntake:
         self._spill_after_s = {lane: ms / 1000 for lane, ms in spill_after_ms.items()}
         self._names = {topology.affinity_queue_name(model, lane, agent_id) for lane in Lane}
         self._queues: list[AbstractQueue] = []
+        self._declared_on: list[tuple[AbstractChannel, Lane]] = []
         self.taken = 0  # requests served from this agent's affinity queues
         self.spilled_in = 0  # requests served here after spilling from an affinity queue (any agent's)
 
     async def declare(self, channel: AbstractChannel, lane: Lane) -> AbstractQueue:
         queue = await topology.declare_affinity_queue(channel, self.model, lane, self.agent_id)
         self._queues.append(queue)
+        self._declared_on.append((channel, lane))
         return queue
+
+    async def redeclare(self) -> None:
+        """Declare the queues again before consuming them again: a pause longer than their
+        `x-expires` (a backend that took long to restart) lets RabbitMQ delete them."""
+        for channel, lane in self._declared_on:
+            await topology.declare_affinity_queue(channel, self.model, lane, self.agent_id)
 
     def placed_here(self, message: AbstractIncomingMessage) -> bool:
         return message.routing_key in self._names and not message.headers.get("x-death")

@@ -118,6 +118,8 @@ class Consumer:
         """Take work from every lane (again)."""
         if self._consumer_tags:
             return
+        if self.affinity is not None:
+            await self.affinity.redeclare()
         for queue in self._queues:
             self._consumer_tags.append((queue, await queue.consume(self._on_request)))
 
