@@ -4,6 +4,8 @@ A request's key is the client's `prompt_cache_key` (OpenAI's field) when it sent
 else a digest of its leading content: for chat, the messages up to and including the
 first user turn (the system prompt, tool definitions, the session's opening), which
 every later turn of a session repeats; for completions, the prompt's first characters.
+Batch lines are independent requests whose shared part is their instructions: their key
+stops before the first user turn when system (or developer) messages come before it.
 The key is taken from the body the API already decoded to validate it: the body's
 bytes are never re-encoded.
 
@@ -21,9 +23,12 @@ from typing import Any
 PREFIX_CHARS = 2048  # how much of the leading content makes the key: a prefix cache's first blocks
 
 
-def key_of(prompt_cache_key: str | None, messages: Sequence[Any] | None, prompt: object) -> bytes | None:
+def key_of(
+    prompt_cache_key: str | None, messages: Sequence[Any] | None, prompt: object, instructions_only: bool = False
+) -> bytes | None:
     """The affinity key of a chat (`messages`) or completions (`prompt`) request; None if it has
-    no leading content to share (an empty prompt, token ids)."""
+    no leading content to share (an empty prompt, token ids). `instructions_only`: a chat's key
+    is its leading system/developer messages when it has any (batch lines)."""
     if prompt_cache_key:
         return b"k:" + prompt_cache_key.encode()
     digest = hashlib.blake2b(digest_size=16)
@@ -32,6 +37,8 @@ def key_of(prompt_cache_key: str | None, messages: Sequence[Any] | None, prompt:
         for message in messages:
             text = _text(getattr(message, "content", None))
             role = getattr(message, "role", "")
+            if instructions_only and taken and role not in ("system", "developer"):
+                break
             digest.update(f"{role}:{len(text)}:".encode())
             digest.update(text[: PREFIX_CHARS - taken].encode())
             taken += len(text)

@@ -116,10 +116,12 @@ def validate(endpoint: Endpoint, body: bytes) -> ChatCompletionRequest | Complet
     return request
 
 
-def affinity_key(request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest) -> bytes | None:
+def affinity_key(
+    request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest, batch_line: bool = False
+) -> bytes | None:
     """The validated request's affinity key (`broker.affinity`); embeddings have none."""
     if isinstance(request, ChatCompletionRequest):
-        return key_of(request.prompt_cache_key, request.messages, None)
+        return key_of(request.prompt_cache_key, request.messages, None, instructions_only=batch_line)
     if isinstance(request, CompletionRequest):
         return key_of(request.prompt_cache_key, None, request.prompt)
     return None

@@ -183,7 +183,7 @@ async def _publish_placed(
     groups: dict[tuple[str, int], list[int]] = {}
     for index, line in enumerate(lines):
         try:
-            placed = placement.place(model, Lane.BATCH, affinity_key(validate(endpoint, line.body)))
+            placed = placement.place(model, Lane.BATCH, affinity_key(validate(endpoint, line.body), batch_line=True))
         except HotqError:  # checked when stored; never fails here, and the shared queue takes it anyway
             placed = None
         target = (routing_key, ttl_ms) if placed is None else (placed.queue, min(ttl_ms, placed.spill_after_ms))

@@ -54,6 +54,9 @@ def test_a_session_keeps_its_key_as_it_grows_and_sessions_differ() -> None:
     assert _key('{"model": "m", "prompt": "a long shared head"}', Endpoint.COMPLETIONS) is not None
     assert _key('{"model": "m", "prompt": [1, 2, 3]}', Endpoint.COMPLETIONS) is None  # token ids: no text to share
     assert _key('{"model": "m", "input": "x"}', Endpoint.EMBEDDINGS) is None
+    line = '{"model": "m", "messages": [{"role": "system", "content": "S1"}, {"role": "user", "content": "other"}]}'
+    as_line = affinity_key(validate(Endpoint.CHAT, line.encode()), batch_line=True)
+    assert as_line == affinity_key(validate(Endpoint.CHAT, turn1.encode()), batch_line=True) != _key(line)
 
 
 def test_a_third_agent_moves_about_a_third_of_the_keys() -> None:
@@ -301,3 +304,30 @@ def test_a_drain_leaves_nothing_in_its_affinity_queue(tmp_path: Path, amqp_url: 
         assert drained <= staying.served(), "the drained ones were served by the agent that stayed"
     finally:
         stack.close()
+
+
+def test_batch_lines_sharing_a_prefix_go_to_one_agent(stack: Stack, model: str) -> None:
+    """Batch lanes group lines that share a prefix (a system prompt) onto the same agent too."""
+    agents = [_start_agent(stack, model) for _ in range(2)]
+    _api_sees_hot(stack, model, 2)
+    client = _client(stack)
+    groups = {f"g{g}": f"You label texts of kind {g}. " + "careful " * 30 for g in range(4)}
+    lines = []
+    for group, system in groups.items():
+        for n in range(6):
+            body = {
+                "model": model,
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"text {n}"}],
+                "fake_tag": f"{group}-{n}",
+            }
+            lines.append(json.dumps({"custom_id": f"{group}-{n}", "method": "POST", "url": "/v1/chat/completions",
+                                     "body": body}))  # fmt: skip
+    file_id = client.files.create(file=("in.jsonl", "\n".join(lines).encode()), purpose="batch").id
+    batch = client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h")
+    wait_until(
+        lambda: client.batches.retrieve(batch.id).status == "completed", EVENTUALLY_S, "the batch completed", stack.api
+    )
+    served = [agent.served() for agent in agents]
+    for group in groups:
+        tags = {f"{group}-{n}" for n in range(6)}
+        assert any(tags <= agent_served for agent_served in served), (group, served)
