@@ -196,9 +196,15 @@ async def run_fake(args: argparse.Namespace, report: BenchReport, amqp_url: str)
             "env": {"HOTQ_FAKE_PREFILL_MS_PER_TOKEN": "1"},
         }
         stack = Stack(write_config(Path(workdir) / "hotq.toml", amqp_url, {model: table}), Path(workdir))
+        (Path(workdir) / "off").mkdir()
+        off_table = {**table, "affinity": "off"}
+        off_stack = Stack(
+            write_config(Path(workdir) / "off" / "hotq.toml", amqp_url, {model: off_table}), Path(workdir) / "off"
+        )
         backends: dict[str, str] = {}
         try:
             stack.start_api()
+            off_stack.start_api()  # the same agents, through an API that does not place
             agents = []
             for _ in range(args.agents):
                 agents.append(stack.start_agent(model))
@@ -206,10 +212,15 @@ async def run_fake(args: argparse.Namespace, report: BenchReport, amqp_url: str)
                 backends[agent.name] = str(wait_for_event(agent, "backend_ready")["url"])
                 wait_for_event(agent, "agent_state", state="hot")
             await asyncio.sleep(1.0)  # the API hears the last state changes
-            client = openai.AsyncOpenAI(base_url=stack.url + "/v1", api_key="x", max_retries=0, timeout=600)
+            clients = {
+                api: openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=600)
+                for api, s in (("on", stack), ("off", off_stack))
+            }
             phases: dict[str, Any] = {}
 
-            async def phase(name: str) -> None:
+            async def phase(name: str, api: str = "on") -> None:
+                client = clients[api]
+                cache_before = _fake_counters(backends.values())
                 tags: dict[str, list[str]] = {}
                 answered: list[str] = []
                 rng = random.Random(name)
@@ -243,13 +254,14 @@ async def run_fake(args: argparse.Namespace, report: BenchReport, amqp_url: str)
                 phases[name] = {
                     "requests": total,
                     "answered": len(answered),
-                    "prefix_hit_rate": _fake_hit_rate(backends.values()),
+                    "prefix_hit_rate": _hit_rate(cache_before, _fake_counters(backends.values())),
                     "same_agent_share": round(together / total, 3),
                     "wall_s": round(wall, 2),
-                    "agents": len(backends),
+                    "agents_hot_at_end": len(backends) - (2 if name == "two_leave" else 0),
                 }
                 print(name, phases[name], flush=True)
 
+            await phase("steady_affinity_off", "off")
             await phase("steady")
             for agent in agents[:2]:  # two leave (drain) while sessions run
                 agent.terminate()
@@ -265,6 +277,7 @@ async def run_fake(args: argparse.Namespace, report: BenchReport, amqp_url: str)
             await phase("two_join")
         finally:
             stack.close()
+            off_stack.close()
             await delete_queues(amqp_url, request_queues(model))
     report.notes.append(
         "fake backends: 1 ms prefill per uncached token; sessions x4 at once, as many as agents x slots"
@@ -272,16 +285,22 @@ async def run_fake(args: argparse.Namespace, report: BenchReport, amqp_url: str)
     return phases
 
 
-def _fake_hit_rate(urls: Any) -> float:
-    """Hits over queries of the fake backends' prefix caches, since they started."""
-    queries = hits = 0
+def _fake_counters(urls: Any) -> dict[str, tuple[int, int]]:
+    """Each live fake backend's prefix-cache (queries, hits)."""
+    counters = {}
     for url in urls:
         try:
             with urllib.request.urlopen(url + "/metrics", timeout=5) as response:
-                counters = parse_prefix_cache(response.read().decode()) or (0, 0)
+                counters[url] = parse_prefix_cache(response.read().decode()) or (0, 0)
         except OSError:
             continue
-        queries, hits = queries + counters[0], hits + counters[1]
+    return counters
+
+
+def _hit_rate(before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]) -> float:
+    """Hits over queries between two readings, over the backends read both times."""
+    queries = sum(after[url][0] - before[url][0] for url in after if url in before)
+    hits = sum(after[url][1] - before[url][1] for url in after if url in before)
     return round(hits / queries, 3) if queries else 0.0
 
 
