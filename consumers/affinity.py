@@ -115,7 +115,8 @@ def _delivery_count(message: AbstractIncomingMessage) -> int:
     return count if isinstance(count, int) else 0
 
 
-def handed_back_before(message: AbstractIncomingMessage) -> bool:
-    """A request rejected out of an affinity queue may have been started there (its caller waits)."""
-    deaths = message.headers.get("x-death")
-    return isinstance(deaths, list) and any(isinstance(d, dict) and d.get("reason") == "rejected" for d in deaths)
+def maybe_started(message: AbstractIncomingMessage) -> bool:
+    """Whether a consumer may have started this request before (its caller waits for it, and a
+    stream may have sent output): a redelivery, or a spill (dead-lettering resets `redelivered`:
+    a request handed back, or returned by a consumer that died, arrives in the shared queue as new)."""
+    return message.redelivered or spilled(message)

@@ -19,6 +19,11 @@ Deterministic behaviour
   ``max_tokens`` (chat also ``max_completion_tokens``) is given and smaller than that,
   truncate to it and finish_reason is "length"; otherwise "stop". The reply text is the
   concatenation. See ``expected_chat_tokens`` / ``expected_completion_tokens``.
+* Continuations (what hotq sends to continue a stream another consumer started): a chat with
+  ``continue_final_message`` whose last message is the assistant's continues that message, and
+  a completions prompt holding ``echo:`` continues the text from there (the prompt before it is
+  the user text); the reply is the tokens after that text (``max_tokens`` counts those only),
+  and the text's tokens count as prompt tokens (a word a token), as a model continuing itself.
 * usage: prompt_tokens = whitespace-separated words over all messages' contents (or the
   prompt), completion_tokens = reply tokens per choice * n, total = sum.
 * ``n`` (default 1): choices 0..n-1 all carry the same text.
@@ -127,6 +132,12 @@ def _reply_tokens(user_text: str, max_tokens: int | None) -> tuple[list[str], st
     return tokens, "stop"
 
 
+def _reply_tokens_cut(tokens: list[str], max_tokens: int | None) -> tuple[list[str], str]:
+    if max_tokens is not None and len(tokens) > max_tokens:
+        return tokens[:max_tokens], "length"
+    return tokens, "stop"
+
+
 def expected_chat_tokens(user_text: str, max_tokens: int | None) -> tuple[list[str], str]:
     """(tokens, finish_reason) the backend produces for a chat whose last user text is given."""
     return _reply_tokens(user_text, max_tokens)
@@ -135,6 +146,19 @@ def expected_chat_tokens(user_text: str, max_tokens: int | None) -> tuple[list[s
 def expected_completion_tokens(prompt: str, max_tokens: int | None) -> tuple[list[str], str]:
     """(tokens, finish_reason) the backend produces for a /v1/completions prompt."""
     return _reply_tokens(prompt, max_tokens)
+
+
+def _continued(tokens: list[str], before: str) -> list[str]:
+    """The reply tokens after the text `before` (a prefix of their concatenation)."""
+    text = "".join(tokens)
+    if not text.startswith(before):
+        raise _bad_request(f"the text to continue is not this answer's beginning: {before[:80]!r}")
+    done = ""
+    for index, token in enumerate(tokens):
+        if len(done) + len(token) > len(before):
+            return [text[len(before) : len(done) + len(token)], *tokens[index + 1 :]]  # cut mid-token
+        done += token
+    return []
 
 
 def expected_embedding(text: str) -> list[float]:
@@ -584,6 +608,9 @@ def create_app(models: list[str] | None = None, running_usage: bool = True, read
         user_text = last_user_text(messages)
         _check_fail_injection(user_text)
         tokens, finish = expected_chat_tokens(user_text, common.max_tokens)
+        if body.get("continue_final_message") and messages[-1].get("role") == "assistant":
+            rest = _continued(expected_chat_tokens(user_text, None)[0], content_text(messages[-1].get("content")))
+            tokens, finish = _reply_tokens_cut(rest, common.max_tokens)
         prompt_tokens = sum(_word_count(content_text(m.get("content"))) for m in messages)
         usage = _usage(prompt_tokens, len(tokens) * common.n)
         answer = _Answer("chatcmpl", common)
@@ -635,7 +662,12 @@ def create_app(models: list[str] | None = None, running_usage: bool = True, read
             raise _bad_request("'prompt' must be a string", "prompt")
         _check_fail_injection(prompt)
         tokens, finish = expected_completion_tokens(prompt, common.max_tokens)
-        usage = _usage(_word_count(prompt), len(tokens) * common.n)
+        if "echo:" in prompt:
+            user_text = prompt[: prompt.index("echo:")]
+            rest = _continued(expected_completion_tokens(user_text, None)[0], prompt[len(user_text) :])
+            tokens, finish = _reply_tokens_cut(rest, common.max_tokens)
+        prompt_words = _word_count(prompt.replace("echo:", " echo:", 1))  # the text continued: a word a token
+        usage = _usage(prompt_words, len(tokens) * common.n)
         answer = _Answer("cmpl", common)
         await cache.prefill(prompt.split())
 
