@@ -294,7 +294,8 @@ def test_a_drain_leaves_nothing_in_its_affinity_queue(tmp_path: Path, amqp_url: 
             answers = [pool.submit(_ask, stack, model, f"d{i}", key, hold.field) for i, key in enumerate(keys)]
             wait_until(lambda: fake_stats(leaving.backend)["active"] == MAX_INFLIGHT, EVENTUALLY_S, "leaving is full")
             # The other four wait in its affinity queue (30 s before they would spill by themselves).
-            assert _placed(stack, model) == 2 * len(keys)  # (each key was sent once before)
+            placed = 2 * len(keys)  # (each key was sent once before)
+            wait_until(lambda: _placed(stack, model) == placed, EVENTUALLY_S, "all placed on their agent", stack.api)
             leaving.child.terminate()
             assert leaving.child.wait(timeout=STOP_S) == 0
             assert ready_messages(amqp_url, queue) == 0
