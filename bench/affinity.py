@@ -20,9 +20,10 @@ content chunk; tokens/s is completion tokens over the workload's wall time; the 
 hit rate is vLLM's own counters (hits/queries, tokens) over the workload.
 
 `--fake`: `--agents` agents on the fake backend (`ops.testing.prefix_cache`, 1 ms of prefill
-per uncached token), sessions only; agents leave and join during the run (two stop, then
-two start) to show placement holding: the share of each session's turns on its most-used
-agent, the hit rate, and that every request was answered.
+per uncached token), sessions only: first through an affinity-off API over the same agents,
+then placed, then while agents leave and join (two stop, then two start), to show placement
+holding: the share of each session's turns on its most-used agent, the fake caches' hit rate,
+and that every request was answered.
 
 Results: a table on stdout and JSON in ``bench/results/affinity-<timestamp>.json``.
 """
