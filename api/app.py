@@ -30,6 +30,7 @@ from broker.errors import BrokerUnavailable, HotqError
 from broker.jobstore import AsyncJobStore, JobStore
 from consumers.usage_recorder import UsageRecorder
 from ops.metrics import ApiMetrics
+from producers.placement import Placement
 from producers.request_client import RequestClient
 
 log = structlog.get_logger("hotq.api")
@@ -54,6 +55,7 @@ def create_app(config: Config, shared: bool = False) -> Starlette:
     auth = build_auth(config, store)
     gateway.policy = batches.policy = usage.policy = auth.policy
     gateway.outlook = ops.directory.outlook  # the scaler's capacity outlooks, heard by the ops sampler
+    gateway.placement = batch_manager.placement = Placement(config, ops.directory.agents)  # heard likewise
     recorder = UsageRecorder(store)  # consumers' usage reports, into the job store
 
     connected: list[AbstractRobustConnection] = []  # the process's one connection, once up

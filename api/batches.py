@@ -36,6 +36,7 @@ from broker.json_limits import too_deep
 from broker.messages import Endpoint
 from broker.openai_objects import batch_object
 from consumers.collector import BatchRunner
+from producers.placement import Placement
 
 log = structlog.get_logger("hotq.api")
 
@@ -58,6 +59,7 @@ class BatchManager:
         self.config = config
         self.store = store
         self.connection: AbstractRobustConnection | None = None
+        self.placement: Placement | None = None  # set by app.py: the agents the API hears
         self.name = f"{socket.gethostname()}:{os.getpid()}"  # the lease holder, and the collector's name
         self._runners: dict[str, asyncio.Task[Any]] = {}
         self._watching: asyncio.Task[None] | None = None
@@ -90,7 +92,9 @@ class BatchManager:
         async def lease() -> bool:
             return await store.run(lambda db: db.batches.hold_runner(batch_id, name, LEASE_S))
 
-        runner = BatchRunner(self.connection, store, batch_id, shared=True, lease=lease, collector=name)
+        runner = BatchRunner(
+            self.connection, store, batch_id, shared=True, lease=lease, collector=name, placement=self.placement
+        )
         task = asyncio.create_task(self._run(runner))
         self._runners[batch_id] = task
         task.add_done_callback(lambda _: self._runners.pop(batch_id, None))

@@ -27,6 +27,7 @@ from api.relay import ReplyRelay
 from api.sse import EventStreamResponse, keepalive_event
 from broker.errors import HotqError
 from broker.messages import Endpoint, Lane, RequestEnvelope
+from producers.placement import Placed
 from producers.request_client import RequestClient
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ class Ask:
     caller: str
     cluster: str | None  # pinned by X-Hotq-Cluster
     release: Callable[[dict[str, int] | None], None] | None  # counts it out of the caller's [limits]
+    affinity_key: bytes | None = None  # requests sharing it go to the same agent (broker.affinity)
 
 
 class InteractiveRequest:
@@ -63,6 +65,7 @@ class InteractiveRequest:
         self._error: str | None = None
         self._headers = {"x-request-id": ask.request_id}
         self._finished = False
+        self._placed: Placed | None = None  # the agent it was placed on, whose load it counts in
 
     async def respond(self, request: Request) -> Response:
         streaming = False
@@ -108,7 +111,11 @@ class InteractiveRequest:
             lane=Lane.INTERACTIVE,
             submitted_at=now,
         )
-        replies = await client.submit(envelope, self.ask.cluster)
+        placed = self._placed = self._gateway.placement.place(
+            self.ask.model, Lane.INTERACTIVE, self.ask.affinity_key, counted=True
+        )
+        self._gateway.metrics.count_placement(self.ask.model, Lane.INTERACTIVE.value, placed is not None)
+        replies = await client.submit(envelope, self.ask.cluster, placed)
         return ReplyRelay(
             replies,
             envelope.deadline,
@@ -145,6 +152,8 @@ class InteractiveRequest:
             return
         self._finished = True
         ask, gateway = self.ask, self._gateway
+        if self._placed is not None:
+            gateway.placement.finished(self._placed)
         if ask.release is not None:
             ask.release(usage)  # the request leaves the caller's limits, charged its tokens
         if self._client is not None:

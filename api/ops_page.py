@@ -25,7 +25,7 @@ from broker.messages import AgentState, Lane
 from hpc_agents.decisions import DecisionLog
 from hpc_agents.directory import AgentDirectory
 from ops.metrics import CONTENT_TYPE, ApiMetrics, exposition
-from ops.snapshot import ModelSnapshot, Snapshot, capacity_text, open_decisions, take_snapshot
+from ops.snapshot import ModelSnapshot, Snapshot, capacity_text, open_decisions, prefix_hit_rate, take_snapshot
 
 log = structlog.get_logger("hotq.ops")
 
@@ -118,6 +118,9 @@ class OpsMonitor:
                     "node": a.node,
                     "inflight": a.inflight,
                     "tokens_per_s": a.tokens_per_s,
+                    "prefix_hit_rate": prefix_hit_rate(a),
+                    "affinity_taken": a.affinity_taken,
+                    "affinity_spilled_in": a.affinity_spilled_in,
                 }
                 for a in model.agents
             ]
@@ -255,9 +258,11 @@ function render(data) {
     const agents = data.agents[model] || [];
     if (agents.length) {
       const table = el("table");
-      table.append(row("th", ["agent", "state", "cluster", "node", "in flight", "tokens/s"]));
+      table.append(row("th", ["agent", "state", "cluster", "node", "in flight", "tokens/s", "prefix hits",
+                              "affinity/spilled"]));
       for (const a of agents) table.append(row("td", [a.agent_id, a.state, a.cluster, a.node, a.inflight,
-                                                      a.tokens_per_s]));
+        a.tokens_per_s, a.prefix_hit_rate === null ? "-" : `${Math.round(a.prefix_hit_rate * 100)}%`,
+        `${a.affinity_taken}/${a.affinity_spilled_in}`]));
       card.append(table);
     }
     root.append(card);

@@ -21,8 +21,9 @@ from api.shared_limits import SharedLimiter
 from broker.config import Config
 from broker.errors import BrokerUnavailable, InvalidRequest, ModelNotFound
 from broker.messages import Endpoint, ModelOutlook, ModelState
-from broker.schemas import validate
+from broker.schemas import affinity_key, validate
 from ops.metrics import ApiMetrics
+from producers.placement import Placement
 from producers.request_client import RequestClient
 
 log = structlog.get_logger("hotq.api")
@@ -41,6 +42,7 @@ class Gateway:
         # Per-user [limits] of interactive requests: in memory, or shared with the other API processes.
         self.limiter: Limiter | SharedLimiter = Limiter(config)
         self.outlook: Callable[[str], ModelOutlook | None] = lambda _model: None  # the scaler's word, if it speaks
+        self.placement = Placement(config, lambda _model: [])  # app.py hands it the agents it hears
         self.started_at = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
 
@@ -102,7 +104,8 @@ class Gateway:
         else:
             release = self.limiter.admit(identity.user, parsed.model)
         request_id = os.urandom(16).hex()  # as unique as a uuid4, at a fraction of the cost
-        ask = Ask(request_id, endpoint, parsed.model, body, parsed.stream, identity.user, cluster, release)
+        key = None if cluster else affinity_key(parsed)  # a pinned request waits in its cluster's queue
+        ask = Ask(request_id, endpoint, parsed.model, body, parsed.stream, identity.user, cluster, release, key)
         try:
             with structlog.contextvars.bound_contextvars(request_id=request_id, model=parsed.model):
                 return await InteractiveRequest(self, ask).respond(request)

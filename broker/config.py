@@ -40,6 +40,17 @@ class LimitsConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return bool(self.requests_per_minute or self.tokens_per_minute or self.max_concurrent_per_user)
 
 
+SpillMs = Annotated[int, msgspec.Meta(ge=1, le=60_000)]
+
+
+class SpillAfterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """A model's ``spill_after_ms = {interactive = ..., batch = ...}``: how long a request waits in
+    its agent's affinity queue before any agent may take it from the shared queue."""
+
+    interactive: SpillMs = 500
+    batch: SpillMs = 5000
+
+
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """One ``[models."NAME"]`` table."""
 
@@ -66,6 +77,13 @@ class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     allow_groups: list[str] = []  # Globus group ids (looked up with the caller's token)
     allow_domains: list[str] = []  # identity-provider domains, e.g. "anl.gov" (any identity in the caller's set)
     limits: LimitsConfig | None = None  # replaces the top-level [limits] for this model
+    # "prefix": requests sharing a prefix go to the same agent (its KV cache); default when max_agents > 1.
+    affinity: Literal["prefix", "off"] | None = None
+    spill_after_ms: SpillAfterConfig = SpillAfterConfig()
+
+    @property
+    def affinity_on(self) -> bool:
+        return self.affinity == "prefix" if self.affinity is not None else self.max_agents > 1
 
     @property
     def restricted(self) -> bool:

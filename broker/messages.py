@@ -40,7 +40,7 @@ from broker.errors import WireError
 
 # Version 2 added `Abandoned` and `UsageReport`, which a version-1 peer knows nothing of; `decode`
 # refuses a record of another version by name (tests/test_wire_versions.py).
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 CONTENT_TYPE = "application/x-msgpack"  # every hotq record's AMQP content type
 
 # The server-sent event that ends an OpenAI stream: a consumer relays it from the backend
@@ -203,6 +203,11 @@ class AgentStatus:
     tokens_per_s: float
     uptime_s: float
     sent_at: float
+    # The backend's prefix cache, in tokens since it started (vLLM's counters; 0 if it has none).
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    affinity_taken: int  # requests served from this agent's affinity queues
+    affinity_spilled_in: int  # requests served here after spilling out of an affinity queue
 
 
 class UsageRow(typing.NamedTuple):

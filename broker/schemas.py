@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from broker.affinity import key_of
 from broker.errors import InvalidRequest
 from broker.json_limits import check_structure, too_deep
 from broker.messages import Endpoint
@@ -47,6 +48,7 @@ class _Common(msgspec.Struct):
     top_p: Finite | None = None
     presence_penalty: Finite | None = None
     frequency_penalty: Finite | None = None
+    prompt_cache_key: str | None = None  # OpenAI's: requests sharing it share a prefix (affinity placement)
 
 
 class ChatCompletionRequest(_Common):
@@ -112,3 +114,14 @@ def validate(endpoint: Endpoint, body: bytes) -> ChatCompletionRequest | Complet
     if value is None or value == [] or value == "" and endpoint is not Endpoint.COMPLETIONS:
         raise InvalidRequest(f"`{required}` is required and must not be empty", param=required)
     return request
+
+
+def affinity_key(
+    request: ChatCompletionRequest | CompletionRequest | EmbeddingRequest, batch_line: bool = False
+) -> bytes | None:
+    """The validated request's affinity key (`broker.affinity`); embeddings have none."""
+    if isinstance(request, ChatCompletionRequest):
+        return key_of(request.prompt_cache_key, request.messages, None, instructions_only=batch_line)
+    if isinstance(request, CompletionRequest):
+        return key_of(request.prompt_cache_key, None, request.prompt)
+    return None

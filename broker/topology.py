@@ -12,6 +12,10 @@
   ``hotq.usage`` until an API process records them in its job store.
 - Pinned queues: a model's interactive requests pinned to one cluster
   (``X-Hotq-Cluster``), consumed only by that cluster's agents.
+- Affinity queues: one per agent and lane, where the API places requests whose prefix
+  that agent is likely to hold in its KV cache (`broker.affinity`). A request not taken
+  within its lane's `spill_after_ms` expires into the model's shared queue (per-message
+  TTL, dead-lettered at least once), and so does one its agent hands back.
 - ``hotq.replies`` (direct): where consumers publish reply frames, routed by the
   request's ``reply_to``. Reply queues (``hotq.reply.*``, one per API process) and
   results queues (``hotq.results.<batch_id>``, one durable quorum queue per batch,
@@ -154,6 +158,42 @@ async def declare_model_queues(
                     channel, request_exchange, model, Lane.INTERACTIVE, cluster
                 )
     return queues
+
+
+# A request's spill deadline (unix seconds, float), set by whoever places it in an affinity queue.
+SPILL_AT_HEADER = "x-hotq-spill-at"
+# An affinity queue no agent consumed for this long goes away. Far longer than the longest spill
+# and than the API takes to notice its agent gone, so every request in it has spilled by then.
+AFFINITY_QUEUE_EXPIRES_MS = 300_000
+MAX_SPILL_AFTER_MS = 60_000
+
+
+def affinity_queue_name(model: str, lane: Lane, agent_id: str) -> str:
+    """The queue of requests placed on one agent: its model's queue name, then the agent."""
+    return f"{request_queue_name(model, lane)}.agent.{_UNSAFE.sub('_', agent_id)[:80]}"
+
+
+def affinity_queue_arguments(model: str, lane: Lane) -> FieldTable:
+    """Expired (spilled), rejected and over-delivered requests go to the model's shared queue."""
+    return {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": REQUEST_EXCHANGE,
+        "x-dead-letter-routing-key": request_queue_name(model, lane),
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": DELIVERY_LIMIT,
+        "x-expires": AFFINITY_QUEUE_EXPIRES_MS,
+    }
+
+
+async def declare_affinity_queue(channel: AbstractChannel, model: str, lane: Lane, agent_id: str) -> AbstractQueue:
+    """Declare an agent's affinity queue for one lane (its model's shared queue first: where it spills)."""
+    request_exchange = await declare_exchanges(channel)
+    await declare_request_queue(channel, request_exchange, model, lane)
+    name = affinity_queue_name(model, lane, agent_id)
+    queue = await channel.declare_queue(name, durable=True, arguments=affinity_queue_arguments(model, lane))
+    await queue.bind(request_exchange, routing_key=name)
+    return queue
 
 
 RESULTS_QUEUE_PREFIX = "hotq.results."

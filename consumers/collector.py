@@ -42,6 +42,7 @@ from broker.jobstore import TERMINAL_STATUSES, AsyncJobStore, BatchRow, JobStore
 from broker.messages import Endpoint, ErrorReply, Final, ReplyFrame
 from broker.openai_objects import batch_object
 from producers.bulk import dispatch
+from producers.placement import Placement
 
 log = structlog.get_logger("hotq.collector")
 
@@ -76,6 +77,7 @@ class BatchRunner:
         shared: bool = False,
         lease: Callable[[], Awaitable[bool]] | None = None,
         collector: str | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self._connection = connection
         self._store = store
@@ -87,6 +89,7 @@ class BatchRunner:
         self._shared = shared  # other processes follow this batch too
         self._lease = lease  # renews this process's lease on running the batch: whether it holds it
         self._collector = collector  # this process's name, recorded with the answers it collects
+        self._placement = placement  # lines sharing a prefix go to one agent (the API's view of them)
         self._stop_dispatch = False
         self._dispatching: asyncio.Task[None] | None = None
         self._new_lines = asyncio.Event()
@@ -159,6 +162,7 @@ class BatchRunner:
                     # Without a collector here nothing would free the window (`hotq submit --detach`).
                     max_unanswered=DISPATCH_WINDOW if self._collect else None,
                     declare_results=not self._shared,  # the collector declared it, single active
+                    placement=self._placement,
                 )
                 return
             except asyncio.CancelledError:

@@ -22,6 +22,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import AsyncIterator
 
 import aio_pika
 import structlog
@@ -36,6 +37,7 @@ from aio_pika.abc import (
 from broker import messages, topology
 from broker.errors import BackendError, DeadlineExceeded, HotqError, WireError, WorkerLost
 from broker.messages import Abandoned, Cancel, Control, Lane, RequestEnvelope, Resume, Resuming, Started
+from consumers.affinity import AffinityIntake, maybe_started
 from consumers.continuation import why_not_continuable
 from consumers.deliveries import Deliveries, Delivery, Settlement
 from consumers.handler import AttemptProgress, BackendUnreachable, RequestHandler, error_frame
@@ -64,8 +66,10 @@ class Consumer:
         reserved_interactive: int = 0,
         lanes: tuple[Lane, ...] = (Lane.INTERACTIVE,),
         cluster: str | None = None,
+        affinity: AffinityIntake | None = None,
     ) -> None:
-        """`cluster`: also take the interactive requests pinned to this cluster."""
+        """`cluster`: also take the interactive requests pinned to this cluster; `affinity`: first
+        take the requests placed on this agent, in its own queue per lane."""
         self.name = worker_name()
         self.model = model
         self._connection = connection
@@ -78,7 +82,8 @@ class Consumer:
         self._reply_exchange: AbstractExchange | None = None
         self._usage: UsageReporter | None = None
         self._consumer_tags: list[tuple[AbstractQueue, str]] = []
-        self._deliveries = Deliveries()
+        self.affinity = affinity
+        self._deliveries = Deliveries(affinity.placed_here if affinity else lambda _message: False)
         self._cancelled_unseen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._resumes = ResumeWaits()
         self._stopping = False
@@ -98,6 +103,8 @@ class Consumer:
             await channel.set_qos(prefetch_count=limit)
             pinned = {self.model: [self._cluster]} if self._cluster else None
             queues = await topology.declare_model_queues(channel, [self.model], (lane,), pinned)
+            if self.affinity is not None:  # consumed first: requests placed here for this backend's cache
+                self._queues.append(await self.affinity.declare(channel, lane))
             self._channels.append(channel)
             self._queues.extend(queues.values())
         control = await self._channels[0].get_exchange(topology.CONTROL_EXCHANGE)
@@ -117,6 +124,8 @@ class Consumer:
         """Take work from every lane (again)."""
         if self._consumer_tags:
             return
+        if self.affinity is not None:
+            await self.affinity.redeclare()
         for queue in self._queues:
             self._consumer_tags.append((queue, await queue.consume(self._on_request)))
 
@@ -131,6 +140,7 @@ class Consumer:
         rest finish for `grace_s`, requeue what is left."""
         self._stopping = True  # held requests still waiting for a slot go back at once
         await self.pause()
+        await self.spill_waiting()
         if self._deliveries:
             log.info("worker_draining", inflight=len(self._deliveries), grace_s=grace_s)
         await self._deliveries.drain(grace_s)
@@ -143,6 +153,13 @@ class Consumer:
     async def requeue_inflight(self) -> None:
         """Hand every held request back to the queue now (the backend is gone)."""
         await self._deliveries.requeue_all()
+        await self.spill_waiting()
+
+    async def spill_waiting(self) -> None:
+        """Requests placed on this agent and still queued go to the shared queue: it takes no work now."""
+        if self.affinity is not None:
+            with contextlib.suppress(aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError):
+                await self.affinity.spill_waiting()
 
     async def _on_request(self, message: AbstractIncomingMessage) -> None:
         self.last_active = time.monotonic()
@@ -245,7 +262,9 @@ class Consumer:
         attempt = os.urandom(6).hex()
         message = delivery.message
         try:
-            async with self._slots.hold(envelope.lane):
+            async with self._slot(message, envelope.lane) as slot:
+                if not slot:
+                    return _Outcome.REQUEUE  # this agent is busy: another may take it (`AffinityIntake.slot`)
                 if self._stopping:
                     return _Outcome.REQUEUE  # draining: take no new work, even what we hold
                 if delivery.channel_gone():
@@ -256,8 +275,10 @@ class Consumer:
                         with contextlib.suppress(CallerGone):
                             await replies.send(error_frame(envelope, attempt, DeadlineExceeded(dropped)))
                     return _Outcome.DROPPED
+                if self.affinity is not None:
+                    self.affinity.count(message)
                 resume = None
-                if progress.continuable and message.redelivered:
+                if progress.continuable and maybe_started(message):
                     resume = await self._resumes.ask(replies, Resuming(envelope.request_id, attempt, self.name))
                     if resume is None:
                         lost = WorkerLost("the consumer serving this stream was lost; retry the request")
@@ -282,6 +303,11 @@ class Consumer:
             await replies.send(error_frame(envelope, attempt, error))
         return _Outcome.ANSWERED
 
+    def _slot(self, message: AbstractIncomingMessage, lane: Lane) -> contextlib.AbstractAsyncContextManager[bool]:
+        if self.affinity is None:
+            return _always(self._slots.hold(lane))
+        return self.affinity.slot(self._slots, message, lane)
+
     def _why_drop(self, message: AbstractIncomingMessage, envelope: RequestEnvelope) -> str | None:
         """Why this delivery should not be served, if it should not."""
         now = time.time()
@@ -289,7 +315,7 @@ class Consumer:
             return "deadline passed"
         # Only a first delivery can be too late to start: the API gave up on it with a 503.
         # A redelivered one was started before (and handed back), and its caller still waits.
-        if not message.redelivered and now > envelope.start_by:
+        if not maybe_started(message) and now > envelope.start_by:
             return "not started within max_queue_wait_s"
         if envelope.request_id in self._cancelled_unseen:
             return "cancelled by the client while queued"
@@ -303,6 +329,12 @@ class _Outcome(enum.Enum):
     DROPPED = "dropped"  # settled without an answer (expired, cancelled while queued, a consumer bug)
     CALLER_GONE = "caller_gone"  # settled without an answer: nobody waits for it any more
     REQUEUE = "requeue"  # someone should serve it (again)
+
+
+@contextlib.asynccontextmanager
+async def _always(hold: contextlib.AbstractAsyncContextManager[None]) -> AsyncIterator[bool]:
+    async with hold:
+        yield True
 
 
 def _is_last_delivery(message: AbstractIncomingMessage) -> bool:

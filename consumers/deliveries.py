@@ -32,6 +32,7 @@ class Settlement(enum.Enum):
     ACK = "ack"  # done with it: answered, dropped, or nobody waits for it any more
     REQUEUE = "requeue"  # someone should serve it (again)
     DEAD_LETTER = "dead_letter"  # unreadable, or the consumer failed on it: for an operator
+    SPILL = "spill"  # out of an affinity queue to the model's shared queue: another agent may serve it
 
 
 class Delivery:
@@ -58,7 +59,10 @@ Serve = Callable[[Delivery], Coroutine[Any, Any, Settlement]]
 
 
 class Deliveries:
-    def __init__(self) -> None:
+    def __init__(self, spills: Callable[[AbstractIncomingMessage], bool] = lambda _message: False) -> None:
+        """`spills`: whether a delivery handed back goes on to its shared queue (out of an affinity
+        queue, by rejecting it) rather than back into its own queue."""
+        self._spills = spills
         self._open: set[Delivery] = set()
         self._serving: dict[str, Delivery] = {}  # the newest delivery of each request, for cancels
 
@@ -113,6 +117,8 @@ class Deliveries:
             settlement = Settlement.DEAD_LETTER
         else:
             settlement = task.result()
+        if settlement is Settlement.REQUEUE and self._spills(delivery.message):
+            settlement = Settlement.SPILL
         settling = asyncio.ensure_future(_settle(delivery.message, settlement, delivery.dead_reason))
         settling.add_done_callback(lambda _: self._closed(delivery))
 
@@ -129,6 +135,8 @@ async def _settle(message: AbstractIncomingMessage, settlement: Settlement, dead
             await message.ack()
         elif settlement is Settlement.REQUEUE:
             await message.nack(requeue=True)
+        elif settlement is Settlement.SPILL:
+            await message.nack(requeue=False)  # the affinity queue dead-letters it to the shared queue
         else:
             await dead_letter(message, dead_reason)
     except (aio_pika.exceptions.ChannelInvalidStateError, aio_pika.exceptions.AMQPError, ConnectionError) as exc:

@@ -30,16 +30,19 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import aiohttp
 import structlog
 import uvloop
 
 from broker.config import Config, config_from_mapping, load_config, parse_config
 from broker.connection import connect
 from broker.messages import AgentState, Lane
+from consumers.affinity import AffinityIntake
 from consumers.backend_client import BackendClient
 from consumers.consumer import Consumer
 from consumers.handler import RequestHandler
-from hpc_agents.announcer import AgentAnnouncer
+from hpc_agents.announcer import AgentAnnouncer, Snapshot
+from hpc_agents.backend_metrics import PrefixCacheReader
 from hpc_agents.backend_process import BackendFailed, BackendProcess, backend_command, backend_environment
 from hpc_agents.embedded_model import default_cache_dir
 from ops.processes import free_port
@@ -70,6 +73,7 @@ class Agent:
         self.consumer: Consumer | None = None
         self.handler: RequestHandler | None = None
         self.backend: BackendProcess | None = None
+        self._prefix_cache: PrefixCacheReader | None = None
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -158,6 +162,15 @@ class Agent:
 
     async def _serve(self, connection: Any, backend_client: BackendClient, announcer: AgentAnnouncer) -> str:
         self.handler = RequestHandler(backend_client, flush_interval_s=self.config.stream_flush_ms / 1000)
+        self._prefix_cache = PrefixCacheReader(
+            self.backend.url if self.backend else self.model_config.backend_url or ""
+        )
+        spill = self.model_config.spill_after_ms
+        affinity = (
+            AffinityIntake(self.model, self.agent_id, {Lane.INTERACTIVE: spill.interactive, Lane.BATCH: spill.batch})
+            if self.model_config.affinity_on
+            else None
+        )
         self.consumer = Consumer(
             connection,
             self.model,
@@ -166,6 +179,7 @@ class Agent:
             reserved_interactive=self.model_config.reserved_interactive,
             lanes=tuple(Lane),
             cluster=self.cluster if self.cluster in self.config.clusters else None,
+            affinity=affinity,
         )
         await self.consumer.start()
         await announcer.set_state(AgentState.HOT)
@@ -217,18 +231,24 @@ class Agent:
         return None
 
     async def _heartbeats(self, announcer: AgentAnnouncer) -> None:
-        while True:
-            await asyncio.sleep(self.config.heartbeat_s)
-            await announcer.heartbeat()
+        async with aiohttp.ClientSession() as session:
+            while True:
+                await asyncio.sleep(self.config.heartbeat_s)
+                if self._prefix_cache is not None:
+                    await self._prefix_cache.read(session)
+                await announcer.heartbeat()
 
-    def _snapshot(self) -> tuple[str, int, int, int]:
+    def _snapshot(self) -> Snapshot:
         backend = self.backend.url if self.backend else (self.model_config.backend_url or "")
         consumer, handler = self.consumer, self.handler
-        return (
+        affinity = consumer.affinity if consumer else None
+        return Snapshot(
             backend,
             consumer.inflight if consumer else 0,
             consumer.served if consumer else 0,
             handler.completion_tokens if handler else 0,
+            self._prefix_cache.last if self._prefix_cache else (0, 0),
+            (affinity.taken, affinity.spilled_in) if affinity else (0, 0),
         )
 
     def _summary(self, exit_reason: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import aio_pika
 import structlog
@@ -21,6 +22,18 @@ from broker.messages import AgentState, AgentStatus
 log = structlog.get_logger("hotq.agent")
 
 
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a heartbeat reports of the agent right now."""
+
+    backend: str  # the backend's URL
+    inflight: int
+    served: int
+    completion_tokens: int  # so far
+    prefix_cache: tuple[int, int] = (0, 0)  # the backend's (queries, hits), in tokens
+    affinity: tuple[int, int] = (0, 0)  # requests served (from its affinity queues, after a spill)
+
+
 class AgentAnnouncer:
     """Publishes one agent's state changes and heartbeats (`AgentDirectory` is the reader)."""
 
@@ -30,9 +43,8 @@ class AgentAnnouncer:
         agent_id: str,
         model: str,
         cluster: str,
-        snapshot: Callable[[], tuple[str, int, int, int]],
+        snapshot: Callable[[], Snapshot],
     ) -> None:
-        """`snapshot` returns (backend URL, in-flight, served, completion tokens so far)."""
         self._connection = connection
         self.agent_id = agent_id
         self.model = model
@@ -66,7 +78,7 @@ class AgentAnnouncer:
     async def _publish(self, heartbeat: bool) -> None:
         if self._exchange is None:
             return
-        backend, inflight, served, tokens = self._snapshot()
+        now = self._snapshot()
         status = AgentStatus(
             agent_id=self.agent_id,
             model=self.model,
@@ -74,12 +86,16 @@ class AgentAnnouncer:
             heartbeat=heartbeat,
             node=self.node,
             cluster=self.cluster,
-            backend=backend,
-            inflight=inflight,
-            served=served,
-            tokens_per_s=self._tokens_per_s(tokens) if heartbeat else 0.0,
+            backend=now.backend,
+            inflight=now.inflight,
+            served=now.served,
+            tokens_per_s=self._tokens_per_s(now.completion_tokens) if heartbeat else 0.0,
             uptime_s=round(time.monotonic() - self._started, 3),
             sent_at=time.time(),
+            prefix_cache_queries=now.prefix_cache[0],
+            prefix_cache_hits=now.prefix_cache[1],
+            affinity_taken=now.affinity[0],
+            affinity_spilled_in=now.affinity[1],
         )
         routing_key = "agent.heartbeat" if heartbeat else f"agent.{self.state.value}"
         try:

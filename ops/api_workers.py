@@ -13,9 +13,11 @@ requests it has, and this process exits once they all have.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -40,6 +42,20 @@ def listen(host: str, port: int) -> socket.socket:
     sock.listen(BACKLOG)
     sock.set_inheritable(True)
     return sock
+
+
+def leave_with_supervisor() -> None:
+    """In a child: stop (as on SIGTERM) once the supervisor is gone, even killed with -9, so no
+    orphaned API process keeps serving the port after its `hotq serve` ended."""
+    supervisor = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == supervisor:
+            time.sleep(POLL_S)
+        log.warning("api_supervisor_gone_stopping", supervisor=supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
 def serve_workers(child_args: list[str], host: str, port: int, workers: int, data_dir: Path) -> None:

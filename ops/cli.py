@@ -86,6 +86,10 @@ def serve(
         date_header=False,
     )
     server = uvicorn.Server(settings)
+    if fd is not None:
+        from ops.api_workers import leave_with_supervisor
+
+        leave_with_supervisor()
     server.run(sockets=None if fd is None else [socket.socket(fileno=fd)])
     if not server.started:
         sys.exit(3)  # as uvicorn.run: it could not start (the port taken, the app's start-up failed)

@@ -98,6 +98,24 @@ class ApiMetrics:
             ["model"],
             registry=registry,
         )
+        self.placements = Counter(
+            "hotq_affinity_placements",
+            "Requests the API placed in an agent's affinity queue (placed=true) or the shared queue",
+            ["model", "lane", "placed"],
+            registry=registry,
+        )
+        self.affinity_served = Gauge(
+            "hotq_affinity_served",
+            "Requests the model's live agents served from their affinity queues (hit) or after a spill",
+            ["model", "how"],
+            registry=registry,
+        )
+        self.prefix_cache_hit_ratio = Gauge(
+            "hotq_prefix_cache_hit_ratio",
+            "Prefix-cache hits over queries (tokens) summed over the model's live agents' backends",
+            ["model"],
+            registry=registry,
+        )
         self.stream_migrations = Counter(
             "hotq_stream_migrations",
             "Streams that lost their consumer after output was sent: resumed on another, ended by the API"
@@ -113,6 +131,13 @@ class ApiMetrics:
             registry=registry,
         )
         self._series: dict[tuple[str, str, bool], _RequestSeries] = {}
+        self._placements: dict[tuple[str, str, bool], Counter] = {}
+
+    def count_placement(self, model: str, lane: str, placed: bool) -> None:
+        counter = self._placements.get((model, lane, placed))
+        if counter is None:
+            counter = self._placements[(model, lane, placed)] = self.placements.labels(model, lane, str(placed).lower())
+        counter.inc()
 
     def observe_request(
         self,
@@ -179,6 +204,13 @@ class ApiMetrics:
                 self.agents.labels(model.model, group.state.value, group.cluster).set(group.count)
             self.agent_inflight.labels(model.model).set(model.inflight)
             self.agent_tokens_per_second.labels(model.model).set(model.tokens_per_s)
+            self.affinity_served.labels(model.model, "hit").set(sum(a.affinity_taken for a in model.agents))
+            self.affinity_served.labels(model.model, "spill").set(sum(a.affinity_spilled_in for a in model.agents))
+            queries = sum(a.prefix_cache_queries for a in model.agents)
+            if queries:
+                self.prefix_cache_hit_ratio.labels(model.model).set(
+                    sum(a.prefix_cache_hits for a in model.agents) / queries
+                )
 
 
 class ScalerMetrics:

@@ -93,6 +93,13 @@ async def take_snapshot(
     return Snapshot(taken_at=time.time(), models=tuple(models), decisions=_recent_decisions(decisions))
 
 
+def prefix_hit_rate(agent: AgentStatus) -> float | None:
+    """The share of prompt tokens its backend found in its prefix cache (None before any query)."""
+    if agent.prefix_cache_queries <= 0:
+        return None
+    return round(agent.prefix_cache_hits / agent.prefix_cache_queries, 3)
+
+
 def capacity_text(model: ModelSnapshot) -> str:
     """The scaler's outlook in words: hot, or starting with the expected seconds until hot, or why not."""
     outlook = model.outlook

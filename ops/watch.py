@@ -24,7 +24,7 @@ from broker.connection import connect
 from broker.messages import AgentState
 from hpc_agents.decisions import DecisionLog
 from hpc_agents.directory import AgentDirectory
-from ops.snapshot import ModelSnapshot, Snapshot, capacity_text, open_decisions, take_snapshot
+from ops.snapshot import ModelSnapshot, Snapshot, capacity_text, open_decisions, prefix_hit_rate, take_snapshot
 
 DECISIONS_SHOWN = 10
 UNPIPED_WIDTH = 200  # columns for output that is not a terminal, so lines are not folded
@@ -78,7 +78,7 @@ def _agents(models: tuple[ModelSnapshot, ...]) -> Table:
     table = Table(title="Agents", title_justify="left")
     for header in ("agent", "model", "state", "cluster", "node"):
         table.add_column(header, no_wrap=header in ("agent", "model"))
-    for header in ("in flight", "served", "tokens/s", "uptime"):
+    for header in ("in flight", "served", "tokens/s", "prefix hits", "affinity/spilled", "uptime"):
         table.add_column(header, justify="right")
     for model in models:
         for agent in model.agents:
@@ -91,6 +91,8 @@ def _agents(models: tuple[ModelSnapshot, ...]) -> Table:
                 str(agent.inflight),
                 str(agent.served),
                 f"{agent.tokens_per_s:g}",
+                "-" if (rate := prefix_hit_rate(agent)) is None else f"{rate:.0%}",
+                f"{agent.affinity_taken}/{agent.affinity_spilled_in}",
                 f"{agent.uptime_s:.0f} s",
             )
     if not table.row_count:

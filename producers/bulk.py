@@ -27,9 +27,12 @@ import structlog
 from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from broker import messages, topology
+from broker.errors import HotqError
 from broker.jobstore import AsyncJobStore, Line
 from broker.messages import Endpoint, ErrorReply, Lane, RequestEnvelope
-from producers.pipelined_publish import Outgoing, publish_confirmed
+from broker.schemas import affinity_key, validate
+from producers.pipelined_publish import Outgoing, Published, publish_confirmed
+from producers.placement import Placement
 
 log = structlog.get_logger("hotq.bulk")
 
@@ -49,12 +52,15 @@ async def dispatch(
     on_published: Callable[[int], None] | None = None,
     wait_for_lines: Callable[[], Awaitable[bool]] | None = None,
     max_unanswered: int | None = None,
+    placement: Placement | None = None,
     declare_results: bool = True,
 ) -> int:
     """Publish the batch's unconfirmed lines for `caller` (whose usage they count as);
     return how many were published now. `wait_for_lines`: when all are published, wait for
-    more and say whether more may still come (the input is open). `declare_results=False`: the
-    collector declared the results queue already (with arguments of its own)."""
+    more and say whether more may still come (the input is open). `placement`: lines that
+    share a prefix wait for the same agent (its affinity queue), as interactive requests do.
+    `declare_results=False`: the collector declared the results queue already (with arguments
+    of its own)."""
     channel = await connection.channel(publisher_confirms=True)
     try:
         request_exchange = await topology.declare_exchanges(channel)
@@ -83,7 +89,7 @@ async def dispatch(
             underlay = await channel.get_underlay_channel()
             assert isinstance(underlay, aiormq.Channel)  # the frames go through its internals
             confirmed, too_large = await _publish_chunk(
-                underlay, lines, model, endpoint, expires_at, caller, routing_key, reply_to
+                underlay, lines, model, endpoint, expires_at, caller, routing_key, reply_to, placement
             )
             if too_large:  # RabbitMQ closed the channel refusing them: answer them as failed, on a new one
                 if not channel.is_closed:
@@ -123,6 +129,7 @@ async def _publish_chunk(
     caller: str,
     routing_key: str,
     reply_to: str,
+    placement: Placement | None = None,
 ) -> tuple[list[int], list[tuple[Line, int]]]:
     """Publish a chunk with every confirm in flight at once; the line numbers RabbitMQ confirmed,
     and the lines (with their message sizes) it refused as larger than it takes."""
@@ -150,12 +157,51 @@ async def _publish_chunk(
     # Lines left in the queue past the batch's expiry are dropped by RabbitMQ: nobody waits for
     # them, and an expired line must not make the scaler start an agent for a model nobody serves.
     ttl_ms = round((expires_at - now) * 1000)
-    result = await publish_confirmed(channel, topology.REQUEST_EXCHANGE, routing_key, reply_to, ttl_ms, outgoing)
+    if placement is None:
+        result = await publish_confirmed(channel, topology.REQUEST_EXCHANGE, routing_key, reply_to, ttl_ms, outgoing)
+    else:
+        result = await _publish_placed(
+            channel, placement, model, endpoint, lines, outgoing, routing_key, reply_to, ttl_ms
+        )
     confirmed = [line.line for line, acked in zip(lines, result.acked) if acked]
     limit = result.broker_max_size
     if limit is None:
         return confirmed, []
     return confirmed, [(line, len(out.body)) for line, out in zip(lines, outgoing) if len(out.body) > limit]
+
+
+async def _publish_placed(
+    channel: aiormq.Channel,
+    placement: Placement,
+    model: str,
+    endpoint: Endpoint,
+    lines: list[Line],
+    outgoing: list[Outgoing],
+    routing_key: str,
+    reply_to: str,
+    ttl_ms: int,
+) -> Published:
+    """Publish each line into the affinity queue its prefix is placed in (spilling after the batch
+    lane's delay), or the shared queue; the confirms in the lines' order. A placed agent is hot, so
+    its queue exists (it outlives its agent by minutes): these frames are not `mandatory`."""
+    groups: dict[tuple[str, int], list[int]] = {}
+    for index, line in enumerate(lines):
+        try:
+            placed = placement.place(model, Lane.BATCH, affinity_key(validate(endpoint, line.body), batch_line=True))
+        except HotqError:  # checked when stored; never fails here, and the shared queue takes it anyway
+            placed = None
+        target = (routing_key, ttl_ms) if placed is None else (placed.queue, min(ttl_ms, placed.spill_after_ms))
+        groups.setdefault(target, []).append(index)
+    acked = [False] * len(lines)
+    broker_max_size = None
+    for (queue, ttl), indexes in groups.items():
+        published = await publish_confirmed(
+            channel, topology.REQUEST_EXCHANGE, queue, reply_to, ttl, [outgoing[i] for i in indexes]
+        )
+        broker_max_size = broker_max_size or published.broker_max_size
+        for index, ok in zip(indexes, published.acked):
+            acked[index] = ok
+    return Published(acked, broker_max_size)
 
 
 async def _fail_too_large(channel: AbstractChannel, too_large: list[tuple[Line, int]], reply_to: str) -> list[int]:

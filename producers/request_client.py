@@ -33,6 +33,7 @@ from aio_pika.abc import (
 from broker import messages, topology
 from broker.errors import BrokerUnavailable, HotqError, WireError
 from broker.messages import Abandoned, Cancel, Control, Final, Lane, ReplyFrame, RequestEnvelope, Resuming
+from producers.placement import Placed
 
 log = structlog.get_logger("hotq.producer")
 
@@ -148,9 +149,12 @@ class RequestClient:
         for pending in self._pending.values():
             pending.put_nowait(BrokerUnavailable("lost the connection to RabbitMQ while waiting for the answer"))
 
-    async def submit(self, envelope: RequestEnvelope, cluster: str | None = None) -> asyncio.Queue[ReplyItem]:
-        """Publish a request (confirmed, mandatory), pinned to `cluster` if given; return
-        the queue its reply frames arrive on.
+    async def submit(
+        self, envelope: RequestEnvelope, cluster: str | None = None, placed: Placed | None = None
+    ) -> asyncio.Queue[ReplyItem]:
+        """Publish a request (confirmed, mandatory), pinned to `cluster` if given, else into the
+        affinity queue it was `placed` in (if that queue is gone, the shared one); return the
+        queue its reply frames arrive on.
 
         The caller must call `release` when done with the request.
         """
@@ -172,7 +176,8 @@ class RequestClient:
         routing_key = topology.request_queue_name(envelope.model, envelope.lane, cluster)
         try:
             try:
-                await self._request_exchange.publish(message, routing_key, mandatory=True)
+                if placed is None or not await self._publish_placed(message, placed):
+                    await self._request_exchange.publish(message, routing_key, mandatory=True)
             except _CONNECTION_ERRORS:
                 # The connection dropped under us (a broker restart, a forced close): wait for the
                 # robust connection and publish once more. The first copy may have landed too; the
@@ -190,6 +195,30 @@ class RequestClient:
             self.release(envelope.request_id)
             raise BrokerUnavailable(f"could not reach RabbitMQ: {exc!r}") from exc
         return replies
+
+    async def _publish_placed(self, message: aio_pika.Message, placed: Placed) -> bool:
+        """Publish into an affinity queue, spilling after its delay (or at the deadline, if sooner);
+        False if RabbitMQ has no such queue (its agent left long ago)."""
+        assert self._request_exchange is not None
+        deadline_ms = message.expiration * 1000 if isinstance(message.expiration, int | float) else None
+        placed_message = aio_pika.Message(
+            body=message.body,
+            content_type=message.content_type,
+            delivery_mode=message.delivery_mode,
+            correlation_id=message.correlation_id,
+            message_id=message.message_id,
+            reply_to=message.reply_to,
+            headers={topology.SPILL_AT_HEADER: placed.spill_at},
+            expiration=min(placed.spill_after_ms, deadline_ms or placed.spill_after_ms) / 1000,
+        )
+        try:
+            await self._request_exchange.publish(placed_message, placed.queue, mandatory=True)
+        except aiormq.exceptions.DeliveryError as exc:
+            if isinstance(exc.frame, aiormq.spec.Basic.Return):
+                log.info("affinity_queue_gone", queue=placed.queue)
+                return False
+            raise
+        return True
 
     async def _wait_usable(self) -> None:
         assert self._channel is not None

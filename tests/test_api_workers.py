@@ -10,6 +10,7 @@ yet are held in the fake backend (`Hold`); nothing here depends on speed.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -237,3 +238,40 @@ def test_chat_through_real_vllm_with_two_api_processes(tmp_path: Path, amqp_url:
     finally:
         returncode = up.stop(VLLM_EVENTUALLY_S)  # the agent drains, vLLM stops, both API processes stop
     assert returncode == 0, up.log_tail()
+
+
+def test_the_processes_leave_when_their_supervisor_is_killed(
+    tmp_path: Path, amqp_url: str, models: tuple[str, str]
+) -> None:
+    """`kill -9` of `hotq serve --workers 2` itself: its children stop too, no orphan keeps the port."""
+    config = write_config(tmp_path / "hotq.toml", amqp_url, {models[0]: {"backend_url": "http://127.0.0.1:9"}})
+    port = free_port()
+    supervisor = Child(
+        "hotq serve",
+        hotq_command("serve", "--config", str(config), "--port", str(port), "--workers", "2"),
+        tmp_path / "serve.log",
+    )
+    children: set[int] = set()
+
+    def both_answered() -> bool:
+        with contextlib.suppress(httpx.TransportError):
+            children.add(_process(httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=EVENTUALLY_S)))
+        return len(children) == 2
+
+    try:
+        wait_until(both_answered, EVENTUALLY_S, "answers from both API processes", supervisor)
+        supervisor.send_signal(signal.SIGKILL)
+        wait_until(lambda: not any(_alive(pid) for pid in children), EVENTUALLY_S, f"API processes {children} gone")
+    finally:
+        supervisor.stop(EVENTUALLY_S)
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -35,7 +35,7 @@ RECORDS: list[messages.Record] = [
     Final("r1", "att", 0, 200, b"{}", None),
     ErrorReply("r1", "att", 429, "rate_limit_error", "slow down", "fake_429", None),
     Cancel("r1"),
-    AgentStatus("a1", "m", AgentState.HOT, True, "n", "c", "http://x", 1, 2, 3.5, 4.0, time.time()),
+    AgentStatus("a1", "m", AgentState.HOT, True, "n", "c", "http://x", 1, 2, 3.5, 4.0, time.time(), 10, 5, 3, 1),
     UsageReport("rep1", "node:1", [list(UsageRow("2026-11-28", "alice", "m", "batch", 2, 1, 30, 40))]),
     Abandoned("r1", {"prompt_tokens": 3, "completion_tokens": 7, "total_tokens": 10}),
     Abandoned("r1", None),

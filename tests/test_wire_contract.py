@@ -24,7 +24,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 if TYPE_CHECKING:  # the fixtures' types only: this module runs without importing hotq
     from tests.conftest import ContractWorker, StreamContractWorker
 
-WIRE_VERSION = 2
+WIRE_VERSION = 3
 CONTENT_TYPE = "application/x-msgpack"
 REQUEST_TAG, STARTED_TAG, CHUNKS_TAG, FINAL_TAG, ERROR_TAG = 1, 2, 3, 4, 5
 RESUMING_TAG, RESUME_TAG = 11, 12
@@ -167,6 +167,49 @@ async def test_a_malformed_request_is_dead_lettered_with_its_reason(contract_wor
     assert json.loads(answers[request_id][5])["choices"][0]["message"]["content"] == contract_worker.expected_reply(
         "still here"
     )
+
+
+async def test_a_request_in_an_affinity_queue_nobody_takes_spills_to_the_shared_queue(
+    contract_worker: ContractWorker,
+) -> None:
+    """An affinity queue declared with the page's arguments (an agent that has gone away): a request
+    placed there with a short `expiration` moves to the model's shared queue and is answered."""
+    model, job_id = contract_worker.model, f"contract-aff-{uuid.uuid4().hex[:8]}"
+    shared = batch_queue(model)
+    affinity_queue = f"{shared}.agent.gone-agent-{uuid.uuid4().hex[:6]}"
+    arguments: dict[str, Any] = {
+        "x-queue-type": "quorum",
+        "x-dead-letter-exchange": "hotq.requests",
+        "x-dead-letter-routing-key": shared,
+        "x-dead-letter-strategy": "at-least-once",
+        "x-overflow": "reject-publish",
+        "x-delivery-limit": 5,
+        "x-expires": 300000,
+    }
+    request_id = uuid.uuid4().hex
+    connection = await aio_pika.connect(contract_worker.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        placed = await channel.declare_queue(affinity_queue, durable=True, arguments=arguments)
+        await placed.bind("hotq.requests", routing_key=affinity_queue)
+        results = await results_queue(channel, job_id)
+        body = {"model": model, "messages": [{"role": "user", "content": "placed then spilled"}]}
+        exchange = await channel.get_exchange("hotq.requests")
+        message = aio_pika.Message(
+            envelope(request_id, model, "chat/completions", body),
+            content_type=CONTENT_TYPE,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=request_id,
+            correlation_id=request_id,
+            reply_to=results.name,
+            expiration=0.3,  # aio-pika sends it as the string "300" (ms)
+            headers={"x-hotq-spill-at": time.time() + 0.3},
+        )
+        await exchange.publish(message, affinity_queue, mandatory=True)
+        answers = await collect(results, {request_id}, contract_worker.eventually_s)
+        await placed.delete(if_unused=False, if_empty=False)
+        await results.delete(if_unused=False, if_empty=False)
+    assert answers[request_id][0] == FINAL_TAG
 
 
 def sse_chunks(data: bytes) -> list[dict[str, Any]]:

@@ -1,6 +1,7 @@
 """A peer of an older wire version fails clearly: its records are refused by name, never misread.
 
-Version 2 added `Abandoned` and `UsageReport`; a version-1 consumer or API cannot take part.
+Version 3 added fields to `AgentStatus` (version 2 had added `Abandoned` and `UsageReport`); a peer
+of the version before cannot take part.
 """
 
 from __future__ import annotations

@@ -57,6 +57,8 @@ Deterministic behaviour
   after that many content tokens, as a backend that crashes or loses its network does.
   ``fake_pause_file``: a path; a stream pauses after its first content token until that
   file exists (what reached the client meanwhile was relayed without waiting for the next token).
+* Prefix cache (``ops.testing.prefix_cache``): prompts' blocks in an LRU, prefill time per
+  uncached token (``HOTQ_FAKE_PREFILL_MS_PER_TOKEN``), vLLM's two counters at ``GET /metrics``.
 * Error injection: chat last-user-message / completion prompt / any embedding input that
   starts with ``"FAIL <status>"`` (400..599) -> that status with
   ``{"error": {"message": "fake backend failure", "type": T, "param": null,
@@ -106,6 +108,7 @@ from starlette.types import Receive, Scope, Send
 
 from ops.processes import Child
 from ops.testing.deadlines import STARTUP_S, STOP_S
+from ops.testing.prefix_cache import PrefixCache
 
 DEFAULT_MODEL: Final = "fake-model"
 EMBEDDING_DIM: Final = 8
@@ -483,6 +486,7 @@ def create_app(models: list[str] | None = None, running_usage: bool = True, read
     first ``ready_after_s`` seconds, as a model server loading."""
     served: list[str] = list(models) if models else [DEFAULT_MODEL]
     stats = FakeStats()
+    cache = PrefixCache.from_env()
     created_at = int(time.time())
     ready_at = time.monotonic() + ready_after_s
 
@@ -610,6 +614,7 @@ def create_app(models: list[str] | None = None, running_usage: bool = True, read
         prompt_tokens = sum(_word_count(content_text(m.get("content"))) for m in messages)
         usage = _usage(prompt_tokens, len(tokens) * common.n)
         answer = _Answer("chatcmpl", common)
+        await cache.prefill(" ".join(content_text(m.get("content")) for m in messages).split())
 
         if not common.stream:
             early = await delay_then_check_disconnect(request, common, call)
@@ -664,6 +669,7 @@ def create_app(models: list[str] | None = None, running_usage: bool = True, read
         prompt_words = _word_count(prompt.replace("echo:", " echo:", 1))  # the text continued: a word a token
         usage = _usage(prompt_words, len(tokens) * common.n)
         answer = _Answer("cmpl", common)
+        await cache.prefill(prompt.split())
 
         def chunk(choices: list[JsonObj]) -> JsonObj:
             return answer.part("text_completion", choices)
@@ -733,6 +739,7 @@ def create_app(models: list[str] | None = None, running_usage: bool = True, read
             Route("/v1/embeddings", embeddings_endpoint, methods=["POST"]),
             Route("/_stats", get_stats, methods=["GET"]),
             Route("/_reset", reset_stats, methods=["POST"]),
+            Route("/metrics", cache.metrics, methods=["GET"]),
         ]
     )
     app.state.stats = stats

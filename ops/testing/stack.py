@@ -165,10 +165,10 @@ class Stack:
         worker.wait_for_log("worker_started", STARTUP_S)
         return worker
 
-    def start_agent(self, model: str) -> Child:
+    def start_agent(self, model: str, config: Path | None = None) -> Child:
         """`hotq agent` for `model` (its backend from the model's `command`), not waited for: the
         caller waits for the event it needs (`wait_for_event`)."""
-        agent = self._start("agent", ["agent", "--config", str(self.config), "--model", model])
+        agent = self._start("agent", ["agent", "--config", str(config or self.config), "--model", model])
         self.workers.append(agent)
         return agent
 

@@ -1,0 +1,71 @@
+"""Issue 11 acceptance 6: with real vLLM and two agents, placement by prefix makes vLLM's own prefix
+cache hit more than the shared queue alone does, for the same kind of session workload."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import urllib.request
+from collections.abc import Iterator
+
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from ops.processes import wait_until
+from ops.testing.deadlines import VLLM_EVENTUALLY_S
+from ops.testing.stack import Stack
+from ops.testing.vllm_pair import VllmPair, vllm_pair
+
+SESSIONS = 6
+TURNS = 4
+
+
+@pytest.fixture(scope="module")
+def model(session_tag: str, delete_test_queues: list[str]) -> str:
+    name = f"affinity-vllm-{session_tag}"
+    delete_test_queues.append(name)
+    return name
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, model: str) -> Iterator[VllmPair]:
+    with vllm_pair(tmp_path_factory.mktemp("vllm-pair"), amqp_url, model) as running:
+        yield running
+
+
+def _sessions(stack: Stack, model: str, phase: str) -> None:
+    """`SESSIONS` conversations of `TURNS` turns, each with its own long system prompt, at once."""
+    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=VLLM_EVENTUALLY_S)
+
+    def session(number: int) -> None:
+        rules = " ".join(
+            f"Rule {k} of {phase} desk {number}: answer politely about topic {k * number}." for k in range(40)
+        )
+        messages: list[ChatCompletionMessageParam] = [{"role": "system", "content": rules}]
+        for turn in range(TURNS):
+            messages.append({"role": "user", "content": f"Question {turn}: what is {turn} plus {number}?"})
+            answer = client.chat.completions.create(model=model, messages=messages, max_tokens=8, temperature=0)
+            messages.append({"role": "assistant", "content": answer.choices[0].message.content or ""})
+
+    with concurrent.futures.ThreadPoolExecutor(SESSIONS) as pool:
+        list(pool.map(session, range(SESSIONS)))
+
+
+def test_vllm_s_prefix_cache_hits_more_with_affinity_on(pair: VllmPair, model: str) -> None:
+    before = pair.prefix_cache()
+    _sessions(pair.off, model, "off")
+    middle = pair.prefix_cache()
+    _sessions(pair.on, model, "on")
+    after = pair.prefix_cache()
+    off_queries, off_hits = middle[0] - before[0], middle[1] - before[1]
+    on_queries, on_hits = after[0] - middle[0], after[1] - middle[1]
+    assert off_queries > 0 and on_queries > 0, "vLLM counts its prefix cache"
+    print(f"prefix-cache hit rate: affinity off {off_hits / off_queries:.3f}, on {on_hits / on_queries:.3f}")
+    assert on_hits / on_queries > off_hits / off_queries
+
+    def heartbeats_carry_the_rate() -> bool:  # the agents read the counters into their heartbeats
+        with urllib.request.urlopen(pair.on.url + "/metrics", timeout=10) as response:
+            text = response.read().decode()
+        return any(line.startswith("hotq_prefix_cache_hit_ratio{") and model in line for line in text.splitlines())
+
+    wait_until(heartbeats_carry_the_rate, VLLM_EVENTUALLY_S, "the prefix-cache hit ratio in the API's /metrics")
