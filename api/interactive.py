@@ -123,7 +123,7 @@ class InteractiveRequest:
             outlook,
             SCALER_GRACE_S if scaled else 0.0,
             self.ask.cluster,
-            StreamMigration(self.ask.model, config.max_migrations, self._gateway.metrics),
+            StreamMigration(self.ask.model, config.max_migrations, self._gateway.metrics, self.ask.body),
             lambda record: self._gateway.spawn(client.control(record)),
         )
 

@@ -7,7 +7,10 @@ asking attempt:
 
 - `Resume`: the text so far, its token count, the stream's `id` and `created`, for the
   consumer to continue it (`consumers/continuation.py`); with nothing sent, from the start;
-- finish: a `finish_reason` already went out, the answer is complete: the API ends the stream;
+- finish: a `finish_reason` already went out, the answer is complete: the API ends the stream,
+  with the usage chunk the client asked for (`stream_options.include_usage`) if it did not get it
+  yet: completion tokens as counted below, prompt tokens from the running usage the client got
+  when it asked for that, else estimated from the request's text (a token per four characters);
 - refuse: tool calls were under way, or the stream already moved `max_migrations` times: the
   client gets an explicit error event, as before migration existed.
 
@@ -24,6 +27,7 @@ from typing import Any
 import msgspec
 
 from broker.messages import Resume, Resuming
+from consumers.stream_usage import prompt_estimate
 from ops.metrics import ApiMetrics
 
 _DATA = b"data: "
@@ -37,7 +41,11 @@ class Sent:
     tokens: int = 0
     stream_id: str = ""
     created: int = 0
+    object: str = ""
+    model: str = ""
+    prompt_tokens: int | None = None  # from the client's own running usage, if it asked for it
     finished: bool = False  # a finish_reason went out
+    usage_sent: bool = False  # the usage-only chunk went out
     tool_calls: bool = False  # tool call deltas went out
 
 
@@ -61,6 +69,8 @@ def _add_chunk(sent: Sent, parts: list[str], chunk: dict[str, Any]) -> None:
     if not sent.stream_id and isinstance(chunk.get("id"), str):
         sent.stream_id = chunk["id"]
         sent.created = chunk["created"] if isinstance(chunk.get("created"), int) else 0
+        sent.object = chunk["object"] if isinstance(chunk.get("object"), str) else ""
+        sent.model = chunk["model"] if isinstance(chunk.get("model"), str) else ""
     choices = chunk.get("choices")
     counted = False
     for choice in choices if isinstance(choices, list) else ():
@@ -77,8 +87,12 @@ def _add_chunk(sent: Sent, parts: list[str], chunk: dict[str, Any]) -> None:
         if choice.get("finish_reason") is not None:
             sent.finished = True
     usage = chunk.get("usage")
-    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int) and choices:
+    if isinstance(usage, dict) and choices == []:
+        sent.usage_sent = True
+    elif isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int) and choices:
         sent.tokens = usage["completion_tokens"]  # the client's own running usage: exact
+        if isinstance(usage.get("prompt_tokens"), int):
+            sent.prompt_tokens = usage["prompt_tokens"]
     elif counted:
         sent.tokens += 1
 
@@ -90,14 +104,20 @@ class Refuse:
 
 @dataclasses.dataclass(frozen=True)
 class Finish:
-    """The answer is complete already; only its end was lost."""
+    """The answer is complete already; only its end was lost: `tail` (the usage chunk, if the
+    client asked for one and did not get it) and [DONE]. `usage` as far as known."""
+
+    tail: bytes
+    usage: dict[str, int]
 
 
 class StreamMigration:
     """One stream's chunks sent so far and its migrations."""
 
-    def __init__(self, model: str, max_migrations: int, metrics: ApiMetrics | None = None) -> None:
+    def __init__(self, model: str, max_migrations: int, metrics: ApiMetrics | None = None, body: bytes = b"{}") -> None:
+        """`body`: the client's request, read only if the API must end the stream itself."""
         self._model = model
+        self._body = body
         self._max = max_migrations
         self._metrics = metrics
         self._chunks: list[bytes] = []
@@ -120,7 +140,7 @@ class StreamMigration:
             return Resume(asking.request_id, asking.attempt, 0, "", "", 0)  # nothing sent: from the start
         sent = read_sent(self._chunks)
         if sent.finished and not sent.tool_calls:
-            return self._count(Finish(), "finished")
+            return self._count(self._finish(sent), "finished")
         if sent.tool_calls:
             return self._count(Refuse("its tool call was cut mid-way"), "refused")
         if self.migrations >= self._max:
@@ -130,7 +150,25 @@ class StreamMigration:
         resume = Resume(asking.request_id, asking.attempt, sent.tokens, sent.text, sent.stream_id, sent.created)
         return self._count(resume, "resumed")
 
+    def _finish(self, sent: Sent) -> Finish:
+        prompt = sent.prompt_tokens if sent.prompt_tokens is not None else prompt_estimate(self._body)
+        usage = {"prompt_tokens": prompt, "completion_tokens": sent.tokens, "total_tokens": prompt + sent.tokens}
+        if sent.usage_sent or not _asked_usage(self._body):
+            return Finish(b"", usage)
+        chunk = {"id": sent.stream_id, "object": sent.object, "created": sent.created, "model": sent.model}
+        return Finish(_DATA + msgspec.json.encode({**chunk, "choices": [], "usage": usage}) + b"\n\n", usage)
+
     def _count(self, decision: Resume | Finish | Refuse, outcome: str) -> Resume | Finish | Refuse:
         if self._metrics is not None:
             self._metrics.stream_migrations.labels(self._model, outcome).inc()
         return decision
+
+
+def _asked_usage(body: bytes) -> bool:
+    """Whether the client asked for a usage chunk at the end of its stream."""
+    try:
+        request = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return False
+    options = request.get("stream_options") if isinstance(request, dict) else None
+    return isinstance(options, dict) and options.get("include_usage") is True

@@ -131,6 +131,7 @@ class OpsMonitor:
             "series": models,
             "agents": agents,
             "capacity": capacities,
+            "migrations": {name: self.metrics.migrations(name) for name in self.config.models},
             "decisions": [dataclasses.asdict(d) for d in latest.decisions] if latest else [],
         }
 
@@ -242,6 +243,12 @@ function render(data) {
       `agents ${last(s.agents_hot) ?? 0} hot, ${last(warming) ?? 0} starting · ` +
       `in flight ${last(s.inflight) ?? 0} · ${last(s.tokens_per_s) ?? 0} tokens/s · ` +
       `capacity: ${data.capacity[model] ?? "?"}`));
+    const moved = data.migrations[model];
+    if (moved && moved.resumed + moved.finished + moved.refused > 0) {
+      const gap = moved.mean_gap_s === null ? "" : ` (mean gap ${moved.mean_gap_s} s)`;
+      card.append(el("div", {class: "muted"}, `streams moved: ${moved.resumed} resumed${gap}, ` +
+        `${moved.finished} ended by the API, ${moved.refused} refused (this API process)`));
+    }
     const launches = data.decisions.filter(d => d.model === model && d.launched > 0).map(d => d.at);
     const charts = el("div", {class: "charts"});
     charts.append(chart("Queue depth", s.t, QUEUE.map(([k, name, color]) => ({name, color, values: s[k]}))));

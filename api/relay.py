@@ -176,7 +176,7 @@ class ReplyRelay:
         if isinstance(decision, Finish):
             self._answer(Cancel(asking.request_id))
             self.finished = True
-            return Final(asking.request_id, asking.attempt, 0, 200, b"", None)  # only [DONE] was missing
+            return Final(asking.request_id, asking.attempt, 0, 200, decision.tail, decision.usage)
         self._follow(asking.attempt, asking)
         self._answer(decision)
         return None

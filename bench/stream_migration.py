@@ -7,10 +7,14 @@
   (the redelivery, the API's answer, the continuation's prefill). On the fake backend (20 ms a token)
   by default, or on an OpenAI-compatible backend already running (vLLM: ``--backend-url``, the
   model name it serves), greedy.
-- *drain*: 8 long streams (fake backend) in flight on one worker, another worker idle; SIGTERM to
-  the first, seconds until it exited (``drain_grace_s`` 60). Only this part runs against another
-  checkout: ``PYTHONPATH=/path/to/other python bench/stream_migration.py --drain-only`` (main, before
-  migration, waits for its streams).
+- *drain*: 8 long streams in flight on one worker (the fake backend's 800 tokens at 25 ms, or with
+  ``--backend-url`` 300 tokens, ``ignore_eos``), another worker idle; SIGTERM to the first, seconds
+  until it exited (``hotq worker --grace 600``, so a checkout that waits for its streams shows the whole
+  wait). Only this part runs against another checkout: ``PYTHONPATH=/path/to/other python
+  bench/stream_migration.py --drain-only`` (main, before migration, waits for its streams).
+
+A stream that fails is reported with its error's text, and the warnings and errors the API and
+workers logged (``logged_trouble``).
 
 It uses only `ops.testing` (stack, fake backend), so that older checkouts run it too. Prints JSON.
 """
@@ -32,12 +36,13 @@ from typing import Any
 import httpx
 import openai
 
-from ops.processes import wait_until
 from ops.testing.deadlines import EVENTUALLY_S, STOP_S
-from ops.testing.fake_backend import fake_stats, running_fake_backend
-from ops.testing.stack import ROOT, Stack, write_config
+from ops.testing.fake_backend import running_fake_backend
+from ops.testing.stack import ROOT, Stack, log_events, write_config
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+DRAIN_GRACE_S = 600
+VLLM_DRAIN_TOKENS = 300  # each of the drain's streams on a real backend (ignore_eos)
 WORDS = 400  # a fake stream of 400 tokens at 20 ms: 8 s, far longer than a kill takes
 
 
@@ -93,42 +98,92 @@ def gaps(rounds: int, backend_url: str, model: str, fake: bool, workdir: Path) -
     return measured
 
 
-def drain_s(workdir: Path, streams: int = 8) -> dict[str, Any]:
+def drain_s(workdir: Path, backend_url: str | None = None, model: str | None = None) -> dict[str, Any]:
+    """The drain on the fake backend, or on a running backend (`backend_url` serving `model`)."""
+    if backend_url is not None and model is not None:
+        return _drain(workdir, backend_url, model, fake=False)
     model = f"bench-drain-{uuid.uuid4().hex[:6]}"
-    with running_fake_backend([model]) as backend_url:
-        table = {"backend_url": backend_url, "max_inflight": streams, "drain_grace_s": 60}
-        stack = Stack(write_config(workdir / "hotq.toml", AMQP_URL, {model: table}, stream_flush_ms=0), workdir)
-        errors: list[str] = []
-        try:
-            stack.start_api()
-            first = stack.start_worker(model)
+    with running_fake_backend([model]) as url:
+        return _drain(workdir, url, model, fake=True)
 
-            def read() -> None:
-                try:
-                    for _chunk in _client(stack).chat.completions.create(
-                        model=model,
-                        messages=[{"role": "user", "content": " ".join(["go"] * WORDS * 2)}],
-                        stream=True,
-                        extra_body={"fake_delay_ms": 25},
-                    ):
-                        pass
-                except openai.APIError as exc:
-                    errors.append(exc.message)
 
-            readers = [threading.Thread(target=read) for _ in range(streams)]
-            for reader in readers:
-                reader.start()
-            wait_until(lambda: fake_stats(backend_url)["active"] == streams, EVENTUALLY_S, "streams in flight")
-            stack.start_worker(model)
-            signalled = time.monotonic()
-            first.send_signal(signal.SIGTERM)
-            first.wait(timeout=120 + STOP_S)
-            took = time.monotonic() - signalled
-            for reader in readers:
-                reader.join(timeout=300)
-        finally:
-            stack.close()
-    return {"checkout": str(ROOT), "streams": streams, "drain_s": round(took, 2), "stream_errors": errors}
+def _drain(workdir: Path, backend_url: str, model: str, fake: bool, streams: int = 8) -> dict[str, Any]:
+    table = {"backend_url": backend_url, "max_inflight": streams}
+    stack = Stack(write_config(workdir / "hotq.toml", AMQP_URL, {model: table}, stream_flush_ms=0), workdir)
+    errors: list[str] = []
+    trouble: list[dict[str, Any]] = []
+    started = threading.Semaphore(0)  # released once per stream at its first content
+    finishes: list[str] = []
+    try:
+        stack.start_api()
+        # A grace far above a stream's length: a checkout that waits for its streams shows their whole wait.
+        first = stack.start_worker(model, "--grace", str(DRAIN_GRACE_S))
+
+        def read() -> None:
+            content = " ".join(["go"] * WORDS * 2) if fake else "Tell me a long story about a lighthouse keeper."
+            extra: dict[str, Any] = {"fake_delay_ms": 25} if fake else {"ignore_eos": True}
+            limit: dict[str, Any] = {} if fake else {"max_tokens": VLLM_DRAIN_TOKENS}
+            seen = False
+            try:
+                for chunk in _client(stack).chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": content}],
+                    stream=True,
+                    temperature=0,
+                    extra_body=extra,
+                    **limit,
+                ):
+                    if not seen and _has_content(chunk):
+                        seen = True
+                        started.release()
+                    if chunk.choices and chunk.choices[0].finish_reason:
+                        finishes.append(chunk.choices[0].finish_reason)
+            except openai.APIError as exc:
+                errors.append(f"{type(exc).__name__}: {exc.message}")
+            except Exception as exc:  # whatever ended a stream is reported, never lost with its thread
+                errors.append(repr(exc))
+            finally:
+                if not seen:
+                    started.release()
+
+        readers = [threading.Thread(target=read) for _ in range(streams)]
+        for reader in readers:
+            reader.start()
+        for _ in readers:
+            if not started.acquire(timeout=EVENTUALLY_S * (1 if fake else 10)):
+                raise TimeoutError("the streams did not all start")
+        stack.start_worker(model)
+        signalled = time.monotonic()
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=DRAIN_GRACE_S + STOP_S)
+        took = time.monotonic() - signalled
+        for reader in readers:
+            reader.join(timeout=900)
+        if errors:
+            trouble = _trouble(stack)
+    finally:
+        stack.close()
+    report = {
+        "checkout": str(ROOT),
+        "backend": "fake" if fake else backend_url,
+        "streams": streams,
+        "drain_s": round(took, 2),
+        "finished_streams": len(finishes),
+        "stream_errors": errors,
+    }
+    return {**report, "logged_trouble": trouble} if errors else report
+
+
+def _trouble(stack: Stack) -> list[dict[str, Any]]:
+    """Every warning and error the stack's processes logged, to tell why a stream failed."""
+    found = []
+    for child in [stack.api, *stack.workers]:
+        if child is None:
+            continue
+        for event in log_events(child.log_path):
+            if event.get("level") in ("warning", "error", "critical") or event.get("status", 200) != 200:
+                found.append({"process": child.name, **event})
+    return found
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -161,7 +216,7 @@ def main() -> None:
                 "all": [round(v, 4) for v in measured],
             }
         (Path(tmp) / "drain").mkdir()
-        report["drain"] = drain_s(Path(tmp) / "drain")
+        report["drain"] = drain_s(Path(tmp) / "drain", args.backend_url, args.model)
     print(json.dumps(report, indent=2))
 
 

@@ -24,6 +24,7 @@ from ops.snapshot import Snapshot
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # From a cached embedding to a long generation under a full queue (request_timeout_s is 600 s).
 LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+MIGRATION_OUTCOMES = ("resumed", "finished", "refused")  # of hotq_stream_migrations_total (api/migration.py)
 TTFT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -175,6 +176,18 @@ class ApiMetrics:
         )
         self._series[(model, endpoint, stream)] = series
         return series
+
+    def migrations(self, model: str) -> dict[str, float | None]:
+        """This process's stream migrations of `model` by outcome, and their mean resume gap (for /ops)."""
+        value = self.registry.get_sample_value
+        counts: dict[str, float | None] = {
+            outcome: value("hotq_stream_migrations_total", {"model": model, "outcome": outcome}) or 0.0
+            for outcome in MIGRATION_OUTCOMES
+        }
+        gaps = value("hotq_stream_resume_gap_seconds_count", {"model": model})
+        total = value("hotq_stream_resume_gap_seconds_sum", {"model": model})
+        counts["mean_gap_s"] = round(total / gaps, 4) if gaps and total is not None else None
+        return counts
 
     def update_fleet(self, snapshot: Snapshot) -> None:
         """Set the fleet gauges to a snapshot's numbers."""

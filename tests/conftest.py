@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import signal
 import socket
 import subprocess
 import uuid
@@ -168,6 +169,35 @@ class ContractWorker:
 @pytest.fixture(scope="module")
 def contract_worker(amqp_url: str, fake_worker: FakeWorker) -> ContractWorker:
     return ContractWorker(amqp_url, fake_worker.model, _fake_chat_reply, EVENTUALLY_S)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamContractWorker:
+    """A worker on the fake backend whose holder of a stream a test can kill, for the
+    migration records of broker/WIRE.md (`Resuming`, `Resume`)."""
+
+    amqp_url: str
+    model: str
+    pause_file: Path  # a stream whose body names it (`fake_pause_file`) pauses after its first token until it exists
+    replace: Callable[[], None]  # start another worker, then kill -9 the one that was serving
+    expected_reply: Callable[[str], str]
+    eventually_s: float
+
+
+@pytest.fixture
+def stream_contract_worker(
+    tmp_path: Path, amqp_url: str, session_tag: str, delete_test_queues: list[str]
+) -> Iterator[StreamContractWorker]:
+    model = f"test-org/contract-stream.v1-{session_tag}-{uuid.uuid4().hex[:6]}"
+    delete_test_queues.append(model)
+    with worker_on_a_fake_backend(tmp_path, amqp_url, model, 4) as stack:
+
+        def replace() -> None:
+            holder = stack.workers[-1]
+            stack.start_worker(model)
+            holder.send_signal(signal.SIGKILL)
+
+        yield StreamContractWorker(amqp_url, model, tmp_path / "go", replace, _fake_chat_reply, EVENTUALLY_S)
 
 
 def _fake_chat_reply(text: str) -> str:

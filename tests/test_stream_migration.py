@@ -82,9 +82,9 @@ def _piece(chunk: Any) -> str:
     return (choice.delta.content if hasattr(choice, "delta") else choice.text) or ""
 
 
-def _start(stack: Stack, model: str, pause: Path, endpoint: str = "chat", **extra: Any) -> Reader:
+def _start(stack: Stack, model: str, pause: Path, endpoint: str = "chat", options: Any = None, **extra: Any) -> Reader:
     body = {"fake_pause_file": str(pause), **extra}
-    options: Any = {"include_usage": True}
+    options = options or {"include_usage": True}
     client = _client(stack)
     if endpoint == "chat":
         messages: Any = [{"role": "user", "content": TEXT}]
@@ -164,6 +164,8 @@ def test_two_kills_are_survived_and_a_third_ends_with_an_error(stack: Stack, fak
     assert f'hotq_stream_migrations_total{{model="{fake_model}",outcome="resumed"}} 2.0' in metrics
     assert f'hotq_stream_migrations_total{{model="{fake_model}",outcome="refused"}} 1.0' in metrics
     assert f'hotq_stream_resume_gap_seconds_count{{model="{fake_model}"}} 2.0' in metrics
+    moved = httpx.get(stack.url + "/ops/data", timeout=EVENTUALLY_S).json()["migrations"][fake_model]
+    assert (moved["resumed"], moved["finished"], moved["refused"]) == (2, 0, 1) and moved["mean_gap_s"] > 0
 
 
 def test_draining_agent_hands_its_stream_over_and_leaves_at_once(
@@ -306,3 +308,32 @@ def test_streams_that_cannot_be_continued_end_with_an_error_event(
     with pytest.raises(openai.APIError) as caught:
         reader.rest()
     assert "lost" in caught.value.message
+
+
+@pytest.mark.parametrize("running_usage", [False, True], ids=["include_usage", "continuous_usage_stats"])
+def test_a_stream_whose_finish_went_out_gets_its_usage_chunk_from_the_api(
+    stack: Stack, fake_model: str, tmp_path: Path, running_usage: bool
+) -> None:
+    """Point 3 of the i12 follow-up: the consumer dies after the finish_reason went out and
+    before the usage chunk did; the API ends the stream itself with the usage the client asked for:
+    the completion tokens it got, the prompt from its running usage if it had one, else estimated."""
+    first = stack.start_worker(fake_model)
+    pause = tmp_path / "go"
+    options: Any = {"include_usage": True, **({"continuous_usage_stats": True} if running_usage else {})}
+    # One token: it carries the finish_reason, and the backend pauses right after it.
+    reader = _start(stack, fake_model, pause, options=options, max_tokens=1)
+    reader.until(1)
+    assert reader.chunks[-1].choices[0].finish_reason == "length"
+    stack.start_worker(fake_model)
+    first.send_signal(signal.SIGKILL)
+    reader.rest()  # ends without an error event
+    tokens, _ = expected_chat_tokens(TEXT, 1)
+    assert "".join(reader.pieces()) == "".join(tokens)
+    usage_chunks = [chunk for chunk in reader.chunks if not chunk.choices and chunk.usage]
+    assert len(usage_chunks) == 1 and reader.chunks[-1] is usage_chunks[0]
+    usage = usage_chunks[0].usage
+    prompt = len(TEXT.split()) if running_usage else -(-len(TEXT) // 4)  # the backend's count, or the estimate
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (prompt, 1, prompt + 1)
+    assert usage_chunks[0].id == reader.chunks[0].id and usage_chunks[0].created == reader.chunks[0].created
+    metrics = httpx.get(stack.url + "/metrics", timeout=EVENTUALLY_S).text
+    assert f'hotq_stream_migrations_total{{model="{fake_model}",outcome="finished"}} 1.0' in metrics

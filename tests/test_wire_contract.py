@@ -1,9 +1,10 @@
 """broker/WIRE.md is enough: a producer that knows only the contract publishes requests and
-collects their answers, and a malformed request is dead-lettered with its reason.
+collects their answers, a malformed request is dead-lettered with its reason, and a producer of
+streams answers `Resuming` with `Resume` so that a stream whose consumer died goes on.
 
 On purpose this module imports no hotq code: everything it sends and reads is built from
-the contract page with plain aio-pika and msgpack (the `contract_worker` fixture runs the
-worker it talks to).
+the contract page with plain aio-pika and msgpack (the `contract_worker` and
+`stream_contract_worker` fixtures run the workers it talks to).
 """
 
 from __future__ import annotations
@@ -20,23 +21,26 @@ import aio_pika
 import msgpack
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 
-if TYPE_CHECKING:  # the fixture's type only: this module runs without importing hotq
-    from tests.conftest import ContractWorker
+if TYPE_CHECKING:  # the fixtures' types only: this module runs without importing hotq
+    from tests.conftest import ContractWorker, StreamContractWorker
 
 WIRE_VERSION = 3
 CONTENT_TYPE = "application/x-msgpack"
-REQUEST_TAG, STARTED_TAG, FINAL_TAG, ERROR_TAG = 1, 2, 4, 5
+REQUEST_TAG, STARTED_TAG, CHUNKS_TAG, FINAL_TAG, ERROR_TAG = 1, 2, 3, 4, 5
+RESUMING_TAG, RESUME_TAG = 11, 12
 
 
-def batch_queue(model: str) -> str:
+def batch_queue(model: str, lane: str = "batch") -> str:
     readable = re.sub(r"[^A-Za-z0-9_.-]+", "_", model).strip("_.")[:120] or "model"
-    return f"hotq.req.{readable}.{hashlib.sha256(model.encode()).hexdigest()[:10]}.batch"
+    return f"hotq.req.{readable}.{hashlib.sha256(model.encode()).hexdigest()[:10]}.{lane}"
 
 
-def envelope(request_id: str, model: str, endpoint: str, body: dict[str, Any]) -> bytes:
+def envelope(
+    request_id: str, model: str, endpoint: str, body: dict[str, Any], stream: bool = False, lane: str = "batch"
+) -> bytes:
     now = time.time()
-    fields = [request_id, model, endpoint, json.dumps(body).encode(), False, now + 600, now + 600, "contract-test",
-              "batch", now]  # fmt: skip
+    fields = [request_id, model, endpoint, json.dumps(body).encode(), stream, now + 600, now + 600, "contract-test",
+              lane, now]  # fmt: skip
     return msgpack.packb([WIRE_VERSION, REQUEST_TAG, *fields], use_bin_type=True)
 
 
@@ -206,3 +210,72 @@ async def test_a_request_in_an_affinity_queue_nobody_takes_spills_to_the_shared_
         await placed.delete(if_unused=False, if_empty=False)
         await results.delete(if_unused=False, if_empty=False)
     assert answers[request_id][0] == FINAL_TAG
+
+
+def sse_chunks(data: bytes) -> list[dict[str, Any]]:
+    """The JSON chunks of a `ChunkBatch`'s (or a stream's `Final`'s) SSE events."""
+    events = [event for event in data.split(b"\n\n") if event.startswith(b"data: ")]
+    return [json.loads(event[len(b"data: ") :]) for event in events if event != b"data: [DONE]"]
+
+
+def content(chunks: list[dict[str, Any]]) -> str:
+    return "".join(chunk["choices"][0]["delta"].get("content") or "" for chunk in chunks if chunk["choices"])
+
+
+async def test_a_producer_answers_resuming_and_its_stream_goes_on(
+    stream_contract_worker: StreamContractWorker,
+) -> None:
+    """A stream's consumer dies after its first token; the one that takes the redelivery asks with
+    `Resuming`, the producer answers `Resume` with what its client got, and the stream goes on after it."""
+    worker, request_id = stream_contract_worker, uuid.uuid4().hex
+    text = "a producer that sends streams answers the consumer that asks"
+    frames: asyncio.Queue[list[Any]] = asyncio.Queue()
+    connection = await aio_pika.connect(worker.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        replies = await channel.declare_queue(exclusive=True)
+        await replies.bind("hotq.replies", routing_key=replies.name)
+
+        async def on_frame(message: AbstractIncomingMessage) -> None:
+            version, tag, *fields = msgpack.unpackb(message.body, raw=False)
+            assert version == WIRE_VERSION and fields[0] == request_id == message.correlation_id
+            await frames.put([tag, *fields])
+
+        await replies.consume(on_frame, no_ack=True)
+
+        async def next_frame(*tags: int) -> list[Any]:
+            while True:
+                frame = await asyncio.wait_for(frames.get(), worker.eventually_s)
+                assert frame[0] != ERROR_TAG, frame
+                if frame[0] in tags:
+                    return frame
+
+        body = {"model": worker.model, "messages": [{"role": "user", "content": text}], "stream": True,
+                "fake_pause_file": str(worker.pause_file)}  # fmt: skip
+        await publish(channel, batch_queue(worker.model, "interactive"),
+                      envelope(request_id, worker.model, "chat/completions", body, stream=True, lane="interactive"),
+                      request_id, replies.name)  # fmt: skip
+
+        got: list[dict[str, Any]] = []  # what "the client" got from the first consumer
+        while not content(got):
+            got += sse_chunks((await next_frame(CHUNKS_TAG))[4])
+        await asyncio.to_thread(worker.replace)
+
+        _, _, attempt, _worker = await next_frame(RESUMING_TAG)
+        stream_id, created = got[0]["id"], got[0]["created"]
+        resume = [WIRE_VERSION, RESUME_TAG, request_id, attempt, 1, content(got), stream_id, created]
+        control = await channel.get_exchange("hotq.control")
+        await control.publish(aio_pika.Message(msgpack.packb(resume, use_bin_type=True)), routing_key="")
+        worker.pause_file.touch()  # the continuation pauses after its first token too
+
+        rest: list[dict[str, Any]] = []
+        while True:
+            frame = await next_frame(CHUNKS_TAG, FINAL_TAG)
+            assert frame[2] == attempt  # only the attempt that asked goes on
+            rest += sse_chunks(frame[4] if frame[0] == CHUNKS_TAG else frame[5])
+            if frame[0] == FINAL_TAG:
+                break
+
+    assert content(got) + content(rest) == worker.expected_reply(text)
+    assert {(chunk["id"], chunk["created"]) for chunk in rest} == {(stream_id, created)}  # the same stream
+    assert not [chunk for chunk in rest if chunk["choices"] and "role" in chunk["choices"][0]["delta"]]
