@@ -86,6 +86,12 @@ class Consumer:
 
     @property
     def inflight(self) -> int:
+        """Requests in the backend now."""
+        return self._slots.in_use
+
+    @property
+    def held(self) -> int:
+        """Deliveries taken and not settled yet: in the backend, or waiting for a slot."""
         return len(self._deliveries)
 
     async def start(self) -> None:
@@ -110,11 +116,6 @@ class Consumer:
         self._usage.start()
         log.info("worker_started", worker=self.name, model=self.model, max_inflight=self._slots.total)
 
-    @property
-    def held(self) -> int:
-        """Deliveries taken and not settled yet (serving, or waiting for a slot)."""
-        return self._intake.held if self._intake is not None else 0
-
     async def resume(self) -> None:
         """Take work from every queue (again)."""
         assert self._intake is not None, "start() first"
@@ -131,7 +132,7 @@ class Consumer:
         if self._intake is not None:
             await self._intake.close()
         if self._deliveries:
-            log.info("worker_draining", inflight=len(self._deliveries), grace_s=grace_s)
+            log.info("worker_draining", inflight=self.inflight, held=self.held, grace_s=grace_s)
         await self._deliveries.drain(grace_s)
         if self._usage is not None:
             await self._usage.close()

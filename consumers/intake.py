@@ -85,11 +85,6 @@ class Intake:
     def limit(self) -> int:
         return self._slots.total + len(self._sources)
 
-    @property
-    def held(self) -> int:
-        """Deliveries taken and not settled yet."""
-        return sum(grant.unsettled for grant in self._grants)
-
     def start(self) -> None:
         self._channel.reopen_callbacks.add(self._reopened)
         self._dealer = asyncio.create_task(self._deal_forever())

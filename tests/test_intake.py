@@ -103,13 +103,13 @@ async def test_a_full_consumer_leaves_new_work_to_a_free_one(
                 for lane, cluster in QUEUES:
                     await publish(lane, cluster)
             total = MAX_INFLIGHT + PER_QUEUE * len(QUEUES)
-            await _eventually("every request taken", lambda: full.inflight + free.inflight == total)
+            await _eventually("every request taken", lambda: full.held + free.held == total)
             # What the full consumer holds beyond what it runs: at most one waiting per queue.
-            assert full.inflight <= MAX_INFLIGHT + len(QUEUES), (full.inflight, free.inflight)
-            assert free.inflight >= PER_QUEUE * len(QUEUES) - len(QUEUES)
+            assert full.held <= MAX_INFLIGHT + len(QUEUES), (full.held, free.held)
+            assert free.held >= PER_QUEUE * len(QUEUES) - len(QUEUES)
             hold.release()
             await _eventually("every request answered", lambda: answered == set(sent))
-            await _eventually("every delivery settled", lambda: full.inflight == free.inflight == 0)
+            await _eventually("every delivery settled", lambda: full.held == free.held == 0)
             for lane, cluster in QUEUES:
                 name = topology.request_queue_name(model, lane, cluster)
                 queue = await channel.declare_queue(name, passive=True)
