@@ -6,12 +6,14 @@ error). With a prefetch of `max_inflight` on each of its queues, a consumer coul
 what its backend runs, and that work would wait here while another agent idles.
 
 So each queue is consumed through grants: a `basic.consume` with prefetch k, for which RabbitMQ never
-lets more than k deliveries be unsettled. A grant used up is cancelled (acks of a cancelled consumer's
-deliveries give credit to nobody), and new grants are dealt from what is left of
-`limit = max_inflight + number of queues`: every queue keeps a grant of at least one, so its work is
-seen without polling, and the rest goes to the queues that used theirs up. The deliveries held never
-exceed the limit, so while the backend is full at most one per queue waits for a slot. Batch grants
-stop at the batch lane's own limit plus one, so batch work never takes the interactive reservation.
+lets more than k deliveries be unsettled. Grants are dealt from `limit = max_inflight + number of
+queues`: every queue keeps a grant of at least one, so its work is seen without polling, and the rest
+goes to the queues that used theirs up. A used-up grant gets credit back with each ack, which is right
+while its queue is the only one that wants more (no churn under a steady load); when another queue
+wants room too, it is cancelled (acks of a cancelled consumer's deliveries give credit to nobody) and
+the room freed is dealt again. The deliveries held never exceed the limit, so while the backend is
+full at most one per queue waits for a slot. Batch grants stop at the batch lane's own limit plus
+one, so batch work never takes the interactive reservation.
 """
 
 from __future__ import annotations
@@ -119,25 +121,21 @@ class Intake:
                 log.info("intake_deal_interrupted", error=repr(exc))
 
     async def _deal(self) -> None:
-        for source in list(self._sources):
-            grant = source.current
-            if grant is not None and grant.unsettled >= grant.size:
-                source.hungry = True  # used up: stop it, or each ack would give RabbitMQ credit back
+        wanting = [source for source in self._sources if source.current is None or _used_up(source.current)]
+        if self._room(Lane.INTERACTIVE) <= 0 and any(self._under_lane_limit(source.lane) for source in wanting):
+            # Room left unused on queues that ran dry while another queue wants some: take it back.
+            for source in list(self._sources):
+                grant = source.current
+                if grant is not None and 1 < grant.size and grant.unsettled < grant.size:
+                    await self._cancel(grant)
+        # A used-up grant gets its credit back from RabbitMQ at each ack. That is right while its
+        # queue alone wants more; else it stops, and the room is dealt again, interactive first.
+        used_up = [source.current for source in self._sources if source.current and _used_up(source.current)]
+        if used_up and (len(wanting) > 1 or self._room(Lane.INTERACTIVE) > 0):
+            for grant in used_up:
+                grant.source.hungry = True
                 await self._cancel(grant)
         await self._deal_room()
-        # Room left unused on queues that ran dry while another queue waits for some: take it back.
-        if any(self._starving(source) for source in self._sources):
-            spare = [
-                source.current
-                for source in self._sources
-                if source.current is not None
-                and 1 < source.current.size
-                and source.current.unsettled < source.current.size
-            ]
-            for grant in spare:
-                await self._cancel(grant)
-            if spare:
-                await self._deal_room()
 
     async def _deal_room(self) -> None:
         # First a grant of one for each queue with none, so its work is seen; then the rest to the
@@ -152,11 +150,9 @@ class Intake:
                 share = math.ceil(self._room(Lane.INTERACTIVE) / (len(hungry) - index))  # of the room of all lanes
                 await self._open(source, max(1, min(room, share)))
 
-    def _starving(self, source: _Source) -> bool:
-        """It has no grant, and only other queues' grants leave it no room."""
-        if source.current is not None or self._room(Lane.INTERACTIVE) > 0:
-            return False
-        return source.lane is Lane.INTERACTIVE or self._batch_room() > 0
+    def _under_lane_limit(self, lane: Lane) -> bool:
+        """The batch lane has a limit of its own: past it, taking room back from other queues is no help."""
+        return lane is Lane.INTERACTIVE or self._batch_room() > 0
 
     def _by_priority(self) -> list[_Source]:
         """Interactive sources first; the one served last goes to the end of its lane's turn."""
@@ -219,3 +215,7 @@ class Intake:
         for grant in list(self._grants):
             self._closed(grant)
         self._wake.set()
+
+
+def _used_up(grant: _Grant) -> bool:
+    return grant.unsettled >= grant.size
