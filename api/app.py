@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import structlog
 from aio_pika.abc import AbstractRobustConnection
@@ -19,7 +20,9 @@ from api.batches import Batches, BatchManager
 from api.errors import on_hotq_error, on_http_exception, on_unexpected
 from api.files import Files
 from api.ops_page import OpsMonitor
+from api.process_header import ProcessHeader
 from api.routes import Gateway
+from api.shared_limits import SharedLimiter
 from api.usage import Usage
 from broker.config import Config
 from broker.connection import connect_until_up
@@ -35,9 +38,13 @@ CLIENT_RETRY_S = 2.0  # while RabbitMQ refuses the request client (its queues ar
 USAGE_RETRY_S = 10.0
 
 
-def create_app(config: Config) -> Starlette:
+def create_app(config: Config, shared: bool = False) -> Starlette:
+    """The API; `shared`: one of several processes serving one port (`hotq serve --workers N`), which
+    share the per-user limits (`api.shared_limits`) and name themselves in `X-Hotq-Process`."""
     metrics = ApiMetrics(CollectorRegistry())
     gateway = Gateway(config, metrics)
+    if shared:
+        gateway.limiter = SharedLimiter(config, Path(config.data_dir) / "limits.db")
     ops = OpsMonitor(config, metrics)
     store = AsyncJobStore(JobStore(config.data_dir))
     batch_manager = BatchManager(config, store)
@@ -97,6 +104,8 @@ def create_app(config: Config) -> Starlette:
         await recorder.close()
         await batch_manager.close()
         store.close()
+        if isinstance(gateway.limiter, SharedLimiter):
+            gateway.limiter.close()
         if gateway.client is not None:
             await gateway.client.close()
         for connection in connected:
@@ -122,6 +131,8 @@ def create_app(config: Config) -> Starlette:
         Route("/ops/data", ops.data, methods=["GET"]),
     ]
     middleware = [] if auth.authenticator is None else [Middleware(AuthMiddleware, authenticator=auth.authenticator)]
+    if shared:
+        middleware.insert(0, Middleware(ProcessHeader))  # outermost: every answer names its process
     app = Starlette(
         routes=routes,
         lifespan=lifespan,

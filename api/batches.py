@@ -2,9 +2,11 @@
 
 Creating a batch validates its input file whole (a bad line fails the batch, with
 every bad line named, and nothing is dispatched), stores its lines, and starts a
-`BatchRunner` in this process. At start-up the process resumes every unfinished
-batch created through the API; `hotq submit` runs its own jobs, which show up here
-too (same job store).
+`BatchRunner` in this process. Every API process follows every unfinished batch created
+through the API (looking for new ones in the job store every second, so a batch created
+through one process is run by all): each collects the answers RabbitMQ hands it, and the
+one holding the batch's lease dispatches and finishes it; when that process dies another
+takes the lease over. `hotq submit` runs its own jobs, which show up here too (same job store).
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ from api.identity import identity_of, owner_filter
 from broker.batch_input import parse_batch_file
 from broker.config import Config
 from broker.errors import HotqError, InvalidRequest
-from broker.jobstore import AsyncJobStore, new_id
+from broker.jobstore import AsyncJobStore, JobStore, new_id
 from broker.json_limits import too_deep
 from broker.messages import Endpoint
 from broker.openai_objects import batch_object
@@ -37,6 +41,8 @@ log = structlog.get_logger("hotq.api")
 
 ENDPOINTS = {endpoint.path: endpoint for endpoint in Endpoint}
 RUNNER_RETRY_S = 2.0  # before a runner that failed (a lost connection) starts again
+WATCH_S = 1.0  # how often a process looks for batches other processes created
+LEASE_S = 10.0  # a runner renews its lease every second; a process silent this long loses it
 
 
 class BatchNotFound(HotqError):
@@ -52,19 +58,39 @@ class BatchManager:
         self.config = config
         self.store = store
         self.connection: AbstractRobustConnection | None = None
+        self.name = f"{socket.gethostname()}:{os.getpid()}"  # the lease holder, and the collector's name
         self._runners: dict[str, asyncio.Task[Any]] = {}
+        self._watching: asyncio.Task[None] | None = None
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        """Run batches on `connection` from now on, starting with this API's unfinished ones."""
+        """Run batches on `connection` from now on: the unfinished ones, and new ones as they come."""
         self.connection = connection
+        await self._follow_active()
+        self._watching = asyncio.create_task(self._watch())
+
+    async def _follow_active(self) -> None:
         for batch_id in await self.store.run(lambda db: db.batches.active("api")):
-            log.info("batch_resumed", batch_id=batch_id)
-            self.run(batch_id)
+            if batch_id not in self._runners:
+                log.info("batch_followed", batch_id=batch_id)
+                self.run(batch_id)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                await self._follow_active()
+            except Exception:
+                log.exception("batch_watch_failed")
 
     def run(self, batch_id: str) -> None:
         if self.connection is None or batch_id in self._runners:
             return  # not connected yet: `start` resumes it
-        runner = BatchRunner(self.connection, self.store, batch_id)
+        store, name = self.store, self.name
+
+        async def lease() -> bool:
+            return await store.run(lambda db: db.batches.hold_runner(batch_id, name, LEASE_S))
+
+        runner = BatchRunner(self.connection, store, batch_id, shared=True, lease=lease, collector=name)
         task = asyncio.create_task(self._run(runner))
         self._runners[batch_id] = task
         task.add_done_callback(lambda _: self._runners.pop(batch_id, None))
@@ -81,10 +107,21 @@ class BatchManager:
                 await asyncio.sleep(RUNNER_RETRY_S)
 
     async def close(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+        batch_ids = list(self._runners)
         for task in list(self._runners.values()):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        name = self.name
+
+        def let_go(db: JobStore) -> None:  # another process takes them over at once
+            for batch_id in batch_ids:
+                db.batches.let_go(batch_id, name)
+
+        with contextlib.suppress(Exception):
+            await self.store.run(let_go)
 
 
 class Batches:

@@ -22,6 +22,7 @@ from starlette.responses import Response
 
 from api.disconnect import ClientDisconnected, unless_disconnected
 from api.errors import error_response
+from api.migration import StreamMigration
 from api.relay import ReplyRelay
 from api.sse import EventStreamResponse, keepalive_event
 from broker.errors import HotqError
@@ -115,6 +116,8 @@ class InteractiveRequest:
             outlook,
             SCALER_GRACE_S if scaled else 0.0,
             self.ask.cluster,
+            StreamMigration(self.ask.model, config.max_migrations, self._gateway.metrics),
+            lambda record: self._gateway.spawn(client.control(record)),
         )
 
     async def _whole_answer(self, request: Request, relay: ReplyRelay) -> Response:

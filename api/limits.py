@@ -9,8 +9,9 @@ none, see consumers/stream_usage.py), and the number of its requests in flight
 (`max_concurrent_per_user`). A user over any of them gets 429 with `Retry-After` at once, before
 anything is queued: a flood of one user cannot fill a model's queue ahead of everyone else.
 
-The API runs on one event loop and nothing here awaits, so checking and counting need no lock. Each
-API process keeps its own counters. Batch lines never come through here (the BatchManager submits
+The API runs on one event loop and nothing here awaits, so checking and counting need no lock. Several
+API processes (`hotq serve --workers N`) share their counters instead: `api.shared_limits`. Batch
+lines never come through here (the BatchManager submits
 them), so batch work is never rejected; it waits in its lane.
 """
 
@@ -26,7 +27,7 @@ from broker.errors import RateLimited
 MAX_STATES = 100_000  # (user, model) pairs kept before idle ones are swept out
 
 
-class _State:
+class UserState:
     __slots__ = ("requests", "tokens", "updated", "inflight")
 
     def __init__(self, limits: LimitsConfig, now: float) -> None:
@@ -36,7 +37,7 @@ class _State:
         self.inflight = 0
 
     def refill(self, limits: LimitsConfig, now: float) -> None:
-        elapsed = now - self.updated
+        elapsed = max(0.0, now - self.updated)  # (a wall clock shared by processes may step back)
         self.updated = now
         if limits.requests_per_minute:
             rpm = limits.requests_per_minute
@@ -44,6 +45,34 @@ class _State:
         if limits.tokens_per_minute:
             tpm = limits.tokens_per_minute
             self.tokens = min(float(tpm), self.tokens + elapsed * tpm / 60.0)
+
+    def take(self, limits: LimitsConfig, user: str, model: str) -> None:
+        """Count a request in (after `refill`), or raise RateLimited."""
+        cap = limits.max_concurrent_per_user
+        if cap and self.inflight >= cap:
+            raise RateLimited(
+                f"{user} already has {self.inflight} requests in flight on `{model}`; the limit is {cap}",
+                retry_after_s=1,
+            )
+        if limits.requests_per_minute and self.requests < 1:
+            wait = (1 - self.requests) * 60.0 / limits.requests_per_minute
+            raise RateLimited(
+                f"{user} is over {limits.requests_per_minute} requests per minute on `{model}`",
+                retry_after_s=max(1, math.ceil(wait - 1e-6)),  # 1e-6: float noise must not add a second
+            )
+        if limits.tokens_per_minute and self.tokens <= 0:
+            wait = (-self.tokens + 1) * 60.0 / limits.tokens_per_minute
+            raise RateLimited(
+                f"{user} is over {limits.tokens_per_minute} tokens per minute on `{model}`",
+                retry_after_s=max(1, math.ceil(wait - 1e-6)),  # 1e-6: float noise must not add a second
+            )
+        if limits.requests_per_minute:
+            self.requests -= 1
+        self.inflight += 1
+
+    def charge(self, limits: LimitsConfig, usage: dict[str, int] | None) -> None:
+        if usage and limits.tokens_per_minute:
+            self.tokens -= usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
 
     def idle(self, limits: LimitsConfig) -> bool:
         return (
@@ -58,7 +87,7 @@ class Limiter:
         self._limits = {
             name: model.limits if model.limits is not None else config.limits for name, model in config.models.items()
         }
-        self._states: dict[tuple[str, str], _State] = {}
+        self._states: dict[tuple[str, str], UserState] = {}
         self._clock = clock
 
     def limits(self, model: str) -> LimitsConfig | None:
@@ -76,30 +105,10 @@ class Limiter:
         if state is None:
             if len(self._states) >= MAX_STATES:
                 self._sweep(now)
-            state = self._states[key] = _State(limits, now)
+            state = self._states[key] = UserState(limits, now)
         else:
             state.refill(limits, now)
-        cap = limits.max_concurrent_per_user
-        if cap and state.inflight >= cap:
-            raise RateLimited(
-                f"{user} already has {state.inflight} requests in flight on `{model}`; the limit is {cap}",
-                retry_after_s=1,
-            )
-        if limits.requests_per_minute and state.requests < 1:
-            wait = (1 - state.requests) * 60.0 / limits.requests_per_minute
-            raise RateLimited(
-                f"{user} is over {limits.requests_per_minute} requests per minute on `{model}`",
-                retry_after_s=max(1, math.ceil(wait - 1e-6)),  # 1e-6: float noise must not add a second
-            )
-        if limits.tokens_per_minute and state.tokens <= 0:
-            wait = (-state.tokens + 1) * 60.0 / limits.tokens_per_minute
-            raise RateLimited(
-                f"{user} is over {limits.tokens_per_minute} tokens per minute on `{model}`",
-                retry_after_s=max(1, math.ceil(wait - 1e-6)),  # 1e-6: float noise must not add a second
-            )
-        if limits.requests_per_minute:
-            state.requests -= 1
-        state.inflight += 1
+        state.take(limits, user, model)
         done = False
 
         def release(usage: dict[str, int] | None) -> None:
@@ -123,13 +132,13 @@ class Limiter:
             now = self._clock()
             if len(self._states) >= MAX_STATES:
                 self._sweep(now)
-            state = self._states[(user, model)] = _State(limits, now)
+            state = self._states[(user, model)] = UserState(limits, now)
         self._charge(state, limits, usage)
 
-    def _charge(self, state: _State, limits: LimitsConfig, usage: dict[str, int] | None) -> None:
+    def _charge(self, state: UserState, limits: LimitsConfig, usage: dict[str, int] | None) -> None:
         if usage and limits.tokens_per_minute:
             state.refill(limits, self._clock())
-            state.tokens -= usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+            state.charge(limits, usage)
 
     def _sweep(self, now: float) -> None:
         for key, state in list(self._states.items()):

@@ -4,9 +4,13 @@ The rules that make delivery at-least-once safe for the client live here:
 - frames belong to an *attempt* (one delivery of the request to a consumer);
   the relay follows the latest attempt that announced itself (with `Started`,
   or with its first output when it answered fast);
-- if a new attempt starts after output already reached the client, the stream
-  cannot be continued seamlessly: the client gets `WorkerLost`, not a silent cut
-  or a duplicated answer;
+- a new attempt that asks what the client already got (`Resuming`: a consumer took
+  the redelivered stream) becomes the followed one and continues the stream after
+  what was sent (`api/migration.py` decides, and counts the migrations); the attempts
+  left behind are ignored from then on;
+- any other new attempt after output already reached the client cannot continue the
+  stream seamlessly: the client gets `WorkerLost`, not a silent cut or a duplicated
+  answer;
 - stale frames (an older attempt, a repeated sequence number) are dropped;
 - until some consumer starts the request it may wait `max_queue_wait_s`; past
   that it waits on while the scaler says capacity is coming (an agent launching,
@@ -21,8 +25,19 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from api.migration import Finish, Refuse, StreamMigration
 from broker.errors import DeadlineExceeded, HotqError, NoCapacity, WorkerLost
-from broker.messages import ANNOUNCE_AFTER_S, ChunkBatch, Final, ModelOutlook, ReplyFrame, Started
+from broker.messages import (
+    ANNOUNCE_AFTER_S,
+    Cancel,
+    ChunkBatch,
+    Control,
+    Final,
+    ModelOutlook,
+    ReplyFrame,
+    Resuming,
+    Started,
+)
 from producers.request_client import ReplyItem
 
 
@@ -44,8 +59,12 @@ class ReplyRelay:
         outlook: Callable[[], ModelOutlook | None] = lambda: None,
         scaler_grace_s: float = 0.0,
         cluster: str | None = None,
+        migration: StreamMigration | None = None,
+        answer: Callable[[Control], object] = lambda _: None,
     ) -> None:
-        """`outlook` gives the scaler's latest word on the model's capacity (None: no scaler speaks);
+        """`migration` follows what the client got; `answer` sends a consumer that asks
+        (`Resuming`) its `Resume` or `Cancel`. `outlook` gives the scaler's latest word on
+        the model's capacity (None: no scaler speaks);
         for a model a scaler runs, `scaler_grace_s` more is given for its word to come (a scaler
         that has just started speaks after a few seconds). A request pinned to `cluster` waits
         only for capacity there."""
@@ -62,6 +81,9 @@ class ReplyRelay:
         self._deadline = now + max(0.0, deadline - time.time())
         self.queue_wait_s: float | None = None  # from submission until a consumer took it
         self._attempt: str | None = None
+        self._left: set[str] = set()  # attempts a migration left behind
+        self._migration = migration or StreamMigration("", 0)
+        self._answer = answer
         self._next_seq = 0
         self.sent_output = False
         self.finished = False  # a consumer sent the final frame: nothing is left to cancel
@@ -121,16 +143,14 @@ class ReplyRelay:
     def _accept(self, item: ReplyItem) -> bytes | Final | None:
         if isinstance(item, HotqError):
             raise item
+        if isinstance(item, Resuming):
+            return self._resuming(item)
         if item.attempt != self._attempt:
-            if not _opens_attempt(item):
+            if item.attempt in self._left or not _opens_attempt(item):
                 return None  # from an attempt we are no longer following
             if self.sent_output:
                 raise WorkerLost("the consumer serving this stream was lost after output was sent; retry the request")
-            self._attempt = item.attempt
-            self._next_seq = 0
-            if self.queue_wait_s is None:  # `Started` comes ANNOUNCE_AFTER_S late; a fast first output is exact
-                late = ANNOUNCE_AFTER_S if isinstance(item, Started) else 0.0
-                self.queue_wait_s = max(0.0, time.monotonic() - self._submitted - late)
+            self._follow(item.attempt, item)
         if isinstance(item, Started):
             return None
         if isinstance(item, ChunkBatch):
@@ -138,11 +158,37 @@ class ReplyRelay:
                 return None
             self._next_seq += 1
             self.sent_output = True
+            self._migration.note_output(item.data)
             return item.data
         self.finished = True
         if isinstance(item, Final):
             return item
         raise HotqError(item.message, status=item.status, error_type=item.error_type, code=item.code, param=item.param)
+
+    def _resuming(self, asking: Resuming) -> bytes | Final | None:
+        """A consumer took the redelivered request and asks what the client already got."""
+        if asking.attempt == self._attempt or asking.attempt in self._left:
+            return None
+        decision = self._migration.answer(asking)
+        if isinstance(decision, Refuse):
+            # Cancelled at the consumer as the stream ends (the relay is not finished).
+            raise WorkerLost(f"the consumer serving this stream was lost and {decision.reason}; retry the request")
+        if isinstance(decision, Finish):
+            self._answer(Cancel(asking.request_id))
+            self.finished = True
+            return Final(asking.request_id, asking.attempt, 0, 200, b"", None)  # only [DONE] was missing
+        self._follow(asking.attempt, asking)
+        self._answer(decision)
+        return None
+
+    def _follow(self, attempt: str, first: ReplyFrame) -> None:
+        if self._attempt is not None:
+            self._left.add(self._attempt)
+        self._attempt = attempt
+        self._next_seq = 0
+        if self.queue_wait_s is None:  # `Started` comes ANNOUNCE_AFTER_S late; a fast first output is exact
+            late = ANNOUNCE_AFTER_S if isinstance(first, Started) else 0.0
+            self.queue_wait_s = max(0.0, time.monotonic() - self._submitted - late)
 
     async def final(self) -> Final:
         """Wait for the complete answer of a non-streaming request."""

@@ -17,6 +17,7 @@ from api.bodies import read_body
 from api.identity import identity_of
 from api.interactive import Ask, InteractiveRequest
 from api.limits import Limiter
+from api.shared_limits import SharedLimiter
 from broker.config import Config
 from broker.errors import BrokerUnavailable, InvalidRequest, ModelNotFound
 from broker.messages import Endpoint, ModelOutlook, ModelState
@@ -37,7 +38,8 @@ class Gateway:
         self.metrics = metrics
         self.client: RequestClient | None = None
         self.policy: AccessPolicy | None = None  # per-model access lists, when [auth] is on
-        self.limiter = Limiter(config)  # per-user [limits] of interactive requests
+        # Per-user [limits] of interactive requests: in memory, or shared with the other API processes.
+        self.limiter: Limiter | SharedLimiter = Limiter(config)
         self.outlook: Callable[[str], ModelOutlook | None] = lambda _model: None  # the scaler's word, if it speaks
         self.started_at = int(time.time())
         self._background: set[asyncio.Task[Any]] = set()
@@ -94,7 +96,11 @@ class Gateway:
         if self.policy is not None:
             await self.policy.require(identity, parsed.model)
         cluster = self._pinned_cluster(request, parsed.model)
-        release = self.limiter.admit(identity.user, parsed.model)  # 429 now if over a limit; nothing queued
+        # 429 now if over a limit; nothing queued
+        if isinstance(self.limiter, SharedLimiter):
+            release = await self.limiter.admit(identity.user, parsed.model)
+        else:
+            release = self.limiter.admit(identity.user, parsed.model)
         request_id = os.urandom(16).hex()  # as unique as a uuid4, at a fraction of the cost
         ask = Ask(request_id, endpoint, parsed.model, body, parsed.stream, identity.user, cluster, release)
         try:

@@ -60,9 +60,16 @@ class Processes(Children):
         super().__init__(log_dir, STOP_TIMEOUT_S)
 
     def start(
-        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = ROOT
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = ROOT,
+        own_log: bool = True,
+        pass_fds: Sequence[int] = (),
     ) -> Child:
-        return super().start(name, argv, env=env, cwd=cwd)
+        return super().start(name, argv, env=env, cwd=cwd, own_log=own_log, pass_fds=pass_fds)
 
     async def wait(self, name: str, timeout: float) -> None:
         """Wait for a process that ends by itself, then make sure its group is gone."""

@@ -112,6 +112,12 @@ class AuthConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
         return "none" not in self.modes
 
 
+class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """``[api]``: how `hotq up` runs the API."""
+
+    workers: PositiveInt = 1  # API processes sharing the port and the job store (`hotq serve --workers`)
+
+
 class AmqpTls(msgspec.Struct, frozen=True):
     """The files an ``amqps://`` connection verifies the broker with and presents as its own identity."""
 
@@ -139,6 +145,8 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     # The shortest gap between two frames of one stream; 0: each token at once, coalesced only under load.
     stream_flush_ms: NonNegativeInt = 0
     heartbeat_s: PositiveFloat = 5.0  # agent status interval on the events exchange
+    # How often one stream may move to another consumer (its consumer lost, or draining) before it ends in an error.
+    max_migrations: NonNegativeInt = 2
     ops_sample_s: PositiveFloat = 5.0  # how often the API samples queues and agents for /ops and /metrics
     # How long a batch may run before its unfinished lines expire (OpenAI's "24h" completion window).
     batch_window_s: PositiveFloat = 24 * 3600.0
@@ -146,6 +154,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     clusters: dict[str, ClusterConfig] = {}
     auth: AuthConfig | None = None  # without it the API serves anyone, and binds loopback only
     limits: LimitsConfig = LimitsConfig()  # per-user limits on interactive requests (default: none)
+    api: ApiConfig = ApiConfig()
 
     @property
     def amqp_tls(self) -> AmqpTls | None:

@@ -14,6 +14,11 @@ control exchange to whichever consumer holds the request; that consumer answers
 the cancel with `Abandoned`, the backend's token count at the cut, so the API can
 charge the user's limits for it.
 
+Migration: a consumer that takes a redelivered stream (its earlier consumer died or
+handed it over) asks with `Resuming` what the client already got; the API answers on
+the control exchange with `Resume` (the text and token count the client has), and
+the consumer continues the stream from there, or with `Cancel` if it must not.
+
 Accounting: each consumer sums what it served per user, model, lane and day and
 sends the sums as a `UsageReport` on the events exchange about once a second.
 
@@ -148,6 +153,31 @@ class Abandoned:
     usage: dict[str, int] | None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resuming:
+    """A consumer took a redelivered stream: `attempt` waits for the API's `Resume` before it starts."""
+
+    TAG: ClassVar[int] = 11
+    request_id: str
+    attempt: str
+    worker: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Resume:
+    """The API's answer to `Resuming`: what the client already got. `tokens` 0: serve it from the
+    start; else continue after `text` (`tokens` completion tokens), in the client's stream `stream_id`
+    created at `created`."""
+
+    TAG: ClassVar[int] = 12
+    request_id: str
+    attempt: str
+    tokens: int
+    text: str
+    stream_id: str
+    created: int
+
+
 class AgentState(enum.StrEnum):
     STARTING = "starting"
     LOADING = "loading"
@@ -238,8 +268,9 @@ class ModelOutlook:
     sent_at: float  # unix time
 
 
-ReplyFrame = Started | ChunkBatch | Final | ErrorReply
-Record = RequestEnvelope | ReplyFrame | Abandoned | Cancel | AgentStatus | UsageReport | ModelOutlook
+ReplyFrame = Started | ChunkBatch | Final | ErrorReply | Resuming
+Control = Cancel | Resume  # what the control exchange carries to every consumer
+Record = RequestEnvelope | ReplyFrame | Abandoned | Control | AgentStatus | UsageReport | ModelOutlook
 
 _RECORDS: tuple[type[Record], ...] = (
     RequestEnvelope,
@@ -252,6 +283,8 @@ _RECORDS: tuple[type[Record], ...] = (
     UsageReport,
     Abandoned,
     ModelOutlook,
+    Resuming,
+    Resume,
 )
 _UnionType = type(int | None)
 

@@ -168,11 +168,15 @@ def results_queue_name(batch_id: str) -> str:
     return RESULTS_QUEUE_PREFIX + _UNSAFE.sub("_", batch_id)
 
 
-async def declare_results_queue(channel: AbstractChannel, batch_id: str) -> AbstractQueue:
-    """Durable and quorum: answers survive a collector (or the whole API) that dies mid-batch."""
-    queue = await channel.declare_queue(
-        results_queue_name(batch_id), durable=True, arguments={"x-queue-type": "quorum"}
-    )
+async def declare_results_queue(channel: AbstractChannel, batch_id: str, single_active: bool = False) -> AbstractQueue:
+    """Durable and quorum: answers survive a collector (or the whole API) that dies mid-batch.
+    `single_active` (an API batch, which every API process consumes): RabbitMQ delivers to one
+    consumer at a time and hands over to the next when it goes. A queue's arguments cannot change,
+    so declaring one that exists with other arguments fails (PRECONDITION_FAILED, the channel closes)."""
+    arguments: FieldTable = {"x-queue-type": "quorum"}
+    if single_active:
+        arguments["x-single-active-consumer"] = True
+    queue = await channel.declare_queue(results_queue_name(batch_id), durable=True, arguments=arguments)
     await bind_reply_queue(channel, queue)
     return queue
 

@@ -13,6 +13,13 @@ briefly for answers in flight and ends `cancelled` with what it has. A finished
 batch's results queue is deleted. A direct job's input may stay open (`producers.jobs`):
 its runner publishes lines as they are stored (`wake`) and the job cannot complete until
 the input is closed.
+
+Several API processes follow each API batch (`shared`): every one consumes its results
+queue, which RabbitMQ's single active consumer gives to one at a time (the next takes over
+when that one's connection goes), and records what it receives; the process holding the
+batch's lease in the job store (`lease`, renewed every second) dispatches it and finishes it.
+A results queue made before it had single active consumer keeps its arguments: its
+consumers compete, and recording stays exactly once.
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aiormq.exceptions import ChannelPreconditionFailed
 
 from broker import messages, topology
 from broker.errors import WireError
@@ -65,6 +73,9 @@ class BatchRunner:
         collect: bool = True,
         on_published: Callable[[int], None] | None = None,
         on_collected: Callable[[int], None] | None = None,
+        shared: bool = False,
+        lease: Callable[[], Awaitable[bool]] | None = None,
+        collector: str | None = None,
     ) -> None:
         self._connection = connection
         self._store = store
@@ -73,29 +84,39 @@ class BatchRunner:
         self._collect = collect
         self._on_published = on_published
         self._on_collected = on_collected
+        self._shared = shared  # other processes follow this batch too
+        self._lease = lease  # renews this process's lease on running the batch: whether it holds it
+        self._collector = collector  # this process's name, recorded with the answers it collects
         self._stop_dispatch = False
+        self._dispatching: asyncio.Task[None] | None = None
         self._new_lines = asyncio.Event()
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
 
     async def run(self) -> dict[str, Any]:
         """Run until the batch is finished (or, with collect=False, until it is dispatched)."""
         with structlog.contextvars.bound_contextvars(batch_id=self.batch_id):
-            row = await self._row()
-            dispatching: asyncio.Task[None] | None = None
-            if self._publish and row.status == "in_progress":
-                dispatching = asyncio.create_task(self._dispatch(row))
             try:
                 if not self._collect:
-                    if dispatching is not None:
-                        await dispatching
+                    row = await self._row()
+                    if self._publish and row.status == "in_progress":
+                        self._dispatch_now(row)
+                    if self._dispatching is not None:
+                        await self._dispatching
                     return await self._batch()
                 return await self._collect_until_done()
             finally:
-                self._stop_dispatch = True
-                if dispatching is not None and not dispatching.done():
-                    dispatching.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await dispatching
+                await self._stop_dispatching()
+
+    def _dispatch_now(self, row: BatchRow) -> None:
+        if self._dispatching is None and not self._stop_dispatch:
+            self._dispatching = asyncio.create_task(self._dispatch(row))
+
+    async def _stop_dispatching(self) -> None:
+        dispatching, self._dispatching = self._dispatching, None
+        if dispatching is not None and not dispatching.done():
+            dispatching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await dispatching
 
     def wake(self) -> None:
         """Lines were added to the job: publish them."""
@@ -137,6 +158,7 @@ class BatchRunner:
                     wait_for_lines=self._wait_for_lines,
                     # Without a collector here nothing would free the window (`hotq submit --detach`).
                     max_unanswered=DISPATCH_WINDOW if self._collect else None,
+                    declare_results=not self._shared,  # the collector declared it, single active
                 )
                 return
             except asyncio.CancelledError:
@@ -145,33 +167,58 @@ class BatchRunner:
                 log.warning("batch_dispatch_failed_retrying", error=repr(exc))
                 await asyncio.sleep(1.0)
 
-    async def _collect_until_done(self) -> dict[str, Any]:
+    async def _consume(self) -> tuple[AbstractChannel, AbstractQueue, str]:
+        """A channel consuming the results queue into the inbox."""
         channel = await self._connection.channel()
         await channel.set_qos(prefetch_count=COLLECT_PREFETCH)
-        queue = await topology.declare_results_queue(channel, self.batch_id)
+        try:
+            queue = await topology.declare_results_queue(channel, self.batch_id, single_active=self._shared)
+        except ChannelPreconditionFailed:  # made before single active consumer (or by `hotq submit`)
+            channel = await self._connection.channel()
+            await channel.set_qos(prefetch_count=COLLECT_PREFETCH)
+            queue = await channel.get_queue(topology.results_queue_name(self.batch_id), ensure=True)
+            log.info("results_queue_without_single_active_consumer")
 
         async def on_message(message: AbstractIncomingMessage) -> None:
             self._inbox.put_nowait(message)
 
-        tag = await queue.consume(on_message)
+        return channel, queue, await queue.consume(on_message)
+
+    async def _hold(self) -> bool:
+        """Whether this process runs the batch now (dispatch, status, finishing)."""
+        if self._lease is not None:
+            return await self._lease()
+        batch_id = self.batch_id
+        await self._store.run(lambda db: db.batches.touch(batch_id))
+        return True
+
+    async def _collect_until_done(self) -> dict[str, Any]:
+        channel, queue, tag = await self._consume()
         control = await channel.declare_exchange(topology.CONTROL_EXCHANGE, "fanout", durable=True)
         cancel_seen: float | None = None
         cancel_sent = 0.0
-        last_answer = time.monotonic()
-        last_touch = 0.0
-        batch_id = self.batch_id
+        last_answer = last_hold = time.monotonic()
+        holding = await self._hold()
+        row = await self._row()
+        if holding and self._publish and row.status == "in_progress":
+            self._dispatch_now(row)  # at once, not after the first wait for answers
         try:
             while True:
                 if await self._record(await self._take()):
                     last_answer = time.monotonic()
                 now = time.monotonic()
-                if now - last_touch > 1.0:
-                    await self._store.run(lambda db: db.batches.touch(batch_id))
-                    last_touch = now
+                if now - last_hold > 1.0:
+                    holding = await self._hold()
+                    last_hold = now
                 row = await self._row()
                 status = row.status
                 if status in TERMINAL_STATUSES:
                     break
+                if not holding:  # another process runs it; this one only records what reaches it
+                    await self._stop_dispatching()
+                    continue
+                if self._publish and status == "in_progress":
+                    self._dispatch_now(row)
                 if status == "finalizing" or (status == "in_progress" and row.answered):
                     await self._finish("completed")
                 elif status == "in_progress" and time.time() >= row.expires_at:
@@ -234,8 +281,8 @@ class BatchRunner:
                     log.warning("result_for_unknown_request", request_id=frame.request_id)
                     continue
                 results.append(result_of(frame, owner.line, owner.custom_id))
-            batch_id = self.batch_id
-            added_ok, added_failed = await self._store.run(lambda db: db.results.record(batch_id, results))
+            batch_id, collector = self.batch_id, self._collector
+            added_ok, added_failed = await self._store.run(lambda db: db.results.record(batch_id, results, collector))
             if self._on_collected is not None and (added_ok or added_failed):
                 self._on_collected(added_ok + added_failed)
         try:

@@ -5,8 +5,11 @@ cluster) on one channel, with prefetch dealt from free slots across all of them
 (`Intake`), and keeps the backend at `max_inflight` requests through shared
 `BackendSlots`; `pause`/`resume` stop and restart taking work (while the
 backend restarts); `stop` cancels the consumers, lets in-flight requests finish
-within a grace period and requeues the rest. A request is acked only after its
-final frame is confirmed, so a consumer that dies mid-request has it redelivered.
+within a grace period and requeues the rest; what another consumer can take over
+(non-streaming requests, streams it can continue) is handed back at once. A request is
+acked only after its final frame is confirmed, so a consumer that dies mid-request has it
+redelivered; a redelivered stream asks the API what its client already got
+(`consumers/handover.py`) and goes on from there.
 Each delivery is settled exactly once, however its serving ends (`Deliveries`).
 """
 
@@ -34,10 +37,12 @@ from aio_pika.abc import (
 )
 
 from broker import messages, topology
-from broker.errors import BackendError, DeadlineExceeded, HotqError, WireError
-from broker.messages import Abandoned, Cancel, Lane, RequestEnvelope, Started
+from broker.errors import BackendError, DeadlineExceeded, HotqError, WireError, WorkerLost
+from broker.messages import Abandoned, Cancel, Control, Lane, RequestEnvelope, Resume, Resuming, Started
+from consumers.continuation import why_not_continuable
 from consumers.deliveries import Deliveries, Delivery, Settlement
 from consumers.handler import AttemptProgress, BackendUnreachable, RequestHandler, error_frame
+from consumers.handover import ResumeWaits
 from consumers.intake import Intake
 from consumers.replies import CallerGone, ReplySender
 from consumers.slots import BackendSlots
@@ -78,6 +83,7 @@ class Consumer:
         self._usage: UsageReporter | None = None
         self._deliveries = Deliveries()
         self._cancelled_unseen: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._resumes = ResumeWaits()
         self._stopping = False
         # Results queues of cancelled batches: their requests still queued are dropped, not served.
         self._cancelled_batches: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -110,7 +116,7 @@ class Consumer:
             f"{topology.CANCEL_QUEUE_PREFIX}{self.name}", exclusive=True, auto_delete=True
         )
         await cancels.bind(control)
-        await cancels.consume(self._on_cancel, no_ack=True)
+        await cancels.consume(self._on_control, no_ack=True)
         self._intake.start()
         await self.resume()
         self._usage.start()
@@ -127,7 +133,8 @@ class Consumer:
             await self._intake.pause()
 
     async def stop(self, grace_s: float = 30.0) -> None:
-        """Stop taking work, let in-flight requests finish for `grace_s`, requeue the rest."""
+        """Stop taking work, hand back at once what another consumer can take over, let the
+        rest finish for `grace_s`, requeue what is left."""
         self._stopping = True  # held requests still waiting for a slot go back at once
         if self._intake is not None:
             await self._intake.close()
@@ -148,11 +155,17 @@ class Consumer:
         self.last_active = time.monotonic()
         self._deliveries.take(message, message.correlation_id or os.urandom(16).hex(), self._serve, on_settled)
 
-    async def _on_cancel(self, message: AbstractIncomingMessage) -> None:
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
         try:
-            cancel = messages.decode_as(message.body, Cancel)
+            control = messages.decode_as(message.body, Control)
         except WireError:
             return
+        if isinstance(control, Resume):
+            self._resumes.deliver(control)  # for whichever consumer asked: most get it for nothing
+            return
+        await self._on_cancel(control)
+
+    async def _on_cancel(self, cancel: Cancel) -> None:
         if cancel.request_id.startswith(topology.RESULTS_QUEUE_PREFIX):  # a whole batch was cancelled
             self._cancelled_batches[cancel.request_id] = None
             while len(self._cancelled_batches) > 1000:
@@ -190,6 +203,9 @@ class Consumer:
         assert self._reply_exchange is not None, "start() first"
         replies = ReplySender(self._reply_exchange, reply_to, envelope.request_id)
         progress = AttemptProgress(envelope.body)
+        progress.continuable = envelope.stream and why_not_continuable(envelope.endpoint, envelope.body) is None
+        # Draining, hand it over at once unless it is a stream that cannot go on elsewhere.
+        delivery.movable = lambda: progress.continuable or not progress.sent_output
         try:
             outcome = await self._attempt(delivery, envelope, replies, progress)
         except asyncio.CancelledError:
@@ -247,10 +263,19 @@ class Consumer:
                         with contextlib.suppress(CallerGone):
                             await replies.send(error_frame(envelope, attempt, DeadlineExceeded(dropped)))
                     return _Outcome.DROPPED
+                resume = None
+                if progress.continuable and message.redelivered:
+                    resume = await self._resumes.ask(replies, Resuming(envelope.request_id, attempt, self.name))
+                    if resume is None:
+                        lost = WorkerLost("the consumer serving this stream was lost; retry the request")
+                        await replies.send(error_frame(envelope, attempt, lost))
+                        return _Outcome.ANSWERED
+                    if resume.tokens:
+                        log.info("stream_resumed", tokens=resume.tokens, worker=self.name)
                 serving = asyncio.current_task()
                 assert serving is not None
                 replies.announce_later(Started(envelope.request_id, attempt, self.name), serving.cancel)
-                await self._handler.serve(envelope, attempt, replies, progress)
+                await self._handler.serve(envelope, attempt, replies, progress, resume)
         except CallerGone:
             log.info("caller_gone")  # nobody waits for this answer any more
             return _Outcome.CALLER_GONE

@@ -42,6 +42,7 @@ class Delivery:
         self.on_settled = on_settled  # its prefetch place is free again
         self.request_id = request_id
         self.cancelled_by_client = False
+        self.movable: Callable[[], bool] = lambda: True  # another consumer can take it over now
         self.dead_reason = "the consumer failed on it"  # why, if it is dead-lettered (broker/WIRE.md)
         self.task: asyncio.Task[Settlement] | None = None
         self.settled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -88,9 +89,16 @@ class Deliveries:
         await self.drain(grace_s=0)
 
     async def drain(self, grace_s: float) -> None:
-        """Let the deliveries being served finish within `grace_s`, hand back the rest, and
-        return once every one is settled."""
-        tasks = [delivery.task for delivery in self._open if delivery.task is not None and not delivery.task.done()]
+        """Hand back at once the deliveries another consumer can take over, let the others being
+        served finish within `grace_s`, hand back the rest, and return once every one is settled."""
+        tasks = []
+        for delivery in self._open:
+            if delivery.task is None or delivery.task.done():
+                continue
+            if delivery.movable():
+                delivery.task.cancel()  # a cancel that is not the client's hands the delivery back
+            else:
+                tasks.append(delivery.task)
         if tasks and grace_s > 0:
             await asyncio.wait(tasks, timeout=grace_s)
         for task in tasks:

@@ -19,8 +19,9 @@ import msgspec
 import structlog
 
 from broker.errors import BackendError, DeadlineExceeded, HotqError
-from broker.messages import DONE_EVENT, ErrorReply, Final, RequestEnvelope
+from broker.messages import DONE_EVENT, ErrorReply, Final, RequestEnvelope, Resume
 from consumers.backend_client import BackendClient
+from consumers.continuation import ResumedStream, continuation_body
 from consumers.replies import ReplySender
 from consumers.stream_sender import StreamSender
 from consumers.stream_usage import StreamUsage, backend_request, prompt_estimate
@@ -48,8 +49,9 @@ class AttemptProgress:
         self._body = body
         self._prompt_estimate: int | None = None
         self.called_backend = False  # the backend was asked, so it may have generated tokens
-        self.sent_output = False  # output went out to the client: the request is not safe to serve again
-        self.stream_usage: StreamUsage | None = None
+        self.sent_output = False  # output went out to the client: the request is not safe to serve again ...
+        self.continuable = False  # ... unless it is a stream another consumer can continue
+        self.stream_usage: StreamUsage | ResumedStream | None = None
         self.answer_usage: dict[str, int] | None = None  # a complete answer's usage
 
     @property
@@ -72,7 +74,8 @@ class AttemptProgress:
 
 
 class BackendUnreachable(Exception):
-    """The backend failed before any output went out (so the request is safe to serve again)."""
+    """The backend failed before any output went out, or mid-way through a stream that can be
+    continued (so the request is safe to serve again)."""
 
 
 def usage_of(json_body: bytes) -> dict[str, int] | None:
@@ -174,15 +177,20 @@ class RequestHandler:
         self.completion_tokens = 0
 
     async def serve(
-        self, envelope: RequestEnvelope, attempt: str, replies: ReplySender, progress: AttemptProgress
+        self,
+        envelope: RequestEnvelope,
+        attempt: str,
+        replies: ReplySender,
+        progress: AttemptProgress,
+        resume: Resume | None = None,
     ) -> None:
         """Send exactly one final frame (`Final` or `ErrorReply`); raise `BackendUnreachable`
-        instead if the backend could not be reached at all. `progress` follows the attempt,
-        also when it is cancelled."""
+        instead if the request is safe to serve again elsewhere. `progress` follows the attempt,
+        also when it is cancelled. With `resume`, continue the stream the client already got part of."""
         remaining = envelope.deadline - time.time()
         try:
             async with asyncio.timeout(remaining):
-                await self._call_backend(envelope, attempt, replies, progress)
+                await self._call_backend(envelope, attempt, replies, progress, resume)
         except TimeoutError:
             error = DeadlineExceeded(f"the request's deadline passed after {remaining:.0f} s")
             await replies.send(error_frame(envelope, attempt, error))
@@ -190,11 +198,20 @@ class RequestHandler:
             await replies.send(error_frame(envelope, attempt, error))
 
     async def _call_backend(
-        self, envelope: RequestEnvelope, attempt: str, replies: ReplySender, progress: AttemptProgress
+        self,
+        envelope: RequestEnvelope,
+        attempt: str,
+        replies: ReplySender,
+        progress: AttemptProgress,
+        resume: Resume | None,
     ) -> None:
         body = envelope.body
+        if resume is not None and (resume.tokens or resume.text):
+            body = continuation_body(envelope.endpoint, body, resume)
         if envelope.stream:
-            body, progress.stream_usage = backend_request(body)
+            body, stream_usage = backend_request(body)
+            # Once the client has any of the stream, the rest goes on as the same stream.
+            progress.stream_usage = ResumedStream(stream_usage, resume) if resume and resume.stream_id else stream_usage
         progress.called_backend = True
         try:
             async with self._backend.post(envelope.endpoint, body) as response:
@@ -208,8 +225,9 @@ class RequestHandler:
                     await replies.send(Final(envelope.request_id, attempt, 0, response.status, answer, progress.usage))
                     self._count(progress.usage)
         except (aiohttp.ClientError, ConnectionError) as exc:
-            if not progress.sent_output:
-                # Nothing reached the client: the request can be served again, here or elsewhere.
+            if not progress.sent_output or progress.continuable:
+                # Nothing reached the client, or another consumer can continue the stream: the
+                # request can be served again, here or elsewhere.
                 raise BackendUnreachable(repr(exc)) from exc
             raise BackendError(f"the backend failed mid-answer: {exc!r}", status=502) from exc
 

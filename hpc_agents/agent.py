@@ -9,8 +9,10 @@ hot (consuming the model's queues) → draining → stopped. It leaves when
 - it gets SIGTERM (or `request_stop()`),
 - its backend died more than `max_restarts` times.
 
-Draining stops consuming, lets in-flight requests finish within `drain_grace_s`,
-requeues the rest and stops the backend: nothing is lost. While the backend is
+Draining stops consuming, hands back at once what another agent can take over
+(non-streaming requests, streams it can continue: README, Stream migration), lets
+the other streams finish within `drain_grace_s`, requeues the rest and stops the
+backend: nothing is lost. While the backend is
 restarted, the agent takes no work and hands back what it held.
 
 `run_agent(params)` is the entry point for `hotq agent` and for a Globus Compute

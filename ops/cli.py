@@ -31,22 +31,49 @@ def cli(log_level: str) -> None:
 @config_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
-def serve(config_path: str | None, host: str, port: int) -> None:
+@click.option(
+    "--workers",
+    default=None,
+    type=click.IntRange(min=1),
+    help="API processes sharing the port and the job store (default: [api] workers, else 1)",
+)
+@click.option("--fd", default=None, type=int, hidden=True, help="serve this inherited listening socket")
+@click.pass_context
+def serve(
+    ctx: click.Context, config_path: str | None, host: str, port: int, workers: int | None, fd: int | None
+) -> None:
     """Run the OpenAI-compatible HTTP API."""
+    import socket
+
     import uvicorn
 
     from api.app import create_app
     from api.auth import check_bind
 
     config = load(config_path)
+    workers = workers or config.api.workers
     try:
         warning = check_bind(config, host)
-        app = create_app(config)
+        if workers > 1 and fd is None:  # the supervisor: it only binds the port and runs the children
+            app = None
+        else:
+            app = create_app(config, shared=fd is not None)
     except ConfigError as exc:
         raise click.ClickException(exc.message) from None
-    if warning:
+    if warning and fd is None:
         click.secho(warning, fg="red", bold=True, err=True)
-    uvicorn.run(
+    if app is None:
+        from pathlib import Path
+
+        from ops.api_workers import serve_workers
+
+        log_level = ctx.parent.params["log_level"] if ctx.parent is not None else "info"
+        child_args = ["--log-level", log_level, "serve", "--host", host, "--workers", "1"]
+        if config_path is not None:
+            child_args += ["--config", config_path]
+        serve_workers(child_args, host, port, workers, Path(config.data_dir))
+        return
+    settings = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -58,6 +85,14 @@ def serve(config_path: str | None, host: str, port: int) -> None:
         server_header=False,
         date_header=False,
     )
+    server = uvicorn.Server(settings)
+    if fd is not None:
+        from ops.api_workers import leave_with_supervisor
+
+        leave_with_supervisor()
+    server.run(sockets=None if fd is None else [socket.socket(fileno=fd)])
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: it could not start (the port taken, the app's start-up failed)
 
 
 @cli.command()

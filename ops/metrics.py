@@ -97,6 +97,20 @@ class ApiMetrics:
             ["model"],
             registry=registry,
         )
+        self.stream_migrations = Counter(
+            "hotq_stream_migrations",
+            "Streams that lost their consumer after output was sent: resumed on another, ended by the API"
+            " (the answer was complete), or refused (not continuable, or past max_migrations)",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.resume_gap_seconds = Histogram(
+            "hotq_stream_resume_gap_seconds",
+            "A migrated stream's pause: its last output before the move to its first output after",
+            ["model"],
+            buckets=TTFT_BUCKETS_S,
+            registry=registry,
+        )
         self._series: dict[tuple[str, str, bool], _RequestSeries] = {}
 
     def observe_request(

@@ -17,6 +17,7 @@ once, with the end of the child's log, when the child it waits on has exited.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import os
 import signal
@@ -40,30 +41,36 @@ class ProcessExited(RuntimeError):
 
 
 class Child(subprocess.Popen[bytes]):
-    """A process whose stdout and stderr go to `log_path`, in a session (process group) of its own."""
+    """A process whose stdout and stderr go to `log_path` (or, without one, to the parent's), in a
+    session (process group) of its own; `pass_fds` it inherits (a listening socket)."""
 
     def __init__(
         self,
         name: str,
         argv: Sequence[str],
-        log_path: Path,
+        log_path: Path | None,
         *,
         env: Mapping[str, str] | None = None,
         cwd: Path | None = None,
         append: bool = False,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         self.name = name
-        self.log_path = log_path
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab" if append else "wb") as log:
+        self.log_path = log_path or Path(os.devnull)
+        with contextlib.ExitStack() as stack:
+            log = None
+            if log_path is not None:
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = stack.enter_context(open(log_path, "ab" if append else "wb"))
             super().__init__(
                 list(argv),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
-                stderr=subprocess.STDOUT,
+                stderr=None if log is None else subprocess.STDOUT,
                 env=None if env is None else dict(env),
                 cwd=cwd,
                 start_new_session=True,  # its own process group: see the module's docstring
+                pass_fds=tuple(pass_fds),
             )
 
     def log_text(self) -> str:
@@ -118,11 +125,20 @@ class Children:
         self._running: dict[str, Child] = {}
 
     def start(
-        self, name: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None, cwd: Path | None = None
+        self,
+        name: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
+        own_log: bool = True,
+        pass_fds: Sequence[int] = (),
     ) -> Child:
+        """Start `name`, logging to its own file (`own_log`) or to this process's output."""
         if name in self._running:
             raise ValueError(f"a child named {name!r} is running already")
-        child = Child(name, argv, self.log_path(name), env=env, cwd=cwd, append=self._append_logs)
+        log_path = self.log_path(name) if own_log else None
+        child = Child(name, argv, log_path, env=env, cwd=cwd, append=self._append_logs, pass_fds=pass_fds)
         self._running[name] = child
         return child
 

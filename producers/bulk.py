@@ -49,15 +49,18 @@ async def dispatch(
     on_published: Callable[[int], None] | None = None,
     wait_for_lines: Callable[[], Awaitable[bool]] | None = None,
     max_unanswered: int | None = None,
+    declare_results: bool = True,
 ) -> int:
     """Publish the batch's unconfirmed lines for `caller` (whose usage they count as);
     return how many were published now. `wait_for_lines`: when all are published, wait for
-    more and say whether more may still come (the input is open)."""
+    more and say whether more may still come (the input is open). `declare_results=False`: the
+    collector declared the results queue already (with arguments of its own)."""
     channel = await connection.channel(publisher_confirms=True)
     try:
         request_exchange = await topology.declare_exchanges(channel)
         await topology.declare_request_queue(channel, request_exchange, model, Lane.BATCH)
-        await topology.declare_results_queue(channel, batch_id)
+        if declare_results:
+            await topology.declare_results_queue(channel, batch_id)
         routing_key = topology.request_queue_name(model, Lane.BATCH)
         reply_to = topology.results_queue_name(batch_id)
         published = 0

@@ -32,7 +32,7 @@ from aio_pika.abc import (
 
 from broker import messages, topology
 from broker.errors import BrokerUnavailable, HotqError, WireError
-from broker.messages import Abandoned, Cancel, Final, Lane, ReplyFrame, RequestEnvelope
+from broker.messages import Abandoned, Cancel, Control, Final, Lane, ReplyFrame, RequestEnvelope, Resuming
 
 log = structlog.get_logger("hotq.producer")
 
@@ -77,6 +77,7 @@ class RequestClient:
         self._channel: AbstractChannel | None = None
         self._request_exchange: AbstractExchange | None = None
         self._control_exchange: AbstractExchange | None = None
+        self._background: set[asyncio.Task[None]] = set()
 
     @property
     def connection(self) -> AbstractRobustConnection:
@@ -135,6 +136,10 @@ class RequestClient:
         pending = self._pending.get(frame.request_id)
         if pending is not None:  # otherwise the caller already finished or gave up
             pending.put_nowait(frame)
+        elif isinstance(frame, Resuming):  # a stream nobody waits for any more: it must not go on
+            task = asyncio.ensure_future(self.control(Cancel(frame.request_id)))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     def _on_connection_lost(self, _sender: object, exc: BaseException | None) -> None:
         if not self._pending:
@@ -220,14 +225,18 @@ class RequestClient:
 
     async def cancel(self, request_id: str) -> None:
         """Tell whichever consumer holds the request to abort it (best effort)."""
+        await self.control(Cancel(request_id))
+
+    async def control(self, record: Control) -> None:
+        """Send every consumer `record` (a `Cancel`, or a `Resume` for the one that asked; best effort)."""
         if self._control_exchange is None:
             return
         try:
             await self._control_exchange.publish(
-                aio_pika.Message(messages.encode(Cancel(request_id))), routing_key="", mandatory=False
+                aio_pika.Message(messages.encode(record)), routing_key="", mandatory=False
             )
         except _CONNECTION_ERRORS as exc:
-            log.warning("cancel_not_sent", request_id=request_id, error=repr(exc))
+            log.warning("control_not_sent", request_id=record.request_id, error=repr(exc))
 
     async def queue_stats(self, model: str, lane: Lane = Lane.INTERACTIVE) -> QueueStats | None:
         """Depth and consumer count of a model's queue, or None if RabbitMQ is unreachable."""

@@ -78,7 +78,7 @@ def test_idle_agent_exits_zero_and_leaves_no_backend(tmp_path: Path, amqp_url: s
         stack.close()
 
 
-def test_sigterm_drains_in_flight_and_requeues_the_rest(api: Stack, model: str, tmp_path: Path) -> None:
+def test_sigterm_hands_in_flight_back_at_once_and_requeues_the_rest(api: Stack, model: str, tmp_path: Path) -> None:
     hold = Hold(tmp_path / "release")
     first = api.start_agent(model)
     wait_for_event(first, "worker_started")
@@ -88,7 +88,9 @@ def test_sigterm_drains_in_flight_and_requeues_the_rest(api: Stack, model: str, 
         _backend_in_flight(first, 4)  # four in the backend, eight waiting in the queue
         first.send_signal(signal.SIGTERM)
         assert wait_for_event(first, "worker_draining")["inflight"] == 4
-        hold.release()  # the four in flight finish; the rest waits for the second agent
+        # The four in flight can be served again elsewhere: handed back at once, the agent leaves.
+        assert first.wait(timeout=STOP_S) == 0
+        hold.release()
         second = api.start_agent(model)
         results = [future.result(timeout=EVENTUALLY_S) for future in answers]
     assert first.wait(timeout=STOP_S) == 0
@@ -98,7 +100,7 @@ def test_sigterm_drains_in_flight_and_requeues_the_rest(api: Stack, model: str, 
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=STOP_S) == 0
     served_second = wait_for_event(second, "agent_exit")["served"]
-    assert served_first == 4 and served_second == 8  # in-flight finished, the rest requeued, none twice
+    assert served_first == 0 and served_second == 12  # all handed over, none twice
 
 
 def test_backend_killed_under_load_is_restarted_and_every_request_answered(

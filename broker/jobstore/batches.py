@@ -188,6 +188,26 @@ class BatchStore:
         """The runner of this batch is alive."""
         self._db.execute("UPDATE batches SET runner_seen_at = ? WHERE id = ?", [time.time(), batch_id])
 
+    def hold_runner(self, batch_id: str, holder: str, lease_s: float) -> bool:
+        """Take or renew the lease on running the batch (dispatching, finishing it) for `lease_s`:
+        whether `holder` has it. One statement, so two processes never both get it."""
+        now = time.time()
+        taken = self._db.execute(
+            "UPDATE batches SET runner = ?, runner_until = ?, runner_seen_at = ? WHERE id = ?"
+            " AND (runner IS NULL OR runner = ? OR runner_until IS NULL OR runner_until < ?)",
+            [holder, now + lease_s, now, batch_id, holder, now],
+        )
+        return taken.rowcount > 0
+
+    def let_go(self, batch_id: str, holder: str) -> None:
+        """End `holder`'s lease now, so another process takes the batch over at once."""
+        self._db.execute("UPDATE batches SET runner_until = 0 WHERE id = ? AND runner = ?", [batch_id, holder])
+
+    def processes(self, batch_id: str) -> tuple[str | None, str | None]:
+        """The process (`host:pid`) holding the batch's lease, and the one that recorded its latest answers."""
+        row = self._db.execute("SELECT runner, collector FROM batches WHERE id = ?", [batch_id]).fetchone()
+        return (None, None) if row is None else (row[0], row[1])
+
     def runner_alive(self, batch_id: str) -> bool:
         batch = self.get(batch_id)
         seen = batch.runner_seen_at if batch is not None else None

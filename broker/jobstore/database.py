@@ -140,6 +140,10 @@ def _create_tables(db: sqlite_utils.Database) -> None:
     _add_missing_column(db, "batches", "prompt_tokens", "INTEGER")
     _add_missing_column(db, "batches", "completion_tokens", "INTEGER")
     _add_missing_column(db, "batches", "input_open", "INTEGER")  # 1: a direct job still taking requests
+    # Several API processes: which one runs the batch (a lease, until `runner_until`) and which recorded last.
+    _add_missing_column(db, "batches", "runner", "TEXT")
+    _add_missing_column(db, "batches", "runner_until", "REAL")
+    _add_missing_column(db, "batches", "collector", "TEXT")
     db.execute(
         "CREATE TABLE IF NOT EXISTS lines (batch_id TEXT NOT NULL, line INTEGER NOT NULL, custom_id TEXT NOT NULL,"
         " request_id TEXT NOT NULL, body BLOB NOT NULL, published INTEGER NOT NULL DEFAULT 0,"

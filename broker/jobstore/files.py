@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import shutil
 import time
 from collections.abc import Iterable
@@ -44,7 +45,7 @@ class FileStore:
         """Copy `source` into the file's place a megabyte at a time; its size. No database: any thread
         may (an upload is copied beside the store's own thread, which stays free for other requests)."""
         path = self._dir / file_id
-        tmp = path.with_suffix(".part")
+        tmp = path.with_suffix(f".{os.getpid()}.part")  # two processes finishing one batch never share it
         with open(tmp, "wb") as out:
             shutil.copyfileobj(source, out, 1024 * 1024)
         tmp.replace(path)
@@ -54,7 +55,7 @@ class FileStore:
         """Write `lines` (a newline after each) into the file's place as they come; its size. No
         lines: no file, 0."""
         path = self._dir / file_id
-        tmp = path.with_suffix(".part")
+        tmp = path.with_suffix(f".{os.getpid()}.part")  # two processes finishing one batch never share it
         with open(tmp, "w", encoding="utf-8", buffering=1024 * 1024) as out:
             for line in lines:
                 out.write(line)

@@ -29,9 +29,10 @@ class ResultStore:
     def __init__(self, db: sqlite_utils.Database) -> None:
         self._db = db
 
-    def record(self, batch_id: str, results: list[Result]) -> tuple[int, int]:
+    def record(self, batch_id: str, results: list[Result], collector: str | None = None) -> tuple[int, int]:
         """Record results once each (a repeated custom_id is ignored), numbered in the order they
-        arrived, and add the new ones' tokens to the batch's counts and usage; returns (new ok, new failed)."""
+        arrived, and add the new ones' tokens to the batch's counts and usage; returns (new ok, new failed).
+        `collector` names the process that recorded them (several API processes share a batch)."""
         with transaction(self._db, immediate=True):
             known = self._recorded(batch_id, [r.custom_id for r in results])
             new: list[Result] = []
@@ -52,13 +53,15 @@ class ResultStore:
             self._db.execute(
                 "UPDATE batches SET completed = completed + ?, failed = failed + ?, runner_seen_at = ?,"
                 " prompt_tokens = coalesce(prompt_tokens, 0) + ?,"
-                " completion_tokens = coalesce(completion_tokens, 0) + ? WHERE id = ?",
+                " completion_tokens = coalesce(completion_tokens, 0) + ?, collector = coalesce(?, collector)"
+                " WHERE id = ?",
                 [
                     ok,
                     len(new) - ok,
                     time.time(),
                     sum(r.prompt_tokens for r in new),
                     sum(r.completion_tokens for r in new),
+                    collector,
                     batch_id,
                 ],
             )

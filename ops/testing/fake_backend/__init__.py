@@ -5,8 +5,9 @@ Run:  python -m ops.testing.fake_backend --port PORT [--host 127.0.0.1] [--model
 ``FAKE_BACKEND_URL http://HOST:PORT`` before serving. Default model: ``fake-model``.
 As a model's ``command`` (what an agent starts): ``FAKE_BACKEND_COMMAND``.
 
-Modules: ``behaviour`` (what it answers), ``parsing`` (requests, errors), ``knobs`` (holds,
-delays, what tests read), ``stats``, ``streaming``, ``app`` (routes), ``cli`` (running it).
+Modules: ``behaviour`` (what it answers; ``continuation``, to a continuation), ``parsing``
+(requests, errors), ``knobs`` (holds, delays, what tests read), ``stats``, ``streaming``, ``app``
+(routes), ``cli`` (running it).
 
 In tests prefer ``running_fake_backend(models)`` (context manager: subprocess on a free
 port, waits for /health, yields the base URL *without* ``/v1``, stops it on exit) or
@@ -22,6 +23,11 @@ Deterministic behaviour
   ``max_tokens`` (chat also ``max_completion_tokens``) is given and smaller than that,
   truncate to it and finish_reason is "length"; otherwise "stop". The reply text is the
   concatenation. See ``expected_chat_tokens`` / ``expected_completion_tokens``.
+* Continuations (what hotq sends to continue a stream another consumer started): a chat with
+  ``continue_final_message`` whose last message is the assistant's continues that message, and
+  a completions prompt holding ``echo:`` continues the text from there (the prompt before it is
+  the user text); the reply is the tokens after that text (``max_tokens`` counts those only),
+  and the text's tokens count as prompt tokens (a word a token), as a model continuing itself.
 * usage: prompt_tokens = whitespace-separated words over all messages' contents (or the
   prompt), completion_tokens = reply tokens per choice * n, total = sum.
 * ``n`` (default 1): choices 0..n-1 all carry the same text.

@@ -24,6 +24,7 @@ from ops.testing.fake_backend.behaviour import (
     usage_of,
     word_count,
 )
+from ops.testing.fake_backend.continuation import continued, reply_tokens_cut
 from ops.testing.fake_backend.knobs import delay_then_check_disconnect
 from ops.testing.fake_backend.parsing import (
     ApiError,
@@ -96,6 +97,9 @@ def create_app(models: list[str] | None = None, running_usage: bool = True, read
         user_text = last_user_text(messages)
         check_fail_injection(user_text)
         tokens, finish = expected_chat_tokens(user_text, common.max_tokens)
+        if body.get("continue_final_message") and messages[-1].get("role") == "assistant":
+            rest = continued(expected_chat_tokens(user_text, None)[0], content_text(messages[-1].get("content")))
+            tokens, finish = reply_tokens_cut(rest, common.max_tokens)
         prompt_tokens = sum(word_count(content_text(m.get("content"))) for m in messages)
         usage = usage_of(prompt_tokens, len(tokens) * common.n)
         answer = Answer("chatcmpl", common)
@@ -146,7 +150,12 @@ def create_app(models: list[str] | None = None, running_usage: bool = True, read
             raise bad_request("'prompt' must be a string", "prompt")
         check_fail_injection(prompt)
         tokens, finish = expected_completion_tokens(prompt, common.max_tokens)
-        usage = usage_of(word_count(prompt), len(tokens) * common.n)
+        if "echo:" in prompt:
+            user_text = prompt[: prompt.index("echo:")]
+            rest = continued(expected_completion_tokens(user_text, None)[0], prompt[len(user_text) :])
+            tokens, finish = reply_tokens_cut(rest, common.max_tokens)
+        prompt_words = word_count(prompt.replace("echo:", " echo:", 1))  # the text continued: a word a token
+        usage = usage_of(prompt_words, len(tokens) * common.n)
         answer = Answer("cmpl", common)
 
         def chunk(choices: list[JsonObj]) -> JsonObj:
