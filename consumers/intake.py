@@ -57,6 +57,7 @@ class _Grant:
     tag: str
     open: bool = True  # until its cancel is answered RabbitMQ may still deliver up to `size`
     unsettled: int = 0
+    channel_generation: int | None = None  # the channel it consumes on (None: being opened)
 
     @property
     def committed(self) -> int:
@@ -78,6 +79,7 @@ class Intake:
         self._lock = asyncio.Lock()  # one change of grants at a time (set_qos then consume)
         self._wake = asyncio.Event()
         self._dealer: asyncio.Task[None] | None = None
+        self._channel_generation = 0  # one more at each reconnect
 
     def add(self, queue: AbstractRobustQueue, lane: Lane) -> None:
         """Consume `queue` too (before `resume`). Sources are served in the order added within a lane."""
@@ -177,6 +179,8 @@ class Intake:
         except BaseException:
             self._closed(grant)
             raise
+        # A consume that waited out a reconnect ran on the new channel: it belongs to that one.
+        grant.channel_generation = self._channel_generation
         # A move to the back of the turn, so that queues of one lane share the room.
         self._sources.remove(source)
         self._sources.append(source)
@@ -211,9 +215,12 @@ class Intake:
         self._wake.set()
 
     def _reopened(self, channel: AbstractRobustChannel | None, /) -> None:
-        """A new channel after a lost connection: the old one's consumers are gone, deal again."""
+        """A new channel after a lost connection: the old one's consumers are gone, deal again.
+        A grant still being opened is left alone: its consume goes to the new channel."""
+        self._channel_generation += 1
         for grant in list(self._grants):
-            self._closed(grant)
+            if grant.channel_generation is not None and grant.channel_generation < self._channel_generation:
+                self._closed(grant)
         self._wake.set()
 
 
