@@ -131,9 +131,10 @@ class Intake:
                 if grant is not None and 1 < grant.size and grant.unsettled < grant.size:
                     await self._cancel(grant)
         # A used-up grant gets its credit back from RabbitMQ at each ack. That is right while its
-        # queue alone wants more; else it stops, and the room is dealt again, interactive first.
+        # queue alone wants more and its lane has no more room; else it stops, and the room is
+        # dealt again, interactive first.
         used_up = [source.current for source in self._sources if source.current and _used_up(source.current)]
-        if used_up and (len(wanting) > 1 or self._room(Lane.INTERACTIVE) > 0):
+        if used_up and (len(wanting) > 1 or self._room(used_up[0].source.lane) > 0):
             for grant in used_up:
                 grant.source.hungry = True
                 await self._cancel(grant)
