@@ -1,7 +1,8 @@
 """A consumer of one model's request queues (run by `hotq agent` beside its backend, or alone by `hotq worker`).
 
-`start` consumes the model's lanes (a channel each, so each has its own
-prefetch) and keeps the backend at `max_inflight` requests through shared
+`start` consumes the model's queues (its own affinity queues first, every lane, the queue pinned to its
+cluster) on one channel, with prefetch dealt from free slots across all of them
+(`Intake`), and keeps the backend at `max_inflight` requests through shared
 `BackendSlots`; `pause`/`resume` stop and restart taking work (while the
 backend restarts); `stop` cancels the consumers, lets in-flight requests finish
 within a grace period and requeues the rest; what another consumer can take over
@@ -22,16 +23,17 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import aio_pika
 import structlog
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
-    AbstractQueue,
+    AbstractRobustChannel,
     AbstractRobustConnection,
+    AbstractRobustQueue,
 )
 
 from broker import messages, topology
@@ -42,6 +44,7 @@ from consumers.continuation import why_not_continuable
 from consumers.deliveries import Deliveries, Delivery, Settlement
 from consumers.handler import AttemptProgress, BackendUnreachable, RequestHandler, error_frame
 from consumers.handover import ResumeWaits
+from consumers.intake import Intake
 from consumers.replies import CallerGone, ReplySender
 from consumers.slots import BackendSlots
 from consumers.usage_reporter import UsageReporter
@@ -77,11 +80,10 @@ class Consumer:
         self._slots = BackendSlots(max_inflight, reserved_interactive)
         self._lanes = lanes
         self._cluster = cluster
-        self._channels: list[AbstractChannel] = []
-        self._queues: list[AbstractQueue] = []
+        self._channel: AbstractRobustChannel | None = None
+        self._intake: Intake | None = None
         self._reply_exchange: AbstractExchange | None = None
         self._usage: UsageReporter | None = None
-        self._consumer_tags: list[tuple[AbstractQueue, str]] = []
         self.affinity = affinity
         self._deliveries = Deliveries(affinity.placed_here if affinity else lambda _message: False)
         self._cancelled_unseen: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -94,60 +96,65 @@ class Consumer:
 
     @property
     def inflight(self) -> int:
+        """Requests in the backend now."""
+        return self._slots.in_use
+
+    @property
+    def held(self) -> int:
+        """Deliveries taken and not settled yet: in the backend, or waiting for a slot."""
         return len(self._deliveries)
 
     async def start(self) -> None:
-        for lane in self._lanes:
-            channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
-            limit = self._slots.total if lane is Lane.INTERACTIVE else self._slots.batch_limit
-            await channel.set_qos(prefetch_count=limit)
-            pinned = {self.model: [self._cluster]} if self._cluster else None
-            queues = await topology.declare_model_queues(channel, [self.model], (lane,), pinned)
-            if self.affinity is not None:  # consumed first: requests placed here for this backend's cache
-                self._queues.append(await self.affinity.declare(channel, lane))
-            self._channels.append(channel)
-            self._queues.extend(queues.values())
-        control = await self._channels[0].get_exchange(topology.CONTROL_EXCHANGE)
+        channel = self._channel = self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        await channel.initialize()
+        pinned = {self.model: [self._cluster]} if self._cluster else None
+        queues = await topology.declare_model_queues(channel, [self.model], self._lanes, pinned)
+        self._intake = Intake(channel, self._slots, self._on_request)
+        if self.affinity is not None:  # first in their lane: requests placed here for this backend's cache
+            for lane in self._lanes:
+                self._intake.add(cast(AbstractRobustQueue, await self.affinity.declare(channel, lane)), lane)
+        for (_, lane, _), queue in queues.items():
+            self._intake.add(cast(AbstractRobustQueue, queue), lane)  # declared on a robust channel
+        control = await channel.get_exchange(topology.CONTROL_EXCHANGE)
         # Replies go through hotq.replies, never the default exchange (which reaches every queue).
-        self._reply_exchange = await self._channels[0].get_exchange(topology.REPLY_EXCHANGE)
-        self._usage = UsageReporter(await self._channels[0].get_exchange(topology.EVENTS_EXCHANGE), self.name)
-        cancels = await self._channels[0].declare_queue(
+        self._reply_exchange = await channel.get_exchange(topology.REPLY_EXCHANGE)
+        self._usage = UsageReporter(await channel.get_exchange(topology.EVENTS_EXCHANGE), self.name)
+        cancels = await channel.declare_queue(
             f"{topology.CANCEL_QUEUE_PREFIX}{self.name}", exclusive=True, auto_delete=True
         )
         await cancels.bind(control)
         await cancels.consume(self._on_control, no_ack=True)
+        self._intake.start()
         await self.resume()
         self._usage.start()
         log.info("worker_started", worker=self.name, model=self.model, max_inflight=self._slots.total)
 
     async def resume(self) -> None:
-        """Take work from every lane (again)."""
-        if self._consumer_tags:
-            return
+        """Take work from every queue (again)."""
+        assert self._intake is not None, "start() first"
         if self.affinity is not None:
             await self.affinity.redeclare()
-        for queue in self._queues:
-            self._consumer_tags.append((queue, await queue.consume(self._on_request)))
+        await self._intake.resume()
 
     async def pause(self) -> None:
         """Take no new work; requests already held go on."""
-        for queue, tag in self._consumer_tags:
-            await queue.cancel(tag)
-        self._consumer_tags.clear()
+        if self._intake is not None:
+            await self._intake.pause()
 
     async def stop(self, grace_s: float = 30.0) -> None:
         """Stop taking work, hand back at once what another consumer can take over, let the
         rest finish for `grace_s`, requeue what is left."""
         self._stopping = True  # held requests still waiting for a slot go back at once
-        await self.pause()
+        if self._intake is not None:
+            await self._intake.close()
         await self.spill_waiting()
         if self._deliveries:
-            log.info("worker_draining", inflight=len(self._deliveries), grace_s=grace_s)
+            log.info("worker_draining", inflight=self.inflight, held=self.held, grace_s=grace_s)
         await self._deliveries.drain(grace_s)
         if self._usage is not None:
             await self._usage.close()
-        for channel in self._channels:
-            await channel.close()
+        if self._channel is not None:
+            await self._channel.close()
         log.info("worker_stopped", worker=self.name, served=self.served)
 
     async def requeue_inflight(self) -> None:
@@ -161,9 +168,9 @@ class Consumer:
             with contextlib.suppress(aio_pika.exceptions.AMQPError, aio_pika.exceptions.ChannelInvalidStateError):
                 await self.affinity.spill_waiting()
 
-    async def _on_request(self, message: AbstractIncomingMessage) -> None:
+    def _on_request(self, message: AbstractIncomingMessage, on_settled: Callable[[], None]) -> None:
         self.last_active = time.monotonic()
-        self._deliveries.take(message, message.correlation_id or os.urandom(16).hex(), self._serve)
+        self._deliveries.take(message, message.correlation_id or os.urandom(16).hex(), self._serve, on_settled)
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         try:

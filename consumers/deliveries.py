@@ -38,8 +38,9 @@ class Settlement(enum.Enum):
 class Delivery:
     """One delivery and the task serving it."""
 
-    def __init__(self, message: AbstractIncomingMessage, request_id: str) -> None:
+    def __init__(self, message: AbstractIncomingMessage, request_id: str, on_settled: Callable[[], None]) -> None:
         self.message = message
+        self.on_settled = on_settled  # its prefetch place is free again
         self.request_id = request_id
         self.cancelled_by_client = False
         self.movable: Callable[[], bool] = lambda: True  # another consumer can take it over now
@@ -69,8 +70,10 @@ class Deliveries:
     def __len__(self) -> int:
         return len(self._open)
 
-    def take(self, message: AbstractIncomingMessage, request_id: str, serve: Serve) -> None:
-        delivery = Delivery(message, request_id)
+    def take(
+        self, message: AbstractIncomingMessage, request_id: str, serve: Serve, on_settled: Callable[[], None]
+    ) -> None:
+        delivery = Delivery(message, request_id, on_settled)
         self._open.add(delivery)
         self._serving[request_id] = delivery  # a redelivery of the same request replaces an older one
         delivery.task = asyncio.create_task(serve(delivery))
@@ -125,6 +128,7 @@ class Deliveries:
     def _closed(self, delivery: Delivery) -> None:
         self._open.discard(delivery)
         delivery.settled.set_result(None)
+        delivery.on_settled()
 
 
 async def _settle(message: AbstractIncomingMessage, settlement: Settlement, dead_reason: str) -> None:

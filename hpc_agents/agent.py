@@ -199,7 +199,7 @@ class Agent:
                 return "signal"
             if now >= drain_at:
                 return "walltime"
-            if consumer.inflight == 0 and now - consumer.last_active >= model_config.idle_ttl_s:
+            if consumer.held == 0 and now - consumer.last_active >= model_config.idle_ttl_s:
                 return "idle"
             if self.backend is not None and self.backend.exited():
                 if not await self._recover_backend(consumer, announcer):

@@ -46,10 +46,10 @@ log = structlog.get_logger("hotq.scaler")
 # Requests/s one agent is assumed to serve before any has been measured: a
 # deliberately modest guess, so a cold backlog starts more than one node.
 UNMEASURED_AGENT_RPS = 1.0
-COLD_START_SMOOTHING = 0.5
+COLD_START_SMOOTHING = 0.5  # weight of the newest measurement in the running estimate
 # Agents that left for these reasons were fine; any other exit counts as a failure.
 HEALTHY_EXITS = frozenset({"idle", "signal", "walltime", "not_started"})
-MAX_LAUNCH_BACKOFF_S = 60.0  # weight of the newest measurement in the running estimate
+MAX_LAUNCH_BACKOFF_S = 60.0
 
 
 @dataclasses.dataclass
@@ -350,27 +350,6 @@ class Scaler:
         announced = {a.agent_id for a in self.directory.agents() if a.cluster == cluster}
         launched = {x.agent_id for x in self.launches.values() if x.cluster == cluster}
         return len(announced | launched)
-
-
-IMPLICIT_CLUSTER = "local"
-
-
-def build_launchers(config: Config) -> dict[str, Launcher]:
-    """One launcher per configured cluster; without any, this machine as cluster "local"."""
-    from hpc_agents.launchers.local import LocalLauncher
-
-    if not config.clusters:
-        room = sum(model.max_agents for model in config.models.values())
-        return {IMPLICIT_CLUSTER: LocalLauncher(IMPLICIT_CLUSTER, config, max_nodes=room)}
-    launchers: dict[str, Launcher] = {}
-    for name, cluster in config.clusters.items():
-        if cluster.launcher == "local":
-            launchers[name] = LocalLauncher(name, config)
-        else:
-            from hpc_agents.launchers.globus_compute import GlobusComputeLauncher
-
-            launchers[name] = GlobusComputeLauncher(name, config)
-    return launchers
 
 
 async def run_scaler(

@@ -155,7 +155,8 @@ def scale(config_path: str | None, metrics_port: int | None, metrics_host: str) 
     """Keep each model's agent count matched to its queue, launching agents on its clusters."""
     from prometheus_client import CollectorRegistry, start_http_server
 
-    from hpc_agents.scaler import build_launchers, run_scaler
+    from hpc_agents.launchers import build_launchers
+    from hpc_agents.scaler import run_scaler
     from ops.metrics import ScalerMetrics
 
     config = load(config_path)

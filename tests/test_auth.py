@@ -455,8 +455,9 @@ def test_revoke_by_key_expiry_and_unknown_keys(api: InProcessApi, config_path: P
     assert run_hotq(config_path, "keys", "revoke", key).returncode == 0  # by the key itself
     _refused(lambda: _chat(_client(api, key), models["open"]), "the revoked key refused")
 
-    # A key works until it expires (5 s: enough for one request however slow the machine), then not.
-    short = create_key(config_path, "hank", "--expires", "5s")
+    # A key works until it expires, then not. It starts as `hotq keys create` does (a process of its
+    # own), so its 20 s cover that process and one request however slow or busy the machine.
+    short = create_key(config_path, "hank", "--expires", "20s")
     assert _chat(_client(api, short), models["open"])
     error = _refused(lambda: _chat(_client(api, short), models["open"]), "the expired key refused")
     assert "expired" in error.message

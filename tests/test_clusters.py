@@ -46,7 +46,7 @@ def _cluster_tables(path: Path, amqp_url: str, model: str) -> Path:
         "alpha": {"launcher": "local", "max_nodes": 1},
         "beta": {"launcher": "local", "max_nodes": 1},
     }
-    return write_config(path, amqp_url, {model: table}, clusters, heartbeat_s=0.3)
+    return write_config(path, amqp_url, {model: table}, clusters, heartbeat_s=1.0)
 
 
 @pytest.fixture

@@ -111,7 +111,8 @@ def test_interactive_requests_are_served_beside_a_batch_backlog(
         remaining = asyncio.run(_batch_depth(amqp_url, lanes_model, delete_with=batch_id))
     finally:
         hold.release()
-    assert remaining >= BACKLOG - saturated, "the backlog moved during the measurement"
+    # Beside the held ones, the consumer keeps one batch request ready for its next free slot (consumers/intake.py).
+    assert remaining >= BACKLOG - saturated - 1, "the backlog moved during the measurement"
     idle_p50, loaded_p50 = statistics.median(idle), statistics.median(loaded)
     print(
         f"\nTTFT idle p50 {idle_p50 * 1000:.1f} ms p99 {max(idle) * 1000:.1f} ms;"

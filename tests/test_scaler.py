@@ -63,7 +63,7 @@ async def running(
     model = f"scaled-{request.node.name[5:25]}-{session_tag}"
     delete_test_queues.append(model)
     table = {"command": FAKE_BACKEND_COMMAND, "max_inflight": 4, **marker.kwargs}
-    path = write_config(tmp_path / "hotq.toml", amqp_url, {model: table}, heartbeat_s=0.3, max_queue_wait_s=120)
+    path = write_config(tmp_path / "hotq.toml", amqp_url, {model: table}, heartbeat_s=1.0, max_queue_wait_s=120)
     config = load_config(path)
     stack = Stack(path, tmp_path)
     stack.start_api()

@@ -55,3 +55,24 @@ class Launcher(abc.ABC):
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Stop what this launcher started, letting agents drain."""
+
+
+IMPLICIT_CLUSTER = "local"
+
+
+def build_launchers(config: Config) -> dict[str, Launcher]:
+    """One launcher per configured cluster; without any, this machine as cluster "local"."""
+    from hpc_agents.launchers.local import LocalLauncher
+
+    if not config.clusters:
+        room = sum(model.max_agents for model in config.models.values())
+        return {IMPLICIT_CLUSTER: LocalLauncher(IMPLICIT_CLUSTER, config, max_nodes=room)}
+    launchers: dict[str, Launcher] = {}
+    for name, cluster in config.clusters.items():
+        if cluster.launcher == "local":
+            launchers[name] = LocalLauncher(name, config)
+        else:
+            from hpc_agents.launchers.globus_compute import GlobusComputeLauncher
+
+            launchers[name] = GlobusComputeLauncher(name, config)
+    return launchers
