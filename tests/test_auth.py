@@ -180,9 +180,9 @@ class InProcessApi:
         gateway = self.app.state.gateway
         submit = gateway.client.submit
 
-        async def recording_submit(envelope: Any, cluster: str | None) -> Any:
+        async def recording_submit(envelope: Any, *where: Any) -> Any:
             self.callers.append(envelope.caller)  # what the envelope carries to the consumer
-            return await submit(envelope, cluster)
+            return await submit(envelope, *where)
 
         gateway.client.submit = recording_submit
 
