@@ -24,6 +24,7 @@ import structlog
 
 from api.limits import Limiter, UserState
 from broker.config import Config, LimitsConfig
+from ops.processes import pid_alive
 
 log = structlog.get_logger("hotq.api")
 
@@ -135,7 +136,7 @@ class SharedLimiter:
     def _forget_dead_processes(self) -> None:
         """Drop the in-flight counts of processes that are gone (this pid's are a predecessor's)."""
         pids = [pid for (pid,) in self._db.execute("SELECT DISTINCT pid FROM inflight").fetchall()]
-        gone = [pid for pid in pids if pid == self._pid or not _alive(pid)]
+        gone = [pid for pid in pids if pid == self._pid or not pid_alive(pid)]
         for pid in gone:
             self._db.execute("DELETE FROM inflight WHERE pid = ?", [pid])
 
@@ -144,13 +145,3 @@ class SharedLimiter:
             work(*args)
         except Exception:
             log.exception("shared_limits_update_failed")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

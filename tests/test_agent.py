@@ -17,7 +17,7 @@ import pytest
 from broker import messages, topology
 from broker.messages import AgentState, AgentStatus
 from hpc_agents.agent import run_agent
-from ops.processes import Child, wait_until, wait_until_async
+from ops.processes import Child, pid_alive, wait_until, wait_until_async
 from ops.testing.deadlines import EVENTUALLY_S, STOP_S
 from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold, expected_chat_tokens, fake_stats
 from ops.testing.stack import Stack, wait_for_event, write_config
@@ -34,14 +34,6 @@ def _config(tmp_path: Path, amqp_url: str, model: str, **model_table: object) ->
     table: dict[str, object] = {"command": FAKE_BACKEND_COMMAND, "max_inflight": 4, "reserved_interactive": 1}
     table.update(model_table)
     return write_config(tmp_path / "hotq.toml", amqp_url, {model: table}, heartbeat_s=0.3)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 @pytest.fixture
@@ -72,7 +64,7 @@ def test_idle_agent_exits_zero_and_leaves_no_backend(tmp_path: Path, amqp_url: s
         assert agent.wait(timeout=EVENTUALLY_S) == 0
         backend_pid = wait_for_event(agent, "backend_started")["pid"]
         assert wait_for_event(agent, "backend_ready")  # it really ran
-        assert wait_for_event(agent, "backend_stopped")["pid"] == backend_pid and not _alive(backend_pid)
+        assert wait_for_event(agent, "backend_stopped")["pid"] == backend_pid and not pid_alive(backend_pid)
         assert wait_for_event(agent, "agent_exit")["exit_reason"] == "idle"
     finally:
         stack.close()

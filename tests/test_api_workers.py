@@ -25,7 +25,7 @@ import pytest
 
 from broker.jobstore import JobStore
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME, ensure_embedded_model
-from ops.processes import Child, free_port, wait_until
+from ops.processes import Child, free_port, pid_alive, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
 from ops.testing.fake_backend import Hold, running_fake_backend
 from ops.testing.stack import Stack, api_and_workers, hotq_command, log_events, write_config
@@ -261,17 +261,9 @@ def test_the_processes_leave_when_their_supervisor_is_killed(
     try:
         wait_until(both_answered, EVENTUALLY_S, "answers from both API processes", supervisor)
         supervisor.send_signal(signal.SIGKILL)
-        wait_until(lambda: not any(_alive(pid) for pid in children), EVENTUALLY_S, f"API processes {children} gone")
+        wait_until(lambda: not any(pid_alive(pid) for pid in children), EVENTUALLY_S, f"API processes {children} gone")
     finally:
         supervisor.stop(EVENTUALLY_S)
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
