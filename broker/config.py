@@ -48,7 +48,7 @@ class SpillAfterConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     its agent's affinity queue before any agent may take it from the shared queue."""
 
     interactive: SpillMs = 500
-    batch: SpillMs = 5000
+    batch: SpillMs = 1000  # an agent that dies leaves its waiting batch lines to others within about a second
 
 
 class ModelConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
