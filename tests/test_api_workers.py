@@ -90,9 +90,12 @@ def _batch_file(stack: Stack, model: str, bodies: Mapping[str, dict[str, Any]]) 
 
 
 def _create_batch(stack: Stack, file_id: str, avoid: set[int]) -> httpx.Response:
-    """A batch of `file_id`, created through a process not in `avoid` (the file was uploaded through one of those)."""
+    """A batch of `file_id`: the file, uploaded through a process in `avoid`, is first read through
+    another (asking again is harmless for a read, not for a create: the batch is created once)."""
+    seen = _from_another(stack, avoid, "GET", f"/v1/files/{file_id}")
+    assert seen.status_code == 200, seen.text
     params = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
-    created = _from_another(stack, avoid, "POST", "/v1/batches", json=params)
+    created = _call(stack, "POST", "/v1/batches", json=params)
     assert created.status_code == 200, created.text
     return created
 

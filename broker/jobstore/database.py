@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import os
 import sqlite3
 from collections.abc import Iterator, Mapping
@@ -41,9 +42,13 @@ def open_database(path: Path) -> sqlite_utils.Database:
     conn = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
     db = sqlite_utils.Database(conn)
     db.execute("PRAGMA busy_timeout = 30000")
-    db.enable_wal()
-    db.execute("PRAGMA synchronous = NORMAL")
-    _create_tables(db)
+    # Several API processes open the store at once (`hotq serve --workers N`): switching to WAL and
+    # creating tables are not covered by the busy timeout, so one process at a time does them.
+    with open(path.with_name(path.name + ".setup-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        db.enable_wal()
+        db.execute("PRAGMA synchronous = NORMAL")
+        _create_tables(db)
     return db
 
 
