@@ -96,7 +96,7 @@ from bench.common import (
     start_api,
 )
 from hpc_agents.embedded_model import ensure_embedded_model
-from ops.processes import signal_group
+from ops.processes import pid_alive, signal_group
 from ops.testing.stack import write_config
 
 DEFAULT_CONCURRENCY: Final = 64
@@ -769,7 +769,7 @@ async def stop_stack(processes: Processes, stack: Stack, notes: list[str]) -> di
     await stack.events.stop()
     exit_event = stack.events.find(is_event("agent_exit"))
     stopped_event = stack.events.find(is_event("backend_stopped"))
-    backend_alive = _alive(stack.backend_pid)
+    backend_alive = pid_alive(stack.backend_pid)
     if backend_alive:
         notes.append(f"vLLM (pid {stack.backend_pid}) outlived its agent: killed its process group")
         signal_group(stack.backend_pid, signal.SIGKILL)
@@ -794,22 +794,8 @@ async def stop_agent(processes: Processes, stack: Stack | None) -> None:
     """Stop the agent (it stops vLLM), then make sure vLLM is gone: also after an interrupted or failed run."""
     backend_pid = stack.backend_pid if stack is not None else _logged_backend_pid(processes.log_path("hotq-agent"))
     await asyncio.to_thread(processes.stop, "hotq-agent", AGENT_STOP_TIMEOUT_S)
-    if backend_pid is not None and _alive(backend_pid):
+    if backend_pid is not None and pid_alive(backend_pid):
         signal_group(backend_pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # a zombie is gone for our purposes (its parent, the agent, has exited or will reap it)
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _logged_backend_pid(agent_log: Path) -> int | None:

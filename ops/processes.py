@@ -164,14 +164,18 @@ class Children:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this id exists (one of another user's counts too)."""
+    """Whether a process with this id runs (one of another user's counts too; a zombie, dead and not
+    yet reaped by its parent, does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return not Path("/proc").is_dir()  # no /proc (not Linux): kill(0) is all we can know
 
 
 def free_port() -> int:
