@@ -104,7 +104,8 @@ class Gateway:
         else:
             release = self.limiter.admit(identity.user, parsed.model)
         request_id = os.urandom(16).hex()  # as unique as a uuid4, at a fraction of the cost
-        key = None if cluster else affinity_key(parsed)  # a pinned request waits in its cluster's queue
+        # Hashed only where placement can use it; a pinned request waits in its cluster's queue.
+        key = affinity_key(parsed) if self.config.models[parsed.model].affinity_on and not cluster else None
         ask = Ask(request_id, endpoint, parsed.model, body, parsed.stream, identity.user, cluster, release, key)
         try:
             with structlog.contextvars.bound_contextvars(request_id=request_id, model=parsed.model):
