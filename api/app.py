@@ -106,8 +106,7 @@ def create_app(config: Config, shared: bool = False) -> Starlette:
         await recorder.close()
         await batch_manager.close()
         store.close()
-        if isinstance(gateway.limiter, SharedLimiter):
-            gateway.limiter.close()
+        gateway.limiter.close()
         if gateway.client is not None:
             await gateway.client.close()
         for connection in connected:

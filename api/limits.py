@@ -9,7 +9,7 @@ none, see consumers/stream_usage.py), and the number of its requests in flight
 (`max_concurrent_per_user`). A user over any of them gets 429 with `Retry-After` at once, before
 anything is queued: a flood of one user cannot fill a model's queue ahead of everyone else.
 
-The API runs on one event loop and nothing here awaits, so checking and counting need no lock. Several
+The API runs on one event loop and nothing here suspends, so checking and counting need no lock. Several
 API processes (`hotq serve --workers N`) share their counters instead: `api.shared_limits`. Batch
 lines never come through here (the BatchManager submits
 them), so batch work is never rejected; it waits in its lane.
@@ -94,8 +94,10 @@ class Limiter:
         limits = self._limits.get(model)
         return limits if limits is not None and limits.enabled else None
 
-    def admit(self, user: str, model: str) -> Callable[[dict[str, int] | None], None] | None:
-        """Count a request in, or raise RateLimited; returns the callback that counts it out (once)."""
+    async def admit(self, user: str, model: str) -> Callable[[dict[str, int] | None], None] | None:
+        """Count a request in, or raise RateLimited; returns the callback that counts it out (once).
+
+        Awaited like `SharedLimiter.admit`; it never suspends, so the check and the count stay one step."""
         limits = self.limits(model)
         if limits is None:
             return None
@@ -134,6 +136,9 @@ class Limiter:
                 self._sweep(now)
             state = self._states[(user, model)] = UserState(limits, now)
         self._charge(state, limits, usage)
+
+    def close(self) -> None:
+        """Nothing to let go (`SharedLimiter.close` closes its database)."""
 
     def _charge(self, state: UserState, limits: LimitsConfig, usage: dict[str, int] | None) -> None:
         if usage and limits.tokens_per_minute:

@@ -99,10 +99,7 @@ class Gateway:
             await self.policy.require(identity, parsed.model)
         cluster = self._pinned_cluster(request, parsed.model)
         # 429 now if over a limit; nothing queued
-        if isinstance(self.limiter, SharedLimiter):
-            release = await self.limiter.admit(identity.user, parsed.model)
-        else:
-            release = self.limiter.admit(identity.user, parsed.model)
+        release = await self.limiter.admit(identity.user, parsed.model)
         request_id = os.urandom(16).hex()  # as unique as a uuid4, at a fraction of the cost
         # Hashed only where placement can use it; a pinned request waits in its cluster's queue.
         key = affinity_key(parsed) if self.config.models[parsed.model].affinity_on and not cluster else None

@@ -75,8 +75,15 @@ def fake_backend_url(fake_model: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="session")
+def delete_queues_named() -> list[str]:
+    """Tests register here queues whose names carry no tag (a batch's results queue, say): they are
+    deleted at the end with the others."""
+    return []
+
+
 @pytest.fixture(scope="session", autouse=True)
-def delete_test_queues(amqp_url: str, session_tag: str) -> Iterator[list[str]]:
+def delete_test_queues(amqp_url: str, session_tag: str, delete_queues_named: list[str]) -> Iterator[list[str]]:
     """Tests register their model names here; their queues are deleted at the end, and so is every
     queue of the suite's vhost named after this run's tag (pinned queues, batch results): a broker
     that keeps every run's quorum queues runs out of file handles."""
@@ -84,6 +91,7 @@ def delete_test_queues(amqp_url: str, session_tag: str) -> Iterator[list[str]]:
     yield models
     names = {topology.request_queue_name(model, lane) for model in models for lane in Lane}
     names.update(_queues_named_with(session_tag, amqp_url))
+    names.update(delete_queues_named)
 
     async def delete() -> None:
         connection = await aio_pika.connect(amqp_url)

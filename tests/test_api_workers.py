@@ -23,6 +23,7 @@ import httpx
 import openai
 import pytest
 
+from broker import topology
 from broker.jobstore import JobStore
 from hpc_agents.embedded_model import DEFAULT_MODEL_NAME, ensure_embedded_model
 from ops.processes import Child, free_port, pid_alive, wait_until
@@ -89,14 +90,19 @@ def _batch_file(stack: Stack, model: str, bodies: Mapping[str, dict[str, Any]]) 
     return uploaded.json()["id"], _process(uploaded)
 
 
-def _create_batch(stack: Stack, file_id: str, avoid: set[int]) -> httpx.Response:
+def _create_batch(stack: Stack, file_id: str, avoid: set[int], delete_queues_named: list[str]) -> httpx.Response:
     """A batch of `file_id`: the file, uploaded through a process in `avoid`, is first read through
-    another (asking again is harmless for a read, not for a create: the batch is created once)."""
+    another (asking again is harmless for a read, not for a create: the batch is created once).
+
+    Its results queue is deleted after the run: the processes that followed it may be killed (or the
+    stack stopped) before one of them deletes it, and a broker that keeps such queues runs out of file
+    handles over many runs."""
     seen = _from_another(stack, avoid, "GET", f"/v1/files/{file_id}")
     assert seen.status_code == 200, seen.text
     params = {"input_file_id": file_id, "endpoint": "/v1/chat/completions", "completion_window": "24h"}
     created = _call(stack, "POST", "/v1/batches", json=params)
     assert created.status_code == 200, created.text
+    delete_queues_named.append(topology.results_queue_name(created.json()["id"]))
     return created
 
 
@@ -112,14 +118,15 @@ def _api_pids(stack: Stack) -> set[int]:
 
 
 def test_a_batch_is_read_cancelled_and_collected_through_other_processes(
-    stack: Stack, models: tuple[str, str], tmp_path: Path
+    stack: Stack, models: tuple[str, str], tmp_path: Path, delete_queues_named: list[str]
 ) -> None:
     batch_model = models[0]
     wait_until(lambda: len(_api_pids(stack)) == WORKERS, EVENTUALLY_S, f"{WORKERS} API processes")
     hold = Hold(tmp_path / "release")
     bodies = {f"q{n}": _body(batch_model, f"question {n}", hold if n % 2 else None) for n in range(40)}
     file_id, uploader = _batch_file(stack, batch_model, bodies)
-    created = _create_batch(stack, file_id, {uploader})  # the file, uploaded through one, is seen by another
+    # The file, uploaded through one process, is seen by another.
+    created = _create_batch(stack, file_id, {uploader}, delete_queues_named)
     batch_id, creator = created.json()["id"], _process(created)
 
     # Read through others while half its lines are held: in progress, the other half answered.
@@ -166,7 +173,7 @@ def test_a_batch_is_read_cancelled_and_collected_through_other_processes(
     # Another batch, all held: created through one process, cancelled through another, read through a third.
     bodies = {f"c{n}": _body(batch_model, f"held {n}", Hold(tmp_path / "never")) for n in range(10)}
     file_id, uploader = _batch_file(stack, batch_model, bodies)
-    created = _create_batch(stack, file_id, set())
+    created = _create_batch(stack, file_id, set(), delete_queues_named)
     batch_id, creator = created.json()["id"], _process(created)
     cancelled = _from_another(stack, {creator}, "POST", f"/v1/batches/{batch_id}/cancel")
     assert cancelled.status_code == 200, cancelled.text

@@ -258,7 +258,7 @@ def test_without_fair_share_a_flood_starves_others(limits: LimitsStack, models: 
     assert behind.ahead >= queued > FAIR_AHEAD_AT_MOST  # everything queued before it went first
 
 
-def test_limiter_refills_and_counts_out_once() -> None:
+async def test_limiter_refills_and_counts_out_once() -> None:
     """The in-memory counters alone, on a fake clock: refill rates, Retry-After, idempotent release."""
     now = [0.0]
     config = parse_config(
@@ -266,24 +266,24 @@ def test_limiter_refills_and_counts_out_once() -> None:
         '[models."free"]\nlimits = {}\n'
     )
     limiter = Limiter(config, clock=lambda: now[0])
-    assert limiter.admit("u", "free") is None  # no limits: nothing counted
-    release = limiter.admit("u", "m")
+    assert await limiter.admit("u", "free") is None  # no limits: nothing counted
+    release = await limiter.admit("u", "m")
     assert release is not None
     with pytest.raises(RateLimited, match="in flight"):
-        limiter.admit("u", "m")
+        await limiter.admit("u", "m")
     release({"prompt_tokens": 50, "completion_tokens": 30})  # 80 tokens: the bucket is 20 in debt
     release({"prompt_tokens": 50, "completion_tokens": 30})  # a second call changes nothing
     with pytest.raises(RateLimited, match="tokens per minute") as caught:
-        limiter.admit("u", "m")
+        await limiter.admit("u", "m")
     assert caught.value.retry_after_s == 21  # 20 tokens of debt + 1, at one token a second
     now[0] = 21.0
-    second = limiter.admit("u", "m")  # the tokens refilled; the second request of the minute
+    second = await limiter.admit("u", "m")  # the tokens refilled; the second request of the minute
     assert second is not None
     second(None)
     with pytest.raises(RateLimited, match="requests per minute") as caught:
-        limiter.admit("u", "m")
+        await limiter.admit("u", "m")
     assert caught.value.retry_after_s == 9  # 21 s refilled 0.7 of a request; 0.3 more takes 9 s
-    assert limiter.admit("v", "m") is not None  # another user has their own counters
+    assert await limiter.admit("v", "m") is not None  # another user has their own counters
 
 
 class _Delivery:
