@@ -24,8 +24,8 @@ from ops.testing.stack import Stack, api_and_worker, worker_on_a_fake_backend
 from tests.rabbitmq_roles import have_rabbitmqctl, rabbitmqctl, vhost_of
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@localhost:5672/")
-# The private three-node cluster's fixtures, for the tests that need one.
-pytest_plugins = ["tests.rabbitmq_cluster"]
+# The private three-node cluster's fixtures, and the session's shared vLLM, for the tests that need them.
+pytest_plugins = ["tests.rabbitmq_cluster", "tests.shared_vllm"]
 
 
 def _rabbitmq_up() -> bool:

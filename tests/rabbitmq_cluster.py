@@ -1,8 +1,9 @@
 """A private three-node RabbitMQ cluster for the tests that need one (ops/rabbitmq/local_cluster.py).
 
-A pytest plugin (conftest.py loads it): the fixture `rabbitmq_cluster` starts the cluster on the first
-test that asks for it, in a temporary directory, on free ports, with node names that carry the
-session tag (so two test runs on one machine never meet), and stops it when the session ends. Every
+A pytest plugin (conftest.py loads it): when a test of the session asks for the fixture
+`rabbitmq_cluster`, the cluster starts in the background with the session's first test (the test
+waits for it), in a temporary directory, on free ports, with node names that carry the session tag
+(so two test runs on one machine never meet), and stops when the session ends. Every
 test gets the cluster whole: nodes that an earlier test killed or stopped are started again first.
 
 `HOTQ_TEST_CLUSTER_DIR=DIR` keeps one cluster in DIR across test runs instead (quicker while working
@@ -16,6 +17,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ PORT_RANGE = range(6100, 9900)
 # How long a test waits for RabbitMQ to do something (elect a leader, ...): generous, the machine may
 # be busy and three times slower than this one.
 PATIENCE_S = 300.0
+CLUSTER_FIXTURES = {"rabbitmq_cluster", "rabbitmq_cluster_session"}  # a test asking for either needs the cluster
 
 
 def free_ports() -> tuple[int, int]:
@@ -41,26 +44,51 @@ def free_ports() -> tuple[int, int]:
     raise RuntimeError(f"no {NODE_COUNT} free consecutive ports found in {PORT_RANGE}")
 
 
-@pytest.fixture(scope="session")
-def rabbitmq_cluster_session(tmp_path_factory: pytest.TempPathFactory, session_tag: str) -> Iterator[LocalCluster]:
+def _session_cluster(tmp_path_factory: pytest.TempPathFactory, session_tag: str) -> tuple[LocalCluster, bool]:
+    """The session's cluster, and whether the session owns it (stops it when it ends)."""
     kept = os.environ.get("HOTQ_TEST_CLUSTER_DIR")
     if kept:
-        cluster = LocalCluster.open(Path(kept)) if (Path(kept) / "cluster.json").exists() else None
-        if cluster is None:
-            amqp, distribution = free_ports()
-            cluster = LocalCluster.create(Path(kept), "hotq-test-", amqp, distribution)
-        cluster.start()
-        yield cluster
-        return
+        if (Path(kept) / "cluster.json").exists():
+            return LocalCluster.open(Path(kept)), False
+        amqp, distribution = free_ports()
+        return LocalCluster.create(Path(kept), "hotq-test-", amqp, distribution), False
     amqp, distribution = free_ports()
-    cluster = LocalCluster.create(
-        tmp_path_factory.mktemp("rabbitmq-cluster"), f"hotq-test-{session_tag}-", amqp, distribution
-    )
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
+    directory = tmp_path_factory.mktemp("rabbitmq-cluster")
+    return LocalCluster.create(directory, f"hotq-test-{session_tag}-", amqp, distribution), True
+
+
+def _started(cluster: LocalCluster) -> LocalCluster:
+    cluster.start()
+    return cluster
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rabbitmq_cluster_starting(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, session_tag: str
+) -> Iterator[Future[LocalCluster] | None]:
+    """When a test of the session will need the cluster, its start begins with the session's first
+    test, in a thread: three nodes boot and join for tens of seconds, mostly waiting on each other."""
+    if not any(
+        isinstance(item, pytest.Function) and CLUSTER_FIXTURES & set(item.fixturenames)
+        for item in request.session.items
+    ):
+        yield None
+        return
+    cluster, owned = _session_cluster(tmp_path_factory, session_tag)
+    with ThreadPoolExecutor(1, thread_name_prefix="rabbitmq-cluster") as pool:
+        starting = pool.submit(_started, cluster)
+        try:
+            yield starting
+        finally:
+            wait([starting])  # a cluster is stopped only once its start is over, failed or not
+            if owned:
+                cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_cluster_session(rabbitmq_cluster_starting: Future[LocalCluster] | None) -> LocalCluster:
+    assert rabbitmq_cluster_starting is not None  # started with the session's first test
+    return rabbitmq_cluster_starting.result()
 
 
 @pytest.fixture

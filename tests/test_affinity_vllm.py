@@ -15,21 +15,22 @@ from ops.processes import wait_until
 from ops.testing.deadlines import VLLM_EVENTUALLY_S
 from ops.testing.stack import Stack
 from ops.testing.vllm_pair import VllmPair, vllm_pair
+from tests.shared_vllm import SharedVllm
 
 SESSIONS = 6
 TURNS = 4
 
 
 @pytest.fixture(scope="module")
-def model(session_tag: str, delete_test_queues: list[str]) -> str:
-    name = f"affinity-vllm-{session_tag}"
-    delete_test_queues.append(name)
-    return name
+def model(shared_vllm: SharedVllm) -> str:
+    return shared_vllm.model  # the second agent's vLLM serves the model under the shared one's name
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, model: str) -> Iterator[VllmPair]:
-    with vllm_pair(tmp_path_factory.mktemp("vllm-pair"), amqp_url, model) as running:
+def pair(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, shared_vllm: SharedVllm) -> Iterator[VllmPair]:
+    """The first agent on the session's vLLM, the second on a vLLM it starts: two prefix caches."""
+    workdir = tmp_path_factory.mktemp("vllm-pair")
+    with vllm_pair(workdir, amqp_url, shared_vllm.model, running_backend=shared_vllm.url) as running:
         yield running
 
 

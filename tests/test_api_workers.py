@@ -25,11 +25,11 @@ import pytest
 
 from broker import topology
 from broker.jobstore import JobStore
-from hpc_agents.embedded_model import DEFAULT_MODEL_NAME, ensure_embedded_model
 from ops.processes import Child, free_port, pid_alive, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
 from ops.testing.fake_backend import Hold, running_fake_backend
 from ops.testing.stack import Stack, api_and_workers, hotq_command, log_events, write_config
+from tests.shared_vllm import SharedVllm
 
 WORKERS = 4
 RPM = 120  # the limited model's requests_per_minute: the rpm test sends twice as many at once
@@ -218,17 +218,17 @@ def test_requests_per_minute_hold_across_the_processes(stack: Stack, models: tup
 
 
 @pytest.mark.timeout(VLLM_STARTUP_S + 2 * VLLM_EVENTUALLY_S)
-def test_chat_through_real_vllm_with_two_api_processes(tmp_path: Path, amqp_url: str) -> None:
-    """`hotq up` with `[api] workers = 2` and the embedded model on real vLLM: both processes answer."""
-    model_path = ensure_embedded_model(log=lambda _: None)
-    table = {"model_path": str(model_path), "max_inflight": 8, "min_hot": 1, "max_agents": 1, "idle_ttl_s": 3600}
-    config = write_config(tmp_path / "hotq.toml", amqp_url, {DEFAULT_MODEL_NAME: table}, api={"workers": 2})
+def test_chat_through_real_vllm_with_two_api_processes(tmp_path: Path, amqp_url: str, shared_vllm: SharedVllm) -> None:
+    """`hotq up` with `[api] workers = 2`, its agent on real vLLM (the session's): both processes answer."""
+    model = shared_vllm.model
+    table = {"backend_url": shared_vllm.url, "max_inflight": 8, "min_hot": 1, "max_agents": 1, "idle_ttl_s": 3600}
+    config = write_config(tmp_path / "hotq.toml", amqp_url, {model: table}, api={"workers": 2})
     port = free_port()
     up = Child("hotq up", hotq_command("up", "--config", str(config), "--port", str(port)), tmp_path / "up.log")
     try:
         up.wait_for_log("is serving", VLLM_STARTUP_S)
         url = f"http://127.0.0.1:{port}"
-        body = {"model": DEFAULT_MODEL_NAME, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
+        body = {"model": model, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
         answered: dict[int, str] = {}
 
         def both_answered() -> bool:
@@ -242,7 +242,7 @@ def test_chat_through_real_vllm_with_two_api_processes(tmp_path: Path, amqp_url:
         assert all(answered.values()), answered
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=VLLM_EVENTUALLY_S)
         stream = client.chat.completions.create(
-            model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "Say hi."}], stream=True
+            model=model, messages=[{"role": "user", "content": "Say hi."}], stream=True
         )
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     finally:

@@ -4,9 +4,7 @@ text equals the uninterrupted answer, with one finish_reason and correct usage."
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,13 +12,9 @@ from typing import Any
 import openai
 import pytest
 
-from broker.config import ModelConfig
-from hpc_agents.backend_process import BackendProcess, backend_environment
-from hpc_agents.embedded_model import default_cache_dir, ensure_embedded_model
-from hpc_agents.vllm_command import vllm_command
-from ops.processes import free_port
 from ops.testing.deadlines import VLLM_EVENTUALLY_S, VLLM_STARTUP_S
 from ops.testing.stack import Stack, write_config
+from tests.shared_vllm import SharedVllm
 
 pytestmark = pytest.mark.timeout(VLLM_STARTUP_S + 2 * VLLM_EVENTUALLY_S)
 
@@ -28,31 +22,11 @@ PROMPT = "Explain in a few sentences why the sky is blue."
 MAX_TOKENS = 96
 
 
-@pytest.fixture(scope="module")
-def vllm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    """vLLM serving the embedded model: its URL and the name it serves it as."""
-    model = f"smollm-{uuid.uuid4().hex[:8]}"
-    workdir = tmp_path_factory.mktemp("vllm-migration")
-    port = free_port()
-    env = backend_environment(ModelConfig(), default_cache_dir())
-    model_path = ensure_embedded_model()
-    vllm = BackendProcess(vllm_command(str(model_path), model, port), env, port, workdir / "vllm.log")
-    vllm.start()
-    try:
-        asyncio.run(vllm.wait_ready(VLLM_STARTUP_S))
-        yield vllm.url, model
-    finally:
-        asyncio.run(vllm.stop())
-
-
 @pytest.fixture
-def served(
-    tmp_path: Path, amqp_url: str, vllm: tuple[str, str], delete_test_queues: list[str]
-) -> Iterator[tuple[Stack, str]]:
-    """An API for the model vLLM serves, and the model's name; no worker yet."""
-    vllm_url, model = vllm
-    delete_test_queues.append(model)
-    table = {"backend_url": vllm_url, "max_inflight": 4}
+def served(tmp_path: Path, amqp_url: str, shared_vllm: SharedVllm) -> Iterator[tuple[Stack, str]]:
+    """An API for the model the session's vLLM serves, and the model's name; no worker yet."""
+    model = shared_vllm.model
+    table = {"backend_url": shared_vllm.url, "max_inflight": 4}
     stack = Stack(write_config(tmp_path / "hotq.toml", amqp_url, {model: table}, stream_flush_ms=0), tmp_path)
     stack.start_api()
     yield stack, model

@@ -40,7 +40,16 @@ class VllmPair:
 
 
 @contextlib.contextmanager
-def vllm_pair(workdir: Path, amqp_url: str, model: str, max_inflight: int = 16, **table: object) -> Iterator[VllmPair]:
+def vllm_pair(
+    workdir: Path,
+    amqp_url: str,
+    model: str,
+    max_inflight: int = 16,
+    running_backend: str | None = None,
+    **table: object,
+) -> Iterator[VllmPair]:
+    """`running_backend`: the URL of a vLLM already serving the embedded model as `model`, for the
+    first agent to use instead of starting its own (the test suite's shared one: a start saved)."""
     model_dir = ensure_embedded_model()
     base: dict[str, object] = {
         "model_path": str(model_dir),
@@ -64,13 +73,22 @@ def vllm_pair(workdir: Path, amqp_url: str, model: str, max_inflight: int = 16, 
         on.start_api()
         off.start_api()
         # Each agent's vLLM computes on one core (OpenMP threads bound there).
-        agents = [
-            on.start_agent(
-                model, config(f"agent{i}", affinity="prefix", env={"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)})
-            )
-            for i in range(2)
+        agent_tables: list[dict[str, object]] = [
+            {"env": {"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)}} for i in range(2)
         ]
-        backends = [str(wait_for_event(agent, "backend_ready", timeout_s=VLLM_STARTUP_S)["url"]) for agent in agents]
+        if running_backend is not None:
+            agent_tables[0] = {"backend_url": running_backend}
+        agents = [
+            on.start_agent(model, config(f"agent{i}", affinity="prefix", **agent_table))
+            for i, agent_table in enumerate(agent_tables)
+        ]
+        backends = [
+            str(
+                agent_table.get("backend_url")
+                or wait_for_event(agent, "backend_ready", timeout_s=VLLM_STARTUP_S)["url"]
+            )
+            for agent, agent_table in zip(agents, agent_tables, strict=True)
+        ]
         for agent in agents:
             wait_for_event(agent, "agent_state", timeout_s=VLLM_STARTUP_S, state="hot")
         wait_until(lambda: _hot_heard(on, model) == 2, VLLM_STARTUP_S, "the API hears both agents hot", on.api)
