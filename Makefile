@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 PYTEST_ARGS ?=
+# Two workers: most of the suite's time is waiting (for vLLM, RabbitMQ, processes), not computing.
+PYTEST_WORKERS ?= 2
 
 .PHONY: run test lint install install-dev rabbitmq chromium model bench clean
 
@@ -54,7 +56,7 @@ lint: install-dev
 	$(PY) -m mypy
 
 test: lint rabbitmq chromium
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: install-dev rabbitmq
 	$(PY) -m bench.core_path

@@ -1,10 +1,11 @@
 """A private three-node RabbitMQ cluster for the tests that need one (ops/rabbitmq/local_cluster.py).
 
 A pytest plugin (conftest.py loads it): when a test of the session asks for the fixture
-`rabbitmq_cluster`, the cluster starts in the background with the session's first test (the test
-waits for it), in a temporary directory, on free ports, with node names that carry the session tag
-(so two test runs on one machine never meet), and stops when the session ends. Every
-test gets the cluster whole: nodes that an earlier test killed or stopped are started again first.
+`rabbitmq_cluster`, the cluster starts in the background with the session's first test (under
+pytest-xdist: with the worker's first test that asks; the test waits for it), in a temporary
+directory, on free ports, with node names that carry the session tag (so two test runs on one
+machine never meet), and stops when the session ends. Every test gets the cluster whole: nodes
+that an earlier test killed or stopped are started again first.
 
 `HOTQ_TEST_CLUSTER_DIR=DIR` keeps one cluster in DIR across test runs instead (quicker while working
 on these tests): it is started there when needed and left running; stop it with
@@ -16,13 +17,14 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import pytest
 
 from ops.rabbitmq.local_cluster import NODE_COUNT, LocalCluster, Node, port_is_free
+from tests.session_resources import CLUSTER_FIXTURES, start_early
 
 # AMQP ports are drawn from here, distribution ports are 20000 above: both below Linux's ephemeral
 # range (32768-60999), so no outgoing connection holds one by chance.
@@ -30,7 +32,6 @@ PORT_RANGE = range(6100, 9900)
 # How long a test waits for RabbitMQ to do something (elect a leader, ...): generous, the machine may
 # be busy and three times slower than this one.
 PATIENCE_S = 300.0
-CLUSTER_FIXTURES = {"rabbitmq_cluster", "rabbitmq_cluster_session"}  # a test asking for either needs the cluster
 
 
 def free_ports() -> tuple[int, int]:
@@ -57,38 +58,44 @@ def _session_cluster(tmp_path_factory: pytest.TempPathFactory, session_tag: str)
     return LocalCluster.create(directory, f"hotq-test-{session_tag}-", amqp, distribution), True
 
 
-def _started(cluster: LocalCluster) -> LocalCluster:
-    cluster.start()
-    return cluster
-
-
 @pytest.fixture(scope="session", autouse=True)
 def rabbitmq_cluster_starting(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, session_tag: str
-) -> Iterator[Future[LocalCluster] | None]:
-    """When a test of the session will need the cluster, its start begins with the session's first
-    test, in a thread: three nodes boot and join for tens of seconds, mostly waiting on each other."""
-    if not any(
-        isinstance(item, pytest.Function) and CLUSTER_FIXTURES & set(item.fixturenames)
-        for item in request.session.items
-    ):
-        yield None
-        return
-    cluster, owned = _session_cluster(tmp_path_factory, session_tag)
+) -> Iterator[Callable[[], LocalCluster]]:
+    """Gives the session's cluster, started. Three nodes boot and join for tens of seconds, mostly
+    waiting on each other, so the start runs in a thread and, where it can, begins with the session's
+    first test (`start_early`)."""
     with ThreadPoolExecutor(1, thread_name_prefix="rabbitmq-cluster") as pool:
-        starting = pool.submit(_started, cluster)
+        made: tuple[LocalCluster, bool] | None = None
+        starting: Future[None] | None = None
+
+        def start() -> Future[None]:
+            nonlocal made, starting
+            if starting is None:
+                made = _session_cluster(tmp_path_factory, session_tag)
+                starting = pool.submit(made[0].start)
+            return starting
+
+        def started() -> LocalCluster:
+            start().result()
+            assert made is not None
+            return made[0]
+
+        if start_early(request, CLUSTER_FIXTURES):
+            start()
         try:
-            yield starting
+            yield started
         finally:
-            wait([starting])  # a cluster is stopped only once its start is over, failed or not
-            if owned:
-                cluster.stop()
+            if starting is not None and made is not None:
+                wait([starting])  # a cluster is stopped only once its start is over, failed or not
+                cluster, owned = made
+                if owned:
+                    cluster.stop()
 
 
 @pytest.fixture(scope="session")
-def rabbitmq_cluster_session(rabbitmq_cluster_starting: Future[LocalCluster] | None) -> LocalCluster:
-    assert rabbitmq_cluster_starting is not None  # started with the session's first test
-    return rabbitmq_cluster_starting.result()
+def rabbitmq_cluster_session(rabbitmq_cluster_starting: Callable[[], LocalCluster]) -> LocalCluster:
+    return rabbitmq_cluster_starting()
 
 
 @pytest.fixture
