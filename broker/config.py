@@ -20,8 +20,10 @@ from broker.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("hotq.toml")
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
-# RabbitMQ's own default (60 s) gives up on a node that fell silent only after ~3 minutes.
-DEFAULT_AMQP_HEARTBEAT_S = 10
+# RabbitMQ's own default. A crashed node closes its sockets, so a failover does not wait for
+# heartbeats; they only find a node that hangs silently (after two or three missed). Shorter ones (10 s) cost
+# connections on a loaded 2-core machine whose event loops were busy past two of them.
+DEFAULT_AMQP_HEARTBEAT_S = 60
 # Replicas of each new quorum queue; RabbitMQ places as many as there are nodes, up to this.
 DEFAULT_QUORUM_REPLICAS = 3
 
@@ -151,7 +153,7 @@ class AmqpTls(msgspec.Struct, frozen=True):
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     amqp_url: str | list[str] = DEFAULT_AMQP_URL  # a list: the nodes of one cluster, tried in turn
-    amqp_heartbeat_s: PositiveInt = DEFAULT_AMQP_HEARTBEAT_S  # a silent node is left after ~3x this
+    amqp_heartbeat_s: PositiveInt = DEFAULT_AMQP_HEARTBEAT_S  # a node that hangs silently is left after ~2-3x this
     quorum_replicas: PositiveInt = DEFAULT_QUORUM_REPLICAS  # replication factor of new quorum queues
     # TLS for an amqps:// amqp_url (see ops/rabbitmq/README.md); paths on the machine that connects.
     amqp_ca_file: str | None = None

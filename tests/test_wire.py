@@ -111,7 +111,7 @@ def test_config_takes_several_broker_addresses(monkeypatch: pytest.MonkeyPatch) 
     nodes = ["amqp://u:p@a:5672/v", "amqp://u:p@b:5672/v", "amqp://u:p@c:5672/v"]
     several = parse_config(f"amqp_url = {nodes!r}\namqp_heartbeat_s = 5\nquorum_replicas = 2\n".replace("'", '"'))
     assert several.amqp_urls == nodes and several.amqp_heartbeat_s == 5 and several.quorum_replicas == 2
-    assert parse_config("").amqp_heartbeat_s == 10 and parse_config("").quorum_replicas == 3
+    assert parse_config("").amqp_heartbeat_s == 60 and parse_config("").quorum_replicas == 3
     monkeypatch.setenv("HOTQ_AMQP_URL", " amqp://x@a/v, amqp://x@b/v ,")
     assert parse_config("").amqp_urls == ["amqp://x@a/v", "amqp://x@b/v"]
     monkeypatch.delenv("HOTQ_AMQP_URL")
