@@ -37,11 +37,6 @@ log = structlog.get_logger("hotq.connection")
 CONNECT_RETRY_S = 2.0
 # One attempt to one node: a host that swallows packets must not hold up trying the next.
 CONNECT_TIMEOUT_S = 15.0
-# After a node dies its quorum queues elect new leaders among the survivors (well under a second
-# after a crash). A channel of RabbitMQ 3.10 that publishes to a quorum queue before then keeps its
-# dead leader and has every later publish nacked, so a process that reconnects to another node waits
-# this long before restoring its channels (not when it gets back to the same one).
-FAILOVER_SETTLE_S = 3.0
 # What a channel operation may raise while its connection moves to another node: worth a retry.
 BROKER_LOST = (
     aio_pika.exceptions.AMQPError,
@@ -84,9 +79,8 @@ class ClusterConnection(RobustConnection):
         node = f"{url.host}:{url.port}" if url is not None else None
         if self.connection_attempt:
             log.info("broker_reconnected", node=node, moved=node != self._node)
-            if node != self._node:  # its node went away: wait before restoring channels (FAILOVER_SETTLE_S)
-                await asyncio.sleep(FAILOVER_SETTLE_S)
         self._node = node
+        # Publishes nacked while quorum leaders move are retried on new channels (broker/publisher.py).
         await super()._on_connected()
 
     def __str__(self) -> str:  # what aio-pika logs; reading `url` would skip an address
@@ -110,8 +104,8 @@ async def connect(
     quorum_replicas: int = DEFAULT_QUORUM_REPLICAS,
 ) -> AbstractRobustConnection:
     """Connect to the first reachable of the addresses, naming the connection after the role,
-    host and pid (what operators see). `heartbeat_s`: a node that falls silent is given up
-    after about three times this."""
+    host and pid (what operators see). `heartbeat_s`: a node that hangs silently is given up
+    after two or three times this."""
     name = f"hotq-{role}@{socket.gethostname()}:{os.getpid()}"
     addresses = [amqp_url] if isinstance(amqp_url, str) else list(amqp_url)
     # A heartbeat in the URL itself wins (aiormq reads it from there).

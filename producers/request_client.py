@@ -1,11 +1,13 @@
 """The API process's request/reply client over RabbitMQ.
 
-One connection, one publishing channel with publisher confirms, and one reply
-queue per process. Each submitted request gets an `asyncio.Queue` of reply
-frames keyed by its request id (the correlation id); the reply consumer routes
-frames there. Like aio-pika's RPC pattern, publishes are `mandatory`, and every
-pending request fails when the connection drops, because replies published while
-the broker was away may be gone.
+One connection, one publishing channel with publisher confirms (renewed when RabbitMQ nacks:
+broker/publisher.py), and one reply queue per process. Each submitted request gets an
+`asyncio.Queue` of reply frames keyed by its request id (the correlation id); the reply
+consumer routes frames there. Like aio-pika's RPC pattern, publishes are `mandatory`, and every
+pending request fails when the connection drops, because replies published while the broker was
+away may be gone (the reply queue lives on the node the process is connected to). A request is
+published only while the reply queue's consumer is in place: after a reconnect, not before the
+queue is declared again on the new node, or a consumer would find no queue for its answer.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from aio_pika.abc import (
 from broker import messages, topology
 from broker.errors import BrokerUnavailable, HotqError, WireError
 from broker.messages import Abandoned, Cancel, Control, Final, Lane, ReplyFrame, RequestEnvelope, Resuming
+from broker.publisher import ConfirmingPublisher
 from producers.placement import Placed
 
 log = structlog.get_logger("hotq.producer")
@@ -76,7 +79,8 @@ class RequestClient:
             collections.OrderedDict()
         )
         self._channel: AbstractChannel | None = None
-        self._request_exchange: AbstractExchange | None = None
+        self._requests_out: ConfirmingPublisher | None = None
+        self._reply_consumer_ready = asyncio.Event()  # unset while the connection is away
         self._control_exchange: AbstractExchange | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -114,7 +118,7 @@ class RequestClient:
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         await topology.declare_model_queues(channel, self._models, pinned=self._pinned)
-        self._request_exchange = await channel.get_exchange(topology.REQUEST_EXCHANGE)
+        self._requests_out = await ConfirmingPublisher.open(self._connection, topology.REQUEST_EXCHANGE)
         self._control_exchange = await channel.get_exchange(topology.CONTROL_EXCHANGE)
         reply_queue = await channel.declare_queue(
             self._reply_queue_name, arguments={"x-expires": topology.REPLY_QUEUE_EXPIRES_MS}
@@ -123,6 +127,9 @@ class RequestClient:
         # Replies are not acked one by one: a lost reply fails its request anyway.
         await reply_queue.consume(self._on_reply, no_ack=True)
         self._connection.close_callbacks.add(self._on_connection_lost)
+        # Called once every channel is restored, the reply queue and its consumer included.
+        self._connection.reconnect_callbacks.add(self._on_reconnected)
+        self._reply_consumer_ready.set()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -142,7 +149,12 @@ class RequestClient:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    def _on_reconnected(self, *_: object) -> None:
+        log.info("reply_consumer_restored", reply_queue=self._reply_queue_name)
+        self._reply_consumer_ready.set()
+
     def _on_connection_lost(self, _sender: object, exc: BaseException | None) -> None:
+        self._reply_consumer_ready.clear()
         if not self._pending:
             return
         log.warning("broker_connection_lost", pending=len(self._pending), error=str(exc))
@@ -158,7 +170,7 @@ class RequestClient:
 
         The caller must call `release` when done with the request.
         """
-        if self._request_exchange is None:
+        if self._requests_out is None:
             raise BrokerUnavailable("not connected to RabbitMQ")
         replies: asyncio.Queue[ReplyItem] = asyncio.Queue()
         self._pending[envelope.request_id] = replies
@@ -175,9 +187,10 @@ class RequestClient:
         )
         routing_key = topology.request_queue_name(envelope.model, envelope.lane, cluster)
         try:
+            await self._wait_usable()  # an answer needs the reply queue: not before it is back
             try:
                 if placed is None or not await self._publish_placed(message, placed):
-                    await self._request_exchange.publish(message, routing_key, mandatory=True)
+                    await self._requests_out.publish(message, routing_key, mandatory=True)
             except _CONNECTION_ERRORS:
                 # The connection dropped under us (a broker restart, a forced close): wait for the
                 # robust connection and publish once more. The first copy may have landed too; the
@@ -185,7 +198,7 @@ class RequestClient:
                 # try is left behind in the old reply queue.
                 await self._wait_usable()
                 replies = self._pending[envelope.request_id] = asyncio.Queue()
-                await self._request_exchange.publish(message, routing_key, mandatory=True)
+                await self._requests_out.publish(message, routing_key, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
             self.release(envelope.request_id)
             returned = isinstance(exc.frame, aiormq.spec.Basic.Return)
@@ -199,7 +212,7 @@ class RequestClient:
     async def _publish_placed(self, message: aio_pika.Message, placed: Placed) -> bool:
         """Publish into an affinity queue, spilling after its delay (or at the deadline, if sooner);
         False if RabbitMQ has no such queue (its agent left long ago)."""
-        assert self._request_exchange is not None
+        assert self._requests_out is not None
         deadline_ms = message.expiration * 1000 if isinstance(message.expiration, int | float) else None
         placed_message = aio_pika.Message(
             body=message.body,
@@ -212,7 +225,7 @@ class RequestClient:
             expiration=min(placed.spill_after_ms, deadline_ms or placed.spill_after_ms) / 1000,
         )
         try:
-            await self._request_exchange.publish(placed_message, placed.queue, mandatory=True)
+            await self._requests_out.publish(placed_message, placed.queue, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
             if isinstance(exc.frame, aiormq.spec.Basic.Return):
                 log.info("affinity_queue_gone", queue=placed.queue)
@@ -221,11 +234,10 @@ class RequestClient:
         return True
 
     async def _wait_usable(self) -> None:
-        assert self._channel is not None
+        """Until the connection is back with the reply queue's consumer (at most RECONNECT_WAIT_S)."""
         try:
             async with asyncio.timeout(RECONNECT_WAIT_S):
-                while self._channel.is_closed or not self._connection.connected.is_set():
-                    await asyncio.sleep(0.05)
+                await self._reply_consumer_ready.wait()
         except TimeoutError:
             raise BrokerUnavailable("RabbitMQ is unreachable; retry shortly") from None
 
@@ -283,6 +295,7 @@ class RequestClient:
             pending.put_nowait(BrokerUnavailable("the API is shutting down"))
         self._pending.clear()
         self._connection.close_callbacks.discard(self._on_connection_lost)
+        self._connection.reconnect_callbacks.discard(self._on_reconnected)
         await self._close_channel()
 
     async def _close_channel(self) -> None:
@@ -291,3 +304,6 @@ class RequestClient:
             # closed by refusing a declare).
             with contextlib.suppress(Exception):
                 await self._channel.close()
+        if self._requests_out is not None:
+            with contextlib.suppress(Exception):
+                await self._requests_out.close()
