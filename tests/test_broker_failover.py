@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -25,10 +25,9 @@ from broker import topology
 from broker.connection import connect
 from broker.errors import BrokerUnavailable
 from broker.messages import Lane
-from hpc_agents.embedded_model import DEFAULT_MODEL_NAME
 from ops.processes import Child, free_port, wait_until
 from ops.rabbitmq.local_cluster import LocalCluster, Node
-from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STARTUP_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
+from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STARTUP_S
 from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold, reply_text, running_fake_backend
 from ops.testing.stack import ROOT, Stack, hotq_command, write_config
 from tests.rabbitmq_cluster import PATIENCE_S, wait_for_leader
@@ -200,7 +199,9 @@ class InteractiveLoad:
         return ("answered", "") if answer == expected else ("wrong answer", answer)
 
 
-BATCH_LINES = 1000
+# Acceptance test 1's batch; the rolling restart's is smaller (the same proof, a shorter run).
+BATCH_LINES = 5000
+ROLLING_BATCH_LINES = 1000
 SUBMIT_LINES = 500
 LOAD_THREADS = 4
 
@@ -213,7 +214,9 @@ class UnderLoad:
     client: openai.OpenAI
     load: InteractiveLoad
     batch_id: str
+    batch_lines: int
     workers: list[Child]
+    started: float
 
     def answered_since(self, since: float) -> int:
         return sum(1 for o in list(self.load.outcomes) if o.kind == "answered" and o.started >= since)
@@ -244,34 +247,61 @@ def _answers(client: openai.OpenAI, model: str) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def stack_with_scaler(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[Stack]:
-    """The API and a worker for `model` on a fake backend, and `hotq scale` keeping one agent hot for
-    a second model (in `stack.workers`, the worker first); all connected through node 1."""
+def _unanswered(data_dir: Path, batch_id: str) -> list[str]:
+    """The custom ids of a batch's lines that have no result in the job store (for a failure's message)."""
+    with sqlite3.connect(f"file:{data_dir / 'jobs.db'}?mode=ro", uri=True, timeout=30) as db:
+        rows = db.execute(
+            "SELECT custom_id FROM lines WHERE batch_id = ? AND custom_id NOT IN"
+            " (SELECT custom_id FROM results WHERE batch_id = ?) ORDER BY line",
+            (batch_id, batch_id),
+        ).fetchall()
+    return [custom_id for (custom_id,) in rows]
+
+
+@dataclass
+class FailoverStack:
+    stack: Stack
+    model: str
+    client: openai.OpenAI
+
+
+@pytest.fixture(scope="module")
+def failover_stack(
+    rabbitmq_cluster_session: LocalCluster, tmp_path_factory: pytest.TempPathFactory, session_tag: str
+) -> Iterator[FailoverStack]:
+    """For the acceptance tests, one stack on the cluster, connected through node 1 (the first address):
+    the API and a worker for a model on a fake backend, and `hotq scale` keeping one agent hot for a
+    second model (in `stack.workers`, the worker first)."""
+    cluster = rabbitmq_cluster_session
+    cluster.start()
+    workdir = tmp_path_factory.mktemp("failover")
+    model = f"test-org/failover-{session_tag}"
     with running_fake_backend([model]) as backend_url:
         models: dict[str, dict[str, object]] = {
             model: {"backend_url": backend_url, "max_inflight": 8, "reserved_interactive": 4},
             _agent_model(model): {"command": FAKE_BACKEND_COMMAND, "min_hot": 1, "max_inflight": 2},
         }
-        config = write_config(workdir / "hotq.toml", cluster.urls, models, None, amqp_heartbeat_s=5)
-        stack = Stack(config, workdir)
+        stack = Stack(write_config(workdir / "hotq.toml", cluster.urls, models, None), workdir)
         try:
             stack.start_api()
             stack.start_worker(model)
-            scaler = Child("scale", hotq_command("scale", "--config", str(config)), workdir / "scale.log", cwd=ROOT)
+            scaler = Child(
+                "scale", hotq_command("scale", "--config", str(stack.config)), workdir / "scale.log", cwd=ROOT
+            )
             stack.workers.append(scaler)
             client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_S)
             wait_until(lambda: _answers(client, _agent_model(model)), STARTUP_S, "the scaler's agent answers", scaler)
-            yield stack
+            yield FailoverStack(stack, model, client)
         finally:
             stack.close()
 
 
 @contextlib.contextmanager
-def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[UnderLoad]:
-    """The API and a worker on the cluster (connected through node 1, the first address), four threads
-    of streams and non-streams, a batch and a `hotq submit` job; on leaving, checks that nothing was
-    lost or doubled."""
+def under_load(cluster: LocalCluster, running: FailoverStack, workdir: Path, batch_lines: int) -> Iterator[UnderLoad]:
+    """Four threads of streams and non-streams, a batch and a `hotq submit` job on the stack; on
+    leaving, checks that nothing was lost or doubled, and that the worker, the scaler and its agent
+    carry on."""
+    stack, model, client = running.stack, running.model, running.client
     threads: list[threading.Thread] = []
     # The second half of the batch's and the job's lines wait in the backend until the disruption is
     # over: both are surely under way when it happens.
@@ -280,106 +310,98 @@ def under_load(cluster: LocalCluster, workdir: Path, model: str) -> Iterator[Und
     def held(line: int, lines: int) -> dict[str, object]:
         return hold.field if line >= lines // 2 else {}
 
-    with stack_with_scaler(cluster, workdir, model) as stack:
-        client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=HANG_S)
-        lines = [
-            {
-                "custom_id": f"line-{i}",
-                "method": "POST",
-                "url": "/v1/chat/completions",
-                "body": {"model": model, "messages": [{"role": "user", "content": f"n {i}"}]} | held(i, BATCH_LINES),
-            }
-            for i in range(BATCH_LINES)
-        ]
-        upload = "".join(json.dumps(line) + "\n" for line in lines).encode()
-        input_id = client.files.create(file=("input.jsonl", upload), purpose="batch").id
-        batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
-        # And a `hotq submit` job beside it: its own connection through the first address.
-        prompts = workdir / "prompts.jsonl"
-        prompts.write_text(
-            "".join(
-                json.dumps({"messages": [{"role": "user", "content": f"p {i}"}]} | held(i, SUBMIT_LINES)) + "\n"
-                for i in range(SUBMIT_LINES)
-            )
+    lines = [
+        {
+            "custom_id": f"line-{i}",
+            "method": "POST",
+            "url": "/v1/chat/completions",
+            "body": {"model": model, "messages": [{"role": "user", "content": f"n {i}"}]} | held(i, batch_lines),
+        }
+        for i in range(batch_lines)
+    ]
+    upload = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    input_id = client.files.create(file=("input.jsonl", upload), purpose="batch").id
+    batch = client.batches.create(input_file_id=input_id, endpoint="/v1/chat/completions", completion_window="24h")
+    # And a `hotq submit` job beside it: its own connection through the first address.
+    prompts = workdir / "prompts.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"p {i}"}]} | held(i, SUBMIT_LINES)) + "\n"
+            for i in range(SUBMIT_LINES)
         )
-        results = workdir / "submitted.jsonl"
-        submit_command = hotq_command(
-            "submit", str(prompts), "--model", model, "--out", str(results), "--config", str(stack.config)
-        )
-        submit = Child("submit", submit_command, workdir / "submit.log", cwd=ROOT)
+    )
+    results = workdir / "submitted.jsonl"
+    submit_command = hotq_command(
+        "submit", str(prompts), "--model", model, "--out", str(results), "--config", str(stack.config)
+    )
+    submit = Child("submit", submit_command, workdir / "submit.log", cwd=ROOT)
+    try:
+        load = InteractiveLoad(client, model)
+        for worker in range(LOAD_THREADS):
+            threads.append(threading.Thread(target=load.run, args=(worker,), daemon=True))
+            threads[-1].start()
         try:
-            load = InteractiveLoad(client, model)
-            for worker in range(LOAD_THREADS):
-                threads.append(threading.Thread(target=load.run, args=(worker,), daemon=True))
-                threads[-1].start()
-            try:
-                running = UnderLoad(cluster, client, load, batch.id, stack.workers)
-                running.wait_for_answers_since(0)
-                yield running
-            finally:
-                hold.release()
-                load.stop.set()
-                for thread in threads:
-                    thread.join(HANG_S + 60)
-            assert not any(thread.is_alive() for thread in threads), "a load thread still waits for an answer"
-            outcomes = list(load.outcomes)
-            kinds = {kind: sum(1 for o in outcomes if o.kind == kind) for kind in {o.kind for o in outcomes}}
-            bad = [o for o in outcomes if o.kind not in ("answered", "refused")]
-            assert not bad, f"requests neither answered nor refused explicitly: {bad[:5]} (all: {kinds})"
-            print(f"\ninteractive outcomes: {kinds}")
-
-            # The batch completes with exactly one result per line, and the worker carries on.
-            def batch_finished() -> bool:
-                return client.batches.retrieve(batch.id).status in ("completed", "failed", "expired", "cancelled")
-
-            wait_until(batch_finished, LONG_WORK_S, f"batch {batch.id} finished")
-            done = client.batches.retrieve(batch.id)
-            assert done.status == "completed" and done.request_counts is not None
-            assert (done.request_counts.completed, done.request_counts.failed) == (BATCH_LINES, 0)
-            assert done.output_file_id is not None
-            records = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
-            assert sorted(record["custom_id"] for record in records) == sorted(f"line-{i}" for i in range(BATCH_LINES))
-            # The worker and the scaler carry on, and so does the agent it launched: it answers again.
-            wait_until(lambda: _answers(client, _agent_model(model)), EVENTUALLY_S, "the agent's model answers")
-            assert all(child.poll() is None for child in stack.workers)
-            assert submit.wait(timeout=LONG_WORK_S) == 0, submit.log_text()
-            submitted = [json.loads(line) for line in results.read_text().splitlines()]
-            assert [record["custom_id"] for record in submitted] == [str(n) for n in range(1, SUBMIT_LINES + 1)]
-            assert all(record["error"] is None for record in submitted)
+            under = UnderLoad(cluster, client, load, batch.id, batch_lines, stack.workers, time.monotonic())
+            under.wait_for_answers_since(under.started)
+            yield under
         finally:
-            if submit.poll() is None:  # the test failed before it finished
-                submit.kill()
-                submit.wait()
+            hold.release()
+            load.stop.set()
+            for thread in threads:
+                thread.join(HANG_S + 60)
+        assert not any(thread.is_alive() for thread in threads), "a load thread still waits for an answer"
+        outcomes = list(load.outcomes)
+        kinds = {kind: sum(1 for o in outcomes if o.kind == kind) for kind in {o.kind for o in outcomes}}
+        bad = [o for o in outcomes if o.kind not in ("answered", "refused")]
+        assert not bad, f"requests neither answered nor refused explicitly: {bad[:5]} (all: {kinds})"
+        print(f"\ninteractive outcomes: {kinds}")
+
+        # The batch completes with exactly one result per line.
+        def batch_finished() -> bool:
+            return client.batches.retrieve(batch.id).status in ("completed", "failed", "expired", "cancelled")
+
+        data_dir = stack.workdir / "data"
+        try:
+            wait_until(batch_finished, LONG_WORK_S, f"batch {batch.id} finished")
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}; lines without a result: {_unanswered(data_dir, batch.id)[:50]}") from None
+        done = client.batches.retrieve(batch.id)
+        assert done.status == "completed" and done.request_counts is not None, done
+        counts = (done.request_counts.completed, done.request_counts.failed)
+        assert counts == (batch_lines, 0), f"{counts}; unanswered: {_unanswered(data_dir, batch.id)[:50]}"
+        assert done.output_file_id is not None
+        records = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+        assert sorted(record["custom_id"] for record in records) == sorted(f"line-{i}" for i in range(batch_lines))
+        # The worker and the scaler carry on, and so does the agent it launched: it answers again.
+        wait_until(lambda: _answers(client, _agent_model(model)), EVENTUALLY_S, "the agent's model answers")
+        assert all(child.poll() is None for child in stack.workers)
+        assert submit.wait(timeout=LONG_WORK_S) == 0, submit.log_text()
+        submitted = [json.loads(line) for line in results.read_text().splitlines()]
+        missing = sorted({str(n) for n in range(1, SUBMIT_LINES + 1)} - {r["custom_id"] for r in submitted})
+        assert [record["custom_id"] for record in submitted] == [str(n) for n in range(1, SUBMIT_LINES + 1)], missing
+        assert all(record["error"] is None for record in submitted)
+    finally:
+        if submit.poll() is None:  # the test failed before it finished
+            submit.kill()
+            submit.wait()
 
 
-async def _declare_queues_through(node: Node, model: str) -> None:
-    """The model's queues made through `node`, which so leads them."""
-    connection = await aio_pika.connect(node.url)
-    async with connection:
-        await topology.declare_model_queues(await connection.channel(), [model])
-
-
-@pytest.mark.parametrize("leader", ["here", "elsewhere"])
 def test_killing_the_request_queues_leader_under_load(
-    rabbitmq_cluster: LocalCluster, tmp_path: Path, session_tag: str, leader: str
+    rabbitmq_cluster: LocalCluster, failover_stack: FailoverStack, tmp_path: Path
 ) -> None:
-    """Acceptance test 1 (scaled down): streams and non-streams keep coming, a batch and a job run while
-    the node leading the model's interactive queue is killed with SIGKILL: the node the stack is
-    connected to ("here": its processes move), or another one ("elsewhere": only the leaders move)."""
+    """Acceptance test 1: streams and non-streams keep coming, a 5,000-line batch and a `hotq submit`
+    job run while the node leading the model's interactive queue is killed with SIGKILL."""
     cluster = rabbitmq_cluster
-    model = f"test-org/failover-{session_tag}-{leader}"
-    if leader == "elsewhere":
-        asyncio.run(_declare_queues_through(cluster.nodes[2], model))
-    with under_load(cluster, tmp_path, model) as running:
-        leading = wait_for_leader(cluster, topology.request_queue_name(model, Lane.INTERACTIVE), list(cluster.nodes))
-        assert (leading == cluster.nodes[0]) == (leader == "here")
+    queue = topology.request_queue_name(failover_stack.model, Lane.INTERACTIVE)
+    with under_load(cluster, failover_stack, tmp_path, BATCH_LINES) as running:
+        leading = wait_for_leader(cluster, queue, list(cluster.nodes))
         done_before = running.batch_done()
         killed_at = time.monotonic()
         cluster.kill(leading)
         running.wait_for_answers_since(killed_at)
         assert done_before < BATCH_LINES, "the batch finished before the kill"
         print(
-            f"\nkilled {leading.name}, the leader (the stack was on {cluster.nodes[0].name}), with "
+            f"\nkilled {leading.name}, the leader (the stack is on {cluster.nodes[0].name}), with "
             f"{done_before}/{BATCH_LINES} batch lines done; longest time without an answer: "
             f"{running.gap_after(killed_at):.2f} s"
         )
@@ -390,13 +412,12 @@ def _all_members_online(cluster: LocalCluster) -> bool:
 
 
 def test_clean_stop_and_rolling_restart_under_load(
-    rabbitmq_cluster: LocalCluster, tmp_path: Path, session_tag: str
+    rabbitmq_cluster: LocalCluster, failover_stack: FailoverStack, tmp_path: Path
 ) -> None:
     """Acceptance test 2: one node stopped cleanly and started again, then every node restarted in
     turn (a rolling upgrade), under load: nothing lost."""
     cluster = rabbitmq_cluster
-    model = f"test-org/rolling-{session_tag}"
-    with under_load(cluster, tmp_path, model) as running:
+    with under_load(cluster, failover_stack, tmp_path, ROLLING_BATCH_LINES) as running:
         for node in (cluster.nodes[1], *cluster.nodes):
             stopped_at = time.monotonic()
             cluster.stop_node(node)
@@ -406,48 +427,3 @@ def test_clean_stop_and_rolling_restart_under_load(
             gap = running.gap_after(stopped_at)
             print(f"\n{node.name} stopped and back; longest time without an answer: {gap:.2f} s")
         running.wait_for_answers_since(time.monotonic())
-
-
-def _real_answer(client: openai.OpenAI) -> bool:
-    """Whether the embedded model answered (a 503 while hotq reconnects means: ask again)."""
-    try:
-        completion = client.chat.completions.create(
-            model=DEFAULT_MODEL_NAME, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
-        )
-    except openai.APIStatusError as error:
-        assert error.status_code == 503, error
-        return False
-    return bool(completion.choices[0].message.content)
-
-
-def _backends_ready(workdir: Path) -> int:
-    """How often an agent of the stack said its backend was ready (agents log beside the data)."""
-    logs = (workdir / ".hotq").rglob("agent-*.log")
-    return sum(log.read_text(errors="replace").count('"backend_ready"') for log in logs)
-
-
-@pytest.mark.timeout(VLLM_STARTUP_S + 3 * VLLM_EVENTUALLY_S)
-def test_hotq_up_with_real_vllm_carries_on_after_its_node_crashes(
-    rabbitmq_cluster: LocalCluster, tmp_path: Path
-) -> None:
-    """What `make run` starts (API, scaler, an agent running vLLM), given the cluster's addresses in
-    $HOTQ_AMQP_URL: its node is killed, and the same vLLM answers again."""
-    cluster = rabbitmq_cluster
-    port = free_port()
-    command = hotq_command("up", "--port", str(port), "--data-dir", str(tmp_path / ".hotq"))
-    env = os.environ | {"HOTQ_AMQP_URL": ",".join(cluster.urls)}
-    up = Child("hotq up", command, tmp_path / "up.log", env=env, cwd=tmp_path)
-    try:
-        up.wait_for_log("is serving", VLLM_STARTUP_S)
-        client = openai.OpenAI(
-            base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=VLLM_EVENTUALLY_S
-        )
-        assert _real_answer(client)
-        backends_started = _backends_ready(tmp_path)
-        assert backends_started == 1
-        cluster.kill(cluster.nodes[0])  # every process of the stack connected to the first address
-        wait_until(lambda: _real_answer(client), VLLM_EVENTUALLY_S, "an answer after the crash", up)
-        assert _backends_ready(tmp_path) == backends_started, "vLLM was restarted"
-    finally:
-        returncode = up.stop(VLLM_EVENTUALLY_S)  # the agent drains, vLLM stops
-    assert returncode == 0, up.log_tail()
