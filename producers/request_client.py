@@ -5,9 +5,9 @@ broker/publisher.py), and one reply queue per process. Each submitted request ge
 `asyncio.Queue` of reply frames keyed by its request id (the correlation id); the reply
 consumer routes frames there. Like aio-pika's RPC pattern, publishes are `mandatory`, and every
 pending request fails when the connection drops, because replies published while the broker was
-away may be gone (the reply queue lives on the node the process is connected to). A request is
-published only while the reply queue's consumer is in place: after a reconnect, not before the
-queue is declared again on the new node, or a consumer would find no queue for its answer.
+away may be gone (the reply queue lives on the node the process is connected to). After a
+reconnect the process consumes a reply queue of a new name (see `_open_reply_queue`), and a
+request is published only while a reply queue's consumer is in place.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import os
 import socket
 import time
@@ -70,9 +71,12 @@ class RequestClient:
         self._connection = connection
         self._models = models
         self._pinned = pinned or {}  # model -> clusters its requests may be pinned to
-        self._reply_queue_name = (
+        self._reply_queue_prefix = (
             f"{topology.REPLY_QUEUE_PREFIX}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         )
+        self._reply_queue_name = self._reply_queue_prefix
+        self._connections = itertools.count(1)  # the reply queue's name, one per connection made
+        self._reply_channel: AbstractChannel | None = None
         self._pending: dict[str, asyncio.Queue[ReplyItem]] = {}
         # Abandoned requests whose token count is awaited: (since, callback), oldest first.
         self._on_abandoned: collections.OrderedDict[str, tuple[float, Callable[[dict[str, int] | None], object]]] = (
@@ -120,15 +124,25 @@ class RequestClient:
         await topology.declare_model_queues(channel, self._models, pinned=self._pinned)
         self._requests_out = await ConfirmingPublisher.open(self._connection, topology.REQUEST_EXCHANGE)
         self._control_exchange = await channel.get_exchange(topology.CONTROL_EXCHANGE)
-        reply_queue = await channel.declare_queue(
-            self._reply_queue_name, arguments={"x-expires": topology.REPLY_QUEUE_EXPIRES_MS}
-        )
-        await topology.bind_reply_queue(channel, reply_queue)
-        # Replies are not acked one by one: a lost reply fails its request anyway.
-        await reply_queue.consume(self._on_reply, no_ack=True)
+        await self._open_reply_queue()
         self._connection.close_callbacks.add(self._on_connection_lost)
-        # Called once every channel is restored, the reply queue and its consumer included.
         self._connection.reconnect_callbacks.add(self._on_reconnected)
+
+    async def _open_reply_queue(self) -> None:
+        """Consume a reply queue of a new name, on a channel of its own; then requests may go out.
+
+        A new name on every connection, not the robust connection's re-declaration of the old one:
+        when the node holding the old queue dies, its record lingers for a moment on the survivors,
+        and a process that reconnects at once could declare and consume "it" there, then lose it
+        (binding, consumer and all) when the survivors remove the dead node's queues: every answer
+        would be returned from then on. Replies are not acked one by one: a lost reply fails its
+        request anyway."""
+        name = f"{self._reply_queue_prefix}.{next(self._connections)}"
+        channel = await aio_pika.Channel(self._connection)  # plain: after a reconnect, a new one here
+        queue = await channel.declare_queue(name, arguments={"x-expires": topology.REPLY_QUEUE_EXPIRES_MS})
+        await topology.bind_reply_queue(channel, queue)
+        await queue.consume(self._on_reply, no_ack=True)
+        self._reply_channel, self._reply_queue_name = channel, name
         self._reply_consumer_ready.set()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
@@ -150,8 +164,18 @@ class RequestClient:
             task.add_done_callback(self._background.discard)
 
     def _on_reconnected(self, *_: object) -> None:
-        log.info("reply_consumer_restored", reply_queue=self._reply_queue_name)
-        self._reply_consumer_ready.set()
+        task = asyncio.ensure_future(self._reopen_reply_queue())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reopen_reply_queue(self) -> None:
+        try:
+            await self._open_reply_queue()
+        except (*_CONNECTION_ERRORS, aio_pika.exceptions.AMQPError) as exc:
+            # Lost again meanwhile: the next reconnect opens one. Requests wait, then get 503.
+            log.warning("reply_queue_not_opened", error=repr(exc))
+            return
+        log.info("reply_queue_opened", reply_queue=self._reply_queue_name)
 
     def _on_connection_lost(self, _sender: object, exc: BaseException | None) -> None:
         self._reply_consumer_ready.clear()
@@ -299,6 +323,9 @@ class RequestClient:
         await self._close_channel()
 
     async def _close_channel(self) -> None:
+        if self._reply_channel is not None:
+            with contextlib.suppress(Exception):
+                await self._reply_channel.close()
         if self._channel is not None:
             # Closed on purpose, so the robust connection does not reopen it (even one the broker
             # closed by refusing a declare).
