@@ -198,31 +198,35 @@ class RequestClient:
             raise BrokerUnavailable("not connected to RabbitMQ")
         replies: asyncio.Queue[ReplyItem] = asyncio.Queue()
         self._pending[envelope.request_id] = replies
-        message = aio_pika.Message(
-            body=messages.encode(envelope),
-            content_type=messages.CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            correlation_id=envelope.request_id,
-            message_id=envelope.request_id,
-            reply_to=self._reply_queue_name,
-            # Past its deadline nobody waits for the answer: RabbitMQ may drop it even unconsumed.
-            # (Not the shorter queue-wait limit: a request handed back after a drain must survive.)
-            expiration=max(1.0, envelope.deadline - time.time()),
-        )
+        body = messages.encode(envelope)
+
+        def message() -> aio_pika.Message:
+            """The request as it goes out now: its answer to the reply queue of the connection it takes."""
+            return aio_pika.Message(
+                body=body,
+                content_type=messages.CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                correlation_id=envelope.request_id,
+                message_id=envelope.request_id,
+                reply_to=self._reply_queue_name,
+                # Past its deadline nobody waits for the answer: RabbitMQ may drop it even unconsumed.
+                # (Not the shorter queue-wait limit: a request handed back after a drain must survive.)
+                expiration=max(1.0, envelope.deadline - time.time()),
+            )
+
         routing_key = topology.request_queue_name(envelope.model, envelope.lane, cluster)
         try:
             await self._wait_usable()  # an answer needs the reply queue: not before it is back
             try:
-                if placed is None or not await self._publish_placed(message, placed):
-                    await self._requests_out.publish(message, routing_key, mandatory=True)
+                if placed is None or not await self._publish_placed(message(), placed):
+                    await self._requests_out.publish(message(), routing_key, mandatory=True)
             except _CONNECTION_ERRORS:
                 # The connection dropped under us (a broker restart, a forced close): wait for the
-                # robust connection and publish once more. The first copy may have landed too; the
-                # relay follows one attempt, and the connection-lost error queued for the first
-                # try is left behind in the old reply queue.
+                # robust connection and its new reply queue, and publish once more (naming that
+                # queue). The first copy may have landed too; its answer goes to the old queue.
                 await self._wait_usable()
                 replies = self._pending[envelope.request_id] = asyncio.Queue()
-                await self._requests_out.publish(message, routing_key, mandatory=True)
+                await self._requests_out.publish(message(), routing_key, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
             self.release(envelope.request_id)
             returned = isinstance(exc.frame, aiormq.spec.Basic.Return)
