@@ -81,7 +81,7 @@ def create_app(config: Config, shared: bool = False) -> Starlette:
 
     async def run_on_broker() -> None:
         """Connect (waiting while RabbitMQ is down), then start everything that uses the connection."""
-        connection = await connect_until_up(config.amqp_url, "api", config.amqp_tls)
+        connection = await connect_until_up(config, "api")
         connected.append(connection)
         await asyncio.gather(
             open_client(connection),

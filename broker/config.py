@@ -1,7 +1,8 @@
 """hotq's configuration: one TOML file, validated once at start-up.
 
 Lookup order for the file: ``--config FILE``, then ``$HOTQ_CONFIG``, then
-``./hotq.toml``. ``$HOTQ_AMQP_URL`` overrides ``amqp_url``. Errors name the key.
+``./hotq.toml``. ``$HOTQ_AMQP_URL`` overrides ``amqp_url`` (comma-separated: the nodes of a
+cluster). Errors name the key.
 """
 
 from __future__ import annotations
@@ -19,6 +20,12 @@ from broker.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("hotq.toml")
 DEFAULT_AMQP_URL = "amqp://guest:guest@localhost:5672/"
+# RabbitMQ's own default. A crashed node closes its sockets, so a failover does not wait for
+# heartbeats; they only find a node that hangs silently (after two or three missed). Shorter ones (10 s) cost
+# connections on a loaded 2-core machine whose event loops were busy past two of them.
+DEFAULT_AMQP_HEARTBEAT_S = 60
+# Replicas of each new quorum queue; RabbitMQ places as many as there are nodes, up to this.
+DEFAULT_QUORUM_REPLICAS = 3
 
 PositiveInt = Annotated[int, msgspec.Meta(ge=1)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
@@ -145,14 +152,16 @@ class AmqpTls(msgspec.Struct, frozen=True):
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
-    amqp_url: str = DEFAULT_AMQP_URL
+    amqp_url: str | list[str] = DEFAULT_AMQP_URL  # a list: the nodes of one cluster, tried in turn
+    amqp_heartbeat_s: PositiveInt = DEFAULT_AMQP_HEARTBEAT_S  # a node that hangs silently is left after ~2-3x this
+    quorum_replicas: PositiveInt = DEFAULT_QUORUM_REPLICAS  # replication factor of new quorum queues
     # TLS for an amqps:// amqp_url (see ops/rabbitmq/README.md); paths on the machine that connects.
     amqp_ca_file: str | None = None
     amqp_cert_file: str | None = None
     amqp_key_file: str | None = None
     # What the scaler hands the agents it launches instead of its own amqp_url: a RabbitMQ
     # user with the agent role (ops/rabbitmq/definitions.json). Default: amqp_url.
-    agent_amqp_url: str | None = None
+    agent_amqp_url: str | list[str] | None = None
     data_dir: str = "./.hotq"
     max_body_bytes: PositiveInt = 10 * 1024 * 1024  # a request body, and each line of a batch file
     max_file_bytes: PositiveInt = 200 * 1024 * 1024  # one upload to /v1/files (OpenAI's limit for batch input)
@@ -173,6 +182,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     auth: AuthConfig | None = None  # without it the API serves anyone, and binds loopback only
     limits: LimitsConfig = LimitsConfig()  # per-user limits on interactive requests (default: none)
     api: ApiConfig = ApiConfig()
+
+    @property
+    def amqp_urls(self) -> list[str]:
+        return _as_list(self.amqp_url)
 
     @property
     def amqp_tls(self) -> AmqpTls | None:
@@ -256,7 +269,9 @@ def config_from_mapping(raw: dict[str, Any], source: str = "<config>") -> Config
             raise ConfigError(f'{source}: clusters."{name}".endpoint_id is required by the globus-compute launcher')
     config = msgspec.structs.replace(config, models=models)
     if url := os.environ.get("HOTQ_AMQP_URL"):
-        config = msgspec.structs.replace(config, amqp_url=url)
+        urls = [part.strip() for part in url.split(",") if part.strip()]
+        config = msgspec.structs.replace(config, amqp_url=urls[0] if len(urls) == 1 else urls)
+    _check_amqp_urls(config, source)
     _check_amqp_tls(config, source)
     return config
 
@@ -280,12 +295,29 @@ def backend_base_url(url: str, where: str = "backend_url") -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+def _as_list(urls: str | list[str]) -> list[str]:
+    return [urls] if isinstance(urls, str) else list(urls)
+
+
+def _check_amqp_urls(config: Config, source: str) -> None:
+    for key, urls in (("amqp_url", config.amqp_url), ("agent_amqp_url", config.agent_amqp_url)):
+        if urls is None:
+            continue
+        if not _as_list(urls):
+            raise ConfigError(f"{source}: {key} must name at least one broker address")
+        for url in _as_list(urls):
+            if not url.startswith(("amqp://", "amqps://")):
+                raise ConfigError(f"{source}: {key}: {url!r} is not an amqp:// or amqps:// URL")
+
+
 def _check_amqp_tls(config: Config, source: str) -> None:
     tls = config.amqp_tls
     if tls is None:
         return
-    for url_key, url in (("amqp_url", config.amqp_url), ("agent_amqp_url", config.agent_amqp_url)):
-        if url is not None and not url.startswith("amqps://"):
+    addresses = [("amqp_url", url) for url in _as_list(config.amqp_url)]
+    addresses += [("agent_amqp_url", url) for url in _as_list(config.agent_amqp_url or [])]
+    for url_key, url in addresses:
+        if not url.startswith("amqps://"):
             key = "amqp_ca_file" if tls.ca_file else "amqp_cert_file" if tls.cert_file else "amqp_key_file"
             raise ConfigError(f"{source}: {key} is set, so {url_key} must be an amqps:// URL")
     if tls.key_file and not tls.cert_file:

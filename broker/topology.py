@@ -1,7 +1,8 @@
 """The RabbitMQ topology hotq declares, and the names in it.
 
 - ``hotq.requests`` (direct): routes each request to its model's queue for one lane.
-  Request queues are durable quorum queues, so a RabbitMQ cluster replicates them;
+  Request queues are durable quorum queues, so a RabbitMQ cluster replicates them
+  (on `quorum_replicas` nodes: see `declare_quorum_queue`);
   a message redelivered `DELIVERY_LIMIT` times (a poison request that kills every
   consumer) is dead-lettered instead of looping forever.
 - ``hotq.dead`` (fanout) → ``hotq.dead-letters``: where rejected, expired and
@@ -31,6 +32,7 @@ import functools
 import hashlib
 import re
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aio_pika
 from aio_pika.abc import (
@@ -38,11 +40,11 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
-    AbstractRobustChannel,
     AbstractRobustConnection,
 )
 from pamqp.common import FieldTable
 
+from broker.connection import quorum_replicas_of
 from broker.messages import Lane
 
 REQUEST_EXCHANGE = "hotq.requests"
@@ -65,6 +67,9 @@ DEAD_LETTER_TTL_MS = 24 * 3600 * 1000
 REPLY_QUEUE_EXPIRES_MS = 60_000
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+GROUP_SIZE = "x-quorum-initial-group-size"
+# RabbitMQ's words when a queue exists with another group size (or none): "... current is the value '3' ...".
+_CURRENT_GROUP_SIZE = re.compile(r"inequivalent arg '" + GROUP_SIZE + r"'.*current is (?:the value )?('(\d+)'|none)")
 
 
 @functools.lru_cache(maxsize=4096)  # on every request's path; a hash is not free
@@ -95,14 +100,48 @@ def request_queue_arguments() -> FieldTable:
     }
 
 
+async def _probe(channel: AbstractChannel, name: str, arguments: FieldTable) -> tuple[FieldTable, Any]:
+    """The arguments quorum queue `name` is (or is now) declared with, and the broker's DeclareOk.
+
+    New queues get ``x-quorum-initial-group-size`` (the connection's `quorum_replicas`; RabbitMQ
+    places no more replicas than there are nodes). RabbitMQ takes the group size as part of the
+    queue's identity: a queue that exists with another one, or none (made before hotq set it, or
+    by definitions.json), refuses a declare that differs (406) and is declared as it is. Tried on a
+    channel of its own, since a refused declare closes the channel.
+    """
+    connection = channel._connection  # type: ignore[attr-defined]  # aio-pika has no public accessor
+    await connection.connected.wait()  # while a robust connection reconnects
+    # A plain channel even on a robust connection: nothing to restore after a reconnect.
+    probe = await aio_pika.Channel(connection)
+    try:
+        wanted: FieldTable = {**arguments, "x-queue-type": "quorum", GROUP_SIZE: quorum_replicas_of(channel)}
+        try:
+            queue = await probe.declare_queue(name, durable=True, arguments=wanted)
+            return wanted, queue.declaration_result
+        except aio_pika.exceptions.ChannelPreconditionFailed as exc:
+            found = _CURRENT_GROUP_SIZE.search(str(exc))
+            if found is None:
+                raise
+            current = {} if found.group(2) is None else {GROUP_SIZE: int(found.group(2))}
+        as_is: FieldTable = {**arguments, "x-queue-type": "quorum", **current}
+        await probe.reopen()
+        queue = await probe.declare_queue(name, durable=True, arguments=as_is)
+        return as_is, queue.declaration_result
+    finally:
+        await probe.close()
+
+
+async def declare_quorum_queue(channel: AbstractChannel, name: str, arguments: FieldTable) -> AbstractQueue:
+    """Declare durable quorum queue `name` on `channel` (re-declared there after a reconnect):
+    with the replication factor if it is new, as it is if it exists."""
+    as_declared, _ = await _probe(channel, name, arguments)
+    return await channel.declare_queue(name, durable=True, arguments=as_declared)
+
+
 async def declare_exchanges(channel: AbstractChannel) -> AbstractExchange:
     """Declare the shared exchanges and the dead-letter queue; return the request exchange."""
     dead = await channel.declare_exchange(DEAD_LETTER_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
-    dead_letters = await channel.declare_queue(
-        DEAD_LETTER_QUEUE,
-        durable=True,
-        arguments={"x-queue-type": "quorum", "x-message-ttl": DEAD_LETTER_TTL_MS},
-    )
+    dead_letters = await declare_quorum_queue(channel, DEAD_LETTER_QUEUE, {"x-message-ttl": DEAD_LETTER_TTL_MS})
     await dead_letters.bind(dead)
     await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT, durable=True)
     await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
@@ -119,23 +158,15 @@ async def declare_request_queue(
 ) -> AbstractQueue:
     """Declare (idempotently) and bind one model's queue for one lane (pinned to a cluster or not)."""
     name = request_queue_name(model, lane, cluster)
-    queue = await channel.declare_queue(name, durable=True, arguments=request_queue_arguments())
+    queue = await declare_quorum_queue(channel, name, request_queue_arguments())
     await queue.bind(request_exchange, routing_key=name)
     return queue
 
 
 async def queue_depth(channel: AbstractChannel, model: str, lane: Lane, cluster: str | None = None) -> tuple[int, int]:
-    """(ready messages, consumers) of a model's queue, by an idempotent declare.
-
-    Not a passive declare: that closes the channel when the queue does not exist yet.
-    """
-    name, arguments = request_queue_name(model, lane, cluster), request_queue_arguments()
-    queue: AbstractQueue
-    if isinstance(channel, AbstractRobustChannel):  # a probe, nothing to re-declare after a reconnect
-        queue = await channel.declare_queue(name, durable=True, arguments=arguments, robust=False)
-    else:
-        queue = await channel.declare_queue(name, durable=True, arguments=arguments)
-    declared = queue.declaration_result
+    """(ready messages, consumers) of a model's queue, by an idempotent declare on a channel of its
+    own (not a passive declare: that fails when the queue does not exist yet)."""
+    _, declared = await _probe(channel, request_queue_name(model, lane, cluster), request_queue_arguments())
     return declared.message_count or 0, declared.consumer_count or 0
 
 
@@ -213,10 +244,8 @@ async def declare_results_queue(channel: AbstractChannel, batch_id: str, single_
     `single_active` (an API batch, which every API process consumes): RabbitMQ delivers to one
     consumer at a time and hands over to the next when it goes. A queue's arguments cannot change,
     so declaring one that exists with other arguments fails (PRECONDITION_FAILED, the channel closes)."""
-    arguments: FieldTable = {"x-queue-type": "quorum"}
-    if single_active:
-        arguments["x-single-active-consumer"] = True
-    queue = await channel.declare_queue(results_queue_name(batch_id), durable=True, arguments=arguments)
+    arguments: FieldTable = {"x-single-active-consumer": True} if single_active else {}
+    queue = await declare_quorum_queue(channel, results_queue_name(batch_id), arguments)
     await bind_reply_queue(channel, queue)
     return queue
 
@@ -255,6 +284,6 @@ def usage_queue_arguments() -> FieldTable:
 async def declare_usage_queue(channel: AbstractChannel) -> AbstractQueue:
     """Durable and quorum: usage reports wait here through API restarts, and none is lost."""
     events = await channel.declare_exchange(EVENTS_EXCHANGE, aio_pika.ExchangeType.TOPIC, durable=True)
-    queue = await channel.declare_queue(USAGE_QUEUE, durable=True, arguments=usage_queue_arguments())
+    queue = await declare_quorum_queue(channel, USAGE_QUEUE, usage_queue_arguments())
     await queue.bind(events, routing_key=USAGE_ROUTING_KEY)
     return queue

@@ -29,7 +29,6 @@ from typing import cast
 import aio_pika
 import structlog
 from aio_pika.abc import (
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
@@ -39,6 +38,7 @@ from aio_pika.abc import (
 from broker import messages, topology
 from broker.errors import BackendError, DeadlineExceeded, HotqError, WireError, WorkerLost
 from broker.messages import Abandoned, Cancel, Control, Lane, RequestEnvelope, Resume, Resuming, Started
+from broker.publisher import ConfirmingPublisher
 from consumers.affinity import AffinityIntake, maybe_started
 from consumers.continuation import why_not_continuable
 from consumers.deliveries import Deliveries, Delivery, Settlement
@@ -82,7 +82,8 @@ class Consumer:
         self._cluster = cluster
         self._channel: AbstractRobustChannel | None = None
         self._intake: Intake | None = None
-        self._reply_exchange: AbstractExchange | None = None
+        self._replies_out: ConfirmingPublisher | None = None
+        self._usage_out: ConfirmingPublisher | None = None
         self._usage: UsageReporter | None = None
         self.affinity = affinity
         self._deliveries = Deliveries(affinity.placed_here if affinity else lambda _message: False)
@@ -116,9 +117,11 @@ class Consumer:
         for (_, lane, _), queue in queues.items():
             self._intake.add(cast(AbstractRobustQueue, queue), lane)  # declared on a robust channel
         control = await channel.get_exchange(topology.CONTROL_EXCHANGE)
-        # Replies go through hotq.replies, never the default exchange (which reaches every queue).
-        self._reply_exchange = await channel.get_exchange(topology.REPLY_EXCHANGE)
-        self._usage = UsageReporter(await channel.get_exchange(topology.EVENTS_EXCHANGE), self.name)
+        # Replies go through hotq.replies, never the default exchange (which reaches every queue), on
+        # channels of their own: one renewed after a nack leaves the deliveries' channel alone.
+        self._replies_out = await ConfirmingPublisher.open(self._connection, topology.REPLY_EXCHANGE)
+        self._usage_out = await ConfirmingPublisher.open(self._connection, topology.EVENTS_EXCHANGE)
+        self._usage = UsageReporter(self._usage_out, self.name)
         cancels = await channel.declare_queue(
             f"{topology.CANCEL_QUEUE_PREFIX}{self.name}", exclusive=True, auto_delete=True
         )
@@ -155,6 +158,9 @@ class Consumer:
             await self._usage.close()
         if self._channel is not None:
             await self._channel.close()
+        for publisher in (self._replies_out, self._usage_out):
+            if publisher is not None:
+                await publisher.close()
         log.info("worker_stopped", worker=self.name, served=self.served)
 
     async def requeue_inflight(self) -> None:
@@ -217,8 +223,8 @@ class Consumer:
 
     async def _serve_envelope(self, delivery: Delivery, envelope: RequestEnvelope, reply_to: str) -> Settlement:
         """Serve one delivery: ack when done with it, requeue otherwise."""
-        assert self._reply_exchange is not None, "start() first"
-        replies = ReplySender(self._reply_exchange, reply_to, envelope.request_id)
+        assert self._replies_out is not None, "start() first"
+        replies = ReplySender(self._replies_out, reply_to, envelope.request_id)
         progress = AttemptProgress(envelope.body)
         progress.continuable = envelope.stream and why_not_continuable(envelope.endpoint, envelope.body) is None
         # Draining, hand it over at once unless it is a stream that cannot go on elsewhere.
@@ -297,8 +303,9 @@ class Consumer:
                 assert serving is not None
                 replies.announce_later(Started(envelope.request_id, attempt, self.name), serving.cancel)
                 await self._handler.serve(envelope, attempt, replies, progress, resume)
-        except CallerGone:
-            log.info("caller_gone")  # nobody waits for this answer any more
+        except CallerGone as gone:
+            # Its reply queue is really gone (checked): nobody waits for this answer any more.
+            log.info("caller_gone", request_id=envelope.request_id, reply_to=str(gone))
             return _Outcome.CALLER_GONE
         except BackendUnreachable as exc:
             if not _is_last_delivery(message):

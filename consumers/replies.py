@@ -1,4 +1,11 @@
-"""Publishing one request's reply frames to the caller's reply queue."""
+"""Publishing one request's reply frames to the caller's reply queue.
+
+Only a reply queue that is really gone means the caller left. A nack (RabbitMQ could not take the
+frame now: a batch's results queue without a leader during a failover) is retried on a renewed
+channel by `ConfirmingPublisher` and, if it persists, raised as the broker error it is, so the
+consumer hands the request back to be served again; a return for a queue that still exists
+(re-declared meanwhile) is published again.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,16 @@ import asyncio
 from collections.abc import Callable
 
 import aio_pika
-from aio_pika.abc import AbstractExchange
+import structlog
 
 from broker import messages
 from broker.messages import ANNOUNCE_AFTER_S, Abandoned, ReplyFrame, Started
+from broker.publisher import ConfirmingPublisher
+
+log = structlog.get_logger("hotq.replies")
+
+# Returns for a queue that exists when asked: published again this often, then handed back.
+RETURNED_RETRIES = 3
 
 
 class CallerGone(Exception):
@@ -19,8 +32,8 @@ class CallerGone(Exception):
 class ReplySender:
     """Sends frames in order with publisher confirms, `mandatory` so a vanished caller is noticed."""
 
-    def __init__(self, exchange: AbstractExchange, reply_to: str, request_id: str) -> None:
-        self._exchange = exchange
+    def __init__(self, publisher: ConfirmingPublisher, reply_to: str, request_id: str) -> None:
+        self._publisher = publisher
         self._reply_to = reply_to
         self._request_id = request_id
         self._announce_timer: asyncio.TimerHandle | None = None
@@ -70,8 +83,14 @@ class ReplySender:
             content_type=messages.CONTENT_TYPE,
             correlation_id=self._request_id,
         )
-        try:
-            await self._exchange.publish(message, self._reply_to, mandatory=True)
-        except aio_pika.exceptions.DeliveryError as exc:
-            self.caller_gone = True
-            raise CallerGone(self._reply_to) from exc
+        for returns in range(1, RETURNED_RETRIES + 1):
+            try:
+                await self._publisher.publish(message, self._reply_to, mandatory=True)
+                return
+            except aio_pika.exceptions.PublishError:
+                if not await self._publisher.queue_exists(self._reply_to):
+                    self.caller_gone = True
+                    raise CallerGone(self._reply_to) from None
+                log.warning("reply_returned_queue_exists", reply_to=self._reply_to, returns=returns)
+                if returns == RETURNED_RETRIES:
+                    raise  # a broker error, not a caller gone: the request is served again

@@ -8,7 +8,7 @@ import signal
 import structlog
 
 from broker.config import Config
-from broker.connection import connect
+from broker.connection import connect_with
 from broker.messages import Lane
 from consumers.backend_client import BackendClient
 from consumers.consumer import Consumer
@@ -24,7 +24,7 @@ async def run_worker(config: Config, model: str, backend_url: str, grace_s: floa
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     model_config = config.model(model)
-    connection = await connect(config.amqp_url, f"worker:{model}", config.amqp_tls)
+    connection = await connect_with(config, f"worker:{model}")
     backend = BackendClient(backend_url, max_connections=model_config.max_inflight)
     consumer = Consumer(
         connection,

@@ -25,6 +25,7 @@ from aio_pika.abc import AbstractExchange
 
 from broker import messages, topology
 from broker.messages import RequestEnvelope, UsageReport, UsageRow
+from broker.publisher import ConfirmingPublisher
 
 log = structlog.get_logger("hotq.consumer")
 
@@ -35,7 +36,9 @@ _Key = tuple[str, str, str, str]  # day, user, model, lane
 
 
 class UsageReporter:
-    def __init__(self, exchange: AbstractExchange, worker: str, interval_s: float = REPORT_INTERVAL_S) -> None:
+    def __init__(
+        self, exchange: AbstractExchange | ConfirmingPublisher, worker: str, interval_s: float = REPORT_INTERVAL_S
+    ) -> None:
         self._exchange = exchange
         self._worker = worker
         self._interval_s = interval_s

@@ -35,7 +35,7 @@ import structlog
 import uvloop
 
 from broker.config import Config, config_from_mapping, load_config, parse_config
-from broker.connection import connect
+from broker.connection import connect_with
 from broker.messages import AgentState, Lane
 from consumers.affinity import AffinityIntake
 from consumers.backend_client import BackendClient
@@ -81,7 +81,7 @@ class Agent:
     async def run(self) -> dict[str, Any]:
         log_context = structlog.contextvars.bound_contextvars(agent_id=self.agent_id, model=self.model)
         with log_context:
-            connection = await connect(self.config.amqp_url, f"agent:{self.model}", self.config.amqp_tls)
+            connection = await connect_with(self.config, f"agent:{self.model}")
             announcer = AgentAnnouncer(connection, self.agent_id, self.model, self.cluster, self._snapshot)
             await announcer.open()
             await announcer.set_state(AgentState.STARTING)

@@ -33,7 +33,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from broker import messages, topology
 from broker.config import Config, ModelConfig
-from broker.connection import connect
+from broker.connection import BROKER_LOST, connect_with
 from broker.messages import AgentState, AgentStatus, Lane, ModelOutlook
 from hpc_agents.decisions import Decision, DecisionLog, decision_log_path
 from hpc_agents.directory import AgentDirectory
@@ -94,7 +94,10 @@ class Scaler:
 
     async def run(self, channel: AbstractChannel, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self.tick(channel)
+            try:
+                await self.tick(channel)
+            except BROKER_LOST as exc:  # its node went away: the connection moves to another one
+                log.warning("scaler_tick_skipped", error=repr(exc))
             try:
                 await asyncio.wait_for(stop.wait(), self.tick_s)
             except TimeoutError:
@@ -356,7 +359,7 @@ async def run_scaler(
     config: Config, launchers: dict[str, Launcher], stop: asyncio.Event, metrics: ScalerMetrics | None = None
 ) -> Scaler:
     """Scale until `stop` is set, then shut the launchers down (their agents drain)."""
-    connection = await connect(config.amqp_url, "scaler", config.amqp_tls)
+    connection = await connect_with(config, "scaler")
     try:
         directory = AgentDirectory(config.heartbeat_s)
         await directory.subscribe(connection)

@@ -20,7 +20,7 @@ from rich.table import Table
 from rich.text import Text
 
 from broker.config import Config
-from broker.connection import connect
+from broker.connection import BROKER_LOST, connect_with
 from broker.messages import AgentState
 from hpc_agents.decisions import DecisionLog
 from hpc_agents.directory import AgentDirectory
@@ -135,7 +135,7 @@ def _console() -> Console:
 
 
 async def run_watch(config: Config, interval_s: float, once: bool) -> None:
-    connection = await connect(config.amqp_url, "watch", config.amqp_tls)
+    connection = await connect_with(config, "watch")
     try:
         directory = AgentDirectory(config.heartbeat_s)
         await directory.subscribe(connection)
@@ -155,6 +155,9 @@ async def run_watch(config: Config, interval_s: float, once: bool) -> None:
         with Live(await frame(), console=console, auto_refresh=False) as live:
             while True:
                 await asyncio.sleep(interval_s)
-                live.update(await frame(), refresh=True)
+                try:
+                    live.update(await frame(), refresh=True)
+                except BROKER_LOST:  # its node went away: the connection moves to another one
+                    continue
     finally:
         await connection.close()

@@ -102,9 +102,13 @@ async def dispatch(
             if on_published is not None:
                 on_published(len(confirmed))
             if len(confirmed) < len(lines):
-                # RabbitMQ refused some (a full queue, a lost connection): try those again shortly.
+                # RabbitMQ refused some (a full queue, a lost connection, a queue leader lost): try
+                # those again shortly, on a new channel (one that saw a leader die keeps nacking).
                 log.warning("batch_publish_incomplete", batch_id=batch_id, refused=len(lines) - len(confirmed))
                 await asyncio.sleep(1.0)
+                if not channel.is_closed:
+                    await channel.close()
+                channel = await connection.channel(publisher_confirms=True)
                 after = 0
             else:
                 after = lines[-1].line

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO, TypeVar
 from aio_pika.abc import AbstractRobustConnection
 
 from broker.config import Config, load_config
-from broker.connection import connect
+from broker.connection import connect_with
 from broker.jobstore import TERMINAL_STATUSES, AsyncJobStore, BatchRow, JobStore, new_id
 from broker.messages import Endpoint
 from broker.openai_objects import batch_object
@@ -124,7 +124,7 @@ class Job:
         elif row.status == "validating":
             store.close()
             raise JobInputError(f"job {row.id} stopped while its input was being stored; submit it anew", [], 0)
-        connection = await connect(config.amqp_url, "job", config.amqp_tls)
+        connection = await connect_with(config, "job")
         job = cls(config, store, connection, row, collect, max_pending, on_published, on_collected)
         job._running = asyncio.create_task(job._runner.run())
         return job

@@ -1,11 +1,13 @@
 """The API process's request/reply client over RabbitMQ.
 
-One connection, one publishing channel with publisher confirms, and one reply
-queue per process. Each submitted request gets an `asyncio.Queue` of reply
-frames keyed by its request id (the correlation id); the reply consumer routes
-frames there. Like aio-pika's RPC pattern, publishes are `mandatory`, and every
-pending request fails when the connection drops, because replies published while
-the broker was away may be gone.
+One connection, one publishing channel with publisher confirms (renewed when RabbitMQ nacks:
+broker/publisher.py), and one reply queue per process. Each submitted request gets an
+`asyncio.Queue` of reply frames keyed by its request id (the correlation id); the reply
+consumer routes frames there. Like aio-pika's RPC pattern, publishes are `mandatory`, and every
+pending request fails when the connection drops, because replies published while the broker was
+away may be gone (the reply queue lives on the node the process is connected to). After a
+reconnect the process consumes a reply queue of a new name (see `_open_reply_queue`), and a
+request is published only while a reply queue's consumer is in place.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import os
 import socket
 import time
@@ -33,6 +36,7 @@ from aio_pika.abc import (
 from broker import messages, topology
 from broker.errors import BrokerUnavailable, HotqError, WireError
 from broker.messages import Abandoned, Cancel, Control, Final, Lane, ReplyFrame, RequestEnvelope, Resuming
+from broker.publisher import ConfirmingPublisher
 from producers.placement import Placed
 
 log = structlog.get_logger("hotq.producer")
@@ -67,16 +71,20 @@ class RequestClient:
         self._connection = connection
         self._models = models
         self._pinned = pinned or {}  # model -> clusters its requests may be pinned to
-        self._reply_queue_name = (
+        self._reply_queue_prefix = (
             f"{topology.REPLY_QUEUE_PREFIX}{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
         )
+        self._reply_queue_name = self._reply_queue_prefix
+        self._connections = itertools.count(1)  # the reply queue's name, one per connection made
+        self._reply_channel: AbstractChannel | None = None
         self._pending: dict[str, asyncio.Queue[ReplyItem]] = {}
         # Abandoned requests whose token count is awaited: (since, callback), oldest first.
         self._on_abandoned: collections.OrderedDict[str, tuple[float, Callable[[dict[str, int] | None], object]]] = (
             collections.OrderedDict()
         )
         self._channel: AbstractChannel | None = None
-        self._request_exchange: AbstractExchange | None = None
+        self._requests_out: ConfirmingPublisher | None = None
+        self._reply_consumer_ready = asyncio.Event()  # unset while the connection is away
         self._control_exchange: AbstractExchange | None = None
         self._background: set[asyncio.Task[None]] = set()
 
@@ -114,15 +122,28 @@ class RequestClient:
         channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         self._channel = channel
         await topology.declare_model_queues(channel, self._models, pinned=self._pinned)
-        self._request_exchange = await channel.get_exchange(topology.REQUEST_EXCHANGE)
+        self._requests_out = await ConfirmingPublisher.open(self._connection, topology.REQUEST_EXCHANGE)
         self._control_exchange = await channel.get_exchange(topology.CONTROL_EXCHANGE)
-        reply_queue = await channel.declare_queue(
-            self._reply_queue_name, arguments={"x-expires": topology.REPLY_QUEUE_EXPIRES_MS}
-        )
-        await topology.bind_reply_queue(channel, reply_queue)
-        # Replies are not acked one by one: a lost reply fails its request anyway.
-        await reply_queue.consume(self._on_reply, no_ack=True)
+        await self._open_reply_queue()
         self._connection.close_callbacks.add(self._on_connection_lost)
+        self._connection.reconnect_callbacks.add(self._on_reconnected)
+
+    async def _open_reply_queue(self) -> None:
+        """Consume a reply queue of a new name, on a channel of its own; then requests may go out.
+
+        A new name on every connection, not the robust connection's re-declaration of the old one:
+        when the node holding the old queue dies, its record lingers for a moment on the survivors,
+        and a process that reconnects at once could declare and consume "it" there, then lose it
+        (binding, consumer and all) when the survivors remove the dead node's queues: every answer
+        would be returned from then on. Replies are not acked one by one: a lost reply fails its
+        request anyway."""
+        name = f"{self._reply_queue_prefix}.{next(self._connections)}"
+        channel = await aio_pika.Channel(self._connection)  # plain: after a reconnect, a new one here
+        queue = await channel.declare_queue(name, arguments={"x-expires": topology.REPLY_QUEUE_EXPIRES_MS})
+        await topology.bind_reply_queue(channel, queue)
+        await queue.consume(self._on_reply, no_ack=True)
+        self._reply_channel, self._reply_queue_name = channel, name
+        self._reply_consumer_ready.set()
 
     async def _on_reply(self, message: AbstractIncomingMessage) -> None:
         try:
@@ -142,7 +163,22 @@ class RequestClient:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
+    def _on_reconnected(self, *_: object) -> None:
+        task = asyncio.ensure_future(self._reopen_reply_queue())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reopen_reply_queue(self) -> None:
+        try:
+            await self._open_reply_queue()
+        except (*_CONNECTION_ERRORS, aio_pika.exceptions.AMQPError) as exc:
+            # Lost again meanwhile: the next reconnect opens one. Requests wait, then get 503.
+            log.warning("reply_queue_not_opened", error=repr(exc))
+            return
+        log.info("reply_queue_opened", reply_queue=self._reply_queue_name)
+
     def _on_connection_lost(self, _sender: object, exc: BaseException | None) -> None:
+        self._reply_consumer_ready.clear()
         if not self._pending:
             return
         log.warning("broker_connection_lost", pending=len(self._pending), error=str(exc))
@@ -158,34 +194,39 @@ class RequestClient:
 
         The caller must call `release` when done with the request.
         """
-        if self._request_exchange is None:
+        if self._requests_out is None:
             raise BrokerUnavailable("not connected to RabbitMQ")
         replies: asyncio.Queue[ReplyItem] = asyncio.Queue()
         self._pending[envelope.request_id] = replies
-        message = aio_pika.Message(
-            body=messages.encode(envelope),
-            content_type=messages.CONTENT_TYPE,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-            correlation_id=envelope.request_id,
-            message_id=envelope.request_id,
-            reply_to=self._reply_queue_name,
-            # Past its deadline nobody waits for the answer: RabbitMQ may drop it even unconsumed.
-            # (Not the shorter queue-wait limit: a request handed back after a drain must survive.)
-            expiration=max(1.0, envelope.deadline - time.time()),
-        )
+        body = messages.encode(envelope)
+
+        def message() -> aio_pika.Message:
+            """The request as it goes out now: its answer to the reply queue of the connection it takes."""
+            return aio_pika.Message(
+                body=body,
+                content_type=messages.CONTENT_TYPE,
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                correlation_id=envelope.request_id,
+                message_id=envelope.request_id,
+                reply_to=self._reply_queue_name,
+                # Past its deadline nobody waits for the answer: RabbitMQ may drop it even unconsumed.
+                # (Not the shorter queue-wait limit: a request handed back after a drain must survive.)
+                expiration=max(1.0, envelope.deadline - time.time()),
+            )
+
         routing_key = topology.request_queue_name(envelope.model, envelope.lane, cluster)
         try:
+            await self._wait_usable()  # an answer needs the reply queue: not before it is back
             try:
-                if placed is None or not await self._publish_placed(message, placed):
-                    await self._request_exchange.publish(message, routing_key, mandatory=True)
+                if placed is None or not await self._publish_placed(message(), placed):
+                    await self._requests_out.publish(message(), routing_key, mandatory=True)
             except _CONNECTION_ERRORS:
                 # The connection dropped under us (a broker restart, a forced close): wait for the
-                # robust connection and publish once more. The first copy may have landed too; the
-                # relay follows one attempt, and the connection-lost error queued for the first
-                # try is left behind in the old reply queue.
+                # robust connection and its new reply queue, and publish once more (naming that
+                # queue). The first copy may have landed too; its answer goes to the old queue.
                 await self._wait_usable()
                 replies = self._pending[envelope.request_id] = asyncio.Queue()
-                await self._request_exchange.publish(message, routing_key, mandatory=True)
+                await self._requests_out.publish(message(), routing_key, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
             self.release(envelope.request_id)
             returned = isinstance(exc.frame, aiormq.spec.Basic.Return)
@@ -199,7 +240,7 @@ class RequestClient:
     async def _publish_placed(self, message: aio_pika.Message, placed: Placed) -> bool:
         """Publish into an affinity queue, spilling after its delay (or at the deadline, if sooner);
         False if RabbitMQ has no such queue (its agent left long ago)."""
-        assert self._request_exchange is not None
+        assert self._requests_out is not None
         deadline_ms = message.expiration * 1000 if isinstance(message.expiration, int | float) else None
         placed_message = aio_pika.Message(
             body=message.body,
@@ -212,7 +253,7 @@ class RequestClient:
             expiration=min(placed.spill_after_ms, deadline_ms or placed.spill_after_ms) / 1000,
         )
         try:
-            await self._request_exchange.publish(placed_message, placed.queue, mandatory=True)
+            await self._requests_out.publish(placed_message, placed.queue, mandatory=True)
         except aiormq.exceptions.DeliveryError as exc:
             if isinstance(exc.frame, aiormq.spec.Basic.Return):
                 log.info("affinity_queue_gone", queue=placed.queue)
@@ -221,11 +262,10 @@ class RequestClient:
         return True
 
     async def _wait_usable(self) -> None:
-        assert self._channel is not None
+        """Until the connection is back with the reply queue's consumer (at most RECONNECT_WAIT_S)."""
         try:
             async with asyncio.timeout(RECONNECT_WAIT_S):
-                while self._channel.is_closed or not self._connection.connected.is_set():
-                    await asyncio.sleep(0.05)
+                await self._reply_consumer_ready.wait()
         except TimeoutError:
             raise BrokerUnavailable("RabbitMQ is unreachable; retry shortly") from None
 
@@ -283,11 +323,18 @@ class RequestClient:
             pending.put_nowait(BrokerUnavailable("the API is shutting down"))
         self._pending.clear()
         self._connection.close_callbacks.discard(self._on_connection_lost)
+        self._connection.reconnect_callbacks.discard(self._on_reconnected)
         await self._close_channel()
 
     async def _close_channel(self) -> None:
+        if self._reply_channel is not None:
+            with contextlib.suppress(Exception):
+                await self._reply_channel.close()
         if self._channel is not None:
             # Closed on purpose, so the robust connection does not reopen it (even one the broker
             # closed by refusing a declare).
             with contextlib.suppress(Exception):
                 await self._channel.close()
+        if self._requests_out is not None:
+            with contextlib.suppress(Exception):
+                await self._requests_out.close()

@@ -280,4 +280,4 @@ def test_amqps_settings(tmp_path: Path) -> None:
     context = ssl_context(config.amqp_tls)
     assert context.verify_mode is ssl.CERT_REQUIRED and context.check_hostname
     agents = config.for_agents()
-    assert agents.amqp_url.startswith("amqps://agent:") and agents.amqp_ca_file == ca
+    assert agents.amqp_urls[0].startswith("amqps://agent:") and agents.amqp_ca_file == ca

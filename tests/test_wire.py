@@ -105,6 +105,24 @@ def test_config_defaults_and_env_override(monkeypatch: pytest.MonkeyPatch) -> No
     assert parse_config("").amqp_url == "amqp://u:p@broker:5672/"
 
 
+def test_config_takes_several_broker_addresses(monkeypatch: pytest.MonkeyPatch) -> None:
+    one = parse_config('amqp_url = "amqp://u:p@a:5672/v"\n')
+    assert one.amqp_urls == ["amqp://u:p@a:5672/v"]
+    nodes = ["amqp://u:p@a:5672/v", "amqp://u:p@b:5672/v", "amqp://u:p@c:5672/v"]
+    several = parse_config(f"amqp_url = {nodes!r}\namqp_heartbeat_s = 5\nquorum_replicas = 2\n".replace("'", '"'))
+    assert several.amqp_urls == nodes and several.amqp_heartbeat_s == 5 and several.quorum_replicas == 2
+    assert parse_config("").amqp_heartbeat_s == 60 and parse_config("").quorum_replicas == 3
+    monkeypatch.setenv("HOTQ_AMQP_URL", " amqp://x@a/v, amqp://x@b/v ,")
+    assert parse_config("").amqp_urls == ["amqp://x@a/v", "amqp://x@b/v"]
+    monkeypatch.delenv("HOTQ_AMQP_URL")
+    with pytest.raises(ConfigError, match="amqp_url must name at least one broker address"):
+        parse_config("amqp_url = []\n")
+    with pytest.raises(ConfigError, match=r"amqp_url: 'http://b/' is not an amqp:// or amqps:// URL"):
+        parse_config('amqp_url = ["amqp://a/", "http://b/"]\n')
+    with pytest.raises(ConfigError, match="quorum_replicas"):
+        parse_config("quorum_replicas = 0\n")
+
+
 @pytest.mark.parametrize(
     ("written", "used"),
     [

@@ -50,13 +50,13 @@ def create_key(config: Path, user: str, *extra: str) -> str:
 
 def write_config(
     path: Path,
-    amqp_url: str,
+    amqp_url: str | list[str],
     models: Mapping[str, Mapping[str, object]],
     clusters: Mapping[str, Mapping[str, object]] | None = None,
     **top: object,
 ) -> Path:
     """A hotq.toml at `path` (its data directory beside it) with these [models], [clusters] and top-level keys."""
-    lines = [f'amqp_url = "{amqp_url}"', f'data_dir = "{path.parent / "data"}"']
+    lines = [f"amqp_url = {_toml(amqp_url)}", f'data_dir = "{path.parent / "data"}"']
     lines += [f"{key} = {_toml(value)}" for key, value in top.items()]
     for kind, tables in (("clusters", clusters or {}), ("models", models)):
         for name, table in tables.items():
@@ -200,7 +200,7 @@ def api_and_workers(config: Path, workdir: Path, models: Iterable[str]) -> Itera
 
 @contextlib.contextmanager
 def api_and_worker(
-    workdir: Path, amqp_url: str, model: str, table: Mapping[str, object], **top: object
+    workdir: Path, amqp_url: str | list[str], model: str, table: Mapping[str, object], **top: object
 ) -> Iterator[Stack]:
     """An API and one worker serving `model` with the [models] `table`: what most tests need."""
     config = write_config(workdir / "hotq.toml", amqp_url, {model: table}, None, **top)
@@ -210,7 +210,7 @@ def api_and_worker(
 
 @contextlib.contextmanager
 def api_and_worker_on_a_fake_backend(
-    workdir: Path, amqp_url: str, model: str, table: Mapping[str, object], **top: object
+    workdir: Path, amqp_url: str | list[str], model: str, table: Mapping[str, object], **top: object
 ) -> Iterator[Stack]:
     """`api_and_worker`, the model served by a fake backend of its own (`stack.backend_url`)."""
     with running_fake_backend([model]) as backend_url:
