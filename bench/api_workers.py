@@ -26,14 +26,13 @@ from bench.common import (
     add_shared_options,
     child_env,
     delete_queues,
-    http_session,
     request_queues,
     run_bench,
     start_fake_backend,
     start_worker,
     wait_http_ok,
 )
-from bench.core_path import chat_body, expected_content, http_chat_call, percentile_ms, run_load
+from bench.core_path import chat_body, chat_load_round, expected_content
 from ops.processes import free_port
 from ops.testing.stack import write_config
 
@@ -62,25 +61,12 @@ async def run(settings: argparse.Namespace, processes: Processes, workdir: Path,
             await wait_http_ok(urls[workers] + "/models", api, STARTUP_TIMEOUT_S)
         await start_worker(processes, config, model)
         body, expected = chat_body(model, TEXT, MAX_TOKENS), expected_content(TEXT, MAX_TOKENS)
-        headers = {"Content-Type": "application/json"}
         for number in range(settings.rounds):
             for workers in (1, 2) if number % 2 == 0 else (2, 1):
                 for concurrency, total in LOADS:
-                    async with http_session(concurrency, 60) as session:
-                        call = http_chat_call(session, urls[workers] + "/chat/completions", body, expected, headers)
-                        await run_load(call, min(total, 100), concurrency)  # warm: connections opened
-                        load = await run_load(call, total, concurrency)
-                    ordered = sorted(load.latencies_s)
+                    measured = await chat_load_round(urls[workers], body, expected, concurrency, total)
                     report.rounds.append(
-                        {
-                            "round": number + 1,
-                            "workers": workers,
-                            "concurrency": concurrency,
-                            "requests_per_s": len(ordered) / load.wall_s,
-                            "p50_ms": percentile_ms(ordered, 50),
-                            "p99_ms": percentile_ms(ordered, 99),
-                            "errors": dict(load.errors),
-                        }
+                        {"round": number + 1, "workers": workers, "concurrency": concurrency, **measured}
                     )
                     print(report.rounds[-1], flush=True)
     finally:

@@ -50,7 +50,7 @@ from bench.common import (
     wait_for_line,
     wait_http_ok,
 )
-from bench.core_path import chat_body, expected_content, http_chat_call, percentile_ms, run_load
+from bench.core_path import chat_body, chat_load_round, expected_content, http_chat_call
 from broker import topology
 from broker.messages import Lane
 from ops.processes import free_port, wait_until_async
@@ -109,28 +109,13 @@ def _api_node(cluster: LocalCluster, via: Node, api_pid: int) -> Node | None:
 async def _measure_rounds(
     settings: argparse.Namespace, urls: dict[str, str], models: dict[str, str], report: Report
 ) -> None:
-    headers = {"Content-Type": "application/json"}
     for number in range(settings.rounds):
         order = TARGETS[number % len(TARGETS) :] + TARGETS[: number % len(TARGETS)]
         for target in order:
             body, expected = chat_body(models[target], TEXT, MAX_TOKENS), expected_content(TEXT, MAX_TOKENS)
             for concurrency, total in LOADS:
-                async with http_session(concurrency, 60) as session:
-                    call = http_chat_call(session, urls[target] + "/chat/completions", body, expected, headers)
-                    await run_load(call, min(total, 100), concurrency)  # warm: connections opened
-                    load = await run_load(call, total, concurrency)
-                ordered = sorted(load.latencies_s)
-                report.rounds.append(
-                    {
-                        "round": number + 1,
-                        "target": target,
-                        "concurrency": concurrency,
-                        "requests_per_s": len(ordered) / load.wall_s,
-                        "p50_ms": percentile_ms(ordered, 50),
-                        "p99_ms": percentile_ms(ordered, 99),
-                        "errors": dict(load.errors),
-                    }
-                )
+                measured = await chat_load_round(urls[target], body, expected, concurrency, total)
+                report.rounds.append({"round": number + 1, "target": target, "concurrency": concurrency, **measured})
                 print(report.rounds[-1], flush=True)
 
 
