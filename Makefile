@@ -56,7 +56,7 @@ lint: install-dev
 	$(PY) -m mypy
 
 test: lint rabbitmq chromium
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadscope --no-loadscope-reorder $(PYTEST_ARGS)
 
 bench: install-dev rabbitmq
 	$(PY) -m bench.core_path

@@ -23,11 +23,11 @@ from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S
 from ops.testing.fake_backend import reply_text, running_fake_backend
 from ops.testing.stack import Stack, api_and_worker, worker_on_a_fake_backend
 from tests.rabbitmq_roles import have_rabbitmqctl, rabbitmqctl, vhost_of
-from tests.session_resources import CLUSTER_FIXTURES, SHARED_VLLM_FIXTURE
 
 AMQP_URL = os.environ.get("HOTQ_AMQP_URL", "amqp://guest:guest@localhost:5672/")
-# The private three-node cluster's fixtures, and the session's shared vLLM, for the tests that need them.
-pytest_plugins = ["tests.rabbitmq_cluster", "tests.shared_vllm"]
+# The private three-node cluster's fixtures, and the session's shared vLLM, for the tests that need
+# them; how the suite is shared out between pytest-xdist's workers.
+pytest_plugins = ["tests.rabbitmq_cluster", "tests.shared_vllm", "tests.worker_schedule"]
 
 
 def _rabbitmq_up() -> bool:
@@ -71,37 +71,6 @@ def amqp_url(session_tag: str) -> Iterator[str]:
     rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     yield urllib.parse.urlsplit(AMQP_URL)._replace(path="/" + urllib.parse.quote(vhost, safe="")).geturl()
     rabbitmqctl("delete_vhost", vhost)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (`make test`: two workers, `--dist loadgroup`) the suite is shared out one
-    module at a time, so a module's stack starts once; the tests on the private RabbitMQ cluster go
-    to one worker (one cluster), and so do those on the session's vLLM (one server). The modules
-    that take minutes go first, so that both workers finish near together."""
-    for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        if fixtures & CLUSTER_FIXTURES:
-            group = "rabbitmq-cluster"
-        elif SHARED_VLLM_FIXTURE in fixtures:
-            group = "shared-vllm"
-        else:
-            group = item.path.stem
-        item.add_marker(pytest.mark.xdist_group(group))
-    items.sort(key=lambda item: item.path.stem not in SLOW_MODULES)
-
-
-# Minutes each on this machine (`--durations`): they start first. The order of the rest is kept.
-SLOW_MODULES = {
-    "test_large_jobs",
-    "test_affinity_vllm",
-    "test_rabbitmq_cluster",
-    "test_broker_failover",
-    "test_vllm",
-    "test_api_workers",
-    "test_submit",
-    "test_vllm_migration",
-    "test_vllm_cold_start",
-}
 
 
 @pytest.fixture(scope="session")
