@@ -21,7 +21,6 @@ import time
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractExchange
 
 from broker import messages, topology
 from broker.messages import RequestEnvelope, UsageReport, UsageRow
@@ -36,9 +35,7 @@ _Key = tuple[str, str, str, str]  # day, user, model, lane
 
 
 class UsageReporter:
-    def __init__(
-        self, exchange: AbstractExchange | ConfirmingPublisher, worker: str, interval_s: float = REPORT_INTERVAL_S
-    ) -> None:
+    def __init__(self, exchange: ConfirmingPublisher, worker: str, interval_s: float = REPORT_INTERVAL_S) -> None:
         self._exchange = exchange
         self._worker = worker
         self._interval_s = interval_s

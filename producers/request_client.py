@@ -263,6 +263,8 @@ class RequestClient:
 
     async def _wait_usable(self) -> None:
         """Until the connection is back with the reply queue's consumer (at most RECONNECT_WAIT_S)."""
+        if self._reply_consumer_ready.is_set():
+            return  # the usual case, on every request: no timer to arm
         try:
             async with asyncio.timeout(RECONNECT_WAIT_S):
                 await self._reply_consumer_ready.wait()
