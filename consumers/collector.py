@@ -32,6 +32,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aio_pika
+import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aiormq.exceptions import ChannelPreconditionFailed
@@ -47,12 +48,17 @@ from producers.placement import Placement
 log = structlog.get_logger("hotq.collector")
 
 COLLECT_PREFETCH = 2000  # answers held unacked at once, recorded in one transaction each round
+RESUME_S = 1.0  # before a runner whose results consumer was lost consumes again
 POLL_S = 0.5  # how often the runner looks at the batch's status (cancel, expiry) when idle
 CANCEL_QUIET_S = 1.0  # a cancelled batch ends once no answer came for this long ...
 CANCEL_MAX_S = 10.0  # ... or this long after the cancel, whichever is first
 DISPATCH_WINDOW = 100_000  # requests a collecting runner keeps queued unanswered at most
 UNKNOWN_OWNER = "batch"  # whose usage the lines of a batch stored before batches had owners count as
 EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
+
+
+class ResultsConsumerLost(ConnectionError):
+    """The results queue's channel closed or its consumer was cancelled before the batch ended."""
 
 
 def output_file_id(batch_id: str) -> str:
@@ -94,6 +100,7 @@ class BatchRunner:
         self._dispatching: asyncio.Task[None] | None = None
         self._new_lines = asyncio.Event()
         self._inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+        self._consumer_lost = False  # the broker cancelled the results consumer (its queue was deleted)
 
     async def run(self) -> dict[str, Any]:
         """Run until the batch is finished (or, with collect=False, until it is dispatched)."""
@@ -106,7 +113,13 @@ class BatchRunner:
                     if self._dispatching is not None:
                         await self._dispatching
                     return await self._batch()
-                return await self._collect_until_done()
+                while True:
+                    try:
+                        return await self._collect_until_done()
+                    except (ResultsConsumerLost, aio_pika.exceptions.AMQPError) as lost:
+                        # A lost connection (or deleted queue): consume again once the connection is back.
+                        log.warning("results_consumer_lost_resuming", error=repr(lost))
+                        await asyncio.sleep(RESUME_S)
             finally:
                 await self._stop_dispatching()
 
@@ -172,21 +185,46 @@ class BatchRunner:
                 await asyncio.sleep(1.0)
 
     async def _consume(self) -> tuple[AbstractChannel, AbstractQueue, str]:
-        """A channel consuming the results queue into the inbox."""
-        channel = await self._connection.channel()
-        await channel.set_qos(prefetch_count=COLLECT_PREFETCH)
+        """A channel consuming the results queue into the inbox.
+
+        A plain channel, not one the robust connection restores: a restored channel re-declares
+        its queues after every reconnect, and after a consumer of it is cancelled by the broker,
+        which is what happens when the process finishing the batch deletes the queue. Restoring
+        then brought the deleted queue back, and when the declare met the deletion in RabbitMQ
+        (INTERNAL_ERROR, cluster_not_formed) it closed the process's shared connection on every
+        reconnect: its requests failed with 503 for as long as it ran. The loop in
+        `_collect_until_done` notices a closed channel or a cancelled consumer itself."""
+        self._consumer_lost = False
+        channel = await self._plain_channel()
         try:
-            queue = await topology.declare_results_queue(channel, self.batch_id, single_active=self._shared)
-        except ChannelPreconditionFailed:  # made before single active consumer (or by `hotq submit`)
-            channel = await self._connection.channel()
-            await channel.set_qos(prefetch_count=COLLECT_PREFETCH)
-            queue = await channel.get_queue(topology.results_queue_name(self.batch_id), ensure=True)
-            log.info("results_queue_without_single_active_consumer")
+            try:
+                queue = await topology.declare_results_queue(channel, self.batch_id, single_active=self._shared)
+            except ChannelPreconditionFailed:  # made before single active consumer (or by `hotq submit`)
+                await channel.close()
+                channel = await self._plain_channel()
+                queue = await channel.get_queue(topology.results_queue_name(self.batch_id), ensure=True)
+                log.info("results_queue_without_single_active_consumer")
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            self._inbox.put_nowait(message)
+            async def on_message(message: AbstractIncomingMessage) -> None:
+                self._inbox.put_nowait(message)
 
-        return channel, queue, await queue.consume(on_message)
+            def on_cancelled_by_broker(_frame: object) -> None:
+                self._consumer_lost = True
+
+            underlay = await channel.get_underlay_channel()
+            assert isinstance(underlay, aiormq.Channel)  # aio-pika tells only robust channels of a cancel
+            underlay.on_consumer_cancel_callbacks.add(on_cancelled_by_broker)
+            return channel, queue, await queue.consume(on_message)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await channel.close()
+            raise
+
+    async def _plain_channel(self) -> AbstractChannel:
+        await self._connection.connected.wait()  # while the robust connection reconnects
+        channel: AbstractChannel = await aio_pika.Channel(self._connection)
+        await channel.set_qos(prefetch_count=COLLECT_PREFETCH)
+        return channel
 
     async def _hold(self) -> bool:
         """Whether this process runs the batch now (dispatch, status, finishing)."""
@@ -197,6 +235,8 @@ class BatchRunner:
         return True
 
     async def _collect_until_done(self) -> dict[str, Any]:
+        if (await self._row()).status in TERMINAL_STATUSES:  # finished by another process: its queue is gone
+            return await self._batch()
         channel, queue, tag = await self._consume()
         control = await channel.declare_exchange(topology.CONTROL_EXCHANGE, "fanout", durable=True)
         cancel_seen: float | None = None
@@ -218,6 +258,8 @@ class BatchRunner:
                 status = row.status
                 if status in TERMINAL_STATUSES:
                     break
+                if channel.is_closed or self._consumer_lost:  # the runner starts over: declare, consume
+                    raise ResultsConsumerLost(f"{topology.results_queue_name(self.batch_id)}: consumer gone")
                 if not holding:  # another process runs it; this one only records what reaches it
                     await self._stop_dispatching()
                     continue
