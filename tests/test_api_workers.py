@@ -184,6 +184,11 @@ def test_a_batch_is_read_cancelled_and_collected_through_other_processes(
         return bool(read.json()["status"] == "cancelled")
 
     wait_until(cancelled_seen_by_a_third, EVENTUALLY_S, "the cancel finished, seen by a third process")
+    # Killing processes closes only their own connections. A follower whose consumer RabbitMQ cancelled
+    # (the finisher deleted the results queue) used to have it restored: the queue was declared again,
+    # which could meet the deletion, close that process's connection and fail its requests with 503.
+    lost = [e for e in log_events(stack.api.log_path) if e.get("event") == "broker_connection_lost"]
+    assert not lost, lost
 
 
 def test_requests_per_minute_hold_across_the_processes(stack: Stack, models: tuple[str, str]) -> None:
@@ -241,8 +246,8 @@ def test_chat_through_real_vllm_with_two_api_processes(tmp_path: Path, amqp_url:
         wait_until(both_answered, VLLM_EVENTUALLY_S, "chat answers from both API processes", up)
         assert all(answered.values()), answered
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=VLLM_EVENTUALLY_S)
-        stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": "Say hi."}], stream=True
+        stream = client.chat.completions.create(  # max_tokens: unbounded, a sampled answer can run to 2,048 tokens
+            model=model, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8, stream=True
         )
         assert "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     finally:
