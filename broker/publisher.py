@@ -64,15 +64,16 @@ class ConfirmingPublisher:
                     raise  # the connection went: the caller decides
                 # Another task renewed the channel under this publish: again, on the new one.
 
-    async def queue_exists(self, name: str) -> bool:
-        """Whether queue `name` exists now (a passive declare on a channel of its own: a miss closes it)."""
+    async def queue_consumers(self, name: str) -> int | None:
+        """How many consumers queue `name` has now; None when there is no such queue (a passive
+        declare on a channel of its own: a miss closes it)."""
         await self._connection.connected.wait()
         probe = await aio_pika.Channel(self._connection)  # plain: nothing to restore after a reconnect
         try:
-            await probe.declare_queue(name, passive=True)
-            return True
+            declared = await probe.declare_queue(name, passive=True)
+            return declared.declaration_result.consumer_count or 0
         except aio_pika.exceptions.ChannelNotFoundEntity:
-            return False
+            return None
         finally:
             if not probe.is_closed:
                 await probe.close()

@@ -292,8 +292,10 @@ class Consumer:
                     self.affinity.count(message)
                 resume = None
                 if progress.continuable and maybe_started(message):
+                    await replies.ensure_listened()  # else nobody would answer
                     resume = await self._resumes.ask(replies, Resuming(envelope.request_id, attempt, self.name))
                     if resume is None:
+                        log.warning("resume_unanswered", request_id=envelope.request_id, reply_to=message.reply_to)
                         lost = WorkerLost("the consumer serving this stream was lost; retry the request")
                         await replies.send(error_frame(envelope, attempt, lost))
                         return _Outcome.ANSWERED

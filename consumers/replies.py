@@ -15,7 +15,7 @@ from collections.abc import Callable
 import aio_pika
 import structlog
 
-from broker import messages
+from broker import messages, topology
 from broker.messages import ANNOUNCE_AFTER_S, Abandoned, ReplyFrame, Started
 from broker.publisher import ConfirmingPublisher
 
@@ -70,6 +70,21 @@ class ReplySender:
             raise CallerGone(self._reply_to)
         await self._publish(frame)
 
+    async def ensure_listened(self) -> None:
+        """Raise `CallerGone` unless an API process reads the reply queue now.
+
+        For a stream taken over from another consumer, before asking its API how far it got: an API
+        that lost its broker connection answered its streams in flight with a 503 and reads a reply
+        queue of a new name from then on. Its old queue lingers unread until it expires, so a
+        `Resuming` sent there is never answered, and the consumer would hold a backend slot for
+        `RESUME_WAIT_S` (30 s) waiting for it (seen: a worker with every slot so held took no work
+        for 30 s after each forced reconnect)."""
+        if self._reply_to.startswith(topology.REPLY_QUEUE_PREFIX) and not await self._publisher.queue_consumers(
+            self._reply_to
+        ):
+            self.caller_gone = True
+            raise CallerGone(self._reply_to)
+
     def close(self) -> None:
         """Drop a pending announcement (the request ended without a frame)."""
         if self._announce_timer is not None:
@@ -88,7 +103,7 @@ class ReplySender:
                 await self._publisher.publish(message, self._reply_to, mandatory=True)
                 return
             except aio_pika.exceptions.PublishError:
-                if not await self._publisher.queue_exists(self._reply_to):
+                if await self._publisher.queue_consumers(self._reply_to) is None:
                     self.caller_gone = True
                     raise CallerGone(self._reply_to) from None
                 log.warning("reply_returned_queue_exists", reply_to=self._reply_to, returns=returns)

@@ -8,6 +8,7 @@ exactly one token before the test goes on.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
@@ -31,6 +32,7 @@ from ops.testing.fake_backend import (
     fake_stats,
 )
 from ops.testing.stack import Stack, log_events, ready_messages, run_hotq, wait_for_event, write_config
+from tests import rabbitmq_roles
 
 TEXT = "streams survive the agent that started them and the client never notices"
 
@@ -58,6 +60,7 @@ class Reader:
 
     def __init__(self, stream: Any) -> None:
         self._stream = stream
+        self.request_id = stream.response.headers.get("x-request-id")
         self._chunks = iter(stream)
         self.chunks: list[Any] = []
 
@@ -337,3 +340,33 @@ def test_a_stream_whose_finish_went_out_gets_its_usage_chunk_from_the_api(
     assert usage_chunks[0].id == reader.chunks[0].id and usage_chunks[0].created == reader.chunks[0].created
     metrics = httpx.get(stack.url + "/metrics", timeout=EVENTUALLY_S).text
     assert f'hotq_stream_migrations_total{{model="{fake_model}",outcome="finished"}} 1.0' in metrics
+
+
+def test_a_stream_whose_api_reconnected_is_not_waited_for(
+    stack: Stack, fake_model: str, tmp_path: Path, amqp_url: str
+) -> None:
+    """Every connection of the vhost is force-closed under a stream: its API answers the client with an
+    error and reads a reply queue of a new name from then on, and the stream's request comes back to
+    the worker. Nobody reads the old queue, so the worker must not ask there how far the stream got
+    (no answer would come for 30 s, a backend slot held meanwhile): it drops the request as its caller
+    gone, and serves new work at once."""
+    worker = stack.start_worker(fake_model)
+    pause = tmp_path / "go"
+    reader = _start(stack, fake_model, pause)
+    reader.until(1)
+    request_id = reader.request_id
+    rabbitmq_roles.close_connections(amqp_url, "hotq test: an API reconnects under its stream")
+    with contextlib.suppress(openai.APIError, httpx.HTTPError):
+        reader.rest()  # the API ends it (an error event): its connection to the worker's answers went
+
+    def dropped_as_caller_gone() -> bool:
+        return any(
+            e.get("event") == "caller_gone" and e.get("request_id") == request_id for e in log_events(worker.log_path)
+        )
+
+    wait_until(dropped_as_caller_gone, EVENTUALLY_S, f"the worker dropping {request_id} as its caller gone", worker)
+    waited = [e for e in log_events(worker.log_path) if e.get("event") == "resume_unanswered"]
+    assert not waited, waited  # it dropped the request at once, without asking the unread queue first
+    pause.touch()
+    answer = _client(stack).chat.completions.create(model=fake_model, messages=[{"role": "user", "content": TEXT}])
+    assert answer.choices[0].message.content == "".join(expected_chat_tokens(TEXT, None)[0])
