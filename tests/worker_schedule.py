@@ -33,7 +33,6 @@ SLOW_FIRST = [
     "test_rabbitmq_cluster",
     "test_large_jobs",
     "test_vllm",
-    "test_settlement",
     "test_cold_start",
     "test_submit",
     "test_vllm_cold_start",
@@ -42,6 +41,7 @@ SLOW_FIRST = [
     "test_batches",
     "test_stream_migration",
     "test_scaler",
+    "test_settlement",
 ]
 
 
