@@ -3,8 +3,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 PYTEST_ARGS ?=
-# Two workers: most of the suite's time is waiting (for vLLM, RabbitMQ, processes), not computing.
+# Two workers, one per core of a small machine: the suite is CPU-bound there.
 PYTEST_WORKERS ?= 2
+# Set-up steps that do not depend on each other (the vLLM install, the endpoint package's own venv,
+# RabbitMQ, Chromium) run side by side.
+MAKEFLAGS += --jobs=4
 
 .PHONY: run test lint install install-dev rabbitmq chromium model bench clean
 
@@ -18,7 +21,8 @@ $(VENV)/.hotq-installed: pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e .
 	@touch $@
 
-$(VENV)/.hotq-dev-installed: pyproject.toml $(VENV)/.hotq-installed
+# After `install`: two pip runs must never write to one venv at once.
+$(VENV)/.hotq-dev-installed: pyproject.toml $(VENV)/.hotq-installed | install
 	@echo "== installing test dependencies"
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
