@@ -278,6 +278,10 @@ class BatchRunner:
                         cancel_sent = now
                     if now - last_answer >= CANCEL_QUIET_S or now - cancel_seen >= CANCEL_MAX_S:
                         await self._finish("cancelled")
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await channel.close()  # its answers not yet acked are delivered again, to the next runner
+            raise
         finally:
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
