@@ -116,7 +116,11 @@ class BatchRunner:
                 while True:
                     try:
                         return await self._collect_until_done()
-                    except (ResultsConsumerLost, aio_pika.exceptions.AMQPError) as lost:
+                    except (
+                        ResultsConsumerLost,
+                        aio_pika.exceptions.AMQPError,
+                        aio_pika.exceptions.ChannelInvalidStateError,  # a RuntimeError, not an AMQPError
+                    ) as lost:
                         # A lost connection (or deleted queue): consume again once the connection is back.
                         log.warning("results_consumer_lost_resuming", error=repr(lost))
                         await asyncio.sleep(RESUME_S)
@@ -215,14 +219,20 @@ class BatchRunner:
             assert isinstance(underlay, aiormq.Channel)  # aio-pika tells only robust channels of a cancel
             underlay.on_consumer_cancel_callbacks.add(on_cancelled_by_broker)
             return channel, queue, await queue.consume(on_message)
-        except BaseException:
+        except BaseException as exc:
+            connection_went = channel.is_closed or not self._connection.connected.is_set()
             with contextlib.suppress(Exception):
                 await channel.close()
+            if isinstance(exc, Exception) and connection_went:  # whatever it raised (aiormq: RuntimeError)
+                raise ResultsConsumerLost(repr(exc)) from exc
             raise
 
     async def _plain_channel(self) -> AbstractChannel:
         await self._connection.connected.wait()  # while the robust connection reconnects
-        channel: AbstractChannel = await aio_pika.Channel(self._connection)
+        try:
+            channel: AbstractChannel = await aio_pika.Channel(self._connection)
+        except RuntimeError as closed:  # how aiormq says the connection closed again meanwhile
+            raise ResultsConsumerLost(str(closed)) from closed
         await channel.set_qos(prefetch_count=COLLECT_PREFETCH)
         return channel
 

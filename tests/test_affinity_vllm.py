@@ -18,7 +18,7 @@ from ops.testing.vllm_pair import VllmPair, vllm_pair
 from tests.shared_vllm import SharedVllm
 
 SESSIONS = 6
-TURNS = 3  # two follow-ups per session, twelve in each phase: the comparison needs no more
+TURNS = 4
 
 
 @pytest.fixture(scope="module")
