@@ -39,7 +39,7 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$wanted" ]] \
     exit 0
 fi
 
-# uv, not pip: the same versions in a tenth of the time (the Makefile says more). Like pip, it looks
+# uv, not pip: the same versions in a third of the time (the Makefile says more). Like pip, it looks
 # in the wheel directories named by PIP_FIND_LINKS (where a machine keeps its torch+cpu build).
 if [[ ! -x "$UV" ]]; then
     "$PY" -m pip install -q uv
@@ -51,7 +51,7 @@ fi
 echo "install_vllm: device=$device, installing $vllm_spec ${CONVERT_SPECS[*]} into $VENV"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-if ! "$UV" pip install --python "$PY" "$vllm_spec" "${CONVERT_SPECS[@]}" 2>&1 | tee "$log"; then
+if ! "$UV" pip install --compile-bytecode --python "$PY" "$vllm_spec" "${CONVERT_SPECS[@]}" 2>&1 | tee "$log"; then
     if [[ "$device" == cpu ]] && grep -qE "torch.*==[0-9][0-9.]*\+cpu" "$log"; then
         torch_pin="torch$(grep -oE "==[0-9][0-9.]*\+cpu" "$log" | head -n1)"
         cat >&2 <<EOF
