@@ -174,6 +174,10 @@ async def test_requests_sent_to_a_cold_model_wait_for_its_agent_and_are_answered
     content = "".join(str(e["choices"][0]["delta"].get("content") or "") for e in events)  # type: ignore[index]
     assert content == "".join(expected_chat_tokens("a b c", None)[0])
     assert keepalives >= 2  # the stream was kept alive while it waited
+    # The API may hear the agent hot before the scaler's next look at the directory measures it.
+    await wait_until_async(
+        lambda: "local" in scaled.scaler.cold_start_s, EVENTUALLY_S, "the scaler measuring the cold start"
+    )
     assert scaled.scaler.cold_start_s["local"] >= READY_AFTER_S  # measured, and kept for the next estimate
 
 
