@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import json
 import signal
 import sys
@@ -338,6 +339,9 @@ cli.add_command(usage)
 
 
 def main() -> None:
+    # SIGUSR1 writes every thread's stack to stderr (the process's log): where a process that will not
+    # stop is stuck, for an operator, and for `ops.processes.Child.stop` before it kills one.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     cli(prog_name="hotq")
 
 

@@ -35,6 +35,9 @@ MAX_POLL_S = 0.25  # ... then less and less often, down to this: a long wait (fo
 # CPU. Conditions read logs, ask HTTP endpoints or open AMQP connections: at 20 a second for minutes,
 # the waiting itself slowed what it waited for on a 2-core machine.
 LOG_TAIL_LINES = 40  # how much of a child's log an error shows
+# A child that ignores SIGTERM past its stop timeout is asked for its thread stacks (SIGUSR1: hotq's
+# processes write them to their log, see ops/cli.py) and given this long to write them before SIGKILL.
+STACK_DUMP_S = 2.0
 
 # Loopback checks must never go through a proxy from the environment.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -108,15 +111,24 @@ class Child(subprocess.Popen[bytes]):
         wait_until(answered, timeout_s, f"answer from {url}", self)
 
     def stop(self, timeout_s: float) -> int:
-        """SIGTERM the child; SIGKILL its process group once it exited or `timeout_s` passed; reap it."""
+        """SIGTERM the child; SIGKILL its process group once it exited or `timeout_s` passed; reap it.
+        A child still running at the deadline leaves its thread stacks and a line saying so in its log."""
         if self.poll() is None:
             self.send_signal(signal.SIGTERM)
             try:
                 self.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
-                pass
+                self._record_stuck_stop(timeout_s)
         signal_group(self.pid, signal.SIGKILL)  # pgid == pid: the child, if still there, and what it left
         return self.wait()
+
+    def _record_stuck_stop(self, timeout_s: float) -> None:
+        """Where a child that ignored SIGTERM was stuck: its stacks (SIGUSR1), then a line naming it."""
+        self.send_signal(signal.SIGUSR1)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.wait(timeout=STACK_DUMP_S)  # ends early if SIGUSR1 ended it (a child that does not dump)
+        with contextlib.suppress(OSError), open(self.log_path, "a") as log:
+            log.write(f"hotq: {self.name} was still running {timeout_s:g} s after SIGTERM: killed (stacks above)\n")
 
 
 class Children:
