@@ -35,8 +35,12 @@ def test_a_child_that_ignores_sigterm_is_killed_and_its_stacks_are_in_its_log(tm
     assert "hotq: stuck was still running 1 s after SIGTERM: killed (stacks above)" in log, log
 
 
-def test_a_hotq_process_writes_its_stacks_on_sigusr1(tmp_path: Path, amqp_url: str) -> None:
-    config = write_config(tmp_path / "hotq.toml", amqp_url, {"stacks-model": {"backend_url": "http://127.0.0.1:9"}})
+def test_a_hotq_process_writes_its_stacks_on_sigusr1(
+    tmp_path: Path, amqp_url: str, session_tag: str, delete_test_queues: list[str]
+) -> None:
+    model = f"stacks-{session_tag}"
+    delete_test_queues.append(model)
+    config = write_config(tmp_path / "hotq.toml", amqp_url, {model: {"backend_url": "http://127.0.0.1:9"}})
     port = free_port()
     api = Child(
         "api", hotq_command("serve", "--config", str(config), "--port", str(port)), tmp_path / "api.log", cwd=ROOT
