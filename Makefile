@@ -16,6 +16,7 @@ MAKEFLAGS += --jobs=4
 # --compile-bytecode, as pip does: without the .pyc files, the suite's first vLLM processes
 # spent minutes compiling vLLM's and torch's modules at import, all at once.
 UV := $(VENV)/bin/uv
+UV_INSTALL := $(UV) pip install -q --compile-bytecode
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -26,13 +27,13 @@ $(UV): | $(PY)
 # Stamps make re-runs fast: the installer runs again only when pyproject.toml changed.
 $(VENV)/.hotq-installed: pyproject.toml | $(UV)
 	@echo "== installing hotq into $(VENV)"
-	$(UV) pip install -q --compile-bytecode --python $(PY) -e .
+	$(UV_INSTALL) --python $(PY) -e .
 	@touch $@
 
 # After `install`: two installs must never write to one venv at once.
 $(VENV)/.hotq-dev-installed: pyproject.toml $(VENV)/.hotq-installed | install
 	@echo "== installing test dependencies"
-	$(UV) pip install -q --compile-bytecode --python $(PY) -e '.[dev]'
+	$(UV_INSTALL) --python $(PY) -e '.[dev]'
 	@touch $@
 
 install: $(VENV)/.hotq-installed
@@ -44,7 +45,7 @@ SITES_VENV ?= .venv-sites
 $(SITES_VENV)/.installed: | $(UV)
 	@echo "== installing the Globus Compute endpoint package into $(SITES_VENV) (template test)"
 	python3 -m venv $(SITES_VENV)
-	$(UV) pip install -q --compile-bytecode --python $(SITES_VENV)/bin/python globus-compute-endpoint pyyaml
+	$(UV_INSTALL) --python $(SITES_VENV)/bin/python globus-compute-endpoint pyyaml
 	@touch $@
 
 install-dev: install $(VENV)/.hotq-dev-installed $(SITES_VENV)/.installed

@@ -36,8 +36,9 @@ MAX_POLL_S = 0.25  # ... then less and less often, down to this: a long wait (fo
 # the waiting itself slowed what it waited for on a 2-core machine.
 LOG_TAIL_LINES = 40  # how much of a child's log an error shows
 # A child that ignores SIGTERM past its stop timeout is asked for its thread stacks (SIGUSR1: hotq's
-# processes write them to their log, see ops/cli.py) and given this long to write them before SIGKILL.
-STACK_DUMP_S = 2.0
+# processes write them to their log, see ops/cli.py) and killed once they are written, or after this.
+STACK_DUMP_S = 10.0
+STACKS_HEADER = "most recent call first"  # how faulthandler starts each thread's stack
 
 # Loopback checks must never go through a proxy from the environment.
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -86,6 +87,21 @@ class Child(subprocess.Popen[bytes]):
         except FileNotFoundError:
             return ""
 
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except OSError:
+            return 0
+
+    def _log_after(self, offset: int) -> str:
+        """What the child logged past `offset` (its log may be large)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
+
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
@@ -124,9 +140,16 @@ class Child(subprocess.Popen[bytes]):
 
     def _record_stuck_stop(self, timeout_s: float) -> None:
         """Where a child that ignored SIGTERM was stuck: its stacks (SIGUSR1), then a line naming it."""
+        at_signal = logged = self._log_size()
         self.send_signal(signal.SIGUSR1)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.wait(timeout=STACK_DUMP_S)  # ends early if SIGUSR1 ended it (a child that does not dump)
+
+        def stacks_written() -> bool:  # the log has them and stopped growing; or SIGUSR1 ended the child
+            nonlocal logged
+            before, logged = logged, self._log_size()
+            return self.poll() is not None or (logged == before and STACKS_HEADER in self._log_after(at_signal))
+
+        with contextlib.suppress(TimeoutError):
+            wait_until(stacks_written, STACK_DUMP_S, f"{self.name}'s thread stacks")
         with contextlib.suppress(OSError), open(self.log_path, "a") as log:
             log.write(f"hotq: {self.name} was still running {timeout_s:g} s after SIGTERM: killed (stacks above)\n")
 

@@ -6,7 +6,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ops.processes import Child, free_port
+from ops.processes import STACKS_HEADER, Child, free_port
 from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S
 from ops.testing.stack import ROOT, hotq_command, write_config
 
@@ -31,7 +31,7 @@ def test_a_child_that_ignores_sigterm_is_killed_and_its_stacks_are_in_its_log(tm
         returncode = child.stop(timeout_s=1)
     assert returncode == -signal.SIGKILL
     log = child.log_text()
-    assert "most recent call first" in log and "waiting_forever_on_purpose" in log, log
+    assert STACKS_HEADER in log and "waiting_forever_on_purpose" in log, log
     assert "hotq: stuck was still running 1 s after SIGTERM: killed (stacks above)" in log, log
 
 
@@ -48,7 +48,7 @@ def test_a_hotq_process_writes_its_stacks_on_sigusr1(
     try:
         api.wait_for_http(f"http://127.0.0.1:{port}/v1/models", STARTUP_S)
         api.send_signal(signal.SIGUSR1)
-        api.wait_for_log("most recent call first", EVENTUALLY_S)
+        api.wait_for_log(STACKS_HEADER, EVENTUALLY_S)
         assert api.poll() is None, "SIGUSR1 only asks for the stacks"
     finally:
         api.stop(timeout_s=EVENTUALLY_S)
