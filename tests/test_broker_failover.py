@@ -204,6 +204,7 @@ BATCH_LINES = 5000
 ROLLING_BATCH_LINES = 1000
 SUBMIT_LINES = 500
 LOAD_THREADS = 4
+RABBITMQCTL_POLL_S = 2.0
 
 
 @dataclass
@@ -432,7 +433,9 @@ def test_clean_stop_and_rolling_restart_under_load(
             cluster.stop_node(node)
             running.wait_for_answers_since(stopped_at, 5)
             cluster.start_node(node)
-            wait_until(lambda: _all_members_online(cluster), LONG_WORK_S, "every quorum queue's replicas online")
+            # Each look is a rabbitmqctl call (an Erlang VM: about a CPU-second), so not every 0.25 s.
+            online = "every quorum queue's replicas online"
+            wait_until(lambda: _all_members_online(cluster), LONG_WORK_S, online, poll_s=RABBITMQCTL_POLL_S)
             gap = running.gap_after(stopped_at)
             print(f"\n{node.name} stopped and back; longest time without an answer: {gap:.2f} s")
         running.wait_for_answers_since(time.monotonic())

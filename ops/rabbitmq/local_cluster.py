@@ -290,18 +290,21 @@ class LocalCluster:
     def start(self) -> None:
         """Start every node that is not running, join new nodes to node 1, wait until all are in.
 
-        Idempotent: on a running cluster it only checks. The nodes boot in parallel; joins go one at
-        a time (stop_app, join_cluster, start_app), as RabbitMQ asks.
+        Idempotent: on a running cluster it only checks, with one rabbitmqctl call (each starts an
+        Erlang VM: about a CPU-second). The nodes boot in parallel; joins go one at a time
+        (stop_app, join_cluster, start_app), as RabbitMQ asks.
         """
-        for node in self.nodes:
-            if not self.is_running(node):
-                self._launch(node)
-        for node in self.nodes:
+        launched = [node for node in self.nodes if not self.is_running(node)]
+        for node in launched:
+            self._launch(node)
+        # A node already running was booted and joined by the start that launched it;
+        # `await_online_nodes` below checks that it is in the cluster still.
+        for node in launched:
             self._wait_for_boot(node)
         first = self.nodes[0]
-        members = set(self._cluster_status(first)["disk_nodes"])
-        for node in self.nodes[1:]:
-            if node.name in members:
+        members = set(self._cluster_status(first)["disk_nodes"]) if launched else set()
+        for node in launched:
+            if node is first or node.name in members:
                 continue
             _progress(f"joining {node.name} to {first.name}")
             self.rabbitmqctl(node, "stop_app")
