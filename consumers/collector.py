@@ -50,6 +50,10 @@ log = structlog.get_logger("hotq.collector")
 COLLECT_PREFETCH = 2000  # answers held unacked at once, recorded in one transaction each round
 RESUME_S = 1.0  # before a runner whose results consumer was lost consumes again
 POLL_S = 0.5  # how often the runner looks at the batch's status (cancel, expiry) when idle
+# A round of answers costs three job-store calls and a transaction however many it records: a
+# round that found fewer than GATHER_ENOUGH waits GATHER_S for more before recording them.
+GATHER_S = 0.02
+GATHER_ENOUGH = 200
 CANCEL_QUIET_S = 1.0  # a cancelled batch ends once no answer came for this long ...
 CANCEL_MAX_S = 10.0  # ... or this long after the cancel, whichever is first
 DISPATCH_WINDOW = 100_000  # requests a collecting runner keeps queued unanswered at most
@@ -311,12 +315,18 @@ class BatchRunner:
         except TimeoutError:
             return []
         taken = [first]
+        self._take_waiting(taken)
+        if len(taken) < GATHER_ENOUGH:  # answers come one by one: let more arrive for the same round
+            await asyncio.sleep(GATHER_S)
+            self._take_waiting(taken)
+        return taken
+
+    def _take_waiting(self, taken: list[AbstractIncomingMessage]) -> None:
         while len(taken) < COLLECT_PREFETCH:
             try:
                 taken.append(self._inbox.get_nowait())
             except asyncio.QueueEmpty:
-                break
-        return taken
+                return
 
     async def _record(self, delivered: list[AbstractIncomingMessage]) -> bool:
         """Record the answers among `delivered` (once each), then ack them all."""
