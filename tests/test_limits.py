@@ -236,20 +236,30 @@ def test_fair_share(limits: LimitsStack, models: dict[str, str]) -> None:
     assert max(m.ahead for m in flooded) <= FAIR_AHEAD_AT_MOST, flooded
 
 
-def test_without_fair_share_a_flood_starves_others(limits: LimitsStack, models: dict[str, str]) -> None:
+def test_without_fair_share_a_flood_starves_others(limits: LimitsStack, models: dict[str, str], tmp_path: Path) -> None:
     """The control: the same worker shape without limits; one request waits behind the whole flood."""
     flooder, patient = _client(limits.stack, "heidi-flood"), _client(limits.stack, "ivan-patient")
     alone = _requests(patient, models["open"], limits.backend, "ivan-alone", 3)
     queue = topology.request_queue_name(models["open"], Lane.INTERACTIVE)
-    with concurrent.futures.ThreadPoolExecutor(FLOOD_AHEAD) as pool:
-        flood = [pool.submit(_chat, flooder, models["open"], "flood", DELAY_MS) for _ in range(FLOOD_AHEAD)]
+    # The flood is held in the backend until the patient request has queued behind it: how fast the
+    # flood is sent and served must not decide what is queued when it arrives.
+    hold = Hold(tmp_path / "release")
+    with concurrent.futures.ThreadPoolExecutor(FLOOD_AHEAD + 1) as pool:
+        flood = [
+            pool.submit(_chat, flooder, models["open"], "flood", DELAY_MS, **hold.field) for _ in range(FLOOD_AHEAD)
+        ]
         # The worker holds two in its backend (max_inflight = 2) and one more waiting for a slot (its
         # one queue's grant: consumers/intake.py); the rest waits in the queue.
         queued = FLOOD_AHEAD - 3
         wait_until(
             lambda: ready_messages(limits.amqp_url, queue) == queued, EVENTUALLY_S, f"{queued} flood requests queued"
         )
-        behind = _measure(patient, models["open"], limits.backend, "ivan-behind")
+        measuring = pool.submit(_measure, patient, models["open"], limits.backend, "ivan-behind")
+        wait_until(
+            lambda: ready_messages(limits.amqp_url, queue) == queued + 1, EVENTUALLY_S, "the patient request queued"
+        )
+        hold.release()
+        behind = measuring.result()
         assert all(f.result() for f in flood)
     print(
         f"no limits: alone {statistics.median(m.seconds for m in alone):.3f} s,"
