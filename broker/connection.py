@@ -25,7 +25,7 @@ from typing import Any
 
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractRobustConnection
 from aio_pika.robust_connection import RobustConnection
 from yarl import URL
 
@@ -44,6 +44,21 @@ BROKER_LOST = (
     ConnectionError,
     TimeoutError,
 )
+
+
+class ConnectionClosedMeanwhile(ConnectionError):
+    """The connection closed again between its reconnect and a channel's opening (aiormq says so
+    with a bare RuntimeError, which callers catching `BROKER_LOST` would not expect)."""
+
+
+async def plain_channel(connection: AbstractConnection) -> AbstractChannel:
+    """A channel of its own on `connection`, once it is connected: plain even on a robust
+    connection, so nothing is restored on it after a reconnect (probes, short-lived work)."""
+    await connection.connected.wait()  # while a robust connection reconnects
+    try:
+        return await aio_pika.Channel(connection)
+    except RuntimeError as closed:
+        raise ConnectionClosedMeanwhile(str(closed)) from closed
 
 
 class ClusterConnection(RobustConnection):

@@ -15,6 +15,8 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
 
+from broker.connection import plain_channel
+
 log = structlog.get_logger("hotq.publisher")
 
 # A failover elects new leaders well within a second; a few renewals cover a slow machine.
@@ -67,8 +69,7 @@ class ConfirmingPublisher:
     async def queue_consumers(self, name: str) -> int | None:
         """How many consumers queue `name` has now; None when there is no such queue (a passive
         declare on a channel of its own: a miss closes it)."""
-        await self._connection.connected.wait()
-        probe = await aio_pika.Channel(self._connection)  # plain: nothing to restore after a reconnect
+        probe = await plain_channel(self._connection)
         try:
             declared = await probe.declare_queue(name, passive=True)
             return declared.declaration_result.consumer_count or 0

@@ -44,7 +44,7 @@ from aio_pika.abc import (
 )
 from pamqp.common import FieldTable
 
-from broker.connection import quorum_replicas_of
+from broker.connection import plain_channel, quorum_replicas_of
 from broker.messages import Lane
 
 REQUEST_EXCHANGE = "hotq.requests"
@@ -110,9 +110,7 @@ async def _probe(channel: AbstractChannel, name: str, arguments: FieldTable) -> 
     channel of its own, since a refused declare closes the channel.
     """
     connection = channel._connection  # type: ignore[attr-defined]  # aio-pika has no public accessor
-    await connection.connected.wait()  # while a robust connection reconnects
-    # A plain channel even on a robust connection: nothing to restore after a reconnect.
-    probe = await aio_pika.Channel(connection)
+    probe = await plain_channel(connection)
     try:
         wanted: FieldTable = {**arguments, "x-queue-type": "quorum", GROUP_SIZE: quorum_replicas_of(channel)}
         try:

@@ -38,6 +38,7 @@ from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from aiormq.exceptions import ChannelPreconditionFailed
 
 from broker import messages, topology
+from broker.connection import ConnectionClosedMeanwhile, plain_channel
 from broker.errors import WireError
 from broker.jobstore import TERMINAL_STATUSES, AsyncJobStore, BatchRow, JobStore, Result
 from broker.messages import Endpoint, ErrorReply, Final, ReplyFrame
@@ -232,10 +233,9 @@ class BatchRunner:
             raise
 
     async def _plain_channel(self) -> AbstractChannel:
-        await self._connection.connected.wait()  # while the robust connection reconnects
         try:
-            channel: AbstractChannel = await aio_pika.Channel(self._connection)
-        except RuntimeError as closed:  # how aiormq says the connection closed again meanwhile
+            channel = await plain_channel(self._connection)
+        except ConnectionClosedMeanwhile as closed:
             raise ResultsConsumerLost(str(closed)) from closed
         await channel.set_qos(prefetch_count=COLLECT_PREFETCH)
         return channel

@@ -22,7 +22,7 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from openai.types.chat import ChatCompletionMessageParam
 
 from broker import topology
-from broker.connection import connect
+from broker.connection import BROKER_LOST, connect
 from broker.errors import BrokerUnavailable
 from broker.messages import Lane
 from ops.processes import Child, free_port, wait_until
@@ -54,6 +54,26 @@ async def test_no_address_reachable_is_one_error_naming_each() -> None:
     for url in closed:
         assert url.replace("secret", "***") in caught.value.message
     assert "secret" not in caught.value.message
+
+
+async def test_a_probe_on_a_connection_that_closed_meanwhile_is_a_broker_lost_error(
+    amqp_url: str, session_tag: str
+) -> None:
+    """The scaler died in a rolling restart: its connection closed again just after it said it was
+    up, and aiormq's bare RuntimeError on opening the probe's channel was not one of the errors the
+    scaler skips a tick on (`BROKER_LOST`). The same moment, made on purpose: the socket closes
+    under a connection whose `connected` is set."""
+    connection = await aio_pika.connect(amqp_url)
+    try:
+        channel = await connection.channel()
+        underlay = connection.transport
+        assert underlay is not None
+        await underlay.connection.close()
+        connection.connected.set()
+        with pytest.raises(BROKER_LOST):
+            await topology.queue_depth(channel, f"test-org/probe-{session_tag}", Lane.INTERACTIVE)
+    finally:
+        await connection.close()
 
 
 async def test_connection_moves_to_another_node_and_redeclares_what_it_owns(
