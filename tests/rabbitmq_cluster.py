@@ -32,6 +32,9 @@ PORT_RANGE = range(6100, 9900)
 # How long a test waits for RabbitMQ to do something (elect a leader, ...): generous, the machine may
 # be busy and three times slower than this one.
 PATIENCE_S = 300.0
+# How often a wait looks at the cluster again: each look is a rabbitmqctl call, which starts an
+# Erlang VM (about 0.9 s and a CPU-second).
+RABBITMQCTL_POLL_S = 2.0
 
 
 def free_ports() -> tuple[int, int]:
@@ -114,4 +117,4 @@ def wait_for_leader(cluster: LocalCluster, queue: str, among: list[Node], vhost:
             return leader
         if time.monotonic() > deadline:
             raise TimeoutError(f"{queue}: no leader among {[node.name for node in among]} after {PATIENCE_S} s")
-        time.sleep(0.5)
+        time.sleep(RABBITMQCTL_POLL_S)

@@ -30,7 +30,7 @@ from ops.rabbitmq.local_cluster import LocalCluster, Node
 from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STARTUP_S
 from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold, reply_text, running_fake_backend
 from ops.testing.stack import ROOT, Stack, hotq_command, write_config
-from tests.rabbitmq_cluster import PATIENCE_S, wait_for_leader
+from tests.rabbitmq_cluster import PATIENCE_S, RABBITMQCTL_POLL_S, wait_for_leader
 
 pytestmark = pytest.mark.timeout(1800)  # the cluster's start, then minutes of load on a slow machine
 
@@ -224,7 +224,6 @@ BATCH_LINES = 5000
 ROLLING_BATCH_LINES = 1000
 SUBMIT_LINES = 500
 LOAD_THREADS = 4
-RABBITMQCTL_POLL_S = 2.0
 
 
 @dataclass
@@ -453,7 +452,6 @@ def test_clean_stop_and_rolling_restart_under_load(
             cluster.stop_node(node)
             running.wait_for_answers_since(stopped_at, 5)
             cluster.start_node(node)
-            # Each look is a rabbitmqctl call (an Erlang VM: about a CPU-second), so not every 0.25 s.
             online = "every quorum queue's replicas online"
             wait_until(lambda: _all_members_online(cluster), LONG_WORK_S, online, poll_s=RABBITMQCTL_POLL_S)
             gap = running.gap_after(stopped_at)
