@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -37,6 +38,9 @@ log = structlog.get_logger("hotq.api")
 
 CLIENT_RETRY_S = 2.0  # while RabbitMQ refuses the request client (its queues are not declared yet)
 USAGE_RETRY_S = 10.0
+# The close at shutdown (after requests in flight had `[api] drain_grace_s`) gets this long; a step that
+# hangs past it is named in the log and left, so that the process still exits.
+SHUTDOWN_CLOSE_S = 10.0
 
 
 def create_app(config: Config, shared: bool = False) -> Starlette:
@@ -99,18 +103,30 @@ def create_app(config: Config, shared: bool = False) -> Starlette:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(serving.wait(), timeout=5)
         yield
+        log.info("api_stopping")
+        started = time.monotonic()
         on_broker.cancel()
         refreshing_keys.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await on_broker
-        await recorder.close()
-        await batch_manager.close()
-        store.close()
-        gateway.limiter.close()
-        if gateway.client is not None:
-            await gateway.client.close()
-        for connection in connected:
-            await connection.close()
+        step = "the broker tasks"
+        try:
+            async with asyncio.timeout(SHUTDOWN_CLOSE_S):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await on_broker
+                step = "the usage recorder"
+                await recorder.close()
+                step = "the batch runners"
+                await batch_manager.close()
+                store.close()
+                gateway.limiter.close()
+                step = "the request client"
+                if gateway.client is not None:
+                    await gateway.client.close()
+                step = "the broker connection"
+                for connection in connected:
+                    await connection.close()
+        except TimeoutError:
+            log.error("api_close_timed_out", step=step, timeout_s=SHUTDOWN_CLOSE_S)
+        log.info("api_stopped", close_s=round(time.monotonic() - started, 3))
 
     routes = [
         Route("/v1/chat/completions", gateway.chat_completions, methods=["POST"]),

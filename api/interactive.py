@@ -10,6 +10,7 @@ written.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Callable
@@ -80,6 +81,11 @@ class InteractiveRequest:
         except ClientDisconnected:
             self._status, self._error = 499, "client_disconnected"
             return Response(status_code=499)
+        except asyncio.CancelledError:
+            # The server gave up on it: still running when its `[api] drain_grace_s` at shutdown ended.
+            # uvicorn answers 500; the log and metrics say so, not the 200 it started as.
+            self._status, self._error = 500, "cancelled_at_shutdown"
+            raise
         except HotqError as error:
             self._status, self._error = error.status, error.code or error.error_type
             response = error_response(error)

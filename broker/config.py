@@ -141,6 +141,10 @@ class ApiConfig(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     """``[api]``: how `hotq up` runs the API."""
 
     workers: PositiveInt = 1  # API processes sharing the port and the job store (`hotq serve --workers`)
+    # On SIGTERM, requests in flight get this long to finish; then they are cut (a 500) and the process
+    # exits. Unbounded, one request that never ends (a client that stopped reading its stream, a hung
+    # backend) would keep the API from ever stopping. Whole seconds, as uvicorn takes it.
+    drain_grace_s: PositiveInt = 20
 
 
 class AmqpTls(msgspec.Struct, frozen=True):

@@ -30,7 +30,9 @@ log = structlog.get_logger("hotq.serve")
 
 POLL_S = 0.2  # how often the children are looked at
 RESTART_PAUSE_S = 1.0  # between a child's death and its replacement (no busy loop if it cannot start)
-STOP_TIMEOUT_S = 30.0  # a child's requests in flight get this long after SIGTERM
+# What a child may take after SIGTERM beyond its requests' `[api] drain_grace_s`: its close, which
+# api.app bounds at 10 s, and its exit. Past both, it is killed.
+CLOSE_S = 15.0
 BACKLOG = 2048
 
 
@@ -58,10 +60,12 @@ def leave_with_supervisor() -> None:
     threading.Thread(target=watch, name="supervisor-watch", daemon=True).start()
 
 
-def serve_workers(child_args: list[str], host: str, port: int, workers: int, data_dir: Path) -> None:
+def serve_workers(
+    child_args: list[str], host: str, port: int, workers: int, data_dir: Path, drain_grace_s: int
+) -> None:
     """Run `workers` children (`hotq <child_args> --fd N`) on `host:port` until told to stop."""
     sock = listen(host, port)
-    children = Children(data_dir / "logs", STOP_TIMEOUT_S)
+    children = Children(data_dir / "logs", drain_grace_s + CLOSE_S)
     argv = [sys.executable, "-m", "ops.cli", *child_args, "--fd", str(sock.fileno())]
     stopping: list[int] = []
 

@@ -72,7 +72,7 @@ def serve(
         child_args = ["--log-level", log_level, "serve", "--host", host, "--workers", "1"]
         if config_path is not None:
             child_args += ["--config", config_path]
-        serve_workers(child_args, host, port, workers, Path(config.data_dir))
+        serve_workers(child_args, host, port, workers, Path(config.data_dir), config.api.drain_grace_s)
         return
     settings = uvicorn.Config(
         app,
@@ -85,6 +85,7 @@ def serve(
         proxy_headers=False,
         server_header=False,
         date_header=False,
+        timeout_graceful_shutdown=config.api.drain_grace_s,
     )
     server = uvicorn.Server(settings)
     if fd is not None:
