@@ -34,6 +34,7 @@ from aio_pika.abc import (
 )
 
 from broker import messages, topology
+from broker.connection import plain_channel
 from broker.errors import BrokerUnavailable, HotqError, WireError
 from broker.messages import Abandoned, Cancel, Control, Final, Lane, ReplyFrame, RequestEnvelope, Resuming
 from broker.publisher import ConfirmingPublisher
@@ -138,7 +139,7 @@ class RequestClient:
         would be returned from then on. Replies are not acked one by one: a lost reply fails its
         request anyway."""
         name = f"{self._reply_queue_prefix}.{next(self._connections)}"
-        channel = await aio_pika.Channel(self._connection)  # plain: after a reconnect, a new one here
+        channel = await plain_channel(self._connection)  # not restored: after a reconnect, a new one here
         queue = await channel.declare_queue(name, arguments={"x-expires": topology.REPLY_QUEUE_EXPIRES_MS})
         await topology.bind_reply_queue(channel, queue)
         await queue.consume(self._on_reply, no_ack=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 import aio_pika
 import openai
 import pytest
+import structlog.testing
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from openai.types.chat import ChatCompletionMessageParam
 
@@ -30,6 +31,7 @@ from ops.rabbitmq.local_cluster import LocalCluster, Node
 from ops.testing.deadlines import EVENTUALLY_S, LONG_WORK_S, STARTUP_S
 from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold, reply_text, running_fake_backend
 from ops.testing.stack import ROOT, Stack, hotq_command, write_config
+from producers.request_client import RequestClient
 from tests.rabbitmq_cluster import PATIENCE_S, RABBITMQCTL_POLL_S, wait_for_leader
 
 pytestmark = pytest.mark.timeout(1800)  # the cluster's start, then minutes of load on a slow machine
@@ -72,6 +74,31 @@ async def test_a_probe_on_a_connection_that_closed_meanwhile_is_a_broker_lost_er
         connection.connected.set()
         with pytest.raises(BROKER_LOST):
             await topology.queue_depth(channel, f"test-org/probe-{session_tag}", Lane.INTERACTIVE)
+    finally:
+        await connection.close()
+
+
+async def test_a_reply_queue_reopened_on_a_connection_that_closed_meanwhile_is_left_to_the_next_reconnect(
+    amqp_url: str, session_tag: str, delete_test_queues: list[str]
+) -> None:
+    """The request client's side of that moment: after a reconnect it opens a new reply queue, and
+    the connection may have closed again by then. That is logged and left to the next reconnect; it
+    was aiormq's bare RuntimeError, an unhandled error in a background task."""
+    model = f"test-org/reopen-{session_tag}"
+    delete_test_queues.append(model)
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        client = await RequestClient.open(connection, [model])
+        try:
+            underlay = connection.transport
+            assert underlay is not None
+            await underlay.connection.close()
+            connection.connected.set()
+            with structlog.testing.capture_logs() as logged:
+                await client._reopen_reply_queue()  # what a reconnect callback runs
+            assert [event["event"] for event in logged] == ["reply_queue_not_opened"], logged
+        finally:
+            await client.close()
     finally:
         await connection.close()
 
