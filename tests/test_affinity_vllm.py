@@ -3,19 +3,20 @@ cache hit more than the shared queue alone does, for the same kind of session wo
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from hpc_agents.backend_process import BackendProcess
 from ops.processes import wait_until
-from ops.testing.deadlines import VLLM_EVENTUALLY_S
+from ops.testing.deadlines import VLLM_EVENTUALLY_S, VLLM_STARTUP_S
 from ops.testing.stack import Stack
 from ops.testing.vllm_pair import VllmPair, vllm_pair
-from tests.shared_vllm import SharedVllm
 
 SESSIONS = 6
 TURNS = 4  # three follow-ups per session: with two, the comparison was not shown to hold under CPU pressure
@@ -27,15 +28,31 @@ ANSWER_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
-def model(shared_vllm: SharedVllm) -> str:
-    return shared_vllm.model  # the second agent's vLLM serves the model under the shared one's name
+def model(shared_vllm_process: Callable[[], tuple[BackendProcess, str]], delete_test_queues: list[str]) -> str:
+    """The second agent's vLLM serves the model under the shared one's name."""
+    model = shared_vllm_process()[1]
+    delete_test_queues.append(model)
+    return model
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, shared_vllm: SharedVllm) -> Iterator[VllmPair]:
-    """The first agent on the session's vLLM, the second on a vLLM it starts: two prefix caches."""
+def pair(
+    tmp_path_factory: pytest.TempPathFactory,
+    amqp_url: str,
+    shared_vllm_process: Callable[[], tuple[BackendProcess, str]],
+    model: str,
+) -> Iterator[VllmPair]:
+    """The first agent on the session's vLLM, the second on a vLLM it starts: two prefix caches. The
+    session's vLLM may still be loading (this module is the first to ask for it): both load at once."""
     workdir = tmp_path_factory.mktemp("vllm-pair")
-    with vllm_pair(workdir, amqp_url, shared_vllm.model, running_backend=shared_vllm.url) as running:
+    shared, _ = shared_vllm_process()
+
+    def shared_ready() -> None:
+        asyncio.run(shared.wait_ready(VLLM_STARTUP_S))
+
+    with vllm_pair(
+        workdir, amqp_url, model, running_backend=shared.url, wait_for_running_backend=shared_ready
+    ) as running:
         yield running
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +46,13 @@ def vllm_pair(
     model: str,
     max_inflight: int = 16,
     running_backend: str | None = None,
+    wait_for_running_backend: Callable[[], object] = lambda: None,
     **table: object,
 ) -> Iterator[VllmPair]:
-    """`running_backend`: the URL of a vLLM already serving the embedded model as `model`, for the
-    first agent to use instead of starting its own (the test suite's shared one: a start saved)."""
+    """`running_backend`: the URL of a vLLM serving the embedded model as `model`, for the first
+    agent to use instead of starting its own (the test suite's shared one: a start saved). It may
+    still be loading: the second agent's vLLM starts first, then `wait_for_running_backend()` waits
+    for it, so that the two load side by side."""
     model_dir = ensure_embedded_model()
     base: dict[str, object] = {
         "model_path": str(model_dir),
@@ -78,10 +81,11 @@ def vllm_pair(
         ]
         if running_backend is not None:
             agent_tables[0] = {"backend_url": running_backend}
-        agents = [
-            on.start_agent(model, config(f"agent{i}", affinity="prefix", **agent_table))
-            for i, agent_table in enumerate(agent_tables)
-        ]
+        # The agent that starts a vLLM of its own goes first: it loads while the running one finishes.
+        second = on.start_agent(model, config("agent1", affinity="prefix", **agent_tables[1]))
+        wait_for_running_backend()
+        first = on.start_agent(model, config("agent0", affinity="prefix", **agent_tables[0]))
+        agents = [first, second]
         backends = [
             str(
                 agent_table.get("backend_url")
