@@ -27,6 +27,7 @@ from hpc_agents.backend_metrics import parse_prefix_cache
 from ops.processes import Child, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, STOP_S
 from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold, fake_stats
+from ops.testing.http import openai_client
 from ops.testing.prefix_cache import BLOCK_TOKENS, PrefixCache
 from ops.testing.stack import Stack, ready_messages, wait_for_event, write_config
 
@@ -162,7 +163,7 @@ def _placed(stack: Stack, model: str) -> float:
 
 
 def _client(stack: Stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
+    return openai_client(stack.url + "/v1")
 
 
 def _ask(stack: Stack, model: str, tag: str, key: str, extra: dict[str, object] | None = None) -> str:

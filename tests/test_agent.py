@@ -11,7 +11,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import aio_pika
-import openai
 import pytest
 
 from broker import messages, topology
@@ -20,6 +19,7 @@ from hpc_agents.agent import run_agent
 from ops.processes import Child, pid_alive, wait_until, wait_until_async
 from ops.testing.deadlines import EVENTUALLY_S, STOP_S
 from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold, expected_chat_tokens, fake_stats
+from ops.testing.http import openai_client
 from ops.testing.stack import Stack, wait_for_event, write_config
 
 
@@ -45,8 +45,9 @@ def api(tmp_path: Path, amqp_url: str, model: str) -> Iterator[Stack]:
 
 
 def _ask(stack: Stack, model: str, text: str, extra: dict[str, object] | None = None) -> str:
-    client = openai.OpenAI(base_url=stack.url + "/v1", api_key="unused", max_retries=0, timeout=EVENTUALLY_S)
-    answer = client.chat.completions.create(model=model, messages=[{"role": "user", "content": text}], extra_body=extra)
+    answer = openai_client(stack.url + "/v1").chat.completions.create(
+        model=model, messages=[{"role": "user", "content": text}], extra_body=extra
+    )
     return answer.choices[0].message.content or ""
 
 

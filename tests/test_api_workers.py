@@ -28,6 +28,7 @@ from broker.jobstore import JobStore
 from ops.processes import Child, free_port, pid_alive, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, VLLM_EVENTUALLY_S, VLLM_STARTUP_S
 from ops.testing.fake_backend import Hold, running_fake_backend
+from ops.testing.http import tls_context
 from ops.testing.stack import Stack, api_and_workers, hotq_command, log_events, write_config
 from tests.shared_vllm import SharedVllm
 
@@ -59,7 +60,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, amqp_url: str, models: tuple
 
 def _call(stack: Stack, method: str, path: str, **kwargs: Any) -> httpx.Response:
     """One request on a connection of its own (the kernel picks the process that accepts it)."""
-    with httpx.Client(base_url=stack.url, timeout=EVENTUALLY_S) as client:
+    with httpx.Client(base_url=stack.url, timeout=EVENTUALLY_S, verify=tls_context()) as client:
         return client.request(method, path, **kwargs)
 
 

@@ -37,6 +37,7 @@ from broker.jobstore import AsyncJobStore, JobStore
 from ops.processes import free_port, wait_until
 from ops.testing.deadlines import EVENTUALLY_S, STARTUP_S, STOP_S
 from ops.testing.fake_backend import running_fake_backend
+from ops.testing.http import openai_client
 from ops.testing.stack import Stack, create_key, run_hotq, write_config
 
 CLIENT_ID = "5d6a2b36-7d4e-4c4c-9a55-000000000001"
@@ -255,7 +256,7 @@ def api(config_path: Path, workers: Stack) -> Iterator[InProcessApi]:
 
 
 def _client(api: InProcessApi, credential: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=api.url + "/v1", api_key=credential, max_retries=0, timeout=EVENTUALLY_S)
+    return openai_client(api.url + "/v1", credential)
 
 
 def _chat(client: openai.OpenAI, model: str) -> str:
