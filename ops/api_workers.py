@@ -24,15 +24,16 @@ from types import FrameType
 
 import structlog
 
+from api.app import SHUTDOWN_CLOSE_S
 from ops.processes import Children
 
 log = structlog.get_logger("hotq.serve")
 
 POLL_S = 0.2  # how often the children are looked at
 RESTART_PAUSE_S = 1.0  # between a child's death and its replacement (no busy loop if it cannot start)
-# What a child may take after SIGTERM beyond its requests' `[api] drain_grace_s`: its close, which
-# api.app bounds at 10 s, and its exit. Past both, it is killed.
-CLOSE_S = 15.0
+# A child gets its requests' `[api] drain_grace_s`, then its close (bounded by api.app), then this
+# long to exit, before it is killed.
+EXIT_S = 5.0
 BACKLOG = 2048
 
 
@@ -65,7 +66,7 @@ def serve_workers(
 ) -> None:
     """Run `workers` children (`hotq <child_args> --fd N`) on `host:port` until told to stop."""
     sock = listen(host, port)
-    children = Children(data_dir / "logs", drain_grace_s + CLOSE_S)
+    children = Children(data_dir / "logs", drain_grace_s + SHUTDOWN_CLOSE_S + EXIT_S)
     argv = [sys.executable, "-m", "ops.cli", *child_args, "--fd", str(sock.fileno())]
     stopping: list[int] = []
 
