@@ -53,7 +53,7 @@ def config_files_name_the_broker() -> Iterator[None]:
 def amqp_url(session_tag: str) -> Iterator[str]:
     """RabbitMQ must be real; `make test` starts it, this only checks.
 
-    Under pytest-xdist (`make test` runs two workers) each worker has a vhost of its own, made here
+    Under pytest-xdist (`make test` runs one per core, plus one) each worker has a vhost of its own, made here
     and deleted with everything in it at the end: some tests force-close every connection of their
     vhost, and one worker's queues must never meet the other's."""
     try:

@@ -1,8 +1,8 @@
-"""How `make test` shares the suite out between its two pytest-xdist workers.
+"""How `make test` shares the suite out between its pytest-xdist workers.
 
 Whole modules go to a worker (a module's stack starts once), and the modules that share a session
 resource go to the same one: those on the private RabbitMQ cluster (one cluster), and those on the
-session's vLLM server (one server). The modules that take minutes are handed out first, so that both
+session's vLLM server (one server). The modules that take minutes are handed out first, so that the
 workers finish near together. (pytest-xdist's own `--dist loadgroup` marks do not reach its
 scheduler under pytest 9.2, so the grouping is done here, from the module's name.)
 """
@@ -24,7 +24,7 @@ MODULE_GROUPS = {
     "test_vllm_migration": "shared-vllm",
 }
 # The longest first (`--durations` on a 2-core machine, modules sharing a worker counted together), so
-# that the short modules fill in at the end and both workers finish near together.
+# that the short modules fill in at the end and the workers finish near together.
 SLOW_FIRST = [
     "test_affinity_vllm",
     "test_api_workers",
