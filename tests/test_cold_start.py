@@ -31,8 +31,8 @@ from ops.testing.fake_backend import FAKE_BACKEND_COMMAND, Hold, expected_chat_t
 from ops.testing.scaling import running_scaler
 from ops.testing.stack import Stack, write_config
 
-READY_AFTER_S = 20.0  # the fake model server's load time: four times max_queue_wait_s, so an answer proves it waited
-MAX_QUEUE_WAIT_S = 5.0
+READY_AFTER_S = 8.0  # the fake model server's load time: four times max_queue_wait_s, so an answer proves it waited
+MAX_QUEUE_WAIT_S = 2.0  # also what a request that no capacity can serve waits before its 503
 # A request must outlive the cold start on a slow machine; the deadline only turns a hang into a failure.
 COLD_ANSWER_S = STARTUP_S + READY_AFTER_S + EVENTUALLY_S
 
