@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -40,9 +39,10 @@ from aiormq.exceptions import ChannelPreconditionFailed
 from broker import messages, topology
 from broker.connection import ConnectionClosedMeanwhile, plain_channel
 from broker.errors import WireError
-from broker.jobstore import TERMINAL_STATUSES, AsyncJobStore, BatchRow, JobStore, Result
+from broker.jobstore import TERMINAL_STATUSES, AsyncJobStore, BatchRow
 from broker.messages import Endpoint, ErrorReply, Final, ReplyFrame
 from broker.openai_objects import batch_object
+from consumers.result_records import expired_result, result_of, write_result_files
 from producers.bulk import dispatch
 from producers.placement import Placement
 
@@ -59,19 +59,10 @@ CANCEL_QUIET_S = 1.0  # a cancelled batch ends once no answer came for this long
 CANCEL_MAX_S = 10.0  # ... or this long after the cancel, whichever is first
 DISPATCH_WINDOW = 100_000  # requests a collecting runner keeps queued unanswered at most
 UNKNOWN_OWNER = "batch"  # whose usage the lines of a batch stored before batches had owners count as
-EXPIRED_MESSAGE = "This request could not be executed before the completion window expired."
 
 
 class ResultsConsumerLost(ConnectionError):
     """The results queue's channel closed or its consumer was cancelled before the batch ended."""
-
-
-def output_file_id(batch_id: str) -> str:
-    return f"file-{batch_id}-output"
-
-
-def error_file_id(batch_id: str) -> str:
-    return f"file-{batch_id}-error"
 
 
 class BatchRunner:
@@ -372,15 +363,7 @@ class BatchRunner:
             while unfinished := await self._store.run(
                 lambda db: db.lines.unfinished(batch_id, after, COLLECT_PREFETCH)  # noqa: B023
             ):
-                expired = [
-                    Result(
-                        line.custom_id,
-                        line.line,
-                        False,
-                        _line_record(line.request_id, line.custom_id, None, "batch_expired"),
-                    )
-                    for line in unfinished
-                ]
+                expired = [expired_result(line.request_id, line.line, line.custom_id) for line in unfinished]
                 await self._store.run(lambda db: db.results.record(batch_id, expired))  # noqa: B023
                 after = unfinished[-1].line
             before = ["in_progress"]
@@ -390,43 +373,3 @@ class BatchRunner:
         changed = await self._store.run(lambda db: db.batches.set_status(batch_id, status, only_from=before, **files))
         if changed:
             log.info("batch_finalized", status=status, **files)
-
-
-def write_result_files(db: JobStore, batch_id: str) -> dict[str, str | None]:
-    """The batch's output and error files (by fixed ids: writing them again replaces them)."""
-    ids: dict[str, str | None] = {}
-    batch = db.batches.get(batch_id)
-    owner = batch.owner if batch is not None else None  # may read its results (everyone, for an old batch)
-    for ok, key, file_id in (
-        (True, "output_file_id", output_file_id(batch_id)),
-        (False, "error_file_id", error_file_id(batch_id)),
-    ):
-        size = db.files.write_lines(file_id, db.results.records(batch_id, ok))  # streamed: a job may be huge
-        if not size:
-            ids[key] = None
-            continue
-        db.files.add(file_id, f"{batch_id}_{'output' if ok else 'error'}.jsonl", "batch_output", size, owner)
-        ids[key] = file_id
-    return ids
-
-
-def result_of(frame: Final | ErrorReply, line: int, custom_id: str) -> Result:
-    """One output-file line (a `Final`) or error-file line (an `ErrorReply`), as OpenAI writes them."""
-    if isinstance(frame, Final):
-        try:
-            body = json.loads(frame.body)
-        except ValueError:
-            body = frame.body.decode(errors="replace")
-        response = {"status_code": frame.status, "request_id": frame.request_id, "body": body}
-        usage = frame.usage or {}
-        record = _line_record(frame.request_id, custom_id, response, None)
-        return Result(custom_id, line, True, record, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0))
-    error = {"message": frame.message, "type": frame.error_type, "param": frame.param, "code": frame.code}
-    response = {"status_code": frame.status, "request_id": frame.request_id, "body": {"error": error}}
-    return Result(custom_id, line, False, _line_record(frame.request_id, custom_id, response, None))
-
-
-def _line_record(request_id: str, custom_id: str, response: dict[str, Any] | None, error_code: str | None) -> str:
-    error = None if error_code is None else {"code": error_code, "message": EXPIRED_MESSAGE}
-    record = {"id": f"batch_req_{request_id}", "custom_id": custom_id, "response": response, "error": error}
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=False)
