@@ -5,9 +5,11 @@ PORT ?= 8000
 PYTEST_ARGS ?=
 # A worker per core, plus one: a third of the suite waits (for processes to start, for windows that
 # must expire) more than it computes, and on a 2-core machine a third worker fills those waits.
-# Measured there in one session: 447 s of pytest with two workers, 391 and 406 s with three, 438 s
-# with four (four loads of vLLM and the cluster at once overran the cores).
-PYTEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
+# Measured there in one session: 447 and 471 s of pytest with two workers, 391 and 406 s with three,
+# 438 s with four (vLLM loads and the cluster at once overran the cores). At most four: in a
+# container limited by a CPU quota, nproc counts the host's cores.
+PYTEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1); \
+	echo $$(( n + 1 < 4 ? n + 1 : 4 )))
 # Set-up steps that do not depend on each other (the vLLM install, the endpoint package's own venv,
 # RabbitMQ, Chromium) run side by side.
 MAKEFLAGS += --jobs=4

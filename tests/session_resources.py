@@ -14,7 +14,7 @@ SHARED_VLLM_FIXTURE = "shared_vllm"
 def start_early(request: pytest.FixtureRequest, fixtures: set[str]) -> bool:
     """Whether to start it with the session's first test, so that it loads while other tests run: when
     a selected test asks for one of `fixtures`. A pytest-xdist worker cannot tell which tests it will
-    be given, so there it starts when its first test asks (the other worker goes on meanwhile)."""
+    be given, so there it starts when its first test asks (the other workers go on meanwhile)."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         return False
     return any(

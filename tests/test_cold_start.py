@@ -32,7 +32,7 @@ from ops.testing.scaling import running_scaler
 from ops.testing.stack import Stack, write_config
 
 READY_AFTER_S = 8.0  # the fake model server's load time: four times max_queue_wait_s, so an answer proves it waited
-MAX_QUEUE_WAIT_S = 2.0  # also what a request that no capacity can serve waits before its 503
+MAX_QUEUE_WAIT_S = 2.0  # after about this (+1.2 s), a request no capacity can serve gets its 503
 # A request must outlive the cold start on a slow machine; the deadline only turns a hang into a failure.
 COLD_ANSWER_S = STARTUP_S + READY_AFTER_S + EVENTUALLY_S
 
