@@ -10,6 +10,8 @@ a generous deadline costs nothing when the test passes.
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from typing import Final
 
 STARTUP_S: Final = 180.0  # a process (an API, a worker, an agent with the fake backend) until it is ready
@@ -18,3 +20,24 @@ STOP_S: Final = 60.0  # a graceful stop (a drain included) before SIGKILL
 LONG_WORK_S: Final = 600.0  # a long piece of work: 20,000 batch lines, 500 concurrent streams
 VLLM_STARTUP_S: Final = 1800.0  # `hotq up` converting and loading the embedded model on a slow CPU
 VLLM_EVENTUALLY_S: Final = 600.0  # an answer or a record from real vLLM on a slow CPU
+
+# How many windows `in_growing_windows` tries, each twice the one before (the last: 16 times the first).
+WINDOW_TRIES: Final = 5
+
+
+def in_growing_windows(attempt: Callable[[float], str | None], first_s: float) -> None:
+    """For a test whose window must expire (a key's life, a queue wait, a batch's completion window)
+    and must also be long enough for the machine to do its part inside it. One window long enough
+    for any machine would make every run wait it out; instead `attempt(window_s)` runs with a short
+    one and says why it was too short for this machine (None: it was not, and the test passed), and
+    then runs again with twice the window. A slow machine costs time, never a failure; each retry
+    warns, so that a product grown slower shows in pytest's summary."""
+    window_s = first_s
+    for tries_left in reversed(range(WINDOW_TRIES)):
+        too_short = attempt(window_s)
+        if too_short is None:
+            return
+        if not tries_left:
+            raise AssertionError(f"{too_short}, even in a {window_s:g} s window")
+        warnings.warn(f"{too_short} in a {window_s:g} s window; trying {2 * window_s:g} s", stacklevel=2)
+        window_s *= 2
